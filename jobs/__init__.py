@@ -1,0 +1,1 @@
+"""Entry points submitted with `ray job submit` (train, evaluate, retrain) and the `dpn` CLI."""

@@ -1,0 +1,7 @@
+"""Shared test setup: never reach a model hub; keep CPU thread counts small on 2-core machines."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
