@@ -1,0 +1,620 @@
+"""The Dynamic Pyramid Network: LLaVA whose decoder pools visual tokens with per-sample pooling experts.
+
+Built from transformers' own LLaVA pieces (CLIP vision tower, `LlavaMultiModalProjector`, Llama decoder
+layers, RMSNorm and rotary embedding); only the decoder loop is ours. The loop runs the decoder layers in
+*segments*: after the last layer of a segment (the configured `pooling_layers`) the visual tokens of each
+sample are pooled by the expert its router chose, and the batch is rebuilt on a shorter sequence with
+contiguous positions and a fresh padding mask. Samples that choose different experts are grouped by
+(grid, expert), never looped over one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, LlavaConfig, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrainedModel
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from dpn_model import flops as flops_lib
+from dpn_model.cache import DPNCache
+from dpn_model.configuration import DPNConfig
+from dpn_model.pooling import DynamicPoolingExperts, pooled_grid
+
+Compression = str | int
+
+
+@dataclass
+class DPNModelOutput(ModelOutput):
+    """Output of [`DPNModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, out_len, hidden)`):
+            Final hidden states on the (possibly shortened) output sequence.
+        cache (`DPNCache`, *optional*): the key/value cache, one length per segment.
+        attention_mask (`torch.LongTensor` of shape `(batch, out_len)`): 1 for real output positions.
+        token_positions (`torch.LongTensor` of shape `(batch, out_len)`):
+            Index in the input sequence of each output position; -1 for pooled visual tokens and padding.
+        expert_choices (`torch.LongTensor` of shape `(batch, num_pooling_layers)`):
+            Expert chosen per sample and pooling layer; -1 where nothing was pooled (no image, or fewer
+            than `min_visual_tokens` visual tokens left).
+        router_probs (`torch.FloatTensor` of shape `(batch, num_pooling_layers, num_experts)`, *optional*):
+            Router probabilities (`compression="auto"` only).
+        visual_tokens (`torch.LongTensor` of shape `(batch, num_pooling_layers + 1)`):
+            Visual tokens per sample before the first pooling layer and after each one.
+        layer_seq_lens (`torch.LongTensor` of shape `(batch, num_decoder_layers)`):
+            Real (unpadded) sequence length each decoder layer ran on, per sample.
+        routing_loss (`torch.FloatTensor`, *optional*): routing loss (`compression="auto"` only).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): per layer, lengths differ across segments.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    attention_mask: torch.LongTensor | None = None
+    token_positions: torch.LongTensor | None = None
+    expert_choices: torch.LongTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+    visual_tokens: torch.LongTensor | None = None
+    layer_seq_lens: torch.LongTensor | None = None
+    routing_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DPNCausalLMOutputWithPast(ModelOutput):
+    """Output of [`DPNForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): `lm_loss + routing_loss_weight * routing_loss`.
+        logits (`torch.FloatTensor` of shape `(batch, out_len, vocab)`):
+            Scores on the output sequence; `token_positions` maps them back to input positions.
+        lm_loss (`torch.FloatTensor`, *optional*): next-token loss over label tokens.
+        routing_loss (`torch.FloatTensor`, *optional*): the paper's routing loss (auto mode).
+        cache (`DPNCache`, *optional*): see [`DPNCache`].
+        token_positions, expert_choices, router_probs, visual_tokens, layer_seq_lens: as in [`DPNModelOutput`].
+        prefill_flops (`torch.FloatTensor` of shape `(batch,)`, *optional*):
+            Analytic FLOPs of this prefill per sample (vision tower, projector, decoder, routers, lm head).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): as in [`DPNModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    routing_loss: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    token_positions: torch.LongTensor | None = None
+    expert_choices: torch.LongTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+    visual_tokens: torch.LongTensor | None = None
+    layer_seq_lens: torch.LongTensor | None = None
+    prefill_flops: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def routing_loss(probs: torch.Tensor, choices: torch.Tensor, routed: torch.Tensor, scales, target: float):
+    """The paper's routing loss, which keeps compression up.
+
+    For each pooling layer: `m = mean over routed samples of scale(chosen) * p(chosen)`; the loss is the mean
+    over layers of `max(0, target - m)`. Layers where no sample was routed are left out.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch, layers, experts)`): router probabilities.
+        choices (`torch.LongTensor` of shape `(batch, layers)`): chosen expert per sample and layer.
+        routed (`torch.BoolTensor` of shape `(batch, layers)`): which samples were routed at each layer.
+        scales (`Sequence[float]`): scale of each expert (paper: 0, 1, 2 for 1x, 2x, 4x).
+        target (`float`): target expected scale (paper: 1.5).
+
+    Returns:
+        `torch.Tensor`: scalar loss, 0 when nothing was routed.
+    """
+    scales = torch.as_tensor(scales, dtype=probs.dtype, device=probs.device)
+    chosen = choices.clamp(min=0)
+    p_chosen = probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # (B, layers)
+    weighted = scales[chosen] * p_chosen * routed
+    count = routed.sum(0)
+    per_layer = weighted.sum(0) / count.clamp(min=1)
+    gaps = torch.relu(target - per_layer)[count > 0]
+    return gaps.mean() if gaps.numel() else probs.sum() * 0.0
+
+
+def _additive_mask(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + key-padding mask for the last `query_len` positions, `(batch, 1, query_len, key_len)`.
+
+    Query i (the i-th of the new positions) sees every real cached key and the new keys up to itself.
+    """
+    key_len = key_mask.shape[1]
+    q_pos = torch.arange(key_len - query_len, key_len, device=key_mask.device)
+    k_pos = torch.arange(key_len, device=key_mask.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_mask.bool()[:, None, :]  # (B, q, k)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions over real tokens (0 for padding), as `generate` makes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()
+
+
+class DPNPreTrainedModel(LlavaPreTrainedModel):
+    config_class = DPNConfig
+    config: DPNConfig
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The pooled sequence has data-dependent length: no compiled full graph, no static cache.
+    _can_compile_fullgraph = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DynamicPoolingExperts) and module.pooling_type == "conv":
+            for conv, (sh, sw) in zip(module.convs, module.strides):
+                nn.init.constant_(conv.weight, 1.0 / (sh * sw))  # start as average pooling
+
+
+class DPNModel(LlavaModel, DPNPreTrainedModel):
+    """Vision tower, projector and Llama decoder (as LLaVA) plus one pooling stage per pooling layer."""
+
+    def __init__(self, config: DPNConfig):
+        DPNPreTrainedModel.__init__(self, config)
+        from transformers import AutoModel
+
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.pyramid = nn.ModuleList(DynamicPoolingExperts(config) for _ in config.pooling_layers)
+        self.post_init()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _expert_for(self, compression: Compression) -> int | None:
+        """Expert index forced by `compression`, or None for the router ("auto")."""
+        if isinstance(compression, str) and compression != "auto":
+            compression = int(compression) if compression.isdigit() else compression
+        if compression == "auto":
+            return None
+        factors = self.config.compression_factors
+        if compression not in factors:
+            raise ValueError(
+                f"compression must be 'auto' or one of the experts' factors {factors}, got {compression!r}"
+            )
+        return factors.index(compression)
+
+    def _segments(self) -> list[range]:
+        """Decoder layer indices of each segment: the layers between two pooling points."""
+        bounds = [0, *self.config.pooling_layers, self.config.text_config.num_hidden_layers]
+        return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _embed(self, input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy):
+        embeds = self.get_input_embeddings()(input_ids)
+        is_visual = input_ids == self.config.image_token_id
+        n_visual = is_visual.sum(-1)
+        expected = self.config.num_visual_tokens
+        bad = (n_visual != 0) & (n_visual != expected)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"sample {i} has {int(n_visual[i])} image tokens; DPN takes one image per sample, expanded to "
+                f"{expected} image tokens by the processor (or none)"
+            )
+        if (n_visual > 0).any():
+            starts = is_visual.int().argmax(-1)
+            ends = input_ids.shape[1] - is_visual.flip(-1).int().argmax(-1)
+            if ((ends - starts)[n_visual > 0] != expected).any():
+                raise ValueError("the image tokens of a sample must form one contiguous block")
+            if pixel_values is None:
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            if pixel_values.shape[0] != int((n_visual > 0).sum()):
+                raise ValueError(
+                    f"got {pixel_values.shape[0]} images for {int((n_visual > 0).sum())} samples with image tokens"
+                )
+            features = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output
+            features = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values were given but input_ids contain no image tokens")
+        return embeds, is_visual
+
+    def _route(self, stage, hidden, router_pos, eligible, forced, sample):
+        """Expert per sample, its gate (the chosen probability, or 1 when forced) and the probabilities."""
+        batch = hidden.shape[0]
+        if forced is not None:
+            choice = torch.full((batch,), forced, dtype=torch.long, device=hidden.device)
+            return choice, None, None
+        router_hidden = hidden[torch.arange(batch, device=hidden.device), router_pos.clamp(min=0)]
+        probs = stage.router(router_hidden)  # (B, E) float32
+        choice = torch.multinomial(probs.detach(), 1).squeeze(-1) if sample else probs.argmax(-1)
+        gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        return choice, gate, probs
+
+    def _pool_and_rebuild(self, stage, state: dict, choice, gate, eligible):
+        """Pool each sample's visual block with its expert and rebuild the shortened batch.
+
+        `state` holds `(B, L)` tensors: hidden, mask, is_visual, src (input position) and `(B,)` tensors
+        rows, cols, router_pos. Everything is rebuilt with one scatter; the only Python loop runs over the
+        few distinct (grid, expert) groups.
+        """
+        hidden, mask = state["hidden"], state["mask"]
+        batch, length, dim = hidden.shape
+        device = hidden.device
+        rows, cols = state["rows"], state["cols"]
+        n_old = rows * cols
+        strides = torch.tensor(stage.strides, device=device)  # (E, 2)
+        chosen = torch.where(eligible, choice, 0)  # expert 0 for the rest: replaced by identity below
+        new_rows, new_cols = pooled_grid(rows, cols, (strides[chosen, 0], strides[chosen, 1]))
+        new_rows = torch.where(eligible, new_rows, rows)
+        new_cols = torch.where(eligible, new_cols, cols)
+        n_new = new_rows * new_cols
+
+        # Gather each sample's visual block: (B, N, D).
+        has_image = n_old > 0
+        vis_start = state["is_visual"].int().argmax(-1)
+        n_max = int(n_old.max())
+        offsets = torch.arange(max(n_max, 1), device=device)
+        gather_idx = (vis_start[:, None] + offsets[None]).clamp(max=length - 1)
+        visual = hidden.gather(1, gather_idx[..., None].expand(-1, -1, dim))
+
+        # Pool group by group: samples sharing (rows, cols, expert) share one pooling call.
+        n_new_max = max(int(n_new.max()), 1)
+        pooled = hidden.new_zeros(batch, n_new_max, dim)
+        keys = torch.stack([rows, cols, torch.where(eligible, choice, -1)], dim=-1)
+        groups, inverse = torch.unique(keys[has_image], dim=0, return_inverse=True)
+        image_rows = has_image.nonzero().squeeze(-1)
+        for g, (r, c, expert) in enumerate(groups.tolist()):
+            members = image_rows[inverse == g]
+            grid = visual[members, : r * c].reshape(-1, r, c, dim).permute(0, 3, 1, 2)
+            out = grid if expert < 0 else stage.pool(grid, expert)
+            out = out.flatten(2).transpose(1, 2)  # (G, r' * c', D)
+            pooled[members, : out.shape[1]] = out
+        if gate is not None:  # scale by the chosen probability so the router gets a gradient
+            scale = torch.where(eligible, gate, torch.ones_like(gate)).to(pooled.dtype)
+            pooled = pooled * scale[:, None, None]
+
+        # New rank of each real token among real tokens; the visual block shrinks from n_old to n_new.
+        real = mask.bool()
+        rank = real.long().cumsum(-1) - 1
+        vis_rank = torch.where(has_image, rank.gather(1, vis_start[:, None]).squeeze(-1), length)
+        after = rank >= (vis_rank + n_old)[:, None]
+        new_rank = torch.where(after, rank - (n_old - n_new)[:, None], rank)
+        new_real = real.sum(-1) - n_old + n_new
+        new_len = int(new_real.max())
+        left_padded = bool((~real[:, -1]).sum() == 0 and (~real).any())
+        pad_offset = (new_len - new_real) if left_padded else torch.zeros_like(new_real)
+
+        keep_text = real & ~state["is_visual"]
+        dest_text = torch.where(keep_text, pad_offset[:, None] + new_rank, new_len)
+        pool_slots = torch.arange(n_new_max, device=device)
+        pool_valid = pool_slots[None] < n_new[:, None]
+        dest_pool = torch.where(pool_valid, (pad_offset + vis_rank.clamp(max=length))[:, None] + pool_slots, new_len)
+        dest = torch.cat([dest_text, dest_pool], dim=1)  # (B, L + N'), dummy column new_len is dropped
+
+        def scatter(values_text, values_pool, fill):
+            src = torch.cat([values_text, values_pool], dim=1)
+            shape = (batch, new_len + 1, *src.shape[2:])
+            index = dest.view(batch, -1, *([1] * (src.dim() - 2))).expand_as(src)
+            return torch.full(shape, fill, dtype=src.dtype, device=device).scatter(1, index, src)[:, :new_len]
+
+        new_mask = scatter(keep_text.long(), pool_valid.long(), 0)
+        state["hidden"] = scatter(hidden, pooled, 0.0)
+        state["mask"] = new_mask
+        state["is_visual"] = scatter(torch.zeros_like(keep_text), pool_valid, False)
+        state["src"] = scatter(state["src"], torch.full_like(pool_slots[None].expand(batch, -1), -1), -1)
+        router_pos = state["router_pos"]
+        state["router_pos"] = torch.where(
+            router_pos >= 0, dest_text.gather(1, router_pos.clamp(min=0)[:, None]).squeeze(-1), -1
+        )
+        state["rows"], state["cols"] = new_rows, new_cols
+        state["positions"] = _positions_from_mask(new_mask)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        compression: Compression = "auto",
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> DPNModelOutput:
+        """Run the pyramid decoder.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): token ids; each image is a block of
+                `config.num_visual_tokens` image tokens, the `<router>` token follows the question.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, size, size)`, *optional*): one image
+                per sample whose input_ids hold image tokens, in batch order.
+            attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real tokens;
+                left or right padding. During decoding it spans the cached tokens too, as in `generate`.
+            position_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): positions before the
+                first pooling layer; derived from the attention mask when omitted.
+            cache (`DPNCache`, *optional*): cache from an earlier call; an empty `DynamicCache` is replaced.
+            use_cache (`bool`, *optional*): return a cache for decoding.
+            compression (`str` or `int`): `"auto"` (router: sample in training, argmax in eval) or an
+                expert's factor (1, 2, 4 by default) forced at every pooling layer; 1 is dense.
+        """
+        cfg = self.config
+        use_cache = cfg.text_config.use_cache if use_cache is None else use_cache
+        output_hidden_states = bool(output_hidden_states)
+        forced = self._expert_for(compression)
+        if input_ids is None:
+            raise ValueError("DPN needs input_ids to find the image and router tokens (inputs_embeds alone is not enough)")
+        batch, q_len = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=device)
+        attention_mask = attention_mask.long()
+
+        if cache is not None and not isinstance(cache, DPNCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("DPN needs a DPNCache: a non-empty cache of another kind cannot be continued")
+            cache = None
+        if cache is None and use_cache:
+            cache = DPNCache(config=cfg.text_config)
+        decoding = cache is not None and cache.get_seq_length() > 0
+
+        embeds, is_visual = self._embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        layers = self.language_model.layers
+        rotary = self.language_model.rotary_emb
+        all_hidden = (embeds,) if output_hidden_states else None
+        hidden = embeds
+
+        if decoding:
+            if is_visual.any():
+                raise ValueError("images can only be given with the prompt, not while decoding from a cache")
+            new_mask = attention_mask[:, -q_len:]
+            for s, segment in enumerate(self._segments()):
+                past = cache.segment_masks[s]
+                key_mask = torch.cat([past, new_mask], dim=1)
+                positions = past.sum(-1, keepdim=True) + torch.arange(q_len, device=device)
+                if s == 0 and position_ids is not None:
+                    positions = position_ids[:, -q_len:]
+                mask4d = _additive_mask(key_mask, q_len, hidden.dtype)
+                pos_emb = rotary(hidden, positions)
+                for i in segment:
+                    hidden = layers[i](
+                        hidden, attention_mask=mask4d, position_ids=positions, cache=cache,
+                        use_cache=True, position_embeddings=pos_emb,
+                    )
+                    if output_hidden_states:
+                        all_hidden += (hidden,)
+                cache.segment_masks[s] = key_mask
+            return DPNModelOutput(
+                last_hidden_state=self.language_model.norm(hidden), cache=cache, attention_mask=new_mask,
+                token_positions=torch.arange(q_len, device=device).expand(batch, -1)
+                + attention_mask.shape[1] - q_len,
+                hidden_states=all_hidden,
+            )
+
+        # ---- prefill -------------------------------------------------------------------------------
+        is_router = input_ids == cfg.router_token_id
+        has_router = is_router.any(-1)
+        has_image = is_visual.any(-1)
+        if forced is None and (has_image & ~has_router).any():
+            i = int((has_image & ~has_router).nonzero()[0, 0])
+            raise ValueError(
+                f"compression='auto' needs a <router> token (id {cfg.router_token_id}) after the question in every "
+                f"sample with an image; sample {i} has none. Build prompts with the DPN processor, or force a "
+                "compression (1, 2, 4)."
+            )
+        rows0, cols0 = cfg.vision_grid
+        grid_rows = torch.where(has_image, rows0, 0).to(device)
+        grid_cols = torch.where(has_image, cols0, 0).to(device)
+        state = {
+            "hidden": hidden,
+            "mask": attention_mask,
+            "is_visual": is_visual,
+            "src": torch.where(attention_mask.bool(), torch.arange(q_len, device=device)[None], -1),
+            "router_pos": torch.where(has_router, is_router.int().argmax(-1), -1),
+            "rows": grid_rows,
+            "cols": grid_cols,
+            "positions": position_ids if position_ids is not None else _positions_from_mask(attention_mask),
+        }
+        n_stages = len(self.pyramid)
+        choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=device)
+        probs_all = [] if forced is None else None
+        visual_counts = [grid_rows * grid_cols]
+        seq_lens = []
+        segment_masks = []
+        for s, segment in enumerate(self._segments()):
+            mask = state["mask"]
+            padded = not bool(mask.all())
+            mask4d = _additive_mask(mask, mask.shape[1], state["hidden"].dtype) if padded else None
+            pos_emb = rotary(state["hidden"], state["positions"])
+            hidden = state["hidden"]
+            for i in segment:
+                hidden = layers[i](
+                    hidden, attention_mask=mask4d, position_ids=state["positions"], cache=cache,
+                    use_cache=use_cache, position_embeddings=pos_emb,
+                )
+                if output_hidden_states:
+                    all_hidden += (hidden,)
+            state["hidden"] = hidden
+            seq_lens += [mask.sum(-1)] * len(segment)
+            segment_masks.append(mask)
+            if s == n_stages:
+                break
+            stage = self.pyramid[s]
+            eligible = (state["rows"] * state["cols"]) >= cfg.min_visual_tokens
+            eligible &= has_image
+            choice, gate, probs = self._route(stage, hidden, state["router_pos"], eligible, forced, self.training)
+            if probs_all is not None:
+                probs_all.append(probs)
+            choices[:, s] = torch.where(eligible, choice, -1)
+            identity = stage.strides[forced] == (1, 1) if forced is not None else False
+            if eligible.any() and not identity:
+                self._pool_and_rebuild(stage, state, choice, gate, eligible)
+            visual_counts.append(state["rows"] * state["cols"])
+
+        if cache is not None:
+            cache.segment_masks = segment_masks
+        router_probs = torch.stack(probs_all, dim=1) if probs_all else None
+        r_loss = None
+        if router_probs is not None:
+            r_loss = routing_loss(
+                router_probs, choices, choices >= 0, cfg.routing_loss_scales, cfg.routing_loss_target
+            )
+        return DPNModelOutput(
+            last_hidden_state=self.language_model.norm(state["hidden"]),
+            cache=cache,
+            attention_mask=state["mask"],
+            token_positions=state["src"],
+            expert_choices=choices,
+            router_probs=router_probs,
+            visual_tokens=torch.stack(visual_counts, dim=1),
+            layer_seq_lens=torch.stack(seq_lens, dim=1),
+            routing_loss=r_loss,
+            hidden_states=all_hidden,
+        )
+
+
+class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
+    """DPN with a language-modelling head: training loss, `generate()`, conversion from llava-hf."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: DPNConfig):
+        super().__init__(config)
+        self.model = DPNModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        compression: Compression = "auto",
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DPNCausalLMOutputWithPast:
+        """Forward pass; see [`DPNModel.forward`] for the inputs.
+
+        Args:
+            labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): target ids aligned with
+                `input_ids` (not shifted), -100 where no loss is taken. They follow their tokens through
+                the pooling, so the loss is the usual next-token loss over the text.
+            logits_to_keep (`int`): compute logits for the last this many positions only (0 = all).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            compression=compression,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+
+        lm_loss = loss = None
+        if labels is not None:
+            src = out.token_positions
+            moved = labels.gather(1, src.clamp(min=0)).masked_fill(src < 0, -100)
+            if logits_to_keep:
+                moved = moved[:, -logits_to_keep:]
+            lm_loss = self.loss_function(
+                logits=logits, labels=moved, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+            loss = lm_loss
+            if out.routing_loss is not None:
+                loss = lm_loss + self.config.routing_loss_weight * out.routing_loss
+
+        prefill_flops = None
+        if out.layer_seq_lens is not None:
+            has_image = out.visual_tokens[:, 0] > 0
+            kept = out.attention_mask.sum(-1) if not logits_to_keep else torch.full_like(has_image, logits_to_keep, dtype=torch.long)
+            prefill_flops = flops_lib.prefill_flops_batch(
+                self.config, out.layer_seq_lens, has_image, lm_head_tokens=kept,
+                num_routed_layers=(out.expert_choices >= 0).sum(-1) if out.router_probs is not None else None,
+            )
+        return DPNCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            lm_loss=lm_loss,
+            routing_loss=out.routing_loss,
+            cache=out.cache,
+            token_positions=out.token_positions,
+            expert_choices=out.expert_choices,
+            router_probs=out.router_probs,
+            visual_tokens=out.visual_tokens,
+            layer_seq_lens=out.layer_seq_lens,
+            prefill_flops=prefill_flops,
+            hidden_states=out.hidden_states,
+        )
+
+    # -- conversion from llava-hf ----------------------------------------------------------------
+
+    @classmethod
+    def from_llava(
+        cls, llava: str | LlavaForConditionalGeneration, router_token_id: int | None = None, **dpn_options
+    ) -> DPNForConditionalGeneration:
+        """Build a DPN model from a llava-hf checkpoint directory (or loaded model).
+
+        The LLaVA weights are copied unchanged; the router weights are freshly initialised. When
+        `router_token_id` is not given, one token is appended to the vocabulary for `<router>` and the
+        embeddings and lm head are resized (new rows: the mean of the existing ones, as HF does).
+
+        Args:
+            llava (`str` or `LlavaForConditionalGeneration`): local checkpoint directory or model.
+            router_token_id (`int`, *optional*): id of an existing `<router>` token.
+            **dpn_options: DPNConfig fields (pooling_layers, expert_strides, pooling_type, ...).
+        """
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            llava = LlavaForConditionalGeneration.from_pretrained(llava, dtype=torch.float32)
+        if not isinstance(llava.config, LlavaConfig):
+            raise ValueError(f"expected a LLaVA checkpoint, got model_type {llava.config.model_type!r}")
+        if router_token_id is None:
+            old_vocab = llava.config.text_config.vocab_size
+            llava.resize_token_embeddings(old_vocab + 1, mean_resizing=True)
+            router_token_id = old_vocab
+        base = llava.config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "image_seq_length"):
+            base.pop(key, None)
+        num_layers = llava.config.text_config.num_hidden_layers
+        dpn_options.setdefault("pooling_layers", [num_layers // 4, num_layers // 2, 3 * num_layers // 4])
+        config = DPNConfig(**base, router_token_id=router_token_id, **dpn_options)
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
+        not_router = [k for k in missing if not k.startswith("model.pyramid.")]
+        if not_router or unexpected:
+            raise ValueError(f"LLaVA weights did not map onto DPN: missing {not_router[:5]}, unexpected {unexpected[:5]}")
+        return model.to(llava.dtype)
+
+
+__all__ = [
+    "DPNCausalLMOutputWithPast",
+    "DPNForConditionalGeneration",
+    "DPNModel",
+    "DPNModelOutput",
+    "DPNPreTrainedModel",
+    "routing_loss",
+]

@@ -1,0 +1,84 @@
+"""Dynamic Pooling Experts: the router and the 2-D pooling experts applied after a decoder layer.
+
+Each expert pools the current visual grid with kernel = stride (1x1 keeps every token, 1x2 half, 2x2 a
+quarter). A small router reads the hidden state of the `<router>` token and picks one expert per sample.
+Grids whose side is not a multiple of the stride keep their last partial window (ceil mode): no token
+is silently dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpn_model.configuration import DPNConfig
+
+
+def pooled_grid(rows, cols, stride: tuple[int, int]):
+    """Grid shape after pooling with kernel = stride in ceil mode; works on ints and tensors alike."""
+    sh, sw = stride
+    return (rows + sh - 1) // sh, (cols + sw - 1) // sw
+
+
+class DPNRouter(nn.Module):
+    """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts); logits / temperature."""
+
+    def __init__(self, hidden_size: int, num_experts: int, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+        self.norm = nn.LayerNorm(hidden_size)
+        self.down = nn.Linear(hidden_size, max(hidden_size // 4, 1), bias=False)
+        self.act = nn.GELU()
+        self.out = nn.Linear(max(hidden_size // 4, 1), num_experts)
+
+    def forward(self, router_hidden: torch.Tensor) -> torch.Tensor:
+        """Args:
+            router_hidden (`torch.Tensor` of shape `(batch, hidden)`): hidden state of the `<router>` token.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_experts)`: expert probabilities (float32).
+        """
+        logits = self.out(self.act(self.down(self.norm(router_hidden))))
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+
+class DynamicPoolingExperts(nn.Module):
+    """One pooling stage of the pyramid: a router and the pooling experts of one decoder depth."""
+
+    def __init__(self, config: DPNConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.strides = [tuple(s) for s in config.expert_strides]
+        self.pooling_type = config.pooling_type
+        self.router = DPNRouter(hidden, len(self.strides), config.router_temperature)
+        if self.pooling_type == "conv":
+            # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.
+            self.convs = nn.ModuleList(
+                nn.Conv2d(hidden, hidden, kernel_size=s, stride=s, groups=hidden, bias=False) for s in self.strides
+            )
+
+    def pool(self, grid_tokens: torch.Tensor, expert: int) -> torch.Tensor:
+        """Pool visual tokens laid out on their grid.
+
+        Args:
+            grid_tokens (`torch.Tensor` of shape `(n, hidden, rows, cols)`): visual tokens of `n` samples.
+            expert (`int`): index into the expert strides.
+
+        Returns:
+            `torch.Tensor` of shape `(n, hidden, ceil(rows / sh), ceil(cols / sw))`.
+        """
+        stride = self.strides[expert]
+        if stride == (1, 1):
+            return grid_tokens
+        if self.pooling_type == "max":
+            return F.max_pool2d(grid_tokens, kernel_size=stride, stride=stride, ceil_mode=True)
+        if self.pooling_type == "avg":
+            return F.avg_pool2d(
+                grid_tokens, kernel_size=stride, stride=stride, ceil_mode=True, count_include_pad=False
+            )
+        rows, cols = grid_tokens.shape[-2:]
+        pad_rows, pad_cols = (-rows) % stride[0], (-cols) % stride[1]
+        if pad_rows or pad_cols:  # replicate the edge so a partial window averages real tokens only
+            grid_tokens = F.pad(grid_tokens, (0, pad_cols, 0, pad_rows), mode="replicate")
+        return self.convs[expert](grid_tokens)
