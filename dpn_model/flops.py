@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dpn_model.pooling import pooled_grid
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -130,20 +132,6 @@ def router_flops(hidden_size: int, num_experts: int) -> int:
     """
     bottleneck = hidden_size // 4
     return _linear(1, hidden_size, bottleneck) + _linear(1, bottleneck, num_experts)
-
-
-def pooled_grid(grid: Sequence[int], stride: Sequence[int]) -> tuple[int, int]:
-    """Grid of visual tokens after pooling with kernel = `stride`, ceil mode: border cells form smaller windows.
-
-    Args:
-        grid (`(int, int)`): current `(rows, cols)` of the visual token grid.
-        stride (`(int, int)`): the expert's `(sh, sw)`.
-
-    Returns:
-        `(ceil(rows / sh), ceil(cols / sw))`; no token is dropped, e.g. a 5x5 grid with (2, 2) gives 3x3.
-    """
-    (rows, cols), (sh, sw) = grid, stride
-    return -(-rows // sh), -(-cols // sw)
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlavaConfig, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrainedModel
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava.modeling_llava import (
+    LlavaModel,
+    LlavaMultiModalProjector,
+    LlavaPreTrainedModel,
+)
 
 from dpn_model import flops as flops_lib
 from dpn_model.cache import DPNCache
@@ -160,6 +162,9 @@ class DPNPreTrainedModel(LlavaPreTrainedModel):
 class DPNModel(LlavaModel, DPNPreTrainedModel):
     """Vision tower, projector and Llama decoder (as LLaVA) plus one pooling stage per pooling layer."""
 
+    config_class = DPNConfig
+    config: DPNConfig
+
     def __init__(self, config: DPNConfig):
         DPNPreTrainedModel.__init__(self, config)
         from transformers import AutoModel
@@ -251,7 +256,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         n_old = rows * cols
         strides = torch.tensor(stage.strides, device=device)  # (E, 2)
         chosen = torch.where(eligible, choice, 0)  # expert 0 for the rest: replaced by identity below
-        new_rows, new_cols = pooled_grid(rows, cols, (strides[chosen, 0], strides[chosen, 1]))
+        new_rows, new_cols = pooled_grid((rows, cols), (strides[chosen, 0], strides[chosen, 1]))
         new_rows = torch.where(eligible, new_rows, rows)
         new_cols = torch.where(eligible, new_cols, cols)
         n_new = new_rows * new_cols
@@ -554,7 +559,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             kept = out.attention_mask.sum(-1) if not logits_to_keep else torch.full_like(has_image, logits_to_keep, dtype=torch.long)
             prefill_flops = flops_lib.prefill_flops_batch(
                 self.config, out.layer_seq_lens, has_image, lm_head_tokens=kept,
-                num_routed_layers=(out.expert_choices >= 0).sum(-1) if out.router_probs is not None else None,
+                num_routed_layers=None if out.router_probs is not None else 0,  # forced: no router runs
             )
         return DPNCausalLMOutputWithPast(
             loss=loss,

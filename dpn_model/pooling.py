@@ -15,10 +15,18 @@ from torch import nn
 from dpn_model.configuration import DPNConfig
 
 
-def pooled_grid(rows, cols, stride: tuple[int, int]):
-    """Grid shape after pooling with kernel = stride in ceil mode; works on ints and tensors alike."""
-    sh, sw = stride
-    return (rows + sh - 1) // sh, (cols + sw - 1) // sw
+def pooled_grid(grid, stride):
+    """Grid of visual tokens after pooling with kernel = `stride`, ceil mode: border cells form smaller windows.
+
+    Args:
+        grid (`(rows, cols)`): current grid; ints or `(batch,)` tensors alike.
+        stride (`(sh, sw)`): the expert's stride; ints or tensors.
+
+    Returns:
+        `(ceil(rows / sh), ceil(cols / sw))`; no token is dropped, e.g. a 5x5 grid with (2, 2) gives 3x3.
+    """
+    (rows, cols), (sh, sw) = grid, stride
+    return -(-rows // sh), -(-cols // sw)
 
 
 class DPNRouter(nn.Module):

@@ -1,0 +1,334 @@
+"""DPNForConditionalGeneration: exactness against HF LLaVA, pooling, routing, cache, batching, save/load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+
+from dpn_model import DPNConfig, DPNForConditionalGeneration, routing_loss
+from dpn_model import flops as flops_lib
+from dpn_model.pooling import DynamicPoolingExperts
+
+VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
+
+
+def make_config(**overrides) -> DPNConfig:
+    fields = dict(
+        text_config=dict(
+            model_type="llama", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, pad_token_id=PAD,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=4, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64,
+        ),
+        image_token_id=IMAGE,
+        router_token_id=ROUTER,
+        pooling_layers=[1, 2, 3],
+        min_visual_tokens=4,
+    )
+    fields.update(overrides)
+    return DPNConfig(**fields)
+
+
+def llava_twin(model: DPNForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """HF's own LLaVA with the same weights (the router weights have no counterpart)."""
+    cfg = model.config
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            text_config=cfg.text_config.to_dict(), vision_config=cfg.vision_config.to_dict(),
+            image_token_id=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
+        )
+    ).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.pyramid.")}
+    llava.load_state_dict(state, strict=True)
+    return llava
+
+
+def prompt(n_visual: int, pre: int, post: int, router: bool = True, image: bool = True) -> list[int]:
+    ids = [1, *range(5, 5 + pre)]
+    ids += [IMAGE] * n_visual if image else []
+    ids += [*range(20, 20 + post)]
+    ids += [ROUTER] if router else []
+    return ids + [30, 31]
+
+
+def pad_batch(samples: list[list[int]], side: str = "left"):
+    width = max(map(len, samples))
+    ids, mask = [], []
+    for s in samples:
+        pad = [PAD] * (width - len(s))
+        ids.append(pad + s if side == "left" else s + pad)
+        ones, zeros = [1] * len(s), [0] * (width - len(s))
+        mask.append(zeros + ones if side == "left" else ones + zeros)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@pytest.fixture(scope="module")
+def model() -> DPNForConditionalGeneration:
+    torch.manual_seed(0)
+    return DPNForConditionalGeneration(make_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(pooling_layers=[4]), "pooling_layers"),
+        (dict(pooling_layers=[2, 1]), "strictly increasing"),
+        (dict(pooling_type="median"), "pooling_type"),
+        (dict(expert_strides=[[1, 1], [0, 2]]), "positive integers"),
+        (dict(expert_strides=[[1, 2], [2, 1]]), "distinct"),
+        (dict(router_temperature=0), "router_temperature"),
+        (dict(routing_loss_scales=[0, 1]), "one scale per expert"),
+        (dict(router_token_id=VOCAB + 5), "outside the text vocabulary"),
+        (dict(router_token_id=IMAGE), "must differ"),
+    ],
+)
+def test_config_rejects_invalid_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**overrides)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = make_config(pooling_type="avg", router_temperature=5.0)
+    cfg.save_pretrained(tmp_path)
+    loaded = DPNConfig.from_pretrained(tmp_path)
+    assert loaded.pooling_type == "avg" and loaded.router_temperature == 5.0
+    assert loaded.expert_strides == [[1, 1], [1, 2], [2, 2]]
+    assert loaded.image_seq_length == 64
+
+
+# ---- pooling experts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling_type", ["max", "avg", "conv"])
+def test_pooling_odd_grid_keeps_partial_windows(pooling_type):
+    cfg = make_config(pooling_type=pooling_type)
+    stage = DynamicPoolingExperts(cfg)
+    if pooling_type == "conv":
+        for conv, (sh, sw) in zip(stage.convs, stage.strides):
+            torch.nn.init.constant_(conv.weight, 1.0 / (sh * sw))
+    grid = torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5).expand(1, 64, 5, 5).contiguous()
+    assert stage.pool(grid, 0).shape == (1, 64, 5, 5)
+    assert stage.pool(grid, 1).shape == (1, 64, 5, 3)
+    quarter = stage.pool(grid, 2)
+    assert quarter.shape == (1, 64, 3, 3)
+    # the bottom-right window holds only the real corner token 24: no padding value leaks in
+    assert quarter[0, 0, 2, 2].item() == pytest.approx(24.0, abs=1e-5)
+    first = {"max": 6.0, "avg": 3.0, "conv": 3.0}[pooling_type]  # window {0, 1, 5, 6}
+    assert quarter[0, 0, 0, 0].item() == pytest.approx(first, abs=1e-5)
+
+
+def test_routing_loss_on_hand_made_probabilities():
+    probs = torch.tensor(
+        [[[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]],
+         [[0.1, 0.8, 0.1], [0.5, 0.25, 0.25]]]
+    )  # (batch 2, layers 2, experts 3)
+    choices = torch.tensor([[2, 0], [1, 2]])
+    routed = torch.ones(2, 2, dtype=torch.bool)
+    # layer 0: mean(2 * 0.5, 1 * 0.8) = 0.9 -> 1.5 - 0.9 = 0.6; layer 1: mean(0, 2 * 0.25) = 0.25 -> 1.25
+    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 1.5)
+    assert loss.item() == pytest.approx((0.6 + 1.25) / 2)
+    # a layer above target contributes 0; unrouted samples are left out of the mean
+    routed = torch.tensor([[True, False], [False, True]])
+    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 0.5)
+    # layer 0: 2 * 0.5 = 1.0 >= 0.5 -> 0; layer 1: 2 * 0.25 = 0.5 -> 0
+    assert loss.item() == pytest.approx(0.0)
+
+
+def test_router_receives_gradient(model, images):
+    m = copy.deepcopy(model).train()
+    ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    out = m(input_ids=ids, attention_mask=mask, pixel_values=images[:2], labels=labels)
+    assert out.routing_loss is not None and out.lm_loss is not None
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + out.routing_loss.item(), rel=1e-5)
+    out.loss.backward()
+    for stage in m.model.pyramid:
+        assert stage.router.out.weight.grad.abs().sum() > 0
+
+
+# ---- exactness against Hugging Face LLaVA ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dense_matches_hf_llava(model, images, attn):
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(attn)
+    llava = llava_twin(m)
+    llava.set_attn_implementation(attn)
+    ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2), prompt(64, 2, 6)])
+    with torch.no_grad():
+        ours = m(input_ids=ids, attention_mask=mask, pixel_values=images[:3], compression=1)
+        ref = llava(input_ids=ids, attention_mask=mask, pixel_values=images[:3],
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0) * mask)
+    real = mask.bool()
+    assert (ours.logits - ref.logits)[real].abs().max().item() <= 1e-4
+    gen_ours = m.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:3], compression=1,
+                          max_new_tokens=8, do_sample=False)
+    gen_ref = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:3],
+                             max_new_tokens=8, do_sample=False)
+    assert torch.equal(gen_ours, gen_ref)
+
+
+# ---- batching, padding and the cache -------------------------------------------------------------
+
+
+def sharp_router(model: DPNForConditionalGeneration) -> DPNForConditionalGeneration:
+    """A copy whose routers are decisive, so samples of one batch choose different experts."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for stage in m.model.pyramid:
+            stage.router.out.weight.normal_(0, 50.0)
+    return m
+
+
+@pytest.mark.parametrize("compression", ["auto", 1, 2, 4])
+def test_batch_equals_one_by_one(model, images, compression):
+    m = sharp_router(model)
+    samples = [prompt(64, 3, 4), prompt(64, 1, 2), prompt(64, 5, 1), prompt(0, 2, 3, image=False)]
+    ids, mask = pad_batch(samples)
+    pix = images[:3]
+    batch = m.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, compression=compression,
+                       max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, pixel_values=pix, compression=compression)
+    if compression == "auto":
+        routed = out.expert_choices[:3]
+        assert len(set(map(tuple, routed.tolist()))) > 1, "the test needs samples choosing different experts"
+        assert (out.expert_choices[3] == -1).all()  # text-only: nothing to pool
+    for i, s in enumerate(samples):
+        single = m.generate(input_ids=torch.tensor([s]), pixel_values=pix[i : i + 1] if i < 3 else None,
+                            compression=compression, max_new_tokens=6, do_sample=False)
+        assert batch[i, ids.shape[1]:].tolist() == single[0, len(s):].tolist()
+
+
+@pytest.mark.parametrize("compression", ["auto", 2, 4])
+def test_cached_decoding_equals_recomputing(model, images, compression):
+    """Per-layer cache lengths and positions: decoding with the cache equals re-running the prefix."""
+    m = sharp_router(model)
+    ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=images[:2], compression=compression,
+                  max_new_tokens=6, do_sample=False)
+    assert torch.equal(m.generate(**kwargs, use_cache=True), m.generate(**kwargs, use_cache=False))
+
+
+def test_right_padding_matches_unpadded(model, images):
+    samples = [prompt(64, 3, 4), prompt(64, 1, 2)]
+    ids, mask = pad_batch(samples, side="right")
+    for compression in ("auto", 1, 4):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images[:2], compression=compression)
+            for i, s in enumerate(samples):
+                single = model(input_ids=torch.tensor([s]), pixel_values=images[i : i + 1], compression=compression)
+                rows = out.token_positions[i] >= 0
+                mapped = out.logits[i][rows]
+                ref = single.logits[0][single.token_positions[0] >= 0]
+                assert torch.allclose(mapped, ref, atol=1e-5)
+
+
+def test_sampling_generates_within_vocab(model, images):
+    torch.manual_seed(3)
+    ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:2], do_sample=True,
+                         top_p=0.9, temperature=0.8, max_new_tokens=5)
+    assert out.shape == (2, ids.shape[1] + 5)
+    assert int(out.max()) < VOCAB
+
+
+def test_text_only_and_forced_without_router(model):
+    ids = torch.tensor([prompt(0, 3, 4, router=False, image=False)])
+    out = model(input_ids=ids)
+    assert (out.expert_choices == -1).all() and out.logits.shape[1] == ids.shape[1]
+    out = model(input_ids=torch.tensor([prompt(64, 1, 1, router=False)]), pixel_values=torch.zeros(1, 3, 32, 32),
+                compression=2)
+    assert out.visual_tokens[0].tolist() == [64, 32, 16, 8]
+
+
+def test_auto_without_router_token_is_a_clear_error(model, images):
+    with pytest.raises(ValueError, match="needs a <router> token"):
+        model(input_ids=torch.tensor([prompt(64, 1, 1, router=False)]), pixel_values=images[:1])
+
+
+def test_bad_image_inputs_are_clear_errors(model, images):
+    with pytest.raises(ValueError, match="image tokens"):
+        model(input_ids=torch.tensor([prompt(10, 1, 1)]), pixel_values=images[:1])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=torch.tensor([prompt(64, 1, 1)]))
+    with pytest.raises(ValueError, match="compression"):
+        model(input_ids=torch.tensor([prompt(64, 1, 1)]), pixel_values=images[:1], compression=3)
+
+
+def test_pooled_sequence_lengths_and_loss_alignment(model, images):
+    s = prompt(64, 3, 4)
+    ids = torch.tensor([s])
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=images[:1], labels=labels, compression=4)
+    text = len(s) - 64
+    assert out.visual_tokens[0].tolist() == [64, 16, 4, 1]
+    assert out.layer_seq_lens[0].tolist() == [text + 64, text + 16, text + 4, text + 1]
+    # text tokens keep their order and ids through pooling
+    kept = out.token_positions[0][out.token_positions[0] >= 0]
+    assert ids[0, kept].tolist() == [t for t in s if t != IMAGE]
+    # the LM loss is the next-token loss over the (moved) labels
+    moved = labels[0, out.token_positions[0].clamp(min=0)].masked_fill(out.token_positions[0] < 0, -100)
+    ref = torch.nn.functional.cross_entropy(out.logits[0, :-1], moved[1:], ignore_index=-100)
+    assert out.lm_loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# ---- save / load / convert ---------------------------------------------------------------------
+
+
+def test_save_load_round_trip(model, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, DPNForConditionalGeneration)
+    ids = torch.tensor([prompt(64, 2, 2)])
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=images[:1]).logits
+        b = loaded(input_ids=ids, pixel_values=images[:1]).logits
+    assert torch.equal(a, b)
+
+
+def test_convert_llava_checkpoint_directory(model, images, tmp_path):
+    llava = llava_twin(model)
+    llava.save_pretrained(tmp_path / "llava")
+    dpn = DPNForConditionalGeneration.from_llava(str(tmp_path / "llava"), pooling_layers=[2]).eval()
+    assert dpn.config.router_token_id == VOCAB and dpn.config.text_config.vocab_size == VOCAB + 1
+    assert dpn.config.pooling_layers == [2]
+    ids = torch.tensor([prompt(64, 2, 2, router=False)])
+    with torch.no_grad():
+        ref = llava(input_ids=ids, pixel_values=images[:1]).logits
+        ours = dpn(input_ids=ids, pixel_values=images[:1], compression=1).logits
+    assert (ours[..., :VOCAB] - ref).abs().max().item() <= 1e-4
+    dpn.save_pretrained(tmp_path / "dpn")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "dpn")
+    ids_router = torch.tensor([[*ids[0].tolist(), VOCAB]])
+    with torch.no_grad():
+        assert again(input_ids=ids_router, pixel_values=images[:1]).expert_choices.shape == (1, 1)
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", [1, 2, 4, "auto"])
+def test_prefill_flops_match_flop_counter(model, images, compression):
+    ids = torch.tensor([prompt(64, 6, 9)])
+    with torch.no_grad(), flops_lib.flop_counter() as counter:
+        out = model(input_ids=ids, pixel_values=images[:1], compression=compression)
+    measured = counter.get_total_flops()
+    assert out.prefill_flops[0].item() == pytest.approx(measured, rel=0.05)
