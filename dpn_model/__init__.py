@@ -1,17 +1,19 @@
 """The Dynamic Pyramid Network (arXiv 2503.20322) as a Hugging Face model. No Ray, no MLflow here.
 
 Importing this package registers `dpn_llava` with transformers' Auto classes, so
-`AutoConfig.from_pretrained`, `AutoModel.from_pretrained` and `AutoModelForImageTextToText.from_pretrained`
-load DPN checkpoints.
+`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` and `AutoImageProcessor`
+`.from_pretrained(directory)` load DPN checkpoints.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoModel, AutoModelForImageTextToText
 
 from dpn_model.cache import DPNCache
 from dpn_model.configuration import DPNConfig
+from dpn_model.image_processing import DPNImageProcessor
 from dpn_model.modeling import DPNCausalLMOutputWithPast, DPNForConditionalGeneration, DPNModel, routing_loss
+from dpn_model.processing import DPNProcessor, register
 
-AutoConfig.register(DPNConfig.model_type, DPNConfig, exist_ok=True)
+register()  # AutoConfig, AutoImageProcessor, AutoProcessor
 AutoModel.register(DPNConfig, DPNModel, exist_ok=True)
 AutoModelForImageTextToText.register(DPNConfig, DPNForConditionalGeneration, exist_ok=True)
 
@@ -20,6 +22,8 @@ __all__ = [
     "DPNCausalLMOutputWithPast",
     "DPNConfig",
     "DPNForConditionalGeneration",
+    "DPNImageProcessor",
     "DPNModel",
+    "DPNProcessor",
     "routing_loss",
 ]

@@ -97,4 +97,52 @@ def preset_config(
     return DPNConfig(**fields)
 
 
-__all__ = ["PRESETS", "preset_config"]
+__all__ = ["PRESETS", "build_model", "create_checkpoint", "preset_config"]
+
+
+def build_model(name: str, seed: int = 0, tokenizer=None, **overrides: Any):
+    """A randomly initialised model of a preset, with its processor.
+
+    The tiny and mid presets get a tokenizer trained locally (`build_tokenizer`); pass `tokenizer` to use
+    another one (it must hold `<image>` and `<router>`). The 7B preset needs a real llava-hf tokenizer, so
+    use `dpn convert` on a checkpoint instead; here it is only buildable without a processor.
+
+    Returns:
+        `(DPNForConditionalGeneration, DPNProcessor | None)`
+    """
+    import torch
+
+    from dpn_model.modeling import DPNForConditionalGeneration
+    from dpn_model.processing import DPNProcessor
+    from dpn_model.tokenization import build_tokenizer
+
+    if tokenizer is None and "token_ids" not in PRESETS[name]:
+        tokenizer = build_tokenizer()
+    processor = None
+    if tokenizer is not None:
+        ids = dict(
+            vocab_size=len(tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        config = preset_config(name, **ids, **overrides)
+    else:
+        config = preset_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = DPNForConditionalGeneration(config)
+    if tokenizer is not None:
+        processor = DPNProcessor.from_model_config(config, tokenizer)
+    return model, processor
+
+
+def create_checkpoint(name: str, out_dir: str, seed: int = 0, **overrides: Any) -> str:
+    """Save a random model of a preset and its processor to `out_dir` (safetensors), ready for
+    `from_pretrained`, training, evaluation and serving. Returns `out_dir`."""
+    model, processor = build_model(name, seed=seed, **overrides)
+    model.save_pretrained(out_dir)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+    return out_dir
