@@ -244,7 +244,9 @@ class BadSampleAccountant:
         ray.get(self._actor.reset.remote())
 
 
-def drop_bad_rows(batch: dict[str, np.ndarray], accountant: BadSampleAccountant | None) -> dict[str, np.ndarray]:
+def drop_bad_rows(
+    batch: dict[str, np.ndarray], accountant: BadSampleAccountant | None
+) -> dict[str, np.ndarray]:
     """``map_batches`` stage (numpy format): count the batch into ``accountant`` and keep good rows.
 
     Raises :class:`BadDataError` mid-stream once enough samples were counted and the running bad

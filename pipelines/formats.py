@@ -171,14 +171,15 @@ def _expand(fs: pafs.FileSystem, path: str, split: str | None) -> list[str]:
         if split_dir.type == pafs.FileType.Directory:
             return _expand(fs, split_dir.path, None)
     files = _data_files(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-    if split is None:
-        return files
+    split_files = [f for f in files if _split_of(f)]
+    if split is None:  # a dataset root: its split files, not side files such as a manifest
+        return split_files or files
     chosen = [f for f in files if _split_of(f) == split]
     if chosen:
         return chosen
-    if any(_split_of(f) for f in files):
+    if split_files:
         raise FileNotFoundError(
-            f"{path} has split files {sorted({_split_of(f) for f in files} - {None})} but none for "
+            f"{path} has split files {sorted({_split_of(f) for f in split_files})} but none for "
             f"split={split!r}"
         )
     logger.info("%s has no split-named files; reading all %d files as split %r", path, len(files), split)

@@ -1,0 +1,244 @@
+"""Public builders: model-ready Ray Datasets for the training and evaluation jobs, and inspection.
+
+Training (Ray Train worker side)::
+
+    accountant = BadSampleAccountant(max_bad_fraction=0.01)      # driver, before trainer.fit()
+    train_ds = build_dataset("s3://bucket/data", processor_dir, split="train", accountant=accountant)
+    # worker loop:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=8, collate_fn=Collator(processor_dir)
+    ):
+        image_mask = batch.pop("image_mask")
+        loss = model(**batch).loss
+    accountant.check()                                              # end of epoch: exact threshold
+
+Evaluation (batch generation)::
+
+    eval_ds = build_eval_dataset(root, processor_dir, split="eval")
+    for batch in eval_ds.iter_batches(batch_size=32, batch_format="numpy"):
+        inputs = collate_batch(batch, pad_token_id, padding_side="left")
+        ... batch["id"], batch["answer"], batch["family"], batch["kind"] ...
+
+Everything streams: nothing here calls ``materialize()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipelines.accounting import BadReason, BadSampleAccountant, BadSampleReport, count_rows, drop_bad_rows
+from pipelines.formats import read_rows
+from pipelines.preprocess import Preprocessor, decode_image, load_processor, tokenize_batch
+
+if TYPE_CHECKING:
+    import ray.data
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLUMNS: tuple[str, ...] = ("input_ids", "labels", "pixel_uint8", "has_image")
+EVAL_COLUMNS: tuple[str, ...] = (
+    "id",
+    "input_ids",
+    "pixel_uint8",
+    "has_image",
+    "question",
+    "answer",
+    "family",
+    "kind",
+)
+
+
+def _actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    import ray.data
+
+    if isinstance(concurrency, int):
+        return ray.data.ActorPoolStrategy(size=concurrency)
+    low, high = concurrency
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def _build(
+    path: str,
+    processor_dir: str,
+    split: str | None,
+    mode: str,
+    max_length: int,
+    max_bad_fraction: float,
+    accountant: BadSampleAccountant | None,
+    image_folder: str | None,
+    filesystem: pafs.FileSystem | None,
+    batch_size: int,
+    concurrency: int | tuple[int, int],
+    num_cpus: float,
+    columns: tuple[str, ...],
+) -> ray.data.Dataset:
+    if accountant is None:
+        accountant = BadSampleAccountant(max_bad_fraction=max_bad_fraction)
+        logger.info("counting bad samples in actor %s", accountant.name)
+    ds = read_rows(path, split, filesystem=filesystem, image_folder=image_folder)
+    ds = ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length, "mode": mode},
+        batch_format="numpy",
+        batch_size=batch_size,
+        compute=_actor_pool(concurrency),
+        num_cpus=num_cpus,
+    )
+    ds = ds.map_batches(drop_bad_rows, fn_kwargs={"accountant": accountant}, batch_format="numpy")
+    return ds.select_columns(list(columns))
+
+
+def build_dataset(
+    path: str,
+    processor_dir: str,
+    split: str | None = "train",
+    *,
+    max_length: int = 2048,
+    max_bad_fraction: float = 0.01,
+    accountant: BadSampleAccountant | None = None,
+    image_folder: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    batch_size: int = 64,
+    concurrency: int | tuple[int, int] = 1,
+    num_cpus: float = 1.0,
+) -> ray.data.Dataset:
+    """Streaming dataset of model-ready training rows: ``input_ids``, ``labels`` (int32, ragged),
+    ``pixel_uint8`` ``(S, S, 3)`` uint8 and ``has_image``. Bad samples are skipped and counted.
+
+    Args:
+        path: file, folder of shards, glob or dataset root; local or URI (``s3://``, ``gs://``).
+        processor_dir: local directory of a saved ``DPNProcessor`` (tokenizer + image processor).
+        split: split of a dataset root (``None``: all files under ``path``).
+        max_length: longest token sequence; samples with no answer token inside are ``too_long``.
+        max_bad_fraction: fail with ``BadDataError`` past this bad fraction (ignored if ``accountant``
+            is given: its own threshold applies).
+        accountant: counts bad samples; keep it to call ``accountant.check()`` after each epoch
+            (exact check). Without it, only the mid-stream check runs.
+        image_folder: folder that relative LLaVA image paths resolve against (default: the JSON's).
+        filesystem: pyarrow filesystem to read with instead of the one the URI names.
+        batch_size: rows per preprocessing batch.
+        concurrency: preprocessing actors (int, or ``(min, max)`` to autoscale).
+        num_cpus: CPUs reserved per preprocessing actor.
+
+    Returns:
+        ``ray.data.Dataset``; iterate with ``iter_torch_batches(collate_fn=Collator(processor_dir))``.
+    """
+    return _build(
+        path, processor_dir, split, "train", max_length, max_bad_fraction, accountant, image_folder,
+        filesystem, batch_size, concurrency, num_cpus, TRAIN_COLUMNS,
+    )  # fmt: skip
+
+
+def build_eval_dataset(
+    path: str,
+    processor_dir: str,
+    split: str | None = "eval",
+    *,
+    max_length: int = 2048,
+    max_bad_fraction: float = 0.01,
+    accountant: BadSampleAccountant | None = None,
+    image_folder: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    batch_size: int = 64,
+    concurrency: int | tuple[int, int] = 1,
+    num_cpus: float = 1.0,
+) -> ray.data.Dataset:
+    """Streaming dataset for batch generation: prompt ``input_ids`` (chat template up to the
+    assistant turn, no labels), ``pixel_uint8``, ``has_image``, and ``id``, ``question``, reference
+    ``answer``, ``family``, ``kind``. Arguments as :func:`build_dataset`; pad prompts on the left
+    (``collate_batch(batch, pad_id, padding_side="left")``)."""
+    return _build(
+        path, processor_dir, split, "eval", max_length, max_bad_fraction, accountant, image_folder,
+        filesystem, batch_size, concurrency, num_cpus, EVAL_COLUMNS,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspection (`dpn data inspect`)
+# ----------------------------------------------------------------------------------------------
+
+
+class InspectStage:
+    """``map_batches`` class: decode images (and tokenise when a processor is given), then reduce
+    each batch to one row: its bad-sample report and its first good sample, both as JSON."""
+
+    def __init__(self, processor_dir: str | None = None, max_length: int = 2048):
+        self.processor = load_processor(processor_dir) if processor_dir else None
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        reasons = np.asarray(batch["bad_reason"], dtype=object).copy()
+        sizes: list[tuple[int, int] | None] = [None] * n
+        for i, data in enumerate(batch["image"]):
+            if reasons[i] or data is None:
+                continue
+            try:
+                sizes[i] = decode_image(bytes(data)).size
+            except Exception:  # noqa: BLE001 - any decoder failure means a bad file
+                reasons[i] = BadReason.CORRUPT_IMAGE
+        conversations = batch["conversations"]
+        batch = {**batch, "bad_reason": reasons.astype(str)}
+        if self.processor is not None:
+            batch = tokenize_batch({**batch}, self.processor, self.max_length, "train")
+        reasons = np.asarray(batch["bad_reason"]).astype(str)
+        example = ""
+        good = np.flatnonzero(reasons == "")
+        if len(good):
+            i = int(good[0])
+            turns = json.loads(conversations[i])
+            example = json.dumps(
+                {
+                    "id": str(batch["id"][i]),
+                    "question": turns[0]["value"] if turns else "",
+                    "answer": next((t["value"] for t in turns if t["from"] == "gpt"), ""),
+                    "family": str(batch["family"][i]),
+                    "kind": str(batch["kind"][i]),
+                    "image_size": list(sizes[i]) if sizes[i] else None,
+                    "num_tokens": int(len(batch["input_ids"][i])) if "input_ids" in batch else None,
+                }
+            )
+        report = count_rows(batch["id"], reasons)
+        return {
+            "report": np.array([json.dumps(report.to_dict())], dtype=object),
+            "example": np.array([example], dtype=object),
+        }
+
+
+def inspect_dataset(
+    path: str,
+    split: str | None = None,
+    *,
+    processor_dir: str | None = None,
+    max_length: int = 2048,
+    image_folder: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> dict[str, Any]:
+    """Count samples and bad samples by reason in one streaming pass; return one decoded example.
+
+    Without ``processor_dir`` the text is not tokenised, so ``too_long`` is not checked.
+
+    Returns:
+        ``{"num_samples", "num_bad", "bad_by_reason", "bad_fraction", "examples", "example"}``;
+        ``example`` is ``{"id", "question", "answer", "family", "kind", "image_size", "num_tokens"}``
+        or ``None`` when no sample is good. Conversations are kept in the example (the question
+        includes ``<image>``).
+    """
+    ds = read_rows(path, split, filesystem=filesystem, image_folder=image_folder)
+    ds = ds.map_batches(
+        InspectStage,
+        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length},
+        batch_format="numpy",
+        compute=_actor_pool(1),
+    )
+    total, example = BadSampleReport(), None
+    for row in ds.iter_rows():
+        total.merge(BadSampleReport.from_dict(json.loads(row["report"])))
+        if example is None and row["example"]:
+            example = json.loads(row["example"])
+    return {**total.to_dict(), "example": example}

@@ -1,0 +1,316 @@
+"""Preprocessing stages (Ray Data ``map_batches``, numpy batches) and collation for Ray Train.
+
+Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
+
+1. :func:`tokenize_batch`: chat template with ``<image>`` and ``<router>`` placed by the processor,
+   everything but assistant answers masked with -100, truncated to ``max_length``; a sample none of
+   whose answer tokens fit is flagged ``too_long``. (Run before decoding so that over-long samples
+   cost no image work.)
+2. :func:`decode_images`: Pillow ``verify()`` then a full ``load()`` (catches corrupt and truncated
+   files), RGB, LLaVA pad-to-square with the mean colour and resize by
+   ``DPNImageProcessor.to_uint8`` -> ``pixel_uint8`` ``(S, S, 3)`` uint8 per row (zeros for rows
+   without an image, with ``has_image=False``). Images stay uint8 until collation.
+
+:class:`Preprocessor` runs both in one callable class so Ray actors load the processor once
+(``map_batches(Preprocessor, fn_constructor_kwargs={...}, concurrency=...)``). Bad rows are kept,
+flagged in ``bad_reason``, for :func:`pipelines.accounting.drop_bad_rows`.
+
+:func:`collate_batch` pads to the batch's longest sample and turns uint8 images into normalised
+``pixel_values`` at the last moment; :class:`Collator` wraps it for
+``Dataset.iter_torch_batches(collate_fn=Collator(processor_dir))``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import PIL.Image
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipelines.accounting import BadReason
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+Mode = Literal["train", "eval"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes) -> PIL.Image.Image:
+    """Decode encoded image bytes fully, or raise (``OSError``, ``ValueError``, ...) if corrupt.
+
+    ``verify()`` checks the file's structure without decoding pixels; a second open and ``load()``
+    decodes every pixel, which is what catches truncated files.
+    """
+    if not data:
+        raise ValueError("empty image file")
+    with PIL.Image.open(io.BytesIO(data)) as probe:
+        probe.verify()
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def image_shape(image_processor: Any) -> tuple[int, int, int]:
+    """``(S, S, 3)``: the shape ``image_processor.to_uint8`` gives every image."""
+    return tuple(image_processor.to_uint8([PIL.Image.new("RGB", (8, 8))]).shape[1:])
+
+
+def decode_images(
+    batch: dict[str, np.ndarray], image_processor: Any, shape: tuple[int, int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Replace the ``image`` bytes column by ``pixel_uint8`` ``(N, S, S, 3)`` and ``has_image`` ``(N,)``.
+
+    Rows whose bytes do not decode get ``bad_reason = "corrupt_image"``. Rows already bad, and rows
+    without an image, get zeros and ``has_image = False``.
+    """
+    shape = shape or image_shape(image_processor)
+    n = len(batch["id"])
+    reasons = np.asarray(batch["bad_reason"], dtype=object).copy()
+    pixels = np.zeros((n, *shape), dtype=np.uint8)
+    has_image = np.zeros(n, dtype=bool)
+    images = batch.get("image", np.full(n, None, dtype=object))
+    for i in range(n):
+        data = images[i]
+        if reasons[i] or data is None:
+            continue
+        try:
+            pixels[i] = image_processor.to_uint8([decode_image(bytes(data))])[0]
+            has_image[i] = True
+        except Exception as err:  # noqa: BLE001 - any decoder failure means a bad file
+            logger.debug("corrupt image in %s: %s", batch["id"][i], err)
+            reasons[i] = BadReason.CORRUPT_IMAGE
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out.update(pixel_uint8=pixels, has_image=has_image, bad_reason=reasons.astype(str))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+
+def split_prompt(turns: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """Evaluation: (turns up to the last human turn, reference answer or ``""``)."""
+    if turns and turns[-1]["from"] == "gpt":
+        return turns[:-1], turns[-1]["value"]
+    return turns, ""
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def tokenize_batch(
+    batch: dict[str, np.ndarray], processor: Any, max_length: int, mode: Mode = "train"
+) -> dict[str, np.ndarray]:
+    """Tokenise the ``conversations`` column (JSON strings) with the DPN processor.
+
+    ``mode="train"`` adds ``input_ids`` and ``labels`` (int32, ragged: one array per row) from
+    ``processor.encode_conversation``: only answers are learned, trailing rounds that do not fit are
+    dropped. A sample whose first prompt plus one answer token does not fit is flagged ``too_long``;
+    one the processor rejects (no answer, misplaced ``<image>``) ``bad_conversation``.
+
+    ``mode="eval"`` adds the prompt's ``input_ids`` (up to the generation prompt, no labels) and the
+    reference ``answer`` and ``question`` strings; a prompt longer than ``max_length`` is ``too_long``.
+    The ``conversations`` column is dropped.
+    """
+    from dpn_model.processing import PromptTooLongError
+
+    n = len(batch["id"])
+    reasons = np.asarray(batch["bad_reason"], dtype=object).copy()
+    has_image = np.array([x is not None for x in batch.get("image", [None] * n)], dtype=bool)
+    input_ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    answers: list[str] = []
+    questions: list[str] = []
+    empty = np.zeros(0, dtype=np.int32)
+    for i in range(n):
+        ids, labs, answer, question = empty, empty, "", ""
+        if not reasons[i]:
+            turns = json.loads(batch["conversations"][i])
+            try:
+                if mode == "eval":
+                    prompt, answer = split_prompt(turns)
+                    question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
+                    ids = np.asarray(encode_prompt(processor, prompt, bool(has_image[i])), dtype=np.int32)
+                    if len(ids) > max_length:
+                        raise PromptTooLongError(f"prompt of {len(ids)} tokens > max_length={max_length}")
+                else:
+                    encoded = processor.encode_conversation(
+                        turns, has_image=bool(has_image[i]), max_length=max_length
+                    )
+                    ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+                    labs = np.asarray(encoded["labels"], dtype=np.int32)
+            except PromptTooLongError:
+                reasons[i] = BadReason.TOO_LONG
+            except ValueError as err:
+                logger.debug("bad conversation in %s: %s", batch["id"][i], err)
+                reasons[i] = BadReason.BAD_CONVERSATION
+            if reasons[i]:
+                ids, labs = empty, empty
+        input_ids.append(ids)
+        labels.append(labs)
+        answers.append(answer)
+        questions.append(question)
+    out = {k: v for k, v in batch.items() if k != "conversations"}
+    out["input_ids"] = _ragged(input_ids)
+    if mode == "eval":
+        out["answer"] = np.array(answers, dtype=object).astype(str)
+        out["question"] = np.array(questions, dtype=object).astype(str)
+    else:
+        out["labels"] = _ragged(labels)
+    out["bad_reason"] = reasons.astype(str)
+    return out
+
+
+def encode_prompt(processor: Any, turns: list[dict[str, str]], has_image: bool) -> list[int]:
+    """Prompt ids for generation: the chat template up to `` ASSISTANT:`` with ``<router>`` and the
+    image expanded to ``processor.image_seq_length`` tokens, ``<image>`` first in the first user turn
+    (as in training)."""
+    if not turns:
+        raise ValueError("no question to prompt with")
+    turns = [dict(t) for t in turns]
+    if has_image:
+        first = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
+        turns[0]["value"] = f"{IMAGE_TOKEN}\n{first}"
+    text = processor.build_prompt(turns, add_router_token=True, add_generation_prompt=True)
+    ids: list[int] = []
+    for token_id in processor.tokenizer(text, add_special_tokens=True)["input_ids"]:
+        ids.extend(
+            [token_id] * processor.image_seq_length if token_id == processor.image_token_id else [token_id]
+        )
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The map_batches stage
+# ----------------------------------------------------------------------------------------------
+
+
+def load_processor(processor_dir: str) -> Any:
+    """``DPNProcessor.from_pretrained(processor_dir)`` (imported here: only workers pay for it)."""
+    from dpn_model.processing import DPNProcessor, register
+
+    register()  # the Auto classes must know DPN's image processor to load a saved processor
+    return DPNProcessor.from_pretrained(processor_dir)
+
+
+class Preprocessor:
+    """Callable class for ``Dataset.map_batches``: tokenise, then decode images, per batch.
+
+    Args:
+        processor_dir: local directory of a saved ``DPNProcessor`` (on every node, or shared).
+        max_length: longest token sequence (image tokens included).
+        mode: ``"train"`` (input_ids + labels) or ``"eval"`` (prompt ids + answer).
+    """
+
+    def __init__(self, processor_dir: str, max_length: int, mode: Mode = "train"):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        self.processor = load_processor(processor_dir)
+        self.max_length = max_length
+        self.mode = mode
+        self.shape = image_shape(self.processor.image_processor)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = tokenize_batch(batch, self.processor, self.max_length, self.mode)
+        return decode_images(batch, self.processor.image_processor, self.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------
+
+
+def collate_batch(
+    batch: dict[str, np.ndarray],
+    pad_token_id: int,
+    padding_side: Literal["right", "left"] = "right",
+    image_processor: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Pad a preprocessed numpy batch to its own longest sample and build model inputs.
+
+    Args:
+        batch: rows from :class:`Preprocessor` (``input_ids``, optional ``labels``, ``pixel_uint8``,
+            ``has_image``).
+        pad_token_id: id written into padding positions of ``input_ids``.
+        padding_side: ``"right"`` for training, ``"left"`` for batched generation.
+        image_processor: its ``normalize`` turns uint8 into ``pixel_values``; default
+            ``DPNImageProcessor()`` (CLIP mean/std).
+
+    Returns:
+        ``input_ids`` `(B, L)` long, ``attention_mask`` `(B, L)` long, ``labels`` `(B, L)` long with
+        -100 on padding (when the batch has labels), ``image_mask`` `(B,)` bool (which samples have an
+        image), and ``pixel_values`` `(n_images, 3, S, S)` float for exactly those samples, in batch
+        order (omitted when no sample has an image).
+    """
+    import torch
+
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    sequences = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+    size, length = len(sequences), max((len(s) for s in sequences), default=0)
+    input_ids = np.full((size, length), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((size, length), dtype=np.int64)
+    has_labels = "labels" in batch
+    labels = np.full((size, length), IGNORE_INDEX, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
+        input_ids[i, span] = seq
+        attention_mask[i, span] = 1
+        if has_labels:
+            labels[i, span] = np.asarray(batch["labels"][i], dtype=np.int64)
+    out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if has_labels:
+        out["labels"] = torch.from_numpy(labels)
+    image_mask = np.asarray(batch.get("has_image", np.zeros(size, dtype=bool)), dtype=bool)
+    out["image_mask"] = torch.from_numpy(image_mask.copy())
+    if image_mask.any():
+        if image_processor is None:
+            from dpn_model.image_processing import DPNImageProcessor
+
+            image_processor = DPNImageProcessor()
+        out["pixel_values"] = image_processor.normalize(np.asarray(batch["pixel_uint8"])[image_mask])
+    return out
+
+
+class Collator(NumpyBatchCollateFn):
+    """Picklable ``collate_fn`` for ``iter_torch_batches``: loads the processor lazily, once per worker.
+
+    Args:
+        processor_dir: directory of the saved ``DPNProcessor`` (pad id and image normalisation).
+        padding_side: ``"right"`` (training) or ``"left"`` (generation).
+    """
+
+    def __init__(self, processor_dir: str, padding_side: Literal["right", "left"] = "right"):
+        self.processor_dir = processor_dir
+        self.padding_side = padding_side
+        self._processor: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_processor": None}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self._processor is None:
+            self._processor = load_processor(self.processor_dir)
+        return collate_batch(
+            batch,
+            pad_token_id=self._processor.tokenizer.pad_token_id,
+            padding_side=self.padding_side,
+            image_processor=self._processor.image_processor,
+        )
