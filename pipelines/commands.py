@@ -1,0 +1,138 @@
+"""`dpn data`: dataset subcommands.
+
+* ``dpn data inspect PATH [--split S] [--processor-dir D] [--json]``: number of samples, bad samples
+  by reason (with example ids) and one decoded example. ``--json`` prints one JSON object with the
+  stable keys ``num_samples``, ``num_bad``, ``bad_by_reason`` (plus ``bad_fraction``, ``examples``,
+  ``example``). With ``--max-bad-fraction F`` the exit status is 1 when the bad fraction exceeds F.
+* ``dpn data synth OUT [--format llava|webdataset|parquet] [--num-train N] [--num-eval N] [--seed S]``:
+  write the synthetic benchmark (``pipelines.synthetic.write_synthetic_dataset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``inspect`` and ``synth`` sub-subcommands on the ``data`` parser."""
+    sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    sub.required = True
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="count samples and bad samples, show one decoded example",
+        description="Count samples and bad samples by reason in one streaming pass; show one example.",
+    )
+    inspect.add_argument("path", help="file, folder of shards, glob or dataset root (local path or URI)")
+    inspect.add_argument("--split", default=None, help="split of a dataset root (default: all split files)")
+    inspect.add_argument(
+        "--processor-dir",
+        default=None,
+        help="saved DPNProcessor: also tokenise, so over-long samples are counted",
+    )
+    inspect.add_argument("--max-length", type=int, default=2048, help="token limit with --processor-dir")
+    inspect.add_argument(
+        "--image-folder", default=None, help="folder of LLaVA JSON images (default: the JSON's)"
+    )
+    inspect.add_argument(
+        "--max-bad-fraction", type=float, default=None, help="exit with status 1 above this bad fraction"
+    )
+    inspect.add_argument(
+        "--address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)"
+    )
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(_data_run=run_inspect)
+
+    synth = sub.add_parser(
+        "synth",
+        help="write the synthetic benchmark dataset",
+        description="Write the synthetic benchmark (train and eval splits) in one of the real formats.",
+    )
+    synth.add_argument("out_dir", help="dataset root to write")
+    synth.add_argument("--format", default="llava", choices=("llava", "webdataset", "parquet"))
+    synth.add_argument("--num-train", type=int, default=4000)
+    synth.add_argument("--num-eval", type=int, default=500)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(_data_run=run_synth)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen ``dpn data`` sub-subcommand; returns the exit status."""
+    return int(args._data_run(args) or 0)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def format_inspection(path: str, result: dict[str, Any]) -> str:
+    """Human-readable report of :func:`pipelines.datasets.inspect_dataset`'s result."""
+    lines = [
+        f"dataset: {path}",
+        f"samples: {result['num_samples']}",
+        f"bad samples: {result['num_bad']} ({result['bad_fraction']:.2%})",
+    ]
+    for reason, count in result["bad_by_reason"].items():
+        ids = ", ".join(result["examples"].get(reason, []))
+        lines.append(f"  {reason}: {count} (e.g. {ids})")
+    example = result.get("example")
+    if example is None:
+        lines.append("example: none (no good sample)")
+    else:
+        size = example.get("image_size")
+        lines += [
+            "example:",
+            f"  id: {example['id']}",
+            f"  question: {example['question']!r}",
+            f"  answer: {example['answer']!r}",
+            f"  image size: {f'{size[0]}x{size[1]}' if size else 'no image'}",
+        ]
+        if example.get("family"):
+            lines.append(f"  family/kind: {example['family']}/{example['kind']}")
+        if example.get("num_tokens") is not None:
+            lines.append(f"  tokens: {example['num_tokens']}")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from pipelines.datasets import inspect_dataset
+
+    _init_ray(args.address)
+    result = inspect_dataset(
+        args.path,
+        args.split,
+        processor_dir=args.processor_dir,
+        max_length=args.max_length,
+        image_folder=args.image_folder,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(format_inspection(args.path, result) + "\n")
+    if args.max_bad_fraction is not None and result["bad_fraction"] > args.max_bad_fraction:
+        logger.error(
+            "bad fraction %.2f%% exceeds %.2f%%", 100 * result["bad_fraction"], 100 * args.max_bad_fraction
+        )
+        return 1
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pipelines.synthetic import write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(
+        args.out_dir, format=args.format, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed
+    )
+    splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
+    counts = ", ".join(f"{name}: {info.get('num_samples')}" for name, info in splits.items())
+    sys.stdout.write(f"wrote {args.format} dataset to {args.out_dir} ({counts})\n")
+    return 0
