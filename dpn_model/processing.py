@@ -1,0 +1,455 @@
+"""`DPNProcessor`: tokenizer + image processor, the vicuna-v1 chat format with the `<router>` token, label masking.
+
+Prompt format (LLaVA-1.5's vicuna-v1 conversation, plus DPN's router token)::
+
+    {system} USER: <image>\n{question} <router> ASSISTANT: {answer}</s>USER: {question 2} ASSISTANT: {answer 2}</s>
+
+`<router>` ends the *last* user turn, right before " ASSISTANT:", so by causal attention its hidden state has
+seen the image and the question when the pooling routers read it. The processor expands each `<image>` into
+`image_seq_length` copies (one per visual token), like [`LlavaProcessor`]. Nothing here depends on the tiny
+vocabulary: the same code serves a llava-hf Llama tokenizer extended with [`add_dpn_special_tokens`].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+
+from dpn_model.image_processing import DPNImageProcessor
+
+DEFAULT_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+USER_ROLE = "USER"
+ASSISTANT_ROLE = "ASSISTANT"
+IGNORE_INDEX = -100
+IMAGE_PART_TYPES = ("image", "image_url")
+_ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+# Same output as `build_prompt` for role/content messages. Variables other than `messages`,
+# `add_generation_prompt` and `eos_token` are filled in by `DPNProcessor.apply_chat_template`.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- set image_token = image_token | default('<image>') -%}"
+    "{%- set router_token = router_token | default('<router>') -%}"
+    "{%- set eos = eos_token | default('</s>') -%}"
+    "{%- set ns = namespace(system=default_system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "'), "
+    "last_user=-1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+    "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.system -%}{{ ns.system ~ ' ' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set parts = namespace(images='', texts=[]) -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{%- set parts.images = parts.images ~ image_token ~ '\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set parts.texts = parts.texts + [part['text']] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = parts.images ~ (parts.texts | join(' ')) -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ 'USER: ' ~ text }}"
+    "{%- if loop.index0 == ns.last_user and (add_router_token is not defined or add_router_token) -%}"
+    "{{ ' ' ~ router_token }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' ~ text ~ eos }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and messages and messages[-1]['role'] == 'user' -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (system, image tokens, first question, `<router>`) alone does not fit in `max_length`."""
+
+
+def _message_text(content: Any, image_token: str) -> str:
+    """Flatten a message's content (a string, or a list of text/image parts) to text with image placeholders."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, Sequence):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    images, texts = "", []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind in IMAGE_PART_TYPES:
+            images += image_token + "\n"
+        elif kind == "text":
+            texts.append(part["text"])
+        else:
+            raise ValueError(f"unsupported content part {part!r}: expected {{'type': 'text' | 'image' | 'image_url'}}")
+    return images + " ".join(texts)
+
+
+def normalize_messages(
+    messages: Sequence[Mapping[str, Any]], image_token: str = "<image>"
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """Turn OpenAI/HF (`role`/`content`) or LLaVA (`from`/`value`) messages into `(system, [(role, text)])`.
+
+    Args:
+        messages (`list[dict]`):
+            `{"role": "user" | "assistant" | "system", "content": str | list[part]}` or
+            `{"from": "human" | "gpt" | "system", "value": str}`.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            Placeholder written for `{"type": "image"}` parts (each followed by a newline, before the text).
+
+    Returns:
+        `tuple[str | None, list[tuple[str, str]]]`: The system prompt if a system message was given (else `None`),
+        and the other turns as `("user" | "assistant", text)`, checked to alternate starting with the user.
+    """
+    system, turns = None, []
+    for index, message in enumerate(messages):
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        if role not in _ROLE_ALIASES or content is None:
+            raise ValueError(
+                f"message {index} must have role user/assistant/system (or from human/gpt) and content, got {message!r}"
+            )
+        role = _ROLE_ALIASES[role]
+        text = _message_text(content, image_token)
+        if role == "system":
+            if turns:
+                raise ValueError(f"the system message must come first, found one at position {index}")
+            system = text
+            continue
+        expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
+        if role != expected:
+            raise ValueError(
+                f"messages must alternate user/assistant starting with the user; message {index} is {role!r} "
+                f"where {expected!r} was expected"
+            )
+        turns.append((role, text))
+    return system, turns
+
+
+def build_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    add_router_token: bool = True,
+    add_generation_prompt: bool = True,
+    image_token: str = "<image>",
+    router_token: str = "<router>",
+    eos_token: str = "</s>",
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+) -> str:
+    """Render a conversation in the vicuna-v1 format with `<router>` at the end of the last user turn.
+
+    Args:
+        messages (`list[dict]`):
+            Role/content or LLaVA from/value messages (see [`normalize_messages`]).
+        add_router_token (`bool`, *optional*, defaults to `True`):
+            Put `router_token` at the end of the last user turn (DPN models need it; plain LLaVA does not).
+        add_generation_prompt (`bool`, *optional*, defaults to `True`):
+            End with `" ASSISTANT:"` when the last message is from the user, for generation.
+        image_token, router_token, eos_token (`str`, *optional*):
+            The tokenizer's placeholder, router and end-of-turn tokens.
+        system_prompt (`str`, *optional*, defaults to LLaVA-1.5's system prompt):
+            Used when the messages have no system message; `""` for none.
+
+    Returns:
+        `str`: The prompt, without `<s>` (the tokenizer adds it).
+    """
+    system, turns = normalize_messages(messages, image_token)
+    system = system_prompt if system is None else system
+    last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+    out = [system + " "] if system else []
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            out.append(f"{USER_ROLE}: {text}")
+            if add_router_token and i == last_user:
+                out.append(f" {router_token}")
+        else:
+            out.append(f" {ASSISTANT_ROLE}: {text}{eos_token}")
+    if add_generation_prompt and turns and turns[-1][0] == "user":
+        out.append(f" {ASSISTANT_ROLE}:")
+    return "".join(out)
+
+
+class DPNProcessor(ProcessorMixin):
+    r"""Processor of DPN models: a [`DPNImageProcessor`] and a tokenizer, LLaVA-style.
+
+    Args:
+        image_processor ([`DPNImageProcessor`]):
+            Turns images into `pixel_values`.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Any tokenizer in which `image_token` and `router_token` are single special tokens: [`build_tokenizer`],
+            or a llava-hf tokenizer after [`add_dpn_special_tokens`].
+        chat_template (`str`, *optional*):
+            Jinja template for [`apply_chat_template`]; defaults to one that matches [`build_prompt`].
+        image_seq_length (`int`, *optional*, defaults to 576):
+            Visual tokens per image, `config.image_seq_length` (`(image_size / patch_size) ** 2`).
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            Image placeholder token.
+        router_token (`str`, *optional*, defaults to `"<router>"`):
+            Router token.
+        system_prompt (`str`, *optional*, defaults to LLaVA-1.5's system prompt):
+            System line used when a conversation has no system message.
+    """
+
+    def __init__(
+        self,
+        image_processor: DPNImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+        image_seq_length: int = 576,
+        image_token: str = "<image>",
+        router_token: str = "<router>",
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        **kwargs: Any,
+    ):
+        if image_processor is None or tokenizer is None:
+            raise ValueError("DPNProcessor needs both an image_processor and a tokenizer")
+        if image_seq_length < 1:
+            raise ValueError(f"image_seq_length must be >= 1 (config.image_seq_length), got {image_seq_length}")
+        self.image_seq_length = int(image_seq_length)
+        self.image_token = image_token
+        self.router_token = router_token
+        self.system_prompt = system_prompt
+        self.image_token_id = self._special_token_id(tokenizer, image_token, "image_token")
+        self.router_token_id = self._special_token_id(tokenizer, router_token, "router_token")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @staticmethod
+    def _special_token_id(tokenizer: PreTrainedTokenizerBase, token: str, name: str) -> int:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"{name} {token!r} is not a single special token of this tokenizer (it encodes to {ids}); call "
+                "dpn_model.tokenization.add_dpn_special_tokens(tokenizer) first, or build it with build_tokenizer()"
+            )
+        return ids[0]
+
+    @classmethod
+    def from_model_config(cls, config: Any, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> DPNProcessor:
+        """Build the processor that matches a [`DPNConfig`]: image size, `image_seq_length` and token ids.
+
+        Args:
+            config ([`DPNConfig`]): The model configuration.
+            tokenizer ([`PreTrainedTokenizerBase`]): The model's tokenizer.
+            **kwargs: Passed to [`DPNProcessor`] (e.g. `system_prompt`).
+
+        Returns:
+            [`DPNProcessor`]
+        """
+        side = config.vision_config.image_size
+        image_processor = DPNImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor = cls(image_processor, tokenizer, image_seq_length=config.image_seq_length, **kwargs)
+        for name in ("image_token_id", "router_token_id"):
+            if getattr(processor, name) != getattr(config, name):
+                raise ValueError(
+                    f"tokenizer and config disagree on {name}: tokenizer {getattr(processor, name)}, "
+                    f"config {getattr(config, name)}; build the config from the tokenizer's ids"
+                )
+        return processor
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inference: prompts and batches
+    # ----------------------------------------------------------------------------------------------------------
+    def build_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_router_token: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """[`build_prompt`] with this processor's tokens and system prompt."""
+        return build_prompt(
+            messages,
+            add_router_token=add_router_token,
+            add_generation_prompt=add_generation_prompt,
+            image_token=self.image_token,
+            router_token=self.router_token,
+            eos_token=self.tokenizer.eos_token,
+            system_prompt=self.system_prompt,
+        )
+
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        """[`ProcessorMixin.apply_chat_template`] with the processor's image/router tokens and system prompt.
+
+        Pass `add_router_token=False` to omit `<router>`; the output string equals [`build_prompt`]'s.
+        """
+        kwargs.setdefault("image_token", self.image_token)
+        kwargs.setdefault("router_token", self.router_token)
+        kwargs.setdefault("default_system_prompt", self.system_prompt)
+        kwargs.setdefault("add_router_token", True)
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """Each `<image>` in the text becomes `image_seq_length` image tokens, one per visual token."""
+        return self.image_token * self.image_seq_length
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Tokenize prompts (expanding `<image>`) and preprocess images.
+
+        Args:
+            images (`ImageLike` or `list[ImageLike]`, *optional*):
+                One image per `<image>` in `text`, in order (see [`DPNImageProcessor.to_uint8`] for the types).
+            text (`str` or `list[str]`, *optional*):
+                Prompts, e.g. from [`build_prompt`].
+            padding (`bool` or `str`, *optional*, defaults to `True`):
+                Pad the batch to its longest prompt.
+            padding_side (`str`, *optional*):
+                `"left"` (generation) or `"right"` (training); defaults to the tokenizer's.
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"`, `"np"` or `None`.
+            **kwargs: Further tokenizer / image processor arguments (`truncation`, `max_length`, `size`, ...).
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask` (when `text`) and `pixel_values` (when `images`).
+        """
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
+        return super().__call__(images=images, text=text, padding=padding, return_tensors=return_tensors, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training: token ids and labels
+    # ----------------------------------------------------------------------------------------------------------
+    def _encode(self, text: str, after_special_token: bool) -> list[int]:
+        """Token ids of `text` exactly as inside a longer prompt.
+
+        SentencePiece-style tokenizers mark the start of a text (`USER` -> `▁USER`) but not a text that follows
+        a special token (`</s>USER`); encoding behind the end-of-sequence token and dropping it reproduces the
+        in-context ids. Special tokens are never merged with neighbours, so the cut is exact.
+        """
+        if not after_special_token or self.tokenizer.eos_token is None:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(self.tokenizer.eos_token + text, add_special_tokens=False)
+        return ids[1:]
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for token_id in ids:
+            out.extend([token_id] * self.image_seq_length if token_id == self.image_token_id else [token_id])
+        return out
+
+    def _conversation_rounds(
+        self, conversations: Sequence[Mapping[str, Any]], has_image: bool
+    ) -> tuple[str, list[tuple[str, str]]]:
+        system, turns = normalize_messages(conversations, self.image_token)
+        system = self.system_prompt if system is None else system
+        if turns and turns[-1][0] == "user":
+            turns = turns[:-1]  # a trailing question without an answer has nothing to learn
+        if not turns:
+            raise ValueError("conversation has no assistant answer to learn from")
+        num_images = sum(text.count(self.image_token) for _, text in turns)
+        if not has_image and num_images:
+            raise ValueError(f"conversation has {num_images} {self.image_token} placeholder(s) but has_image=False")
+        if has_image and num_images > 1:
+            raise ValueError(f"one image per sample is supported, the conversation has {num_images} placeholders")
+        if has_image:
+            if any(role == "assistant" and self.image_token in text for role, text in turns):
+                raise ValueError(f"the {self.image_token} placeholder must be in a user turn, not an answer")
+            # LLaVA's preprocess_multimodal: the image goes first in the first user turn, then a newline.
+            turns = [(role, text.replace(self.image_token, "").strip()) for role, text in turns]
+            turns[0] = ("user", f"{self.image_token}\n{turns[0][1]}")
+        rounds = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
+        return system, rounds
+
+    def encode_conversation(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        has_image: bool,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """Token ids and labels of one training conversation; only the answers (and their `</s>`) are learned.
+
+        The prompt and every answer are tokenized separately and concatenated, so an answer has the same ids as
+        when tokenized alone (`" red"` -> `▁red`) and as in the inference prompt. `<router>` ends the last user
+        turn that is kept. When the sequence exceeds `max_length`, whole trailing rounds are dropped (the
+        router moves to the new last user turn); if one round is still too long its answer is cut. The image
+        tokens are never cut.
+
+        Args:
+            conversations (`list[dict]`):
+                LLaVA `{"from", "value"}` or `{"role", "content"}` messages, alternating user/assistant.
+            has_image (`bool`):
+                The sample has an image: `<image>` is moved to (or added at) the start of the first user turn, as
+                LLaVA does. Without an image, any `<image>` is an error.
+            max_length (`int`, *optional*):
+                Longest sequence to return, counting the expanded image tokens.
+
+        Returns:
+            `dict`: `input_ids` (`list[int]`), `labels` (`list[int]`, -100 where not learned) and `truncated` (`bool`).
+
+        Raises:
+            [`PromptTooLongError`] (a `ValueError`): when the first prompt (with its image tokens) plus one answer
+            token exceeds `max_length`; count and skip such samples, or raise `max_length`.
+            `ValueError`: malformed conversations (roles out of order, several images, no answer).
+        """
+        system, rounds = self._conversation_rounds(conversations, has_image)
+        start_ids = self.tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [<s>]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        pieces = []  # per round: (prompt ids without router, prompt ids with router, answer ids)
+        for index, (question, answer) in enumerate(rounds):
+            head = f"{system} " if index == 0 and system else ""
+            user = f"{head}{USER_ROLE}: {question}"
+            tail = f" {ASSISTANT_ROLE}:"
+            # Round 0 starts the text (the tokenizer marks its first word); later rounds follow </s>.
+            plain = self._expand_image(self._encode(user + tail, after_special_token=index > 0))
+            routed = self._expand_image(self._encode(f"{user} {self.router_token}{tail}", index > 0))
+            pieces.append((plain, routed, self._encode(f" {answer}", after_special_token=True) + eos))
+
+        def assemble(num_rounds: int, answer_budget: int | None = None) -> dict[str, Any]:
+            input_ids, labels = list(start_ids), [IGNORE_INDEX] * len(start_ids)
+            for index in range(num_rounds):
+                plain, routed, answer = pieces[index]
+                prompt = routed if index == num_rounds - 1 else plain
+                if answer_budget is not None and index == num_rounds - 1:
+                    answer = answer[:answer_budget]
+                input_ids += prompt + answer
+                labels += [IGNORE_INDEX] * len(prompt) + answer
+            return {"input_ids": input_ids, "labels": labels}
+
+        for num_rounds in range(len(rounds), 0, -1):
+            length = len(start_ids) + sum(len(p) + len(a) for p, _, a in pieces[: num_rounds - 1])
+            length += len(pieces[num_rounds - 1][1]) + len(pieces[num_rounds - 1][2])
+            if max_length is None or length <= max_length:
+                return {**assemble(num_rounds), "truncated": num_rounds < len(rounds)}
+        prompt_length = len(start_ids) + len(pieces[0][1])
+        if prompt_length + 1 > max_length:
+            raise PromptTooLongError(
+                f"the first prompt needs {prompt_length} tokens ({self.image_seq_length if has_image else 0} of them "
+                f"image tokens) plus at least one answer token, more than max_length={max_length}; raise max_length "
+                "or drop this sample"
+            )
+        return {**assemble(1, answer_budget=max_length - prompt_length), "truncated": True}
+
+
+def register() -> None:
+    """Register DPN's config, image processor and processor with the Auto classes (idempotent).
+
+    After this, `AutoConfig`, `AutoImageProcessor` and `AutoProcessor.from_pretrained(directory)` load DPN files.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+    from dpn_model.configuration import DPNConfig
+
+    AutoConfig.register(DPNConfig.model_type, DPNConfig, exist_ok=True)
+    AutoImageProcessor.register(DPNConfig, image_processor_classes={"pil": DPNImageProcessor}, exist_ok=True)
+    AutoProcessor.register(DPNConfig, DPNProcessor, exist_ok=True)
+
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "IGNORE_INDEX",
+    "DPNProcessor",
+    "PromptTooLongError",
+    "build_prompt",
+    "normalize_messages",
+    "register",
+]
