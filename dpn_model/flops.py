@@ -306,7 +306,7 @@ def layer_seq_lens_for(config: Any, text_len: int, compression: int) -> list[int
 
 
 def estimate(
-    config: Any, text_len: int, compression: int, lm_head_tokens: int | None = None
+    config: Any, text_len: int, compression: int, lm_head_tokens: int | None = None, routed: bool = False
 ) -> dict[str, Any]:
     """Prefill FLOPs of one sample (one image + `text_len` other tokens) at a fixed compression, with a breakdown.
 
@@ -319,6 +319,8 @@ def estimate(
             Compression factor of the expert every pooling layer applies (one of `config.compression_factors`).
         lm_head_tokens (`int`, *optional*):
             Positions the lm_head runs on; defaults to every token of the last layer.
+        routed (`bool`, *optional*, defaults to `False`):
+            Count the routers, as when the router chose this expert everywhere; a forced compression runs none.
 
     Returns:
         `dict` with `total`, `vision`, `projector`, `decoder`, `router`, `lm_head` (ints), `dense_total` (the same
@@ -332,8 +334,7 @@ def estimate(
         "vision": vision_tower_flops(config.vision_config),
         "projector": projector_flops(config, _image_tokens(config)),
         "decoder": sum(decoder_layer_flops(text_config, length) for length in lengths),
-        "router": _default_routed_layers(config)
-        * router_flops(text_config.hidden_size, _num_experts(config)),
+        "router": routed * _default_routed_layers(config) * router_flops(text_config.hidden_size, _num_experts(config)),
         "lm_head": lm_head_flops(text_config, lengths[-1] if lm_head_tokens is None else lm_head_tokens),
     }
     total = sum(parts.values())

@@ -586,7 +586,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
 
         The LLaVA weights are copied unchanged; the router weights are freshly initialised. When
         `router_token_id` is not given, one token is appended to the vocabulary for `<router>` and the
-        embeddings and lm head are resized (new rows: the mean of the existing ones, as HF does).
+        embeddings and lm head are resized (new rows: the mean of the existing ones, as HF does); when it is
+        given (a free row of a padded vocabulary), that row is set to the mean the same way.
 
         Args:
             llava (`str` or `LlavaForConditionalGeneration`): local checkpoint directory or model.
@@ -601,6 +602,11 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             old_vocab = llava.config.text_config.vocab_size
             llava.resize_token_embeddings(old_vocab + 1, mean_resizing=True)
             router_token_id = old_vocab
+        else:
+            with torch.no_grad():
+                for table in (llava.get_input_embeddings().weight, llava.get_output_embeddings().weight):
+                    others = torch.cat([table[:router_token_id], table[router_token_id + 1 :]])
+                    table[router_token_id] = others.mean(0)
         base = llava.config.to_dict()
         for key in ("model_type", "architectures", "transformers_version", "image_seq_length"):
             base.pop(key, None)

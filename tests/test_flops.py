@@ -186,13 +186,14 @@ def test_estimate_breakdown_adds_up() -> None:
     result = estimate(config, text_len=10, compression=4)
     parts = ("vision", "projector", "decoder", "router", "lm_head")
     assert result["total"] == sum(result[p] for p in parts)
-    assert result["total"] == prefill_flops(config, result["layer_seq_lens"])
+    assert result["total"] == prefill_flops(config, result["layer_seq_lens"], num_routed_layers=0)
     assert result["visual_tokens_per_layer"] == [25, 9, 4, 4, 4]
     assert 0 < result["saving"] < 1
-    # At 1x the decoder runs at full length: the only difference from plain LLaVA is the routers.
+    # At 1x the decoder runs at full length: forced, it costs what plain LLaVA costs; routed, the routers add.
     dense = estimate(config, text_len=10, compression=1)
-    assert dense["dense_total"] == result["dense_total"]
-    assert dense["total"] - dense["dense_total"] == 3 * router_flops(64, 3) > 0
+    assert dense["dense_total"] == result["dense_total"] == dense["total"]
+    routed = estimate(config, text_len=10, compression=1, routed=True)
+    assert routed["total"] - routed["dense_total"] == 3 * router_flops(64, 3) > 0
 
 
 def test_batched_matches_single() -> None:

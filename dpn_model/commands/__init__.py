@@ -1,0 +1,1 @@
+"""`dpn` subcommands that need only the model package (no Ray): info, convert."""
