@@ -11,13 +11,15 @@ from dpn_model.cache import DPNCache
 from dpn_model.configuration import DPNConfig
 from dpn_model.image_processing import DPNImageProcessor
 from dpn_model.modeling import DPNCausalLMOutputWithPast, DPNForConditionalGeneration, DPNModel, routing_loss
-from dpn_model.processing import DPNProcessor, register
+from dpn_model.processing import IGNORE_INDEX, DPNProcessor, PromptTooLongError, build_prompt, register
+from dpn_model.tokenization import add_dpn_special_tokens, build_tokenizer
 
 register()  # AutoConfig, AutoImageProcessor, AutoProcessor
 AutoModel.register(DPNConfig, DPNModel, exist_ok=True)
 AutoModelForImageTextToText.register(DPNConfig, DPNForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "IGNORE_INDEX",
     "DPNCache",
     "DPNCausalLMOutputWithPast",
     "DPNConfig",
@@ -25,5 +27,9 @@ __all__ = [
     "DPNImageProcessor",
     "DPNModel",
     "DPNProcessor",
+    "PromptTooLongError",
+    "add_dpn_special_tokens",
+    "build_prompt",
+    "build_tokenizer",
     "routing_loss",
 ]
