@@ -1,0 +1,589 @@
+"""Synthetic benchmark dataset: simple scenes with coarse and fine question families.
+
+Every image (default 64x64 RGB, grey background) holds one to three **large shapes** (square,
+circle or triangle in one of five colours) and one small black-and-white **tile**. The tile is
+one cell of the 8x8 cell grid (``image_size // 8`` pixels, 8 px at 64 px) aligned to that grid,
+split into 2x2 quadrants that are each white or black. With a 16x16 patch grid (64 px, patch 4)
+one tile quadrant is exactly one patch and the whole tile is exactly one 2x2 pooling window, so
+the tile's arrangement is what 2x2 (and 4x4) pooling of the visual tokens merges away, while the
+large shapes survive heavy pooling.
+
+Question families (``family`` / ``kind``), answers are single words from a closed set
+(:data:`ANSWERS`), so accuracy is exact match:
+
+==============  ======  =============================================  ===========================
+family          kind    question                                       answers
+==============  ======  =============================================  ===========================
+big_color       coarse  colour of the (single) large shape             red green blue yellow purple
+big_count       coarse  how many large shapes                          one two three
+big_side        coarse  which side the (single) large shape is on      left right
+tile_half       fine    which half of the tile is white                top bottom left right
+tile_corner     fine    which corner (quadrant) of the tile is white   topleft topright bottomleft
+                                                                       bottomright
+tile_diagonal   fine    which diagonal of the tile is white            falling rising
+==============  ======  =============================================  ===========================
+
+Samples are a pure function of ``(seed, tag, index)`` (``tag`` is the split or shard name), so
+the same seed gives the same ids and bytes. Ids are ``syn-<tag>-<seed>-<index>``; eval images
+are additionally checked against train images (pixel hash) and colliding draws are skipped, so
+train and eval share neither ids nor images.
+
+On-disk formats (split names ``train`` and ``eval`` in every format; a later retraining shard
+named ``S`` is written as a train file ``train-S...``):
+
+* ``llava``: ``<out>/train.json`` and ``<out>/eval.json`` (shards: ``train-S.json``), each a JSON
+  list of ``{"id", "image": "images/<id>.png", "conversations": [{"from": "human", "value":
+  "<image>\\n<question>"}, {"from": "gpt", "value": "<answer>"}], "family", "kind"}``; PNGs
+  under ``<out>/images/``.
+* ``webdataset``: tar shards ``<out>/train-000000.tar``, ``train-000001.tar``, ...,
+  ``eval-000000.tar`` (shards: ``train-S-000000.tar``); per sample key (= id) the members
+  ``<key>.png`` and ``<key>.json`` (``{"id", "conversations", "family", "kind"}``).
+* ``parquet``: ``<out>/train-000000.parquet``, ..., ``eval-000000.parquet`` (shards:
+  ``train-S-000000.parquet``) with columns ``id`` (string), ``image`` (PNG bytes),
+  ``conversations`` (list<struct<from: string, value: string>>), ``family``, ``kind``,
+  ``question``, ``answer`` (strings).
+
+Every dataset root also gets ``synthetic.json``: the generator settings and the files per split,
+which :func:`write_synthetic_shard` reads to keep new shards disjoint from the eval split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMATS = ("llava", "webdataset", "parquet")
+MANIFEST_NAME = "synthetic.json"
+GENERATOR_VERSION = 1
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_SAMPLES_PER_SHARD = 1000
+IMAGE_TOKEN = "<image>"
+
+BACKGROUND = (128, 128, 128)
+TILE_WHITE = (255, 255, 255)
+TILE_BLACK = (0, 0, 0)
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 210, 30),
+    "purple": (150, 50, 200),
+}
+SHAPES = ("square", "circle", "triangle")
+COUNT_WORDS = ("one", "two", "three")
+
+# Tile quadrant masks, True = white; rows are (top, bottom), columns (left, right).
+TILE_PATTERNS: dict[str, dict[str, tuple[tuple[bool, bool], tuple[bool, bool]]]] = {
+    "tile_half": {
+        "top": ((True, True), (False, False)),
+        "bottom": ((False, False), (True, True)),
+        "left": ((True, False), (True, False)),
+        "right": ((False, True), (False, True)),
+    },
+    "tile_corner": {
+        "topleft": ((True, False), (False, False)),
+        "topright": ((False, True), (False, False)),
+        "bottomleft": ((False, False), (True, False)),
+        "bottomright": ((False, False), (False, True)),
+    },
+    "tile_diagonal": {
+        "falling": ((True, False), (False, True)),
+        "rising": ((False, True), (True, False)),
+    },
+}
+
+FAMILY_KIND: dict[str, str] = {
+    "big_color": "coarse",
+    "big_count": "coarse",
+    "big_side": "coarse",
+    "tile_half": "fine",
+    "tile_corner": "fine",
+    "tile_diagonal": "fine",
+}
+FAMILIES = tuple(FAMILY_KIND)
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "big_color": tuple(PALETTE),
+    "big_count": COUNT_WORDS,
+    "big_side": ("left", "right"),
+    **{family: tuple(patterns) for family, patterns in TILE_PATTERNS.items()},
+}
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "big_color": ("What colour is the large shape?", "Which colour does the big shape have?"),
+    "big_count": ("How many large shapes are there?", "How many big shapes does the image show?"),
+    "big_side": (
+        "Which side of the image is the large shape on?",
+        "Is the big shape on the left or the right?",
+    ),
+    "tile_half": ("Which half of the small tile is white?", "Which side of the little tile is white?"),
+    "tile_corner": (
+        "Which corner of the small tile is white?",
+        "Which quadrant of the little tile is white?",
+    ),
+    "tile_diagonal": (
+        "Which diagonal of the small tile is white?",
+        "Is the white diagonal of the little tile rising or falling?",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticSample:
+    """One rendered sample.
+
+    Attributes:
+        id: unique id ``syn-<tag>-<seed>-<index>``.
+        image: `(H, W, 3)` uint8 pixels.
+        question: the question text (no image placeholder).
+        answer: single-word answer from ``ANSWERS[family]``.
+        family: question family, one of :data:`FAMILIES`.
+        kind: ``"coarse"`` or ``"fine"``.
+    """
+
+    id: str
+    image: np.ndarray
+    question: str
+    answer: str
+    family: str
+    kind: str
+
+    def conversations(self) -> list[dict[str, str]]:
+        """LLaVA-style two-turn conversation for this sample."""
+        return [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{self.question}"},
+            {"from": "gpt", "value": self.answer},
+        ]
+
+    def png_bytes(self) -> bytes:
+        """The image encoded as PNG (deterministic for equal pixels)."""
+        buffer = io.BytesIO()
+        Image.fromarray(self.image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def record(self) -> dict[str, Any]:
+        """Metadata shared by all formats (id, conversations, family, kind)."""
+        return {
+            "id": self.id,
+            "conversations": self.conversations(),
+            "family": self.family,
+            "kind": self.kind,
+        }
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _validate(image_size: int, families: Sequence[str]) -> None:
+    if image_size < 32 or image_size % 16:
+        raise ValueError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")
+
+
+def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
+    """Whether boxes ``(x0, y0, x1, y1)`` (exclusive ends) come closer than ``gap`` pixels."""
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def _place_big_shapes(
+    rng: np.random.Generator, image_size: int, count: int, side: str | None
+) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping square boxes for the large shapes; ``side`` confines a box to one half."""
+    lo, hi = int(image_size * 0.28), int(image_size * 0.38)
+    while True:  # rejection sampling; three boxes of <= 38% side always fit eventually
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(count):
+            size = int(rng.integers(lo, hi + 1))
+            x_lo, x_hi = 0, image_size - size
+            if side == "left":
+                x_hi = image_size // 2 - size
+            elif side == "right":
+                x_lo = image_size // 2
+            x0 = int(rng.integers(x_lo, x_hi + 1))
+            y0 = int(rng.integers(0, image_size - size + 1))
+            box = (x0, y0, x0 + size, y0 + size)
+            if any(_boxes_overlap(box, other, gap=2) for other in boxes):
+                break
+            boxes.append(box)
+        if len(boxes) == count:
+            return boxes
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color: tuple[int, int, int]
+) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=color)
+    elif shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=color)
+    else:
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=color)
+
+
+def _free_tile_cells(image_size: int, boxes: Iterable[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    """Cells ``(row, col)`` of the 8x8 cell grid that keep a 1 px gap to every large shape."""
+    cell = image_size // 8
+    boxes = list(boxes)
+    return [
+        (row, col)
+        for row in range(8)
+        for col in range(8)
+        if not any(
+            _boxes_overlap((col * cell, row * cell, (col + 1) * cell, (row + 1) * cell), b, gap=1)
+            for b in boxes
+        )
+    ]
+
+
+def paint_tile(
+    image: np.ndarray, row: int, col: int, mask: tuple[tuple[bool, bool], tuple[bool, bool]]
+) -> None:
+    """Paint the black/white tile into cell ``(row, col)`` of ``image`` in place."""
+    cell = image.shape[0] // 8
+    quadrants = np.kron(
+        np.asarray(mask, dtype=bool), np.ones((cell // 2, cell // 2), dtype=bool)
+    )  # (cell, cell)
+    colors = np.where(quadrants[..., None], np.array(TILE_WHITE, np.uint8), np.array(TILE_BLACK, np.uint8))
+    image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = colors
+
+
+def _family_answer(rng: np.random.Generator, family: str) -> str:
+    return str(rng.choice(ANSWERS[family]))
+
+
+def render_sample(
+    seed: int, tag: str, index: int, image_size: int = DEFAULT_IMAGE_SIZE, families: Sequence[str] = FAMILIES
+) -> SyntheticSample:
+    """Render sample ``index`` of stream ``tag`` (split or shard name) for ``seed``.
+
+    Args:
+        seed: dataset seed.
+        tag: stream name (``"train"``, ``"eval"`` or a shard name); streams draw independently.
+        index: position in the stream.
+        image_size: image side in pixels (multiple of 16).
+        families: families to draw the question from (uniformly).
+    Returns:
+        The sample; a pure function of the arguments.
+    """
+    _validate(image_size, families)
+    rng = np.random.default_rng([seed, zlib.crc32(tag.encode()), index])
+    family = str(rng.choice(list(families)))
+    answer = _family_answer(rng, family)
+    count = (
+        COUNT_WORDS.index(answer) + 1
+        if family == "big_count"
+        else (1 if family in ("big_color", "big_side") else int(rng.integers(1, 4)))
+    )
+    side = answer if family == "big_side" else None
+    while True:
+        boxes = _place_big_shapes(rng, image_size, count, side)
+        cells = _free_tile_cells(image_size, boxes)
+        if cells:
+            break
+    colors = [answer] if family == "big_color" else [str(c) for c in rng.choice(list(PALETTE), size=count)]
+    canvas = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for box, color in zip(boxes, colors):
+        _draw_shape(draw, str(rng.choice(SHAPES)), box, PALETTE[color])
+    image = np.array(canvas)  # (H, W, 3) uint8
+    tile_family = family if family in TILE_PATTERNS else str(rng.choice(list(TILE_PATTERNS)))
+    tile_answer = answer if family in TILE_PATTERNS else _family_answer(rng, tile_family)
+    row, col = cells[int(rng.integers(len(cells)))]
+    paint_tile(image, row, col, TILE_PATTERNS[tile_family][tile_answer])
+    question = str(rng.choice(QUESTIONS[family]))
+    return SyntheticSample(
+        id=f"syn-{tag}-{seed}-{index:07d}",
+        image=image,
+        question=question,
+        answer=answer,
+        family=family,
+        kind=FAMILY_KIND[family],
+    )
+
+
+def image_hash(image: np.ndarray) -> str:
+    """Content hash of an image's pixels (used to keep splits free of duplicate images)."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+
+
+def generate_samples(
+    num: int,
+    seed: int,
+    tag: str = "train",
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    families: Sequence[str] = FAMILIES,
+    exclude_hashes: set[str] | frozenset[str] = frozenset(),
+) -> Iterator[SyntheticSample]:
+    """Yield ``num`` samples of stream ``tag``, skipping draws whose image is in ``exclude_hashes``."""
+    index = emitted = 0
+    while emitted < num:
+        sample = render_sample(seed, tag, index, image_size, families)
+        index += 1
+        if exclude_hashes and image_hash(sample.image) in exclude_hashes:
+            continue
+        emitted += 1
+        yield sample
+
+
+def generate_splits(
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    families: Sequence[str] = FAMILIES,
+    train_tag: str = "train",
+) -> tuple[list[SyntheticSample], list[SyntheticSample]]:
+    """Train and eval samples with disjoint ids and no eval image equal to a train image."""
+    train = list(generate_samples(num_train, seed, train_tag, image_size, families))
+    train_hashes = {image_hash(s.image) for s in train}
+    evals = list(generate_samples(num_eval, seed, "eval", image_size, families, exclude_hashes=train_hashes))
+    return train, evals
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _chunks(samples: Sequence[SyntheticSample], size: int) -> Iterator[Sequence[SyntheticSample]]:
+    for start in range(0, max(len(samples), 1), size):
+        yield samples[start : start + size]
+
+
+def _write_llava(
+    out: Path, stem: str, samples: Sequence[SyntheticSample], samples_per_shard: int
+) -> list[str]:
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for sample in samples:
+        rel = f"images/{sample.id}.png"
+        (out / rel).write_bytes(sample.png_bytes())
+        records.append(
+            {
+                "id": sample.id,
+                "image": rel,
+                "conversations": sample.conversations(),
+                "family": sample.family,
+                "kind": sample.kind,
+            }
+        )
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+    return [f"{stem}.json"]
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_webdataset(
+    out: Path, stem: str, samples: Sequence[SyntheticSample], samples_per_shard: int
+) -> list[str]:
+    files = []
+    for shard, chunk in enumerate(_chunks(samples, samples_per_shard)):
+        name = f"{stem}-{shard:06d}.tar"
+        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in chunk:
+                _tar_member(tar, f"{sample.id}.png", sample.png_bytes())
+                _tar_member(tar, f"{sample.id}.json", json.dumps(sample.record()).encode())
+        files.append(name)
+    return files
+
+
+def parquet_schema() -> Any:
+    """The pyarrow schema of the parquet format."""
+    import pyarrow as pa
+
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", pa.binary()),
+            ("conversations", pa.list_(turn)),
+            ("family", pa.string()),
+            ("kind", pa.string()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+        ]
+    )
+
+
+def _write_parquet(
+    out: Path, stem: str, samples: Sequence[SyntheticSample], samples_per_shard: int
+) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = []
+    for shard, chunk in enumerate(_chunks(samples, samples_per_shard)):
+        columns = {
+            "id": [s.id for s in chunk],
+            "image": [s.png_bytes() for s in chunk],
+            "conversations": [s.conversations() for s in chunk],
+            "family": [s.family for s in chunk],
+            "kind": [s.kind for s in chunk],
+            "question": [s.question for s in chunk],
+            "answer": [s.answer for s in chunk],
+        }
+        name = f"{stem}-{shard:06d}.parquet"
+        pq.write_table(pa.table(columns, schema=parquet_schema()), out / name)
+        files.append(name)
+    return files
+
+
+_WRITERS = {"llava": _write_llava, "webdataset": _write_webdataset, "parquet": _write_parquet}
+
+
+def _write_split(
+    out: Path, fmt: str, stem: str, samples: Sequence[SyntheticSample], samples_per_shard: int
+) -> list[str]:
+    if fmt not in _WRITERS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out.mkdir(parents=True, exist_ok=True)
+    return _WRITERS[fmt](out, stem, samples, samples_per_shard)
+
+
+def _summary(samples: Sequence[SyntheticSample]) -> dict[str, int]:
+    families, counts = np.unique([s.family for s in samples], return_counts=True)
+    return {str(f): int(c) for f, c in zip(families, counts)}
+
+
+def _check_shard_name(shard_name: str) -> None:
+    if not shard_name or not shard_name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"shard_name must be non-empty and use only letters, digits, '-' and '_', got {shard_name!r}"
+        )
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path,
+    format: str = "llava",
+    num_train: int = 4000,
+    num_eval: int = 500,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    shard_name: str | None = None,
+    families: Sequence[str] = FAMILIES,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+) -> dict[str, Any]:
+    """Generate the synthetic benchmark and write it in one of the real formats.
+
+    Args:
+        out_dir: dataset root (created).
+        format: ``"llava"``, ``"webdataset"`` or ``"parquet"`` (schemas in the module docstring).
+        num_train: number of train samples.
+        num_eval: number of eval samples (ids and images disjoint from train).
+        seed: generation seed; equal arguments give byte-identical files.
+        image_size: image side in pixels (multiple of 16; the tile is ``image_size // 8``).
+        shard_name: if set, the train files are named ``train-<shard_name>...`` instead of ``train...``.
+        families: question families to draw from (default all of :data:`FAMILIES`).
+        samples_per_shard: samples per tar/parquet file.
+    Returns:
+        Summary: root, format, seed, image size, and per split the number of samples, the files
+        and the per-family counts (also written to ``<out_dir>/synthetic.json``).
+    """
+    _validate(image_size, families)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if num_train < 0 or num_eval < 0:
+        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
+    train_stem = "train"
+    if shard_name is not None:
+        _check_shard_name(shard_name)
+        train_stem = f"train-{shard_name}"
+    out = Path(out_dir)
+    train, evals = generate_splits(num_train, num_eval, seed, image_size, families, train_tag=train_stem)
+    manifest = {
+        "generator": "pipelines.synthetic",
+        "version": GENERATOR_VERSION,
+        "root": str(out),
+        "format": format,
+        "seed": seed,
+        "image_size": image_size,
+        "families": list(families),
+        "samples_per_shard": samples_per_shard,
+        "splits": {
+            "train": {
+                "tag": train_stem,
+                "num_samples": len(train),
+                "files": _write_split(out, format, train_stem, train, samples_per_shard),
+                "families": _summary(train),
+            },
+            "eval": {
+                "num_samples": len(evals),
+                "files": _write_split(out, format, "eval", evals, samples_per_shard),
+                "families": _summary(evals),
+            },
+        },
+        "shards": [],
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def write_synthetic_shard(root: str | Path, shard_name: str, num_samples: int, seed: int) -> dict[str, Any]:
+    """Add a train shard of fresh samples to an existing synthetic dataset (scheduled retraining).
+
+    The shard uses the root's format and image size, its own sample stream (ids
+    ``syn-train-<shard_name>-<seed>-...``, disjoint from every other stream) and skips images that
+    equal an eval image. Files: ``train-<shard_name>.json`` (llava) or
+    ``train-<shard_name>-NNNNNN.tar|.parquet``.
+
+    Args:
+        root: dataset root written by :func:`write_synthetic_dataset`.
+        shard_name: new shard name (letters, digits, ``-``, ``_``), e.g. a date ``2025-06-01``.
+        num_samples: number of samples in the shard.
+        seed: seed of the new samples.
+    Returns:
+        The shard's summary (also appended to the manifest's ``shards``).
+    """
+    _check_shard_name(shard_name)
+    out = Path(root)
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{manifest_path} not found: create the dataset first with write_synthetic_dataset"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if any(shard["name"] == shard_name for shard in manifest["shards"]):
+        raise ValueError(f"shard {shard_name!r} already exists in {out}; choose a new shard_name")
+    image_size, families = manifest["image_size"], manifest["families"]
+    eval_split = manifest["splits"]["eval"]
+    train_stem = f"train-{shard_name}"
+    train_split = manifest["splits"]["train"]
+    _, evals = generate_splits(
+        train_split["num_samples"],
+        eval_split["num_samples"],
+        manifest["seed"],
+        image_size,
+        families,
+        train_tag=train_split["tag"],
+    )
+    eval_hashes = {image_hash(s.image) for s in evals}
+    samples = list(
+        generate_samples(num_samples, seed, train_stem, image_size, families, exclude_hashes=eval_hashes)
+    )
+    files = _write_split(out, manifest["format"], train_stem, samples, manifest["samples_per_shard"])
+    shard = {
+        "name": shard_name,
+        "seed": seed,
+        "num_samples": len(samples),
+        "files": files,
+        "families": _summary(samples),
+    }
+    manifest["shards"].append(shard)
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return shard
