@@ -1,0 +1,124 @@
+"""The Ray Serve application: a FastAPI ingress deployment in front of the DPN model deployment.
+
+Deploy from a config file (`serve run configs/serve_tiny.yaml`, `serve deploy configs/serve_llava7b.yaml`), whose
+`import_path: serve_apps.app:build_app` and `args` (see [`AppArgs`]) build the app; or from Python::
+
+    from serve_apps.app import build_app
+    serve.run(build_app({"model": "/path/to/checkpoint"}), route_prefix="/")
+
+The ingress validates requests (serve_apps.api) and streams each one from the model deployment through a handle;
+when the model deployment's caller-side queue is full (`max_queued_requests`), Ray raises `BackPressureError`
+and the ingress answers an OpenAI-style 503 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from serve_apps.api import Overloaded, Settings, create_api
+from serve_apps.limits import Limits
+from serve_apps.model import BatchingConfig, ModelDeployment
+
+logger = logging.getLogger(__name__)
+
+
+class AppArgs(BaseModel):
+    """The `args` of the serve config (`applications[].args`).
+
+    Attributes:
+        model: Checkpoint directory or MLflow URI (`models:/dpn@champion`); becomes the model deployment's
+            `user_config`, so changing it (with `version`) rolls the replicas to the new model without downtime.
+        version: Label of the model version (shown as `system_fingerprint`); change it to force a reload of the
+            same ref (e.g. after the `champion` alias moved).
+        served_model_name: Model id clients use.
+        device, dtype: Where and how the model runs (`auto`: GPU + bf16 when present, else CPU + fp32).
+        batching: `BatchingConfig` fields (`max_batch_size`, `batch_wait_timeout_s`, `mode`, `history`).
+        limits: `Limits` fields (image bytes/pixels/count, prompt tokens, max_tokens, remote images).
+        api_key_env: Environment variable with the API key (unset or empty: no auth).
+        retry_after_s: `Retry-After` on 503 when overloaded.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    version: str | None = None
+    served_model_name: str = "dpn"
+    device: str = "auto"
+    dtype: str = "auto"
+    batching: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+    api_key_env: str = "DPN_API_KEY"
+    retry_after_s: int = 1
+
+
+class HandleBackend:
+    """`serve_apps.api.Backend` over the model deployment's handle (streaming calls)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for event in self._stream.generate.remote(request):
+                yield event
+        except BackPressureError as exc:
+            raise Overloaded(str(exc)) from exc
+        except DeploymentUnavailableError as exc:
+            raise Overloaded(f"model deployment unavailable: {exc}") from exc
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+    async def batches(self, limit: int) -> list[dict[str, Any]]:
+        return await self.handle.batches.remote(limit)
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
+@serve.ingress()
+class OpenAIIngress:
+    """HTTP ingress: the OpenAI-compatible FastAPI app over the model deployment."""
+
+    def __init__(self, model_handle: DeploymentHandle, settings: dict[str, Any]):
+        limits = Limits.from_dict(settings.get("limits"))
+        self.settings = Settings(
+            served_model_name=settings["served_model_name"], limits=limits,
+            api_key_env=settings["api_key_env"], retry_after_s=settings["retry_after_s"],
+        )
+        self.backend = HandleBackend(model_handle)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.backend, self.settings)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve app builder (`import_path: serve_apps.app:build_app`): validate `args`, bind the deployments.
+
+    Deployment options (replicas, autoscaling, resources, queue bounds) come from the config's `deployments`
+    section (names `DPNModel` and `OpenAIIngress`) and override the defaults set here.
+    """
+    parsed = AppArgs.model_validate(dict(args))
+    batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options
+    limits = Limits.from_dict(parsed.limits)
+    model = ModelDeployment.options(
+        user_config={"model": parsed.model, "version": parsed.version or parsed.model},
+        # every queue can fill a batch while others run
+        max_ongoing_requests=max(64, 5 * batching.max_batch_size),
+    ).bind(
+        batching=parsed.batching, limits=limits.to_dict(), device=parsed.device, dtype=parsed.dtype,
+    )
+    settings = {
+        "served_model_name": parsed.served_model_name, "limits": limits.to_dict(),
+        "api_key_env": parsed.api_key_env, "retry_after_s": parsed.retry_after_s,
+    }
+    return OpenAIIngress.bind(model, settings)
+
+
+__all__ = ["AppArgs", "HandleBackend", "OpenAIIngress", "build_app"]

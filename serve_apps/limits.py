@@ -1,0 +1,200 @@
+"""Input limits and image validation for the serving API.
+
+Everything a client sends is checked here before it reaches a model replica: image URLs (data URLs or raw
+base64; remote http(s) only when enabled), base64 validity, the image's format, byte size and pixel count, the
+number of images, and `max_tokens`. Each failure is an [`APIError`] 400 that says what was wrong and which field.
+Prompt token limits are checked on the model replica, which owns the tokenizer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import PIL.Image
+
+from serve_apps.protocol import APIError, invalid_request
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+_B64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
+
+
+@dataclass
+class Limits:
+    """Configurable request limits (the `limits` section of the serve config).
+
+    Attributes:
+        max_image_bytes: Largest decoded image file, in bytes.
+        max_image_pixels: Largest image, in pixels (width * height), checked before decoding the pixels.
+        max_images_per_request: Images in one request (DPN models take one image per sample).
+        max_prompt_tokens: Longest prompt in tokens, counting `image_seq_length` tokens per image.
+        max_tokens: Largest `max_tokens` a request may ask for.
+        default_max_tokens: `max_tokens` when the request gives none.
+        allow_remote_images: Fetch `http(s)://` image URLs (off by default: the server makes no outbound calls).
+        remote_timeout_s: Timeout of a remote image fetch.
+        image_formats: Accepted image formats (PIL names).
+    """
+
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_images_per_request: int = 1
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 512
+    default_max_tokens: int = 64
+    allow_remote_images: bool = False
+    remote_timeout_s: float = 10.0
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Limits:
+        """Build from a config mapping, refusing unknown keys (a typo would otherwise be silently ignored)."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown limits {unknown}; known limits are {sorted(known)}")
+        if "image_formats" in values:
+            values["image_formats"] = tuple(str(f).upper() for f in values["image_formats"])
+        limits = cls(**values)
+        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_prompt_tokens",
+                     "max_tokens", "default_max_tokens"):
+            if getattr(limits, name) < 1:
+                raise ValueError(f"limits.{name} must be >= 1, got {getattr(limits, name)}")
+        if limits.default_max_tokens > limits.max_tokens:
+            raise ValueError(
+                f"limits.default_max_tokens ({limits.default_max_tokens}) exceeds limits.max_tokens ({limits.max_tokens})"
+            )
+        return limits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, whitespace ignored) -> bytes, or a 400."""
+    if not data or not _B64_CHARS.match(data):
+        raise invalid_request(
+            "image data is not valid base64: expected a data URL 'data:image/png;base64,...' or raw base64",
+            param=param, code="invalid_base64",
+        )
+    compact = re.sub(r"\s+", "", data)
+    try:
+        if "-" in compact or "_" in compact:
+            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid_request(f"image data is not valid base64 ({exc})", param=param, code="invalid_base64") from exc
+
+
+def check_image_bytes(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
+    """Open `raw` as an image and enforce the byte, format and pixel limits; returns the (lazy) PIL image."""
+    if len(raw) > limits.max_image_bytes:
+        raise invalid_request(
+            f"image is {len(raw)} bytes, more than the limit of {limits.max_image_bytes} bytes; send a smaller image",
+            param=param, code="image_too_large",
+        )
+    if not raw:
+        raise invalid_request("image data is empty", param=param, code="invalid_image")
+    try:
+        image = PIL.Image.open(io.BytesIO(raw))  # reads the header only
+    except (PIL.UnidentifiedImageError, OSError) as exc:
+        raise invalid_request(
+            f"image data is not a readable image file ({type(exc).__name__}); accepted formats: "
+            f"{', '.join(limits.image_formats)}",
+            param=param, code="invalid_image",
+        ) from exc
+    if image.format not in limits.image_formats:
+        raise invalid_request(
+            f"image format {image.format} is not accepted; accepted formats: {', '.join(limits.image_formats)}",
+            param=param, code="unsupported_image_format",
+        )
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise invalid_request(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limits.max_image_pixels} pixels; resize it first",
+            param=param, code="image_too_large",
+        )
+    try:
+        image.load()  # decode now, so a truncated file is a 400 here rather than a failed batch later
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        raise invalid_request(f"image file is corrupt or truncated ({exc})", param=param, code="invalid_image") from exc
+    return image
+
+
+async def fetch_remote_image(url: str, limits: Limits, param: str) -> bytes:
+    """Download an http(s) image with a timeout and a byte cap (only when `allow_remote_images`)."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=limits.remote_timeout_s, follow_redirects=True) as client, \
+                client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise invalid_request(
+                    f"fetching the image URL returned HTTP {response.status_code}", param=param, code="image_fetch_failed"
+                )
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limits.max_image_bytes:
+                    raise invalid_request(
+                        f"remote image is larger than the limit of {limits.max_image_bytes} bytes",
+                        param=param, code="image_too_large",
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise invalid_request(f"could not fetch the image URL ({exc})", param=param, code="image_fetch_failed") from exc
+
+
+async def load_image_url(url: str, limits: Limits, param: str) -> bytes:
+    """Bytes of a checked image from an `image_url.url` value, or an [`APIError`] 400 saying what was wrong."""
+    url = url.strip()
+    scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
+    if scheme == "data":
+        match = _DATA_URL.match(url)
+        if match is None:
+            raise invalid_request(
+                "malformed data URL: expected 'data:image/<format>;base64,<data>'", param=param, code="invalid_image_url"
+            )
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise invalid_request(f"data URL media type {mime!r} is not an image", param=param, code="invalid_image")
+        raw = decode_base64(match.group("data"), param)
+    elif scheme in ("http", "https"):
+        if not limits.allow_remote_images:
+            raise invalid_request(
+                "remote image URLs are disabled on this server; send the image inline as "
+                "'data:image/png;base64,...' (or enable limits.allow_remote_images)",
+                param=param, code="remote_images_disabled",
+            )
+        raw = await fetch_remote_image(url, limits, param)
+    elif scheme:
+        raise invalid_request(
+            f"unsupported image URL scheme {scheme!r}: use a data URL 'data:image/png;base64,...' or raw base64",
+            param=param, code="unsupported_url_scheme",
+        )
+    else:
+        raw = decode_base64(url, param)
+    image = check_image_bytes(raw, limits, param)
+    image.close()
+    return raw
+
+
+def check_max_tokens(requested: int | None, limits: Limits) -> int:
+    """The request's `max_tokens` (or the default), or a 400 when above the limit."""
+    if requested is None:
+        return limits.default_max_tokens
+    if requested > limits.max_tokens:
+        raise invalid_request(
+            f"max_tokens={requested} is more than this server's limit of {limits.max_tokens}",
+            param="max_tokens", code="max_tokens_too_large",
+        )
+    return requested
+
+
+__all__ = ["APIError", "Limits", "check_image_bytes", "check_max_tokens", "decode_base64", "load_image_url"]

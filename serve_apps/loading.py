@@ -1,0 +1,82 @@
+"""Model loading for serving: one function, `load_model(model_ref) -> (model, processor)`, that tests can replace.
+
+`model_ref` is a local Hugging Face checkpoint directory (safetensors, as `dpn_model.presets.create_checkpoint`
+or training writes it) or an MLflow model URI (`models:/dpn@champion`, `models:/dpn/3`, `runs:/<id>/model`),
+resolved to a local directory by `jobs.tracking.resolve_model_dir` (imported only for such refs, so serving a
+local directory needs no MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def resolve_model_ref(model_ref: str) -> str:
+    """A local checkpoint directory for `model_ref` (downloads MLflow models to a local cache)."""
+    if model_ref.startswith(_MLFLOW_SCHEMES):
+        from jobs.tracking import resolve_model_dir  # lazy: MLflow only for registry refs
+
+        return str(resolve_model_dir(model_ref))
+    path = os.path.expanduser(model_ref)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model {model_ref!r} is neither a local checkpoint directory nor an MLflow URI "
+            f"({', '.join(s + '...' for s in _MLFLOW_SCHEMES)}); create one with "
+            "`dpn_model.presets.create_checkpoint('tiny', DIR)` or train one"
+        )
+    return path
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    """`auto` = bf16 on GPU, fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a DPN model (eval mode, on `device`, in `dtype`) and its processor from `model_ref`.
+
+    Args:
+        model_ref: local checkpoint directory or MLflow model URI.
+        device: `auto` (GPU when present), `cpu`, `cuda`, `cuda:1`, ...
+        dtype: `auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`.
+
+    Returns:
+        `(DPNForConditionalGeneration, DPNProcessor)`
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import dpn_model  # noqa: F401  (registers dpn_llava with the Auto classes)
+
+    path = resolve_model_ref(model_ref)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    logger.info("loading model %s from %s on %s (%s)", model_ref, path, device, torch_dtype)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+__all__ = ["load_model", "pick_device", "pick_dtype", "resolve_model_ref"]
