@@ -67,12 +67,14 @@ class Settings:
         api_key_env: Environment variable holding the API key; when it is set and non-empty, every route but
             `/health` needs `Authorization: Bearer <key>`.
         retry_after_s: `Retry-After` seconds on 503 responses when the server is overloaded.
+        default_compression: Compression of requests that do not set `compression` (`auto`, 1, 2 or 4).
     """
 
     served_model_name: str = "dpn"
     limits: Limits = field(default_factory=Limits)
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
+    default_compression: str | int = "auto"
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None if self.api_key_env else None
@@ -164,7 +166,9 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
         if req.model is not None and req.model != settings.served_model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {settings.served_model_name!r}",
                            "invalid_request_error", param="model", code="model_not_found")
-        backend_request = await _backend_request(req, payload, limits)
+        if "compression" not in req.model_fields_set:
+            req.compression = settings.default_compression
+        backend_request = await _backend_request(req, limits)
         events = backend.generate(backend_request)
         first = await _first_event(events, overloaded)
         name = settings.served_model_name
@@ -191,7 +195,7 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _backend_request(req: ChatCompletionRequest, payload: dict[str, Any], limits: Limits) -> dict[str, Any]:
+async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[str, Any]:
     """Validate images and limits; return what the model deployment needs (plain data, images as bytes)."""
     messages, images = [], []
     for i, message in enumerate(req.messages):

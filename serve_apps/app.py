@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -43,6 +43,10 @@ class AppArgs(BaseModel):
         limits: `Limits` fields (image bytes/pixels/count, prompt tokens, max_tokens, remote images).
         api_key_env: Environment variable with the API key (unset or empty: no auth).
         retry_after_s: `Retry-After` on 503 when overloaded.
+        default_compression: Compression of requests that do not set `compression`.
+        model_options: Serve deployment options of the model deployment (`autoscaling_config`,
+            `ray_actor_options`, `max_queued_requests`, ...), for builds without a config file (`dpn serve`);
+            a config file's `deployments` section overrides them.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +60,8 @@ class AppArgs(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
+    default_compression: Literal["auto", 1, 2, 4] = "auto"
+    model_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class HandleBackend:
@@ -91,6 +97,7 @@ class OpenAIIngress:
         self.settings = Settings(
             served_model_name=settings["served_model_name"], limits=limits,
             api_key_env=settings["api_key_env"], retry_after_s=settings["retry_after_s"],
+            default_compression=settings["default_compression"],
         )
         self.backend = HandleBackend(model_handle)
 
@@ -107,16 +114,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     parsed = AppArgs.model_validate(dict(args))
     batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options
     limits = Limits.from_dict(parsed.limits)
-    model = ModelDeployment.options(
-        user_config={"model": parsed.model, "version": parsed.version or parsed.model},
-        # every queue can fill a batch while others run
-        max_ongoing_requests=max(64, 5 * batching.max_batch_size),
-    ).bind(
+    options = {
+        # every rate queue can fill a batch while the others run
+        "max_ongoing_requests": max(64, 5 * batching.max_batch_size),
+        **parsed.model_options,
+        "user_config": {"model": parsed.model, "version": parsed.version or parsed.model},
+    }
+    model = ModelDeployment.options(**options).bind(
         batching=parsed.batching, limits=limits.to_dict(), device=parsed.device, dtype=parsed.dtype,
     )
     settings = {
         "served_model_name": parsed.served_model_name, "limits": limits.to_dict(),
         "api_key_env": parsed.api_key_env, "retry_after_s": parsed.retry_after_s,
+        "default_compression": parsed.default_compression,
     }
     return OpenAIIngress.bind(model, settings)
 
