@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dpn_model.commands.info", "parameters and prefill FLOPs of a preset or checkpoint"),
     "convert": ("dpn_model.commands.convert", "convert a llava-hf checkpoint directory to DPN"),
     "serve": ("serve_apps.commands", "serve a model behind an OpenAI-compatible Ray Serve endpoint"),
+    "train": ("jobs.train", "train DPN on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
 }
 

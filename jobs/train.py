@@ -1,0 +1,168 @@
+"""Train DPN on Ray Train with DeepSpeed, tracked in MLflow: setup -> train -> cleanup.
+
+    dpn train --config configs/train_tiny.yaml [key=value ...]                 # local Ray
+    ray job submit --working-dir . -- python -m jobs.train --config configs/train_llava7b.yaml
+
+The job is resumable: a worker failure restarts the workers from the latest checkpoint (up to
+``run.max_failures`` times); submitting the same ``run.name`` again after the whole job died resumes
+from the latest checkpoint under ``<run.storage_path>/<run.name>`` and continues the same MLflow run.
+At the end the model is logged to MLflow (``runs:/<run_id>/model``) and registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs import trainer as builders
+from jobs import tracking
+from jobs.config import ConfigError, flatten
+from jobs.train_config import TrainConfig, load_train_config
+from jobs.train_loop import HF_DIR, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training job produced.
+
+    Attributes:
+        run_id: the MLflow run.
+        model_uri: ``runs:/<run_id>/model`` (pass to :func:`jobs.tracking.resolve_model_dir`).
+        registered_version: version of ``mlflow.registered_model`` ("" when not registered).
+        model_dir: local Hugging Face checkpoint of the final model (inside the final Ray checkpoint).
+        checkpoint_path: the final Ray Train checkpoint (storage path or URI).
+        steps: optimizer steps completed.
+        metrics: the last reported metrics.
+        seconds: wall-clock time of the job.
+    """
+
+    run_id: str
+    model_uri: str
+    registered_version: str
+    model_dir: str
+    checkpoint_path: str
+    steps: int
+    metrics: dict
+    seconds: float
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training job described by ``cfg``; see the module docstring."""
+    start = time.time()
+    # ---- setup ----------------------------------------------------------------------------------
+    paths = builders.resolve_paths(cfg)
+    paths.work_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.setup_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    builders.ensure_synthetic_data(cfg, paths.data_path)
+    started_ray = builders.init_ray(cfg)
+    run_id = ""
+    try:
+        model_dir = builders.prepare_initial_model(cfg, paths, uri)
+        num_samples = builders.count_samples(cfg, paths.data_path)
+        total_steps = builders.plan_steps(cfg, num_samples)
+        derived = builders.steps_summary(cfg, num_samples, total_steps)
+        run_id, resumed = tracking.start_or_resume_run(
+            cfg.mlflow.experiment,
+            cfg.run.name,
+            params={**flatten(cfg), **derived, "derived.init_model_dir": model_dir},
+            tags={**tracking.system_facts(cfg.run.num_workers, cfg.run.use_gpu), **cfg.mlflow.tags,
+                  "dpn.storage_path": paths.run_dir},
+            uri=uri,
+        )  # fmt: skip
+        logger.info(
+            "%s run %s: %d samples/epoch -> %d steps (global batch %d); checkpoints in %s; MLflow %s at %s",
+            "resuming" if resumed else "starting", cfg.run.name, num_samples, total_steps,
+            derived["derived.global_batch_size"], paths.run_dir, run_id, uri,
+        )  # fmt: skip
+        spec = builders.build_loop_spec(cfg, model_dir, total_steps, run_id, uri)
+        dataset = builders.build_dataset(cfg, paths.data_path, model_dir)
+        trainer = builders.build_trainer(cfg, spec, dataset, paths.storage_path)
+
+        # ---- train ------------------------------------------------------------------------------
+        result = trainer.fit()
+
+        # ---- cleanup: the final model to MLflow ---------------------------------------------------
+        if result.checkpoint is None:
+            raise RuntimeError(f"training of {cfg.run.name} ended without a checkpoint")
+        with result.checkpoint.as_directory() as ckpt:
+            state = TrainState.load(ckpt)
+            hf_dir = str(Path(ckpt) / HF_DIR)
+            version = tracking.log_hf_model(run_id, hf_dir, cfg.mlflow.registered_model, uri=uri)
+        tracking.end_run(run_id, "FINISHED", uri=uri)
+        model_dir_out = hf_dir if "://" not in result.checkpoint.path else ""
+        out = TrainResult(
+            run_id=run_id,
+            model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
+            registered_version=version or "",
+            model_dir=model_dir_out,
+            checkpoint_path=result.checkpoint.path,
+            steps=state.step,
+            metrics=dict(result.metrics or {}),
+            seconds=time.time() - start,
+        )
+        logger.info(
+            "finished %s: %d steps in %.0f s, final loss %s; model %s (registered %s version %s)",
+            cfg.run.name, out.steps, out.seconds, out.metrics.get("loss"), out.model_uri,
+            cfg.mlflow.registered_model or "-", out.registered_version or "-",
+        )  # fmt: skip
+        return out
+    except BaseException:
+        if run_id:
+            tracking.end_run(run_id, "FAILED", uri=uri)  # resubmitting the same run.name resumes it
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `dpn train` and `python -m jobs.train`
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4 run.name=exp2"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jobs.config import dump_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as err:
+        logger.error("invalid config: %s", err)
+        return 2
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    result = train(cfg)
+    sys.stdout.write(
+        f"run_id={result.run_id}\nmodel_uri={result.model_uri}\nregistered_version={result.registered_version}\n"
+        f"model_dir={result.model_dir}\nsteps={result.steps}\nseconds={result.seconds:.0f}\n"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

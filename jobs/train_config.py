@@ -1,0 +1,254 @@
+"""The training job's configuration (``configs/train_*.yaml``), as typed dataclasses.
+
+Every section and key, with its default, is listed here; :func:`jobs.config.load_config` rejects
+anything else. Load with :func:`load_train_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from jobs.config import load_config
+
+
+@dataclass
+class ModelConfig:
+    """What to train.
+
+    Attributes:
+        init: ``preset:<name>`` (random weights of a ``dpn_model.presets`` preset: tiny, mid,
+            llava-1.5-7b needs a converted checkpoint instead), a converted DPN checkpoint directory
+            (``dpn convert``), or any model URI :func:`jobs.tracking.resolve_model_dir` accepts
+            (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``): dense -> DPN.
+        compression: ``"auto"`` trains DPN (router + routing loss); 1 (dense), 2 or 4 force that
+            expert at every pooling layer (the baselines).
+        seed: seed of the random preset weights and of the router's sampling.
+        config_overrides: DPNConfig fields applied to the model before training (e.g.
+            ``routing_loss_weight``, ``pooling_layers``); for presets also the architecture.
+        freeze_vision_tower: keep the CLIP tower fixed (LLaVA recipe: frozen).
+        freeze_projector: keep the projector fixed.
+        freeze_language_model: keep the decoder (and embeddings / lm head) fixed.
+        gradient_checkpointing: recompute decoder activations in the backward pass.
+    """
+
+    init: str = "preset:tiny"
+    compression: Literal["auto", 1, 2, 4] = "auto"
+    seed: int = 0
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    freeze_language_model: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SyntheticConfig:
+    """Generate the synthetic benchmark into ``data.path`` when it does not exist yet."""
+
+    format: Literal["llava", "webdataset", "parquet"] = "parquet"
+    num_train: int = 2000
+    num_eval: int = 200
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Training data (read by ``pipelines.datasets.build_dataset``).
+
+    Attributes:
+        path: dataset file/folder/root, local or ``s3://``/``gs://`` (LLaVA JSON, WebDataset, Parquet).
+            A relative path is taken relative to ``run.work_dir``.
+        split: split of a dataset root (``null``: every file under ``path``).
+        image_folder: where relative LLaVA image paths resolve (default: next to the JSON).
+        synthetic: if set and ``path`` does not exist, write the synthetic benchmark there first.
+        max_length: longest token sequence (image tokens included).
+        max_bad_fraction: fail past this fraction of bad samples.
+        preprocess_concurrency: Ray Data preprocessing actors.
+        preprocess_num_cpus: CPUs per preprocessing actor.
+        num_samples: samples per epoch for the schedule; 0 = count the raw rows once on the driver.
+    """
+
+    path: str = "data/synthetic"
+    split: str | None = "train"
+    image_folder: str | None = None
+    synthetic: SyntheticConfig | None = None
+    max_length: int = 2048
+    max_bad_fraction: float = 0.01
+    preprocess_concurrency: int = 1
+    preprocess_num_cpus: float = 1.0
+    num_samples: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; gradient accumulation."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
+
+
+@dataclass
+class TrainLoopConfig:
+    """Batching and length of training.
+
+    Attributes:
+        micro_batch_size: samples per worker per forward pass (per-device batch).
+        grad_accum_steps: micro-batches per optimizer step.
+        epochs: passes over the data (ignored when ``max_steps`` > 0 ends training earlier).
+        max_steps: stop after this many optimizer steps (0 = ``epochs`` full passes).
+        log_every: log metrics every this many optimizer steps.
+    """
+
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0
+    log_every: int = 1
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed inside each worker.
+
+    Attributes:
+        config: JSON file (relative paths: the repository's ``configs/deepspeed/``) with the ZeRO
+            settings; batch sizes, clipping and precision are filled in from this config.
+        precision: ``auto`` = bf16 on GPU, fp32 on CPU.
+        overrides: extra keys merged into the JSON (nested mappings merge).
+    """
+
+    config: str = "zero2.json"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints through ``ray.train.report`` (DeepSpeed state + data position + MLflow run id).
+
+    Attributes:
+        every_steps: checkpoint every this many optimizer steps (and always at the end).
+        keep: keep the last this many checkpoints in storage.
+        save_hf_model: also write the model in Hugging Face format into each checkpoint
+            (``hf_model/``), so any checkpoint loads with ``from_pretrained``.
+    """
+
+    every_steps: int = 50
+    keep: int = 2
+    save_hf_model: bool = True
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep < 1:
+            raise ValueError(f"every_steps and keep must be >= 1, got {self.every_steps}, {self.keep}")
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow tracking (default store: ``sqlite:///<cwd>/mlflow.db`` unless MLFLOW_TRACKING_URI is set).
+
+    Attributes:
+        tracking_uri: explicit tracking URI (overrides the environment).
+        experiment: experiment name.
+        registered_model: register the final model as a new version of this model ("" = don't).
+        tags: extra run tags.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = "dpn-train"
+    registered_model: str = "dpn"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfigSection:
+    """Where and how the job runs.
+
+    Attributes:
+        name: run name: Ray Train run folder ``<storage_path>/<name>`` and MLflow run name.
+            Submitting the same name again resumes it from its latest checkpoint.
+        storage_path: Ray Train storage (local dir, NFS, or ``s3://``): checkpoints live here.
+        work_dir: local scratch for generated data and the initial model (shared storage on
+            multi-node clusters, or every node re-creates it).
+        ray_address: cluster to join (``null``: $RAY_ADDRESS, or start a local Ray).
+        local_num_cpus: logical CPUs of a locally started Ray (``null``: the machine's count);
+            training workers and data preprocessing each reserve CPUs, so on a small machine
+            give more logical CPUs than cores.
+        num_workers: Ray Train workers (one per GPU on GPU clusters).
+        use_gpu: one GPU per worker (NCCL + bf16) instead of CPU (gloo + fp32).
+        cpus_per_worker: CPUs reserved by each training worker.
+        resources_per_worker: extra custom resources per worker (e.g. ``{"accelerator_type:H100": 0.01}``).
+        max_failures: restarts from the latest checkpoint after worker failures (-1 = unlimited).
+    """
+
+    name: str = "dpn-train"
+    storage_path: str = "runs"
+    work_dir: str = "work"
+    ray_address: str | None = None
+    local_num_cpus: int | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 3
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty folder name without '/', got {self.name!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The whole training job. YAML sections: model, data, optim, train, deepspeed, checkpoint, mlflow, run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    run: RunConfigSection = field(default_factory=RunConfigSection)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a training config file with ``key=value`` overrides (see :func:`jobs.config.load_config`)."""
+    return load_config(TrainConfig, path, overrides)
+
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfigSection",
+    "SyntheticConfig",
+    "TrainConfig",
+    "TrainLoopConfig",
+    "load_train_config",
+]

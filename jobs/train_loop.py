@@ -1,0 +1,472 @@
+"""The per-worker training loop (runs inside each Ray Train worker) and its building blocks.
+
+One worker = one DeepSpeed rank. Ray Train creates the torch process group (gloo on CPU, NCCL on
+GPU); :func:`setup_engine` attaches DeepSpeed to it and wraps the model with a client AdamW and a
+warmup + cosine schedule.
+
+Checkpoints (every ``checkpoint.every_steps`` optimizer steps and at the end) are written through
+``ray.train.report`` and hold::
+
+    deepspeed/          engine.save_checkpoint(tag="state"): module, optimizer (ZeRO shards of
+                        every rank), LR scheduler, DeepSpeed step counters
+    train_state.json    TrainState: step, epoch, batches_in_epoch, samples_seen, mlflow_run_id
+    hf_model/           the model in Hugging Face format (if checkpoint.save_hf_model): loads with
+                        DPNForConditionalGeneration.from_pretrained
+
+Data position on resume: ``batches_in_epoch`` counts the micro-batches *each worker* took from its
+shard in the current epoch (all workers take the same number: the shards are equal-sized and
+batches drop the remainder). On restore each worker re-opens its shard of that epoch and skips that
+many micro-batches, so the epoch's sample count is exact and training resumes at step ``step + 1``
+with the same schedule. Ray Data hands blocks to the shards dynamically, so the skipped batches are
+the same number but not guaranteed to be the very same samples as before the failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+HF_DIR = "hf_model"
+
+
+@dataclass
+class TrainState:
+    """Progress saved with every checkpoint.
+
+    Attributes:
+        step: optimizer steps completed (the checkpoint holds the weights after this step).
+        epoch: epoch in progress (0-based).
+        batches_in_epoch: micro-batches each worker consumed in ``epoch``.
+        samples_seen: samples consumed by all workers together.
+        mlflow_run_id: the MLflow run this training writes to.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    samples_seen: int = 0
+    mlflow_run_id: str = ""
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainState:
+        return cls(**json.loads((Path(directory) / STATE_FILE).read_text()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, schedule, DeepSpeed config
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None):
+    """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden."""
+    from dpn_model import DPNConfig, DPNForConditionalGeneration
+
+    config = DPNConfig.from_pretrained(model_dir, **(config_overrides or {}))
+    return DPNForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=torch_dtype or torch.float32)
+
+
+def apply_freezing(model: torch.nn.Module, vision_tower: bool, projector: bool, language_model: bool) -> dict[str, int]:
+    """Set ``requires_grad`` per part. Returns trainable and total parameter counts."""
+    parts = {
+        "vision_tower": (model.model.vision_tower, vision_tower),
+        "projector": (model.model.multi_modal_projector, projector),
+        "language_model": (model.model.language_model, language_model),
+    }
+    for module, frozen in parts.values():
+        for p in module.parameters():
+            p.requires_grad_(not frozen)
+    if language_model:
+        model.lm_head.weight.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("every parameter is frozen: unfreeze the language model, projector or vision tower")
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: list[float], eps: float):
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warmup from 1/warmup to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:  # step = optimizer steps already taken
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(
+    base: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    precision: str,
+    grad_clip: float,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict: the JSON's ZeRO settings + batch sizes, clipping and precision.
+
+    ``precision`` is bf16 / fp16 / fp32 (``auto`` must be resolved by the caller).
+    """
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    cfg = merge(base, {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # our client torch AdamW under ZeRO
+        "steps_per_print": 10**9,  # progress is ours
+        "wall_clock_breakdown": False,
+    })  # fmt: skip
+    return merge(cfg, overrides or {})
+
+
+def setup_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: dict[str, Any], total_steps: int, dist_backend: str):
+    """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
+    optimizer = make_optimizer(model, optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"])
+    warmup = int(round(optim["warmup_ratio"] * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, optim["min_lr_ratio"]))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere); gathers ZeRO-3 partitions (collective)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    stage3 = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else _null()
+    with ctx:
+        if torch.distributed.get_rank() != 0:
+            return None
+        return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_hf_model(engine, processor_dir: str, out_dir: str | Path) -> None:
+    """Write the engine's model + the processor as a Hugging Face checkpoint (rank 0 writes; collective)."""
+    state = full_state_dict(engine)
+    if state is None:
+        return
+    engine.module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    from pipelines.preprocess import load_processor
+
+    load_processor(processor_dir).save_pretrained(str(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+class StepStats:
+    """Sums over the micro-batches of one optimizer step, reduced over workers before logging."""
+
+    def __init__(self, num_pool_layers: int, factors: list[int]):
+        self.factors = torch.tensor(factors, dtype=torch.float64)
+        self.n_layers = num_pool_layers
+        self.reset()
+
+    def reset(self) -> None:
+        # loss, lm_loss, routing_loss, micro-batches, samples, tokens, comp_sum[L], comp_count[L]
+        self.values = torch.zeros(6 + 2 * self.n_layers, dtype=torch.float64)
+        self.data_wait = 0.0
+
+    def add(self, out, batch_size: int, tokens: int) -> None:
+        v = self.values
+        v[0] += float(out.loss.detach())
+        v[1] += float(out.lm_loss.detach()) if out.lm_loss is not None else 0.0
+        v[2] += float(out.routing_loss.detach()) if out.routing_loss is not None else 0.0
+        v[3] += 1
+        v[4] += batch_size
+        v[5] += tokens
+        if out.expert_choices is not None:
+            choices = out.expert_choices.detach().cpu()  # (B, L); -1 = not pooled
+            pooled = choices >= 0
+            factor = self.factors[choices.clamp(min=0)]
+            v[6 : 6 + self.n_layers] += (factor * pooled).sum(0)
+            v[6 + self.n_layers :] += pooled.sum(0)
+
+    def reduce(self) -> torch.Tensor:
+        """Sum over workers (collective)."""
+        total = self.values.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return total
+
+    def metrics(self, total: torch.Tensor, step_time: float, lr: float) -> dict[str, float]:
+        n = max(total[3].item(), 1)
+        out = {
+            "loss": total[0].item() / n,
+            "lm_loss": total[1].item() / n,
+            "routing_loss": total[2].item() / n,
+            "samples_per_s": total[4].item() / step_time,
+            "tokens_per_s": total[5].item() / step_time,
+            "lr": lr,
+            "step_time_s": step_time,
+        }
+        sums, counts = total[6 : 6 + self.n_layers], total[6 + self.n_layers :]
+        for i in range(self.n_layers):
+            if counts[i] > 0:
+                out[f"compression_layer{i}"] = (sums[i] / counts[i]).item()
+        return out
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _local_model_dir(spec: dict[str, Any]) -> str:
+    """The initial model directory on this node: the driver's, or re-created here (multi-node)."""
+    path = spec["model_dir"]
+    if os.path.isdir(path):
+        return path
+    init = spec["init"]
+    if init.startswith("preset:"):
+        from dpn_model.presets import create_checkpoint
+
+        return create_checkpoint(init.split(":", 1)[1], path, seed=spec["seed"], **spec["preset_overrides"])
+    from jobs.tracking import resolve_model_dir
+
+    return resolve_model_dir(init, tracking=spec["tracking_uri"])
+
+
+def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: bool) -> str:
+    """Write this rank's part of a checkpoint to a fresh local folder (collective)."""
+    rank = torch.distributed.get_rank()
+    folder = tempfile.mkdtemp(prefix=f"dpn-ckpt-r{rank}-")
+    engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
+    if save_hf:
+        save_hf_model(engine, processor_dir, os.path.join(folder, HF_DIR))
+    if rank == 0:
+        state.save(folder)
+    return folder
+
+
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
+    """Ray Train worker function. ``spec`` is built by :func:`jobs.train.build_loop_spec`.
+
+    Keys: model_dir, init, seed, preset_overrides, config_overrides, compression, freeze (dict),
+    gradient_checkpointing, ds_config, dist_backend, optim (dict), micro_batch_size, epochs,
+    total_steps, log_every, checkpoint_every, save_hf_model, mlflow_run_id, tracking_uri.
+    """
+    import ray.train
+
+    from jobs.tracking import StepMetricLogger
+    from pipelines.preprocess import Collator
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = spec["dist_backend"] == "nccl"
+    if use_gpu:
+        torch.cuda.set_device(ray.train.torch.get_device())
+
+    model_dir = _local_model_dir(spec)
+    model = load_model(model_dir, spec["config_overrides"])
+    counts = apply_freezing(model, **spec["freeze"])
+    if spec["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    total_steps = spec["total_steps"]
+    engine = setup_engine(model, spec["ds_config"], spec["optim"], total_steps, spec["dist_backend"])
+    device = engine.device
+    dtype = next(engine.module.parameters()).dtype
+
+    state = TrainState(mlflow_run_id=spec["mlflow_run_id"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = TrainState.load(ckpt_dir)
+            load_path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no state in checkpoint {ckpt_dir}")
+        if rank == 0:
+            logger.info(
+                "resumed from checkpoint at step %d (epoch %d, %d batches into it, %d samples seen)",
+                state.step, state.epoch, state.batches_in_epoch, state.samples_seen,
+            )  # fmt: skip
+    torch.manual_seed(spec["seed"] * 1009 + rank * 7919 + state.step)  # router sampling, resumable
+
+    metric_logger = StepMetricLogger(state.mlflow_run_id, uri=spec["tracking_uri"]) if rank == 0 else None
+    cfg = model.config
+    stats = StepStats(len(cfg.pooling_layers), cfg.compression_factors)
+    if rank == 0:
+        logger.info(
+            "training %s (%d / %d params trainable) on %d workers, %d steps, global batch %d",
+            model_dir, counts["trainable"], counts["total"], world, total_steps, spec["ds_config"]["train_batch_size"],
+        )  # fmt: skip
+
+    shard = ray.train.get_dataset_shard("train")
+    collate = Collator(model_dir)
+    compression = spec["compression"]
+    engine.train()
+    step_start = time.perf_counter()
+    run_start, run_start_step = step_start, state.step
+    step_times: list[float] = []
+    done = state.step >= total_steps
+
+    saved = {"step": state.step if checkpoint is not None else -1, "hf": spec["save_hf_model"]}
+
+    def checkpoint_now(final: bool, metrics: dict[str, float]) -> None:
+        if saved["step"] == state.step and (saved["hf"] or not final):
+            return  # this step is checkpointed already
+        name = f"checkpoint_{state.step:08d}" + ("_final" if saved["step"] == state.step else "")
+        folder = _save_checkpoint(engine, state, model_dir, spec["save_hf_model"] or final)
+        try:
+            ray.train.report(
+                {**metrics, "step": state.step, "epoch": state.epoch},
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=name,
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        saved.update(step=state.step, hf=spec["save_hf_model"] or final)
+
+    last_metrics: dict[str, float] = {}
+    while not done and state.epoch < spec["epochs"]:
+        skip = state.batches_in_epoch
+        iterator = iter(
+            shard.iter_torch_batches(
+                batch_size=spec["micro_batch_size"], collate_fn=collate, drop_last=True, prefetch_batches=2
+            )
+        )
+        for _ in range(skip):  # data position: batches this worker already trained on this epoch
+            if next(iterator, None) is None:
+                break
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(iterator, None)
+            stats.data_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            batch.pop("image_mask", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            out = engine(**batch, compression=compression)
+            engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            stats.add(out, int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum()))
+            state.batches_in_epoch += 1
+            if not boundary:
+                continue
+
+            state.step += 1
+            total = stats.reduce()
+            state.samples_seen += int(total[4].item())
+            now = time.perf_counter()
+            step_time = now - step_start
+            step_times.append(step_time)
+            metrics = stats.metrics(total, step_time, engine.get_lr()[0])
+            metrics["data_wait_fraction"] = stats.data_wait / step_time
+            metrics["epoch"] = state.epoch
+            last_metrics = metrics
+            stats.reset()
+            if rank == 0:
+                if state.step % spec["log_every"] == 0 or state.step == total_steps:
+                    metric_logger.log(metrics, step=state.step)
+                    recent = step_times[-20:]
+                    eta = (total_steps - state.step) * sum(recent) / len(recent)
+                    rate = (state.step - run_start_step) / max(now - run_start, 1e-9)
+                    logger.info(
+                        "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
+                        "| %.2f steps/s, data wait %.0f%% | eta %s",
+                        state.step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
+                        metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
+                        100 * metrics["data_wait_fraction"], _fmt_eta(eta),
+                    )  # fmt: skip
+            done = state.step >= total_steps
+            if done or state.step % spec["checkpoint_every"] == 0:
+                checkpoint_now(done, metrics)
+            step_start = time.perf_counter()
+            if done:
+                break
+        if not done:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if not done:
+        # the data ran out before total_steps (bad samples dropped, uneven tail): finish here
+        done = True
+        if rank == 0:
+            logger.info("data exhausted after %d steps (planned %d)", state.step, total_steps)
+        checkpoint_now(True, last_metrics)
+    elif checkpoint is not None and state.step == run_start_step:
+        # restored from the final checkpoint (the job died after training): nothing left to do
+        if rank == 0:
+            logger.info("training had already finished at step %d", state.step)
+    if metric_logger is not None:
+        metric_logger.flush()
+
+
+__all__ = [
+    "StepStats",
+    "TrainState",
+    "apply_freezing",
+    "deepspeed_config",
+    "full_state_dict",
+    "load_model",
+    "make_optimizer",
+    "save_hf_model",
+    "setup_engine",
+    "train_loop_per_worker",
+    "warmup_cosine",
+]

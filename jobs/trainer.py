@@ -1,0 +1,277 @@
+"""Driver side of the training job: resolve paths, data and the initial model, build the TorchTrainer.
+
+The recipe in :mod:`jobs.train` calls these in order; the workers run :mod:`jobs.train_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ConfigError
+from jobs.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+@dataclass
+class Paths:
+    """Absolute locations of one job."""
+
+    work_dir: Path
+    storage_path: str  # local absolute path or a URI
+    data_path: str
+    run_dir: str  # <storage_path>/<name>: Ray Train's run folder (checkpoints)
+
+
+def resolve_paths(cfg: TrainConfig) -> Paths:
+    """Absolute work dir, storage path and data path (relative data paths live in the work dir)."""
+    work_dir = Path(cfg.run.work_dir).expanduser().resolve()
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    data = cfg.data.path
+    if "://" not in data and not Path(data).expanduser().is_absolute():
+        data = str(work_dir / data)
+    return Paths(work_dir, storage, data, f"{storage.rstrip('/')}/{cfg.run.name}")
+
+
+def ensure_synthetic_data(cfg: TrainConfig, data_path: str) -> None:
+    """Write the synthetic benchmark to ``data_path`` when ``data.synthetic`` is set and it is missing."""
+    if cfg.data.synthetic is None or "://" in data_path:
+        return
+    root = Path(data_path)
+    if (root / "synthetic.json").exists():
+        return
+    from pipelines.synthetic import write_synthetic_dataset
+
+    syn = cfg.data.synthetic
+    logger.info("writing the synthetic benchmark (%d train, %d eval, %s) to %s", syn.num_train, syn.num_eval, syn.format, root)
+    write_synthetic_dataset(root, syn.format, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed)
+
+
+def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> str:
+    """Local directory of the model training starts from (weights + processor).
+
+    ``preset:<name>`` writes a seeded random model of that preset under the work dir (every worker
+    loads the same weights); anything else goes through :func:`jobs.tracking.resolve_model_dir`.
+    """
+    init = cfg.model.init
+    if init.startswith("preset:"):
+        from dpn_model.presets import PRESETS, create_checkpoint
+
+        name = init.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ConfigError(f"model.init: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        out = paths.work_dir / cfg.run.name / "init_model"
+        if not (out / "config.json").exists():
+            logger.info("creating a random %s model (seed %d) in %s", name, cfg.model.seed, out)
+            create_checkpoint(name, str(out), seed=cfg.model.seed, **preset_overrides(cfg))
+        return str(out)
+    from jobs.tracking import resolve_model_dir
+
+    model_dir = resolve_model_dir(init, tracking=tracking_uri)
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if model_type != "dpn_llava":
+        raise ConfigError(
+            f"model.init {init!r} is a {model_type!r} checkpoint, not DPN: convert a llava-hf checkpoint "
+            "first with `dpn convert <llava dir> <out dir>` and point model.init at the output"
+        )
+    return model_dir
+
+
+def preset_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """DPNConfig fields given to a preset (architecture included), from ``model.config_overrides``."""
+    return dict(cfg.model.config_overrides)
+
+
+def count_samples(cfg: TrainConfig, data_path: str) -> int:
+    """Samples per epoch: ``data.num_samples`` or the raw row count (one cheap pass, no preprocessing)."""
+    if cfg.data.num_samples > 0:
+        return cfg.data.num_samples
+    from pipelines.formats import read_rows
+
+    n = read_rows(data_path, cfg.data.split, image_folder=cfg.data.image_folder).count()
+    if n == 0:
+        raise ValueError(f"no training samples found at {data_path} (split {cfg.data.split!r})")
+    return n
+
+
+def plan_steps(cfg: TrainConfig, num_samples: int) -> int:
+    """Optimizer steps of the whole run (the LR schedule's length)."""
+    world, t = cfg.run.num_workers, cfg.train
+    batches_per_worker = (num_samples // world) // t.micro_batch_size
+    steps = (t.epochs * batches_per_worker) // t.grad_accum_steps
+    if t.max_steps:
+        steps = min(steps, t.max_steps) if steps else t.max_steps
+    if steps < 1:
+        raise ValueError(
+            f"{num_samples} samples give no full optimizer step with {world} workers x micro batch "
+            f"{t.micro_batch_size} x {t.grad_accum_steps} accumulation: use more data or smaller batches"
+        )
+    return steps
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if cfg.run.use_gpu else "fp32"
+
+
+def load_deepspeed_json(cfg: TrainConfig) -> dict[str, Any]:
+    path = Path(cfg.deepspeed.config)
+    if not path.is_absolute() and not path.exists():
+        path = DEEPSPEED_CONFIG_DIR / path
+    if not path.is_file():
+        raise ConfigError(
+            f"deepspeed.config: {cfg.deepspeed.config!r} not found (looked in the working dir and {DEEPSPEED_CONFIG_DIR}); "
+            f"available: {sorted(p.name for p in DEEPSPEED_CONFIG_DIR.glob('*.json'))}"
+        )
+    return json.loads(path.read_text())
+
+
+def build_loop_spec(cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """Everything a worker needs, as a plain picklable dict (see ``train_loop_per_worker``)."""
+    from jobs.train_loop import deepspeed_config
+
+    precision = resolve_precision(cfg)
+    if precision != "fp32" and not cfg.run.use_gpu:
+        raise ConfigError(f"deepspeed.precision={precision} needs GPUs (run.use_gpu=true); CPU training is fp32")
+    ds = deepspeed_config(
+        load_deepspeed_json(cfg),
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        world_size=cfg.run.num_workers,
+        precision=precision,
+        grad_clip=cfg.optim.grad_clip,
+        overrides=cfg.deepspeed.overrides,
+    )
+    m = cfg.model
+    return {
+        "model_dir": model_dir,
+        "init": m.init,
+        "seed": m.seed,
+        "preset_overrides": preset_overrides(cfg),
+        # presets were built with the overrides already; loaded checkpoints get them at load time
+        "config_overrides": {} if m.init.startswith("preset:") else dict(m.config_overrides),
+        "compression": m.compression,
+        "freeze": {
+            "vision_tower": m.freeze_vision_tower,
+            "projector": m.freeze_projector,
+            "language_model": m.freeze_language_model,
+        },
+        "gradient_checkpointing": m.gradient_checkpointing,
+        "ds_config": ds,
+        "dist_backend": "nccl" if cfg.run.use_gpu else "gloo",
+        "optim": {
+            "lr": cfg.optim.lr,
+            "weight_decay": cfg.optim.weight_decay,
+            "betas": list(cfg.optim.betas),
+            "eps": cfg.optim.eps,
+            "warmup_ratio": cfg.optim.warmup_ratio,
+            "min_lr_ratio": cfg.optim.min_lr_ratio,
+        },
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "epochs": cfg.train.epochs,
+        "total_steps": total_steps,
+        "log_every": cfg.train.log_every,
+        "checkpoint_every": cfg.checkpoint.every_steps,
+        "save_hf_model": cfg.checkpoint.save_hf_model,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri,
+    }
+
+
+def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
+    """The Ray Data training dataset (streams; preprocessed by ``pipelines``)."""
+    from pipelines.datasets import build_dataset as build
+
+    return build(
+        data_path,
+        model_dir,
+        split=cfg.data.split,
+        max_length=cfg.data.max_length,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        image_folder=cfg.data.image_folder,
+        concurrency=cfg.data.preprocess_concurrency,
+        num_cpus=cfg.data.preprocess_num_cpus,
+    )
+
+
+def build_trainer(cfg: TrainConfig, spec: dict[str, Any], dataset, storage_path: str):
+    """``TorchTrainer`` with scaling, run (name, storage, keep-last-K checkpoints) and failure configs."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train_loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.resources_per_worker}
+    if cfg.run.use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        torch_config=TorchConfig(backend=spec["dist_backend"]),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def init_ray(cfg: TrainConfig) -> bool:
+    """Connect to ``run.ray_address`` / $RAY_ADDRESS, or start a local Ray. Returns True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI") if k in os.environ}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return True
+    num_cpus = cfg.run.local_num_cpus or os.cpu_count()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    return True
+
+
+def steps_summary(cfg: TrainConfig, num_samples: int, total_steps: int) -> dict[str, Any]:
+    """Derived numbers worth logging as params."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * cfg.run.num_workers
+    return {
+        "derived.num_samples": num_samples,
+        "derived.total_steps": total_steps,
+        "derived.global_batch_size": global_batch,
+        "derived.warmup_steps": int(round(cfg.optim.warmup_ratio * total_steps)),
+        "derived.epochs_planned": round(total_steps * global_batch / max(num_samples, 1), 3),
+        "derived.precision": resolve_precision(cfg),
+    }
+
+
+__all__ = [
+    "Paths",
+    "build_dataset",
+    "build_loop_spec",
+    "build_trainer",
+    "count_samples",
+    "ensure_synthetic_data",
+    "init_ray",
+    "load_deepspeed_json",
+    "plan_steps",
+    "prepare_initial_model",
+    "resolve_paths",
+    "steps_summary",
+]
