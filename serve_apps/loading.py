@@ -3,7 +3,8 @@
 `model_ref` is a local Hugging Face checkpoint directory (safetensors, as `dpn_model.presets.create_checkpoint`
 or training writes it) or an MLflow model URI (`models:/dpn@champion`, `models:/dpn/3`, `runs:/<id>/model`),
 resolved to a local directory by `jobs.tracking.resolve_model_dir` (imported only for such refs, so serving a
-local directory needs no MLflow).
+local directory needs no MLflow). `preset:tiny` serves a random model of that preset (seed 0), created in a temporary
+directory: a way to try the endpoint before any training.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 def resolve_model_ref(model_ref: str) -> str:
     """A local checkpoint directory for `model_ref` (downloads MLflow models to a local cache)."""
+    if model_ref.startswith("preset:"):
+        import tempfile
+
+        from dpn_model.presets import create_checkpoint
+
+        name = model_ref.split(":", 1)[1]
+        out_dir = os.path.join(tempfile.gettempdir(), f"dpn-serve-preset-{name}-{os.getpid()}")
+        logger.info("creating a random %s model in %s (preset ref: for trying the endpoint, not for answers)",
+                    name, out_dir)
+        return create_checkpoint(name, out_dir, seed=0)
     if model_ref.startswith(_MLFLOW_SCHEMES):
         from jobs.tracking import resolve_model_dir  # lazy: MLflow only for registry refs
 
@@ -27,7 +38,7 @@ def resolve_model_ref(model_ref: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model {model_ref!r} is neither a local checkpoint directory nor an MLflow URI "
-            f"({', '.join(s + '...' for s in _MLFLOW_SCHEMES)}); create one with "
+            f"({', '.join(s + '...' for s in _MLFLOW_SCHEMES)}) nor preset:NAME; create one with "
             "`dpn_model.presets.create_checkpoint('tiny', DIR)` or train one"
         )
     return path

@@ -1,0 +1,539 @@
+"""Serving: the OpenAI-compatible API, per-rate batching, limits, auth, overload, model reload.
+
+Most checks run the FastAPI app in-process over a fake backend (fast, no Ray). The rest go through the real Ray
+Serve application on one local Ray cluster shared by the module, with a tiny random checkpoint, and the official
+`openai` client.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from fastapi.testclient import TestClient
+
+from serve_apps.api import Overloaded, Settings, create_api
+from serve_apps.limits import Limits
+from serve_apps.model import BatchingConfig, mixed_batch_rate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def png_bytes(width: int = 40, height: int = 30, seed: int = 0, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A one-colour PNG: many pixels, few bytes."""
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def image_message(url: str, question: str = "What colour is the big shape?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]
+
+
+class FakeBackend:
+    """Streams a fixed answer; records what reached it. `mode`: ok | overloaded | prompt_error."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.mode = "ok"
+
+    async def generate(self, request):
+        self.requests.append(request)
+        if self.mode == "overloaded":
+            raise Overloaded("num_queued_requests=2, max_queued_requests=2")
+        if self.mode == "prompt_error":
+            yield {"type": "error", "status": 400, "message": "the prompt is 999 tokens", "param": "messages",
+                   "code": "prompt_too_long"}
+            return
+        yield {"type": "start", "prompt_tokens": 10, "fingerprint": "v1"}
+        yield {"type": "delta", "text": "a red "}
+        usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prefill_flops_saved": 0.4}
+        batch = {"id": 7, "queue": "4", "rate": 4, "size": 1, "requested": [4]}
+        yield {"type": "final", "text": "circle", "finish_reason": "stop", "usage": usage, "batch": batch,
+               "fingerprint": "v1"}
+
+    async def info(self):
+        return {"model": "/ckpt", "version": "v1", "compression_factors": [1, 2, 4]}
+
+    async def batches(self, limit):
+        return []
+
+
+@pytest.fixture()
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture()
+def client(backend) -> TestClient:
+    limits = Limits(max_image_bytes=20_000, max_image_pixels=200 * 200, max_tokens=32, default_max_tokens=8)
+    return TestClient(create_api(backend, Settings(limits=limits, api_key_env="DPN_TEST_UNSET_KEY")))
+
+
+def post(client: TestClient, body: Any, **kwargs) -> httpx.Response:
+    return client.post("/v1/chat/completions", json=body, **kwargs)
+
+
+def assert_openai_error(response: httpx.Response, status: int, *needles: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for needle in needles:
+        assert needle in error["message"], error["message"]
+    return error
+
+
+# ----------------------------------------------------------------------------------------------- API (no Ray)
+
+
+def test_completion_passes_validated_request_to_backend(client, backend):
+    body = {"model": "dpn", "messages": image_message(data_url(png_bytes())), "max_tokens": 5, "temperature": 0,
+            "stop": "\n", "seed": 3, "compression": 4}
+    response = post(client, body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "a red circle"}
+    assert out["usage"]["prefill_flops_saved"] == 0.4
+    assert response.headers["x-dpn-batch-rate"] == "4"
+    sent = backend.requests[0]
+    assert sent["compression"] == 4 and sent["max_tokens"] == 5 and sent["stop"] == ["\n"] and sent["seed"] == 3
+    assert sent["images"] == [png_bytes()]
+    assert sent["messages"][0]["content"][0] == {"type": "image_url"}
+
+
+def test_defaults_and_raw_base64(client, backend):
+    raw = base64.b64encode(png_bytes()).decode()
+    assert post(client, {"messages": image_message(raw)}).status_code == 200
+    sent = backend.requests[0]
+    assert sent["compression"] == "auto" and sent["max_tokens"] == 8 and sent["images"] == [png_bytes()]
+
+
+def test_stream_is_openai_sse(client):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "a red circle"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 13
+
+
+BAD_REQUESTS = [
+    ("missing messages", {"max_tokens": 3}, "missing required field 'messages'"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("messages wrong type", {"messages": "hello"}, "messages"),
+    ("max_tokens wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
+    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
+    ("stream wrong type", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, "messages.0.content"),
+    ("compression 3", {"messages": [{"role": "user", "content": "hi"}], "compression": 3}, "compression"),
+    ("compression string", {"messages": [{"role": "user", "content": "hi"}], "compression": "max"}, "compression"),
+    ("max_tokens over limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "limit of 32"),
+    ("invalid base64", {"messages": image_message("data:image/png;base64,@@@not-base64@@@")}, "not valid base64"),
+    ("raw text not base64", {"messages": image_message("hello there!")}, "not valid base64"),
+    ("not an image", {"messages": image_message(data_url(b"just some text, not pixels"))}, "not a readable image"),
+    ("non-image media type", {"messages": image_message(data_url(b"abc", "text/plain"))}, "not an image"),
+    ("ftp scheme", {"messages": image_message("ftp://example.com/cat.png")}, "unsupported image URL scheme 'ftp'"),
+    ("file scheme", {"messages": image_message("file:///etc/passwd")}, "unsupported image URL scheme 'file'"),
+    ("remote url disabled", {"messages": image_message("https://example.com/cat.png")}, "remote image URLs are disabled"),
+    ("too many pixels", {"messages": image_message(data_url(flat_png(300, 300)))}, "more than the limit of 40000 pixels"),
+    ("too many bytes", {"messages": image_message(data_url(png_bytes(190, 190, fmt="BMP"), "image/bmp"))},
+     "more than the limit of 20000 bytes"),
+    ("too many images", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}, {"type": "text", "text": "?"}]}]},
+     "too many images"),
+    ("image in assistant turn", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}, {"role": "user", "content": "?"}]},
+     "only accepted in user messages"),
+    ("last message not user", {"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]}, "last message"),
+    ("truncated png", {"messages": image_message(data_url(png_bytes()[:60]))}, "image"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "needle"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_openai_400(client, backend, name, body, needle):
+    error = assert_openai_error(post(client, body), 400, needle)
+    assert error["type"] == "invalid_request_error"
+    assert backend.requests == []  # never reached the model
+    assert post(client, {"messages": [{"role": "user", "content": "still serving?"}]}).status_code == 200
+
+
+def test_body_not_json_is_400(client):
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "not valid JSON")
+
+
+def test_unknown_model_is_404_and_unknown_route_is_openai_error(client):
+    error = assert_openai_error(post(client, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404)
+    assert error["code"] == "model_not_found"
+    assert_openai_error(client.get("/v1/nothing"), 404)
+
+
+def test_prompt_error_from_replica_is_400(client, backend):
+    backend.mode = "prompt_error"
+    error = assert_openai_error(post(client, {"messages": [{"role": "user", "content": "x"}]}), 400, "999 tokens")
+    assert error["code"] == "prompt_too_long"
+
+
+def test_overload_is_503_with_retry_after(client, backend):
+    backend.mode = "overloaded"
+    for stream in (False, True):
+        response = post(client, {"messages": [{"role": "user", "content": "x"}], "stream": stream})
+        error = assert_openai_error(response, 503, "overloaded")
+        assert error["type"] == "server_overloaded"
+        assert response.headers["retry-after"] == "1"
+
+
+def test_api_key(backend, monkeypatch):
+    monkeypatch.setenv("DPN_TEST_KEY", "s3cret")
+    client = TestClient(create_api(backend, Settings(api_key_env="DPN_TEST_KEY")))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert_openai_error(post(client, body), 401, "missing API key")
+    assert_openai_error(post(client, body, headers={"Authorization": "Bearer wrong"}), 401, "incorrect API key")
+    assert_openai_error(client.get("/v1/models"), 401)
+    assert post(client, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200  # load balancers probe without a key
+    assert backend.requests and len(backend.requests) == 1
+
+
+def test_no_api_key_configured_means_open(client):
+    assert post(client, {"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "dpn" and models["data"][0]["compression"] == ["auto", 1, 2, 4]
+
+
+def test_openai_client_against_in_process_app(client):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    out = oai.chat.completions.create(model="dpn", messages=image_message(data_url(png_bytes())),
+                                      extra_body={"compression": 2})
+    assert out.choices[0].message.content == "a red circle"
+    assert out.usage.model_extra["prefill_flops_saved"] == 0.4
+
+
+def test_mixed_queue_runs_at_densest_needed_rate():
+    assert mixed_batch_rate([4, 4]) == 4
+    assert mixed_batch_rate([2, 4, 4]) == 2
+    assert mixed_batch_rate(["auto", 4]) == 1
+    assert mixed_batch_rate(["auto", "auto"]) == "auto"
+    with pytest.raises(ValueError, match="mode"):
+        BatchingConfig.from_dict({"mode": "fifo"})
+    with pytest.raises(ValueError, match="unknown limits"):
+        Limits.from_dict({"max_image_byte": 1})
+
+
+@pytest.mark.parametrize("name", ["serve_tiny.yaml", "serve_llava7b.yaml"])
+def test_serve_configs_are_valid(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_apps.app import AppArgs
+
+    with open(os.path.join(ROOT, "configs", name)) as f:
+        config = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "serve_apps.app:build_app"
+    args = AppArgs.model_validate(app["args"])
+    Limits.from_dict(args.limits), BatchingConfig.from_dict(args.batching)
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {"DPNModel", "OpenAIIngress"}
+    for deployment in deployments.values():
+        assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+                "downscale_delay_s"} <= set(deployment["autoscaling_config"])
+    if "7b" in name:
+        assert deployments["DPNModel"]["ray_actor_options"]["num_gpus"] == 1 and args.dtype == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------- generation engine
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[str, str]:
+    from dpn_model.presets import create_checkpoint
+
+    root = tmp_path_factory.mktemp("serve_ckpt")
+    return create_checkpoint("tiny", str(root / "v1"), seed=0), create_checkpoint("tiny", str(root / "v2"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    from serve_apps.loading import load_model
+
+    return load_model(checkpoints[0], device="cpu")
+
+
+def _prepared(processor, question: str, **overrides):
+    from serve_apps.generation import prepare
+
+    request = {"messages": image_message("x", question), "images": [png_bytes(seed=len(question))],
+               "max_tokens": 6, "temperature": 0.0, "compression": 2, **overrides}
+    return prepare(processor, request, max_prompt_tokens=4096)
+
+
+def _run(model, processor, items, rate):
+    from serve_apps.generation import BatchRun
+
+    run = BatchRun(model, processor, items, rate, "test")
+    finals = {}
+    for events in [run.prefill()] + [None] * 64:
+        events = events if events is not None else (run.step() if not run.done else [])
+        for i, event in enumerate(events):
+            if event is not None and event["type"] == "final":
+                finals[i] = event
+        if run.done:
+            break
+    return run, [finals[i] for i in range(len(items))]
+
+
+def test_batched_left_padded_generation_matches_generate(tiny):
+    model, processor = tiny
+    items = [_prepared(processor, "Colour?"), _prepared(processor, "How many small shapes are in the picture?")]
+    run, finals = _run(model, processor, items, 2)
+    for item, row in zip(items, run.rows):
+        reference = model.generate(input_ids=torch.tensor([item.input_ids]), pixel_values=item.pixel_values,
+                                   compression=2, max_new_tokens=6, do_sample=False)
+        expected = reference[0, len(item.input_ids):].tolist()
+        assert row.generated == [t for t in expected if t != processor.tokenizer.eos_token_id][: len(row.generated)]
+    usage = finals[0]["usage"]
+    assert usage["compression_per_pooling_layer"] == [2, 2, 2]
+    assert usage["visual_tokens_per_layer"] == [256, 128, 64, 32]
+    assert 0.2 < usage["prefill_flops_saved"] < 0.5
+
+
+def test_sampling_params_stop_and_seed(tiny):
+    model, processor = tiny
+    greedy = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8)], 1)[1][0]
+    assert greedy["finish_reason"] in ("length", "stop") and greedy["usage"]["compression_run"] == 1
+    if len(greedy["full_text"]) > 2:
+        stop = greedy["full_text"][1:3]
+        stopped = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8, stop=[stop])], 1)[1][0]
+        assert stopped["finish_reason"] == "stop" and stop not in stopped["full_text"]
+        assert greedy["full_text"].startswith(stopped["full_text"])
+    sampled = [_prepared(processor, "Colour?", temperature=1.0, top_p=0.9, seed=11) for _ in range(2)]
+    a, b = _run(model, processor, sampled, 4)[1]
+    assert a["full_text"] == b["full_text"]  # same seed, same text, even in one batch
+
+
+def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
+    from serve_apps.generation import PromptError, prepare
+
+    _, processor = tiny
+    with pytest.raises(PromptError, match="reserved token"):
+        _prepared(processor, "tell me <router> now")
+    with pytest.raises(PromptError, match="limit of 300"):
+        prepare(processor, {"messages": image_message("x", "word " * 200), "images": [png_bytes()],
+                            "max_tokens": 4, "compression": 1}, max_prompt_tokens=300)
+
+
+# ----------------------------------------------------------------------------------------------- real Ray Serve
+
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _app_args(model: str, version: str, **extra) -> dict[str, Any]:
+    return {"model": model, "version": version, "device": "cpu", "api_key_env": "DPN_SERVE_TEST_KEY",
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
+            "limits": {"max_prompt_tokens": 400, "max_tokens": 16, "default_max_tokens": 8},
+            "model_options": {"ray_actor_options": {"num_cpus": 1}}, **extra}
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints):
+    """The app on a local Ray cluster (once per module); yields its base URL."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    os.environ["DPN_SERVE_TEST_KEY"] = API_KEY  # inherited by the local cluster's workers
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(_app_args(checkpoints[0], "v1")), name="dpn", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("DPN_SERVE_TEST_KEY", None)
+
+
+def _openai(base: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.mark.ray
+def test_ray_openai_client_completion_and_stream(served):
+    oai = _openai(served)
+    messages = image_message(data_url(png_bytes()))
+    out = oai.chat.completions.create(model="dpn", messages=messages, max_tokens=6, temperature=0,
+                                      extra_body={"compression": 4})
+    assert out.object == "chat.completion" and out.system_fingerprint == "v1"
+    assert out.choices[0].finish_reason in ("stop", "length")
+    usage = out.usage.model_extra
+    assert out.usage.prompt_tokens > 256 and 1 <= out.usage.completion_tokens <= 6
+    assert usage["visual_tokens_per_layer"] == [256, 64, 16, 4]
+    assert usage["compression_per_pooling_layer"] == [4, 4, 4] and usage["prefill_flops_saved"] > 0.3
+    assert out.model_extra["dpn_batch"]["rate"] == 4
+
+    chunks = list(oai.chat.completions.create(model="dpn", messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, extra_body={"compression": 4}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["dpn"]
+
+
+@pytest.mark.ray
+def test_ray_batches_never_mix_rates(served):
+    oai = _openai(served)
+    rates = ["auto", 1, 2, 4] * 5
+    before = {b["id"] for b in httpx.get(served + "/v1/dpn/batches", headers=_auth()).json()["data"]}
+
+    def ask(i_rate):
+        i, rate = i_rate
+        out = oai.chat.completions.create(model="dpn", messages=image_message(data_url(png_bytes(seed=i))),
+                                          max_tokens=3, temperature=0, extra_body={"compression": rate})
+        return rate, out.model_extra["dpn_batch"], out.usage.model_extra
+
+    with ThreadPoolExecutor(len(rates)) as pool:
+        results = list(pool.map(ask, enumerate(rates)))
+    for rate, batch, usage in results:
+        assert batch["rate"] == rate and usage["compression_run"] == rate
+        if rate != "auto":
+            assert set(usage["compression_per_pooling_layer"]) == {rate}
+    batches = [b for b in httpx.get(served + "/v1/dpn/batches", headers=_auth()).json()["data"]
+               if b["id"] not in before]
+    assert sum(b["size"] for b in batches) == len(rates)
+    for batch in batches:
+        assert set(batch["requested"]) == {batch["rate"]}, batch
+    assert max(b["size"] for b in batches) > 1  # requests really were batched together
+
+
+@pytest.mark.ray
+def test_ray_errors_auth_and_keeps_serving(served):
+    url = served + "/v1/chat/completions"
+    good = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert_openai_error(httpx.post(url, json=good), 401, "missing API key")
+    assert_openai_error(httpx.post(url, json=good, headers={"Authorization": "Bearer nope"}), 401)
+    bad_image = {"messages": image_message("data:image/png;base64,%%%"), "max_tokens": 2}
+    assert_openai_error(httpx.post(url, json=bad_image, headers=_auth()), 400, "not valid base64")
+    assert_openai_error(httpx.post(url, json={"max_tokens": 2}, headers=_auth()), 400, "messages")
+    long_prompt = {"messages": image_message(data_url(png_bytes()), "why " * 200), "max_tokens": 2}
+    error = assert_openai_error(httpx.post(url, json=long_prompt, headers=_auth(), timeout=60), 400, "limit of 400")
+    assert error["code"] == "prompt_too_long"  # checked on the replica, which owns the tokenizer
+    assert httpx.post(url, json=good, headers=_auth(), timeout=60).status_code == 200
+    assert httpx.get(served + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.ray
+def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    url = served + "/v1/chat/completions"
+    body = {"messages": image_message(data_url(png_bytes())), "max_tokens": 2, "temperature": 0}
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                response = http.post(url, json=body, headers=_auth())
+                seen.append((response.status_code, response.json().get("system_fingerprint")))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        serve.run(build_app(_app_args(checkpoints[1], "v2")), name="dpn", route_prefix="/")
+        deadline = time.time() + 60
+        while time.time() < deadline and httpx.get(served + "/health").json().get("version") != "v2":
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert all(status == 200 for status, _ in seen), seen
+    fingerprints = [fp for _, fp in seen]
+    assert "v1" in fingerprints and fingerprints[-1] == "v2"
+    assert httpx.get(served + "/v1/models", headers=_auth()).json()["data"][0]["root"] == checkpoints[1]
+
+
+@pytest.mark.ray
+def test_ray_overload_is_503_with_retry_after(served, checkpoints):
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    tight = _app_args(checkpoints[1], "v2", retry_after_s=3,
+                      model_options={"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 1,
+                                     "max_queued_requests": 1})
+    serve.run(build_app(tight), name="dpn", route_prefix="/")
+    body = {"messages": image_message(data_url(png_bytes())), "max_tokens": 16, "temperature": 0}
+
+    def ask(_):
+        response = httpx.post(served + "/v1/chat/completions", json=body, headers=_auth(), timeout=120)
+        return response.status_code, response.headers.get("retry-after"), response.json()
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(ask, range(12)))
+    statuses = [status for status, _, _ in results]
+    assert 200 in statuses and 503 in statuses, statuses
+    for status, retry_after, payload in results:
+        if status == 503:
+            assert retry_after == "3" and payload["error"]["type"] == "server_overloaded"
