@@ -142,6 +142,35 @@ class BadDataError(ValueError):
         return (type(self), (self.report, self.max_bad_fraction))
 
 
+def find_bad_data_error(
+    error: BaseException, accountant: BadSampleAccountant | None = None
+) -> BadDataError | None:
+    """The :class:`BadDataError` behind ``error``, if any.
+
+    A mid-stream failure reaches the consumer as Ray's ``RayTaskError(UserCodeException)``, which
+    keeps the message but not the original exception; given the ``accountant``, its totals rebuild
+    the error. Jobs call this around dataset iteration to report bad data plainly::
+
+        except Exception as err:
+            raise (find_bad_data_error(err, accountant) or err) from err
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BadDataError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    if accountant is not None and "exceeds max_bad_fraction" in str(error):
+        report = accountant.report()
+        if report.exceeds(accountant.max_bad_fraction):
+            return BadDataError(report, accountant.max_bad_fraction)
+    return None
+
+
 def count_rows(ids: Iterable[Any], bad_reasons: Iterable[Any], max_examples: int = 5) -> BadSampleReport:
     """Count one batch: ``ids`` and ``bad_reasons`` are parallel columns (``""`` = good row)."""
     report = BadSampleReport(max_examples=max_examples)
