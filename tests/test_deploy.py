@@ -88,6 +88,41 @@ def ray_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     return specs
 
 
+def config_files(command: str) -> list[Path]:
+    """The `--config` file of a command and the YAML configs it names (e.g. retrain -> training.config)."""
+    tokens = shlex.split(command)
+    # A missing file is reported by check_command; here it is skipped.
+    found = [ROOT / tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--config"]
+    found = [path for path in found if path.is_file()]
+    for path in found:
+        for value in string_values(yaml.safe_load(path.read_text())):
+            if value.endswith((".yaml", ".yml")) and (ROOT / value).is_file() and ROOT / value not in found:
+                found.append(ROOT / value)
+    return found
+
+
+def string_values(tree: Any) -> list[str]:
+    if isinstance(tree, dict):
+        return [v for item in tree.values() for v in string_values(item)]
+    if isinstance(tree, list):
+        return [v for item in tree for v in string_values(item)]
+    return [tree] if isinstance(tree, str) else []
+
+
+def local_paths(command: str) -> set[str]:
+    """Absolute local paths (model dirs, work dirs) in the configs a job command reads."""
+    return {
+        v
+        for path in config_files(command)
+        for v in string_values(yaml.safe_load(path.read_text()))
+        if v.startswith("/")
+    }
+
+
+def covered(path: str, mount_points: list[str]) -> bool:
+    return any(Path(path).is_relative_to(m) for m in mount_points)
+
+
 def check_command(command: str, where: str) -> None:
     """Every `python -m MODULE` must be a module of this repo and every `--config PATH` a file in it."""
     tokens = shlex.split(command)
@@ -198,6 +233,21 @@ def test_cluster_yaml_installs_this_project(cluster_config):
     )
 
 
+def test_cluster_yaml_mounts_the_local_paths_job_configs_use(cluster_config):
+    """Absolute paths in the configs of the documented jobs are bind-mounted into the nodes' containers."""
+    header = "\n".join(line[1:] for line in CLUSTER_YAML.read_text().splitlines() if line.startswith("#"))
+    entrypoints = [
+        job.split(" -- ", 1)[1] for job in re.findall(r"ray job submit (.*)", re.sub(r"\\\n\s*", " ", header))
+    ]
+    paths = {p for e in entrypoints for p in local_paths(e)}
+    options = " ".join(cluster_config["docker"]["run_options"])
+    mounts = [container for _, container in re.findall(r"-v (\S+):(\S+)", options)]
+    missing = [p for p in paths if not covered(p, mounts)]
+    assert not missing, (
+        f"{missing} (used by job configs) are not mounted into the containers (docker.run_options -v)"
+    )
+
+
 def test_cluster_yaml_documents_commands_that_exist():
     """The header lists how to train, evaluate, retrain and serve; every module and config it names exists."""
     header = "\n".join(
@@ -233,6 +283,7 @@ EXPECTED_KINDS = {
         ("v1", "ConfigMap"),
     },
     "configmap.yaml": {("v1", "ConfigMap")},
+    "storage.yaml": {("v1", "PersistentVolumeClaim")},
 }
 
 
@@ -295,6 +346,26 @@ def test_ray_pods_run_the_project_image_with_mlflow_settings():
                 else:
                     assert "secretKeyRef" in ref, where
     assert len(images) == 1, f"all Ray pods (embedded RayJob template included) must use one image: {images}"
+
+
+def test_job_pods_mount_the_local_paths_their_configs_use():
+    """Absolute paths in a job's configs (model.init, run.work_dir, ...) exist on every pod: shared volumes."""
+    claims = {o["metadata"]["name"] for o in objects_of_kind("PersistentVolumeClaim")}
+    for name, job in all_rayjobs():
+        paths = local_paths(job["spec"]["entrypoint"])
+        for group, pod in pod_templates(job["spec"]["rayClusterSpec"]):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for container in pod["containers"]:
+                mounts = container.get("volumeMounts", [])
+                for mount in mounts:
+                    claim = volumes[mount["name"]].get("persistentVolumeClaim")
+                    assert claim is None or claim["claimName"] in claims, (
+                        f"{name}/{group}: unknown PVC {claim}"
+                    )
+                missing = [p for p in paths if not covered(p, [m["mountPath"] for m in mounts])]
+                assert not missing, (
+                    f"{name}/{group}: {missing} (from the job's configs) are not on a mounted volume"
+                )
 
 
 def test_gpu_worker_groups_request_gpus():
