@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -59,10 +60,8 @@ def setup_tracking(uri: str | None = None, experiment: str | None = None) -> str
             location = None
             if uri.startswith("sqlite:///"):
                 location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-            try:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # created concurrently
                 client.create_experiment(experiment, artifact_location=location)
-            except mlflow.exceptions.MlflowException:  # created concurrently
-                pass
         mlflow.set_experiment(experiment)
     return uri
 
@@ -217,14 +216,16 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        import dpn_model  # noqa: F401 - registers the Auto classes
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import dpn_model  # noqa: F401 - registers the Auto classes
 
         path = context.artifacts[HF_ARTIFACT]
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path).eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # no type hints here: MLflow would turn them into a (wrong) input schema
+    def predict(self, context, model_input, params=None):
         import base64
         import io
 
@@ -265,9 +266,10 @@ def log_hf_model(
         The new registered model version (as a string), or None when ``registered_model`` is empty.
     """
     setup_tracking(uri)
-    import dpn_model
     import torch
     import transformers
+
+    import dpn_model
 
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
@@ -329,7 +331,7 @@ def resolve_model_dir(uri: str | os.PathLike, tracking: str | None = None, cache
         FileNotFoundError / ValueError: the reference names nothing loadable (the message says why).
     """
     text = str(uri)
-    if "://" not in text or text.startswith("file://"):
+    if not text.startswith(("runs:/", "models:/")) and ("://" not in text or text.startswith("file://")):
         path = Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
         if not path.exists():
             raise FileNotFoundError(

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import trainer as builders
 from jobs import tracking
+from jobs import trainer as builders
 from jobs.config import ConfigError, flatten
 from jobs.train_config import TrainConfig, load_train_config
 from jobs.train_loop import HF_DIR, TrainState

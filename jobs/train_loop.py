@@ -346,6 +346,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     torch.manual_seed(spec["seed"] * 1009 + rank * 7919 + state.step)  # router sampling, resumable
 
     metric_logger = StepMetricLogger(state.mlflow_run_id, uri=spec["tracking_uri"]) if rank == 0 else None
+    if metric_logger is not None and checkpoint is not None:
+        metric_logger.log({"resumed_from_step": state.step}, step=state.step)  # one point per restart
     cfg = model.config
     stats = StepStats(len(cfg.pooling_layers), cfg.compression_factors)
     if rank == 0:
@@ -421,19 +423,18 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             metrics["epoch"] = state.epoch
             last_metrics = metrics
             stats.reset()
-            if rank == 0:
-                if state.step % spec["log_every"] == 0 or state.step == total_steps:
-                    metric_logger.log(metrics, step=state.step)
-                    recent = step_times[-20:]
-                    eta = (total_steps - state.step) * sum(recent) / len(recent)
-                    rate = (state.step - run_start_step) / max(now - run_start, 1e-9)
-                    logger.info(
-                        "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
-                        "| %.2f steps/s, data wait %.0f%% | eta %s",
-                        state.step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
-                        metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
-                        100 * metrics["data_wait_fraction"], _fmt_eta(eta),
-                    )  # fmt: skip
+            if rank == 0 and (state.step % spec["log_every"] == 0 or state.step == total_steps):
+                metric_logger.log(metrics, step=state.step)
+                recent = step_times[-20:]
+                eta = (total_steps - state.step) * sum(recent) / len(recent)
+                rate = (state.step - run_start_step) / max(now - run_start, 1e-9)
+                logger.info(
+                    "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
+                    "| %.2f steps/s, data wait %.0f%% | eta %s",
+                    state.step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
+                    metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
+                    100 * metrics["data_wait_fraction"], _fmt_eta(eta),
+                )  # fmt: skip
             done = state.step >= total_steps
             if done or state.step % spec["checkpoint_every"] == 0:
                 checkpoint_now(done, metrics)
@@ -449,10 +450,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if rank == 0:
             logger.info("data exhausted after %d steps (planned %d)", state.step, total_steps)
         checkpoint_now(True, last_metrics)
-    elif checkpoint is not None and state.step == run_start_step:
+    elif checkpoint is not None and state.step == run_start_step and rank == 0:
         # restored from the final checkpoint (the job died after training): nothing left to do
-        if rank == 0:
-            logger.info("training had already finished at step %d", state.step)
+        logger.info("training had already finished at step %d", state.step)
     if metric_logger is not None:
         metric_logger.flush()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,10 @@ def count_samples(cfg: TrainConfig, data_path: str) -> int:
     """Samples per epoch: ``data.num_samples`` or the raw row count (one cheap pass, no preprocessing)."""
     if cfg.data.num_samples > 0:
         return cfg.data.num_samples
+    manifest = Path(data_path) / "synthetic.json"
+    if "://" not in data_path and manifest.exists() and cfg.data.split == "train":
+        info = json.loads(manifest.read_text())
+        return info["splits"]["train"]["num_samples"] + sum(s["num_samples"] for s in info.get("shards", []))
     from pipelines.formats import read_rows
 
     n = read_rows(data_path, cfg.data.split, image_folder=cfg.data.image_folder).count()
@@ -190,8 +195,12 @@ def build_loop_spec(cfg: TrainConfig, model_dir: str, total_steps: int, run_id: 
 
 def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
     """The Ray Data training dataset (streams; preprocessed by ``pipelines``)."""
+    import ray.data
+
     from pipelines.datasets import build_dataset as build
 
+    # progress bars only on a terminal: in job logs they are thousands of lines
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return build(
         data_path,
         model_dir,

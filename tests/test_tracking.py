@@ -1,0 +1,99 @@
+"""MLflow helpers: default store, exactly-once step metrics, model logging/registry, resolve_model_dir. No Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs import tracking
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds); tests use their own names in it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("DPN_MODEL_CACHE", str(root / "cache"))
+        yield uri
+
+
+def test_default_store_is_a_sqlite_file_in_the_working_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert tracking.tracking_uri() == "http://tracking:5000"
+    assert tracking.tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_job_run_is_found_again_and_a_finished_one_is_refused(mlflow_uri):
+    run_id, resumed = tracking.start_or_resume_run("exp", "job-a", params={"optim.lr": 0.1}, tags={"t": "1"})
+    assert not resumed
+    again, resumed = tracking.start_or_resume_run("exp", "job-a", params={"optim.lr": 0.2})
+    assert (again, resumed) == (run_id, True)
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.data.params["optim.lr"] == "0.1" and run.data.tags["t"] == "1"
+    other, _ = tracking.start_or_resume_run("exp", "job-b")
+    assert other != run_id
+    tracking.end_run(run_id)
+    with pytest.raises(ValueError, match="already finished; choose a new run.name"):
+        tracking.start_or_resume_run("exp", "job-a")
+
+
+def test_step_metrics_are_logged_once_across_restarts(mlflow_uri):
+    run_id, _ = tracking.start_or_resume_run("exp", "job-metrics")
+    first = tracking.StepMetricLogger(run_id)
+    for step in range(1, 7):  # crash after step 6; the last checkpoint was step 4
+        first.log({"loss": 10.0 - step}, step=step)
+    second = tracking.StepMetricLogger(run_id)  # the restarted worker re-runs steps 5.. from the checkpoint
+    assert second.last_step("loss") == 6
+    for step in range(5, 10):
+        second.log({"loss": 100.0 + step, "lr": 0.1}, step=step)
+    history = MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 10))
+    assert {m.step: m.value for m in history}[6] == 4.0  # the first value of a step stays
+    assert [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "lr")] == list(range(5, 10))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from dpn_model.presets import create_checkpoint
+
+    return create_checkpoint("tiny", str(tmp_path_factory.mktemp("tiny") / "model"), seed=1)
+
+
+def test_logged_model_resolves_from_runs_and_models_uris(mlflow_uri, tiny_model_dir, tmp_path):
+    from dpn_model import DPNForConditionalGeneration
+
+    run_id, _ = tracking.start_or_resume_run("exp", "job-model")
+    version = tracking.log_hf_model(run_id, tiny_model_dir, registered_model="dpn-test")
+    assert version == "1"
+    client = MlflowClient(mlflow_uri)
+    client.set_registered_model_alias("dpn-test", "champion", "1")
+    reference = DPNForConditionalGeneration.from_pretrained(tiny_model_dir)
+    for uri in (f"runs:/{run_id}/model", "models:/dpn-test/1", "models:/dpn-test@champion"):
+        path = Path(tracking.resolve_model_dir(uri))
+        assert {"config.json", "model.safetensors", "processor_config.json"} <= {p.name for p in path.iterdir()}
+        loaded = DPNForConditionalGeneration.from_pretrained(path)
+        for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), name
+    # the same version downloads once
+    assert tracking.resolve_model_dir("models:/dpn-test@champion") == tracking.resolve_model_dir("models:/dpn-test/1")
+    assert tracking.resolve_model_dir(tiny_model_dir) == tiny_model_dir
+
+
+def test_resolve_model_dir_errors_say_what_to_give(mlflow_uri, tmp_path):
+    with pytest.raises(FileNotFoundError, match="give a checkpoint directory, runs:/<run_id>/model"):
+        tracking.resolve_model_dir(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not found in the registry"):
+        tracking.resolve_model_dir("models:/nothing@champion")
+    with pytest.raises(ValueError, match="unsupported model URI"):
+        tracking.resolve_model_dir("hf://org/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Hugging Face checkpoint"):
+        tracking.resolve_model_dir(tmp_path / "empty")
