@@ -1,0 +1,190 @@
+"""Champion / challenger bookkeeping in the MLflow model registry (used by :mod:`jobs.retrain`).
+
+Registry conventions (registered model ``dpn`` by default):
+
+* alias ``champion``: the version in production (serving loads ``models:/dpn@champion``);
+  alias ``previous``: the champion it replaced (roll back with
+  ``MlflowClient().set_registered_model_alias("dpn", "champion", <previous version>)``).
+* model-version tags written by retraining (:data:`TAGS`): the retrain key, the version it was
+  fine-tuned from, the data root, the **new shards** it was trained on (JSON ``{name: samples}``),
+  the replayed sample count, and - once the gate ran - the decision, its reason and the
+  evaluation numbers.
+
+Aliases only ever point at versions that are ``READY`` and were evaluated: :func:`promote` waits for
+``READY`` and is called after the gate. The alias moves are ordered so that a crash between them
+leaves a consistent state that :func:`promote` completes on a re-run: ``previous`` is set first
+(to the current champion), then ``champion``; when ``champion`` already points at the challenger
+nothing moves (no double promotion: ``previous`` never ends up equal to ``champion``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+# model-version tags
+KEY_TAG = "dpn.retrain.key"
+PARENT_TAG = "dpn.retrain.parent"
+RUN_TAG = "dpn.retrain.run_id"  # the retrain run that produced the version
+DATA_ROOT_TAG = "dpn.data.root"
+SHARDS_TAG = "dpn.data.new_shards"  # JSON {shard name: samples}
+NEW_SAMPLES_TAG = "dpn.data.new_samples"
+REPLAY_SAMPLES_TAG = "dpn.data.replay_samples"
+DECISION_TAG = "dpn.retrain.decision"  # promoted | rejected
+REASON_TAG = "dpn.retrain.reason"
+TAGS = (KEY_TAG, PARENT_TAG, RUN_TAG, DATA_ROOT_TAG, SHARDS_TAG, NEW_SAMPLES_TAG, REPLAY_SAMPLES_TAG,
+        DECISION_TAG, REASON_TAG)  # fmt: skip
+PROMOTED, REJECTED = "promoted", "rejected"
+
+
+class Registry:
+    """One registered model's versions, aliases and retraining tags.
+
+    Args:
+        client: MLflow client of the tracking / registry store.
+        name: registered model name.
+        champion_alias: alias of the production version.
+        previous_alias: alias the replaced champion keeps.
+    """
+
+    def __init__(self, client: MlflowClient, name: str = "dpn", champion_alias: str = "champion",
+                 previous_alias: str = "previous"):  # fmt: skip
+        if champion_alias == previous_alias:
+            raise ValueError(f"the champion and previous aliases must differ, both are {champion_alias!r}")
+        self.client, self.name = client, name
+        self.champion_alias, self.previous_alias = champion_alias, previous_alias
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def versions(self) -> list[ModelVersion]:
+        """All versions of the model, oldest first (empty when the model is not registered yet)."""
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def alias(self, alias: str) -> ModelVersion | None:
+        """The version an alias points at, or None (also when the model does not exist)."""
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def champion(self) -> ModelVersion | None:
+        return self.alias(self.champion_alias)
+
+    def get(self, version: str) -> ModelVersion:
+        return self.client.get_model_version(self.name, str(version))
+
+    def versions_of_run(self, run_id: str) -> list[ModelVersion]:
+        """Versions registered from a training run, oldest first."""
+        found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    @staticmethod
+    def shards_of(version: ModelVersion) -> dict[str, int]:
+        """The new shards a version was trained on (``{}`` for versions not made by retraining)."""
+        raw = (version.tags or {}).get(SHARDS_TAG)
+        if not raw:
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(raw).items()}
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{SHARDS_TAG} of version {version.version} is not a JSON object: {raw[:200]!r}") from err
+
+    def consumed_shards(self) -> tuple[dict[str, int], dict[str, int]]:
+        """``(all, kept)``: shards any version was trained on, and those of versions not rejected
+        (the replay pool: data of a rejected challenger is not replayed)."""
+        every, kept = {}, {}
+        for v in self.versions():
+            shards = self.shards_of(v)
+            every.update(shards)
+            if (v.tags or {}).get(DECISION_TAG) != REJECTED:
+                kept.update(shards)
+        return every, kept
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def wait_ready(self, version: str, timeout_s: float = 300.0, poll_s: float = 1.0) -> ModelVersion:
+        """Wait until a version is ``READY``.
+
+        Raises:
+            RuntimeError: registration failed, or did not finish within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            mv = self.get(version)
+            if mv.status == "READY":
+                return mv
+            if mv.status == "FAILED_REGISTRATION":
+                raise RuntimeError(
+                    f"{self.name} version {version} failed registration ({mv.status_message}); "
+                    "delete it and re-run the retrain job"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} version {version} is still {mv.status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def tag(self, version: str, tags: dict[str, Any]) -> None:
+        """Set model-version tags (idempotent)."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, str(value))
+
+    def promote(
+        self,
+        version: str,
+        timeout_s: float = 300.0,
+        between_moves: Callable[[], None] | None = None,
+    ) -> str | None:
+        """Make ``version`` the champion; the old champion becomes ``previous``.
+
+        Idempotent: when ``version`` already is the champion nothing moves.
+
+        Args:
+            version: the challenger (must become ``READY``).
+            timeout_s: how long to wait for ``READY``.
+            between_moves: called after ``previous`` moved and before ``champion`` moves (tests
+                inject a crash there).
+
+        Returns:
+            The replaced champion's version, or None (first champion, or already promoted).
+        """
+        self.wait_ready(version, timeout_s)
+        current = self.champion()
+        if current is not None and current.version == str(version):
+            logger.info("%s version %s already is the %s", self.name, version, self.champion_alias)
+            return None
+        if current is not None:
+            self.client.set_registered_model_alias(self.name, self.previous_alias, current.version)
+        if between_moves is not None:
+            between_moves()
+        self.client.set_registered_model_alias(self.name, self.champion_alias, str(version))
+        logger.info(
+            "promoted %s version %s to %s%s", self.name, version, self.champion_alias,
+            f" ({self.previous_alias}: version {current.version})" if current is not None else "",
+        )  # fmt: skip
+        return current.version if current is not None else None
+
+
+__all__ = [
+    "DATA_ROOT_TAG",
+    "DECISION_TAG",
+    "KEY_TAG",
+    "NEW_SAMPLES_TAG",
+    "PARENT_TAG",
+    "PROMOTED",
+    "REASON_TAG",
+    "REJECTED",
+    "REPLAY_SAMPLES_TAG",
+    "RUN_TAG",
+    "Registry",
+    "SHARDS_TAG",
+    "TAGS",
+]

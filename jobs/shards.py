@@ -1,0 +1,257 @@
+"""Data shards for scheduled retraining: find them under a data root, count their samples, and
+build one training mix (new shards + a replay sample of earlier ones).
+
+A **shard** is one top-level entry of the data root - a data file (``.json``, ``.jsonl``, ``.tar``,
+``.parquet``) or a folder holding data files - whose name matches the ``include`` globs and none of
+the ``exclude`` globs. Names starting with ``.`` or ``_`` are never shards: write a shard under such
+a name and rename it when complete (or write a folder and add it in one rename), so the job never
+reads a half-written shard. A shard is identified by its name; its size in bytes is recorded so a
+shard rewritten under the same name can be noticed (it is logged, not retrained).
+
+Counting reads metadata only: Parquet footers, the JSON list / JSON lines, and tar member names
+(one sample per ``.json`` member), so a large image shard costs no image decoding.
+
+The training mix is written once as Parquet (normalised rows of :mod:`pipelines.formats`) under
+the retrain work folder, with a ``mix.json`` marker written last: a re-run after a crash reuses a
+complete mix and rewrites an incomplete one, so the challenger always trains on exactly the
+recorded rows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import logging
+import posixpath
+import shutil
+import tarfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.formats import FORMAT_BY_EXTENSION
+
+logger = logging.getLogger(__name__)
+
+MIX_MARKER = "mix.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of the data root.
+
+    Attributes:
+        name: entry name under the root (the shard's identity in the registry).
+        uri: full path or URI of the file or folder.
+        num_samples: raw rows (bad samples included; they are dropped and counted in training).
+        size_bytes: total size of its data files.
+    """
+
+    name: str
+    uri: str
+    num_samples: int
+    size_bytes: int
+
+
+def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _is_data_file(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in FORMAT_BY_EXTENSION
+
+
+def _count_file(fs: pafs.FileSystem, path: str) -> int:
+    ext = posixpath.splitext(path)[1].lower()
+    if ext == ".parquet":
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    if ext == ".tar":
+        with fs.open_input_stream(path) as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
+            keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")}
+        return len(keys)
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    text = data.decode("utf-8").strip()
+    if not text:
+        return 0
+    if ext == ".json" and text.startswith("["):
+        return len(json.loads(text))
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _shard_files(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> list[pafs.FileInfo]:
+    if info.type == pafs.FileType.File:
+        return [info] if _is_data_file(path) else []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(
+        (i for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
+         and not posixpath.basename(i.path).startswith((".", "_"))),
+        key=lambda i: i.path,
+    )  # fmt: skip
+
+
+def _matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if name.startswith((".", "_")):
+        return False
+    if include and not any(fnmatch.fnmatch(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatch(name, p) for p in exclude)
+
+
+def list_shards(
+    root: str,
+    include: Sequence[str] = ("train*",),
+    exclude: Sequence[str] = ("eval*",),
+    count: bool = True,
+    skip: Sequence[str] = (),
+) -> list[Shard]:
+    """The shards directly under ``root`` (local path or URI), sorted by name.
+
+    Args:
+        root: data root where new shards land.
+        include: glob patterns a shard's name must match (any).
+        exclude: glob patterns that exclude a name (e.g. the held-out ``eval*`` files).
+        count: count the samples of each shard (metadata reads); False leaves ``num_samples`` = -1.
+        skip: names not to count (already known shards); they are listed with ``num_samples`` = -1.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+    """
+    fs, base = _fs_and_path(root)
+    info = fs.get_file_info(base)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"data root {root!r} is not a folder: point data.root at the folder new shards land in")
+    skip_set = set(skip)
+    shards = []
+    for entry in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.path):
+        name = posixpath.basename(entry.path.rstrip("/"))
+        if not _matches(name, include, exclude):
+            continue
+        files = _shard_files(fs, entry.path, entry)
+        if not files:
+            continue  # a folder without data files yet, or a side file (manifest)
+        size = sum(max(f.size or 0, 0) for f in files)
+        n = -1
+        if count and name not in skip_set:
+            n = sum(_count_file(fs, f.path) for f in files)
+        shards.append(Shard(name=name, uri=_join(root, name), num_samples=n, size_bytes=size))
+    return shards
+
+
+def shards_to_json(shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in shards]
+
+
+def shards_from_json(items: Sequence[dict[str, Any]]) -> list[Shard]:
+    return [Shard(**item) for item in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# The training mix
+# ----------------------------------------------------------------------------------------------
+
+
+def _read(shards: Sequence[Shard]):
+    """Union of the normalised rows of ``shards`` (each shard read in its own format)."""
+    from pipelines.formats import read_rows
+
+    datasets = [read_rows(s.uri, None) for s in shards]
+    ds = datasets[0]
+    return ds.union(*datasets[1:]) if len(datasets) > 1 else ds
+
+
+def read_mix(out_dir: str | Path) -> dict[str, Any] | None:
+    """The marker of a complete mix in ``out_dir`` (None when absent or incomplete)."""
+    marker = Path(out_dir) / MIX_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def build_mix(
+    out_dir: str | Path,
+    new: Sequence[Shard],
+    earlier: Sequence[Shard],
+    replay_fraction: float,
+    replay_max_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Write new shards + a replay sample of earlier shards, shuffled, as Parquet under ``out_dir/data``.
+
+    Bad rows (unreadable records) are left out here; images that fail to decode are dropped and
+    counted by the training pipeline. A complete mix (marker present) is reused as is.
+
+    Args:
+        out_dir: folder of this retrain's mix (created; an incomplete one is replaced).
+        new: the new shards (all their rows).
+        earlier: shards earlier models were trained on (the replay pool).
+        replay_fraction: fraction of the pool's rows to replay (0 = none).
+        replay_max_samples: cap on replayed rows (0 = no cap).
+        seed: seed of the replay sample and of the shuffle.
+
+    Returns:
+        The marker: ``path`` (Parquet folder), ``num_samples``, ``new_samples``, ``replay_samples``,
+        ``seed``, the shards used.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = Path(out_dir)
+    done = read_mix(out)
+    if done is not None:
+        logger.info("reusing the training mix in %s (%d samples)", done["path"], done["num_samples"])
+        return done
+    if out.exists():
+        logger.info("removing the incomplete training mix in %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if not new:
+        raise ValueError("build_mix needs at least one new shard")
+
+    def good(table: pa.Table, source: str) -> pa.Table:
+        table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
+        return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
+
+    mix = _read(new).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
+    if earlier and replay_fraction > 0:
+        replay = _read(earlier).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "replay"})
+        replay = replay.random_sample(replay_fraction, seed=seed)
+        if replay_max_samples > 0:
+            replay = replay.limit(replay_max_samples)
+        mix = mix.union(replay)
+    data_dir = out / "data"
+    mix.random_shuffle(seed=seed).write_parquet(str(data_dir))
+    sources = pq.read_table(str(data_dir), columns=["source"])["source"].to_pylist()
+    new_count, replay_count = sources.count("new"), sources.count("replay")
+    marker = {
+        "path": str(data_dir),
+        "num_samples": new_count + replay_count,
+        "new_samples": new_count,
+        "replay_samples": replay_count,
+        "replay_fraction": replay_fraction,
+        "replay_max_samples": replay_max_samples,
+        "seed": seed,
+        "new_shards": [s.name for s in new],
+        "replay_pool": [s.name for s in earlier],
+    }
+    (out / MIX_MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
+    logger.info(
+        "training mix: %d new + %d replayed samples (fraction %.3g of %d earlier shards) in %s",
+        new_count, replay_count, replay_fraction, len(earlier), data_dir,
+    )  # fmt: skip
+    return marker
+
+
+__all__ = ["MIX_MARKER", "Shard", "build_mix", "list_shards", "read_mix", "shards_from_json", "shards_to_json"]
