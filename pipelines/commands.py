@@ -5,7 +5,9 @@
   stable keys ``num_samples``, ``num_bad``, ``bad_by_reason`` (plus ``bad_fraction``, ``examples``,
   ``example``). With ``--max-bad-fraction F`` the exit status is 1 when the bad fraction exceeds F.
 * ``dpn data synth OUT [--format llava|webdataset|parquet] [--num-train N] [--num-eval N] [--seed S]``:
-  write the synthetic benchmark (``pipelines.synthetic.write_synthetic_dataset``).
+  write the synthetic benchmark (``pipelines.synthetic.write_synthetic_dataset``);
+  ``dpn data synth OUT --new-shard NAME --num-train N --seed S`` adds a train shard of fresh samples
+  to it (``pipelines.synthetic.write_synthetic_shard``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-eval", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--new-shard",
+        metavar="NAME",
+        default=None,
+        help="add a train shard NAME of --num-train fresh samples to the existing dataset OUT "
+        "(scheduled retraining demos; format and image size come from OUT/synthetic.json)",
+    )
     synth.set_defaults(_data_run=run_synth)
 
 
@@ -127,7 +136,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from pipelines.synthetic import write_synthetic_dataset
+    from pipelines.synthetic import write_synthetic_dataset, write_synthetic_shard
+
+    if args.new_shard is not None:
+        shard = write_synthetic_shard(args.out_dir, args.new_shard, num_samples=args.num_train, seed=args.seed)
+        sys.stdout.write(
+            f"wrote shard {shard['name']} ({shard['num_samples']} samples: {', '.join(shard['files'])}) to {args.out_dir}\n"
+        )
+        return 0
 
     manifest = write_synthetic_dataset(
         args.out_dir, format=args.format, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed
