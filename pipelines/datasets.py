@@ -5,11 +5,14 @@ Training (Ray Train worker side)::
     accountant = BadSampleAccountant(max_bad_fraction=0.01)      # driver, before trainer.fit()
     train_ds = build_dataset("s3://bucket/data", processor_dir, split="train", accountant=accountant)
     # worker loop:
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=8, collate_fn=Collator(processor_dir)
-    ):
-        image_mask = batch.pop("image_mask")
-        loss = model(**batch).loss
+    try:
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=8, collate_fn=Collator(processor_dir)
+        ):
+            image_mask = batch.pop("image_mask")
+            loss = model(**batch).loss
+    except Exception as err:                                        # mid-stream threshold
+        raise (find_bad_data_error(err, accountant) or err) from err
     accountant.check()                                              # end of epoch: exact threshold
 
 Evaluation (batch generation)::

@@ -3,9 +3,9 @@
 Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
 
 1. :func:`tokenize_batch`: chat template with ``<image>`` and ``<router>`` placed by the processor,
-   everything but assistant answers masked with -100, truncated to ``max_length``; a sample none of
-   whose answer tokens fit is flagged ``too_long``. (Run before decoding so that over-long samples
-   cost no image work.)
+   everything but assistant answers masked with -100, truncated to ``max_length`` (trailing rounds
+   dropped, the last answer cut); a sample whose first prompt plus one answer token does not fit is
+   flagged ``too_long``. (Run before decoding so that over-long samples cost no image work.)
 2. :func:`decode_images`: Pillow ``verify()`` then a full ``load()`` (catches corrupt and truncated
    files), RGB, LLaVA pad-to-square with the mean colour and resize by
    ``DPNImageProcessor.to_uint8`` -> ``pixel_uint8`` ``(S, S, 3)`` uint8 per row (zeros for rows
