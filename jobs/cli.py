@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve_apps.commands", "serve a model behind an OpenAI-compatible Ray Serve endpoint"),
     "train": ("jobs.train", "train DPN on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
+    "eval": ("jobs.evaluate", "evaluate accuracy against prefill FLOPs per compression mode (Ray Data batch inference)"),
     "retrain": ("jobs.retrain", "scheduled retraining: new shards -> challenger -> gate -> champion alias"),
 }
 

@@ -1,0 +1,664 @@
+"""Evaluation job: accuracy against prefill compute, per compression mode, with Ray Data batch inference.
+
+Launch (embedded local Ray, or ``ray job submit --working-dir . -- python -m jobs.evaluate ...``)::
+
+    dpn eval --model models:/dpn@champion --data data/synthetic --compression auto,1,2,4 --json eval.json
+    python -m jobs.evaluate --model dense=runs/dense/model --model dpn=runs:/<run_id>/model \\
+        --compression dense=1 --compression dpn=auto,1,2,4 --data my_eval.jsonl
+
+Pipeline (one pass over the data per model):
+
+1. ``pipelines.datasets.build_eval_dataset``: read any supported format (synthetic benchmark root in
+   LLaVA JSON / WebDataset / Parquet, or LLaVA-style evaluation JSONL with ``question_id``,
+   ``image``, ``question``/``text``, ``answer``), tokenise prompts, decode images; bad samples are
+   skipped and counted (the job fails past ``--max-bad-fraction``).
+2. ``map_batches(Predictor, concurrency=--num-actors, num_gpus=1 per actor when the cluster has
+   GPUs)``: each actor loads the model once (bf16 on GPU, fp32 on CPU), pads prompts on the left and
+   runs greedy ``generate(compression=mode)`` for every requested mode on the same batch, then
+   scores answers by exact match (:mod:`jobs.scoring`). The prefill's own outputs (analytic
+   ``prefill_flops``, ``expert_choices``, ``visual_tokens``, ``router_probs``) are read with a
+   forward hook on the first (prefill) forward call of ``generate`` - no second forward. The dense
+   reference FLOPs of each sample come from ``dpn_model.flops`` (compression 1, no routers, the
+   lm_head on the one position ``generate`` keeps); at compression 1 both must agree, and the
+   report records the largest relative difference.
+3. The driver streams per-sample results into one row per (model, mode) (schema:
+   :mod:`jobs.eval_report`), prints the tables, writes the JSON report, PNG plots and a
+   ``predictions.jsonl``, and logs everything to one MLflow run (params, metrics, artifacts).
+
+``MODEL`` is a local Hugging Face directory, an MLflow run artifact (``runs:/<id>/model``) or a
+registry reference (``models:/dpn@champion``, ``models:/dpn/3``), resolved with
+``jobs.tracking.resolve_model_dir``; MLflow's tracking URI defaults to ``jobs.tracking.tracking_uri()``
+(``$MLFLOW_TRACKING_URI`` or a local SQLite file ``./mlflow.db``). Several ``--model LABEL=MODEL`` are evaluated one after the
+other into the same report; ``--baseline REPORT.json`` adds rows of earlier reports to the table and
+plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs import eval_report
+from jobs.scoring import exact_match, first_line
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMPRESSIONS = "auto,1,2,4"
+DEFAULT_EXPERIMENT = "dpn-eval"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: its label, URI and compression modes."""
+
+    label: str
+    uri: str
+    compressions: list[str | int] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation run needs (the CLI flags, parsed)."""
+
+    models: list[ModelSpec]
+    data: str
+    split: str | None = "eval"
+    batch_size: int = 16
+    num_actors: int = 1
+    max_new_tokens: int = 8
+    max_samples: int | None = None
+    max_length: int = 2048
+    max_bad_fraction: float = 0.01
+    image_folder: str | None = None
+    device: str = "auto"
+    cpus_per_actor: float | None = None
+    json_path: str | None = None
+    output_dir: str | None = None
+    baselines: list[str] = field(default_factory=list)
+    experiment: str = DEFAULT_EXPERIMENT
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    mlflow: bool = True
+    title: str = ""
+
+
+def parse_compressions(text: str, allowed: Sequence[int] | None = None) -> list[str | int]:
+    """``"auto,1,2,4"`` -> ``["auto", 1, 2, 4]`` (order kept, duplicates dropped).
+
+    Args:
+        text: comma-separated modes: ``auto`` or an expert's compression factor.
+        allowed: the model's factors (``config.compression_factors``) to validate against.
+    """
+    modes: list[str | int] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "auto":
+            mode: str | int = "auto"
+        elif part.isdigit() and int(part) > 0:
+            mode = int(part)
+        else:
+            raise ValueError(f"compression mode {part!r} is neither 'auto' nor a positive integer factor (e.g. 1,2,4)")
+        if allowed is not None and mode != "auto" and mode not in allowed:
+            raise ValueError(f"compression {mode} matches no pooling expert of this model; its factors are {list(allowed)}")
+        if mode not in modes:
+            modes.append(mode)
+    if not modes:
+        raise ValueError(f"no compression mode in {text!r}; give e.g. 'auto,1,2,4'")
+    return modes
+
+
+def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None) -> list[ModelSpec]:
+    """``--model [LABEL=]URI`` and ``--compression [LABEL=]MODES`` flags -> model specs.
+
+    A ``--compression`` without a label is the default for every model (``auto,1,2,4`` if none);
+    ``LABEL=MODES`` overrides it for one model. A model without a label is labelled by its URI's
+    last path component.
+    """
+    if not models:
+        raise ValueError("give at least one --model (a local directory, runs:/<id>/model or models:/name@alias)")
+    specs: list[ModelSpec] = []
+    for text in models:
+        label, sep, uri = text.partition("=")
+        if not sep or "/" in label or ":" in label:  # "models:/x" or a path, not "label=uri"
+            label, uri = "", text
+        label = label or (uri.rstrip("/").rsplit("/", 1)[-1].replace("@", "_") or "model")
+        if any(s.label == label for s in specs):
+            raise ValueError(f"two models are labelled {label!r}; label them: --model NAME=URI")
+        specs.append(ModelSpec(label=label, uri=uri))
+    default, per_label = DEFAULT_COMPRESSIONS, {}
+    for text in compressions or []:
+        label, sep, modes = text.partition("=")
+        if sep:
+            if label not in {s.label for s in specs}:
+                raise ValueError(f"--compression {text!r} names no model; labels are {[s.label for s in specs]}")
+            per_label[label] = modes
+        else:
+            default = text
+    for spec in specs:
+        spec.compressions = parse_compressions(per_label.get(spec.label, default))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Model resolution and tracking
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(uri: str, tracking: str | None = None) -> str:
+    """Local Hugging Face directory of a model: a path, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>``
+    (``jobs.tracking.resolve_model_dir``: downloads once into a local cache)."""
+    from jobs.tracking import resolve_model_dir as resolve
+
+    return resolve(uri, tracking=tracking)
+
+
+def _load_config(model_dir: str) -> Any:
+    from transformers import AutoConfig
+
+    import dpn_model  # noqa: F401 - registers dpn_llava with the Auto classes
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if not hasattr(config, "compression_factors"):
+        raise ValueError(f"{model_dir} holds a {config.model_type!r} model, not a DPN model (dpn_llava)")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Data batch inference
+# ----------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """``map_batches`` class: load the model once per actor; per batch, generate greedily in every
+    compression mode and score the answers.
+
+    Args:
+        model_dir: local model directory (on this node) or, if it is not here, a URI to resolve.
+        compressions: modes to run on every batch (``"auto"`` or factors).
+        max_new_tokens: generation budget (answers are short).
+        device: ``"auto"`` (CUDA if visible), ``"cuda"`` or ``"cpu"``.
+        tracking: MLflow tracking URI to resolve ``model_dir`` against when it is a URI.
+
+    Returns per batch ``B * len(compressions)`` rows: ``id``, ``family``, ``kind``, ``question``,
+    ``answer``, ``prediction``, ``correct``, ``compression`` (str), ``prefill_flops``,
+    ``dense_flops``, ``image_flops`` (vision tower + projector, part of both), ``latency_s`` (the mode's batch generation time divided by ``B``),
+    ``expert_choices`` ``(P,)``, ``visual_tokens`` ``(P+1,)``, ``router_probs`` ``(P, E)`` (NaN for
+    forced modes), with ``P`` pooling layers and ``E`` experts.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        compressions: Sequence[str | int],
+        max_new_tokens: int,
+        device: str = "auto",
+        tracking: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        import dpn_model  # noqa: F401 - Auto registration
+        from pipelines.preprocess import load_processor
+
+        if not Path(model_dir).is_dir():  # another node: resolve the URI here
+            model_dir = resolve_model_dir(model_dir, tracking)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.processor = load_processor(model_dir)
+        self.config = self.model.config
+        self.compressions = [str(c) for c in compressions]
+        self.max_new_tokens = max_new_tokens
+        self.num_layers = len(self.config.pooling_layers)
+        self.num_experts = len(self.config.compression_factors)
+        self._prefill: dict[str, Any] | None = None
+        # generate() returns token ids only; the prefill's FLOPs and routing are read from the first
+        # forward call it makes (the prefill) with a standard PyTorch forward hook.
+        self.model.register_forward_hook(self._capture_prefill)
+        self._dense_cache: dict[tuple[int, bool], float] = {}
+        from dpn_model import flops
+
+        grid = self.config.vision_grid
+        self.image_flops = float(
+            flops.vision_tower_flops(self.config.vision_config) + flops.projector_flops(self.config, grid[0] * grid[1])
+        )
+        logger.info("predictor loaded %s on %s (%s)", model_dir, self.device, dtype)
+
+    def _capture_prefill(self, module: Any, args: Any, output: Any) -> None:
+        if self._prefill is None and getattr(output, "prefill_flops", None) is not None:
+            self._prefill = {
+                "prefill_flops": output.prefill_flops.detach().double().cpu().numpy(),
+                "expert_choices": output.expert_choices.detach().cpu().numpy(),
+                "visual_tokens": output.visual_tokens.detach().cpu().numpy(),
+                "router_probs": None
+                if output.router_probs is None
+                else output.router_probs.detach().float().cpu().numpy(),
+            }
+
+    def dense_flops(self, text_len: int, has_image: bool) -> float:
+        """Prefill FLOPs of a sample through the dense model (compression 1, no routers), with the
+        lm_head on the single position ``generate`` computes logits for."""
+        from dpn_model import flops
+
+        key = (text_len, has_image)
+        if key not in self._dense_cache:
+            if has_image:
+                lens = flops.layer_seq_lens_for(self.config, text_len, 1)
+            else:
+                lens = [text_len] * self.config.text_config.num_hidden_layers
+            self._dense_cache[key] = float(
+                flops.prefill_flops(self.config, lens, num_images=int(has_image), lm_head_tokens=1, num_routed_layers=0)
+            )
+        return self._dense_cache[key]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from pipelines.preprocess import collate_batch
+
+        tokenizer = self.processor.tokenizer
+        inputs = collate_batch(batch, tokenizer.pad_token_id, "left", self.processor.image_processor)
+        image_mask = inputs.pop("image_mask").numpy()
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        size, prompt_len = inputs["input_ids"].shape
+        text_lens = (inputs["attention_mask"].sum(-1) - (inputs["input_ids"] == self.config.image_token_id).sum(-1))
+        dense = np.array([self.dense_flops(int(t), bool(h)) for t, h in zip(text_lens.tolist(), image_mask)])
+        image = np.where(image_mask, self.image_flops, 0.0)  # vision tower + projector: same in every mode
+        answers = [str(a) for a in batch["answer"]]
+        out: dict[str, list[Any]] = {k: [] for k in (
+            "prediction", "correct", "compression", "prefill_flops", "latency_s",
+            "expert_choices", "visual_tokens", "router_probs",
+        )}  # fmt: skip
+        for mode in self.compressions:
+            self._prefill = None
+            start = time.perf_counter()
+            with torch.inference_mode():
+                generated = self.model.generate(
+                    **inputs, compression=mode if mode == "auto" else int(mode), do_sample=False,
+                    max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # generation time, not launch time
+            elapsed = time.perf_counter() - start
+            if self._prefill is None:
+                raise RuntimeError("generate() made no prefill forward call with prefill_flops; is this a DPN model?")
+            texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+            predictions = [first_line(t).strip() for t in texts]
+            probs = self._prefill["router_probs"]
+            if probs is None:
+                probs = np.full((size, self.num_layers, self.num_experts), np.nan, dtype=np.float32)
+            out["prediction"] += predictions
+            out["correct"] += [exact_match(p, a) for p, a in zip(predictions, answers)]
+            out["compression"] += [mode] * size
+            out["prefill_flops"].append(self._prefill["prefill_flops"])
+            out["latency_s"] += [elapsed / size] * size
+            out["expert_choices"].append(self._prefill["expert_choices"])
+            out["visual_tokens"].append(self._prefill["visual_tokens"])
+            out["router_probs"].append(probs)
+        repeat = len(self.compressions)
+        return {
+            "id": np.tile(np.asarray(batch["id"]).astype(str), repeat),
+            "family": np.tile(np.asarray(batch["family"]).astype(str), repeat),
+            "kind": np.tile(np.asarray(batch["kind"]).astype(str), repeat),
+            "question": np.tile(np.asarray(batch["question"]).astype(str), repeat),
+            "answer": np.tile(np.asarray(answers, dtype=str), repeat),
+            "prediction": np.asarray(out["prediction"], dtype=str),
+            "correct": np.asarray(out["correct"], dtype=bool),
+            "compression": np.asarray(out["compression"], dtype=str),
+            "prefill_flops": np.concatenate(out["prefill_flops"]),
+            "dense_flops": np.tile(dense, repeat),
+            "image_flops": np.tile(image, repeat),
+            "latency_s": np.asarray(out["latency_s"], dtype=np.float64),
+            "expert_choices": np.concatenate(out["expert_choices"]).astype(np.int64),
+            "visual_tokens": np.concatenate(out["visual_tokens"]).astype(np.int64),
+            "router_probs": np.concatenate(out["router_probs"]).astype(np.float32),
+        }
+
+
+def _use_gpus(device: str) -> bool:
+    import ray
+
+    if device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if device == "cuda" and not gpus:
+        raise RuntimeError("--device cuda but the Ray cluster has no GPUs; use --device auto or cpu")
+    return gpus
+
+
+def _cpu_budget(cfg: EvalConfig, gpus: bool) -> tuple[float, float]:
+    """CPUs per inference actor and for the preprocessing actor.
+
+    Ray Data also needs one CPU for its read tasks; on a small CPU-only cluster (a laptop, 2 cores)
+    whole-CPU actors would take every CPU and the read would never be scheduled. Without an explicit
+    ``--cpus-per-actor``, the CPUs left after one for reading are shared by the actors (at most one
+    each).
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    share = min(1.0, max(total - 1.0, 0.25) / (cfg.num_actors + 1))
+    if gpus:
+        return (cfg.cpus_per_actor or 1.0), 1.0 if total >= 3 else share
+    return (cfg.cpus_per_actor or share), share
+
+
+def predict(spec: ModelSpec, model_dir: str, cfg: EvalConfig) -> Any:
+    """The lazy Ray Dataset of per-sample, per-mode results for one model, and its bad-sample
+    accountant (``(dataset, accountant)``)."""
+    from pipelines.accounting import BadSampleAccountant
+    from pipelines.datasets import build_eval_dataset
+
+    gpus = _use_gpus(cfg.device)
+    actor_cpus, preprocess_cpus = _cpu_budget(cfg, gpus)
+    accountant = BadSampleAccountant(max_bad_fraction=cfg.max_bad_fraction)
+    ds = build_eval_dataset(
+        cfg.data, model_dir, cfg.split, max_length=cfg.max_length, accountant=accountant,
+        image_folder=cfg.image_folder, batch_size=max(cfg.batch_size, 16), num_cpus=preprocess_cpus,
+    )  # fmt: skip
+    if cfg.max_samples:
+        ds = ds.limit(cfg.max_samples)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_dir": model_dir if Path(model_dir).is_dir() else spec.uri,
+            "compressions": spec.compressions,
+            "max_new_tokens": cfg.max_new_tokens,
+            "device": "cuda" if gpus else "cpu",
+            "tracking": cfg.tracking_uri,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=cfg.num_actors,
+        num_gpus=1 if gpus else 0,
+        num_cpus=actor_cpus,
+    )
+    return ds, accountant
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+
+
+def _predictions_record(batch: dict[str, np.ndarray], i: int, label: str) -> dict[str, Any]:
+    return {
+        "label": label,
+        "id": str(batch["id"][i]),
+        "compression": str(batch["compression"][i]),
+        "family": str(batch["family"][i]),
+        "kind": str(batch["kind"][i]),
+        "question": str(batch["question"][i]),
+        "answer": str(batch["answer"][i]),
+        "prediction": str(batch["prediction"][i]),
+        "correct": bool(batch["correct"][i]),
+        "prefill_flops": float(batch["prefill_flops"][i]),
+        "expert_choices": [int(c) for c in batch["expert_choices"][i]],
+    }
+
+
+def evaluate_model(spec: ModelSpec, cfg: EvalConfig, predictions: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate one model in all its modes; write its predictions to the open file ``predictions``.
+
+    Returns:
+        ``(rows, info)``: one report row per mode, and facts about the model (directory, counts).
+    """
+    from tqdm import tqdm
+
+    model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
+    config = _load_config(model_dir)
+    spec.compressions = parse_compressions(",".join(str(c) for c in spec.compressions), config.compression_factors)
+    accumulators = {
+        str(mode): eval_report.ModeAccumulator(
+            spec.label, spec.uri, mode, config.compression_factors, len(config.pooling_layers)
+        )
+        for mode in spec.compressions
+    }
+    logger.info("evaluating %s (%s) in modes %s on %s", spec.label, model_dir, spec.compressions, cfg.data)
+    ds, accountant = predict(spec, model_dir, cfg)
+    start = time.perf_counter()
+    num_modes = len(spec.compressions)
+    with tqdm(desc=f"eval {spec.label}", unit="sample", total=cfg.max_samples, file=sys.stderr) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            modes = np.asarray(batch["compression"]).astype(str)
+            for mode, acc in accumulators.items():
+                sel = modes == mode
+                if sel.any():
+                    acc.add({k: np.asarray(v)[sel] for k, v in batch.items()})
+            for i in range(len(modes)):
+                predictions.write(json.dumps(_predictions_record(batch, i, spec.label)) + "\n")
+            bar.update(len(modes) // num_modes)
+            done = accumulators[str(spec.compressions[0])].total
+            bar.set_postfix(acc=f"{done.correct / max(done.n, 1):.3f}")
+    bad = accountant.check()  # exact bad-sample threshold over the whole pass
+    rows = [acc.row() for acc in accumulators.values()]
+    if not rows or rows[0]["num_samples"] == 0:
+        raise ValueError(f"no evaluable sample in {cfg.data} (split {cfg.split!r}): {bad.summary()}")
+    for row in rows:
+        err = row.get("dense_flops_max_rel_error")
+        if err is not None and err > 1e-6:
+            logger.warning(
+                "%s: the model's prefill_flops at compression 1 differ from dpn_model.flops by up to %.2e "
+                "(relative); the FLOPs ratios may be off", spec.label, err,
+            )  # fmt: skip
+    info = {
+        "label": spec.label,
+        "uri": spec.uri,
+        "model_dir": model_dir,
+        "compressions": [str(c) for c in spec.compressions],
+        "num_samples": rows[0]["num_samples"],
+        "bad_samples": bad.to_dict(),
+        "wall_s": time.perf_counter() - start,
+    }
+    return rows, info
+
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)  # RAY_ADDRESS / `ray job submit` connect to a cluster
+
+
+def _output_dir(cfg: EvalConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path("runs") / "eval" / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> str:
+    import mlflow
+
+    from jobs.tracking import setup_tracking
+
+    setup_tracking(cfg.tracking_uri, cfg.experiment)
+    with mlflow.start_run(run_name=cfg.run_name) as run:
+        params = {
+            "data": cfg.data, "split": cfg.split, "batch_size": cfg.batch_size, "num_actors": cfg.num_actors,
+            "max_new_tokens": cfg.max_new_tokens, "max_samples": cfg.max_samples, "device": report["meta"]["device"],
+        }  # fmt: skip
+        for spec in cfg.models:
+            params[f"model.{spec.label}"] = spec.uri
+            params[f"compression.{spec.label}"] = ",".join(str(c) for c in spec.compressions)
+        mlflow.log_params(params)
+        mlflow.set_tags({"job": "evaluate", **{f"model.{s.label}": s.uri for s in cfg.models}})
+        metrics: dict[str, float] = {}
+        for row in report["rows"]:
+            if row.get("baseline"):
+                continue
+            prefix = f"{row['label']}/{row['compression']}"
+            for key in ("accuracy", "flops_ratio", "mean_prefill_flops", "latency_ms_per_sample"):
+                if row.get(key) is not None:
+                    metrics[f"{prefix}/{key}"] = float(row[key])
+            for name, entry in {**row["per_family"], **row["per_kind"]}.items():
+                metrics[f"{prefix}/accuracy/{name}"] = float(entry["accuracy"])
+            for i, tokens in enumerate(row["visual_tokens_per_layer"]):
+                metrics[f"{prefix}/visual_tokens/{i}"] = float(tokens)
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation job; returns the report (``{"version", "meta", "rows"}``)."""
+    import ray
+
+    from jobs.tracking import tracking_uri
+
+    uri = cfg.tracking_uri = tracking_uri(cfg.tracking_uri)  # also what models:/ and runs:/ resolve against
+    out_dir = _output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _init_ray()
+    baseline_rows = [{**r, "baseline": True} for r in eval_report.load_rows(cfg.baselines)]
+    rows: list[dict[str, Any]] = []
+    infos = []
+    start = time.perf_counter()
+    predictions_path = out_dir / "predictions.jsonl"
+    with predictions_path.open("w") as predictions:
+        for spec in cfg.models:
+            model_rows, info = evaluate_model(spec, cfg, predictions)
+            rows += model_rows
+            infos.append(info)
+    meta = {
+        "data": cfg.data,
+        "split": cfg.split,
+        "models": infos,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "models"},
+        "device": "cuda" if _use_gpus(cfg.device) else "cpu",
+        "ray_version": ray.__version__,
+        "wall_s": time.perf_counter() - start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tracking_uri": uri if cfg.mlflow else None,
+    }
+    report = eval_report.make_report(baseline_rows + rows, meta)
+    all_rows = report["rows"]
+    table = eval_report.format_table(all_rows)
+    families = eval_report.format_family_table(all_rows)
+    print(f"\n{table}\n\naccuracy per question family (%; auto: accuracy/visual tokens kept)\n{families}\n")
+    (out_dir / "table.txt").write_text(f"{table}\n\n{families}\n")
+    plots = eval_report.write_plots(all_rows, out_dir / "plots", cfg.title)
+    json_path = eval_report.write_json(report, out_dir / "eval.json")
+    if cfg.mlflow:
+        run_id = _log_mlflow(cfg, report, [json_path, out_dir / "table.txt", predictions_path, *plots])
+        report["meta"]["mlflow_run_id"] = run_id
+        logger.info("logged to MLflow run %s (%s)", run_id, uri)
+        eval_report.write_json(report, json_path)
+    if cfg.json_path:
+        eval_report.write_json(report, cfg.json_path)
+        logger.info("wrote %s", cfg.json_path)
+    logger.info("report, plots and predictions in %s", out_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``dpn eval`` / ``python -m jobs.evaluate``."""
+    parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
+                        help="model directory, runs:/<run_id>/<path> or models:/<name>@<alias>; repeat to compare")  # fmt: skip
+    parser.add_argument("--data", required=True,
+                        help="dataset root / file / glob (synthetic benchmark in any format, LLaVA JSON, "
+                        "evaluation JSONL, WebDataset, Parquet; local or s3://, gs://)")  # fmt: skip
+    parser.add_argument("--split", default="eval", help="split of a dataset root ('none' = every file; default eval)")
+    parser.add_argument("--compression", action="append", metavar="[LABEL=]MODES",
+                        help=f"comma-separated modes (auto and expert factors; default {DEFAULT_COMPRESSIONS}); "
+                        "LABEL=MODES sets one model's modes")  # fmt: skip
+    parser.add_argument("--json", dest="json_path", help="write the JSON report here")
+    parser.add_argument("--baseline", action="append", default=[], metavar="REPORT.json",
+                        help="add the rows of an earlier report to the table and plots")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per generation batch (default 16)")
+    parser.add_argument("--num-actors", type=int, default=1, help="inference actors (one GPU each on GPU clusters)")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer (default 8)")
+    parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    parser.add_argument("--max-length", type=int, default=2048, help="longest prompt in tokens (longer: skipped)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail past this fraction of bad samples")
+    parser.add_argument("--image-folder", help="folder relative image paths resolve against (default: the file's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: one GPU per actor when the cluster has GPUs")  # fmt: skip
+    parser.add_argument("--cpus-per-actor", type=float,
+                        help="CPUs reserved per inference actor (default: 1 on GPU; on CPU, a share that leaves "
+                        "one CPU for reading)")  # fmt: skip
+    parser.add_argument("--output-dir", help="where the report, plots and predictions go (default runs/eval/<time>)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
+    parser.add_argument("--run-name", help="MLflow run name")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--title", default="", help="title of the accuracy-vs-FLOPs plot")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Parsed flags -> :class:`EvalConfig` (validates values, with messages naming the flag)."""
+    for name in ("batch_size", "num_actors", "max_new_tokens", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+    return EvalConfig(
+        models=parse_model_specs(args.model, args.compression),
+        data=args.data,
+        split=None if str(args.split).lower() == "none" else args.split,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        max_new_tokens=args.max_new_tokens,
+        max_samples=args.max_samples,
+        max_length=args.max_length,
+        max_bad_fraction=args.max_bad_fraction,
+        image_folder=args.image_folder,
+        device=args.device,
+        cpus_per_actor=args.cpus_per_actor,
+        json_path=args.json_path,
+        output_dir=args.output_dir,
+        baselines=list(args.baseline),
+        experiment=args.experiment,
+        run_name=args.run_name,
+        tracking_uri=args.tracking_uri,
+        mlflow=not args.no_mlflow,
+        title=args.title,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dpn eval``: run the job; 0 on success, 2 on a usage error."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        logger.error("%s", err)
+        return 2
+    evaluate(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
