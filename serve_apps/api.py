@@ -232,6 +232,7 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
         "seed": req.seed,
         "stop": req.stop_list(),
         "compression": req.compression_value(),
+        "ignore_eos": req.ignore_eos,
     }
 
 

@@ -45,6 +45,7 @@ class Prepared:
     stop: list[str]
     compression: str | int  # what the request asked for
     request_id: str = ""
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -101,6 +102,7 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         stop=list(request.get("stop") or []),
         compression=request.get("compression", "auto"),
         request_id=request.get("request_id", ""),
+        ignore_eos=bool(request.get("ignore_eos", False)),
     )
 
 
@@ -238,7 +240,7 @@ class BatchRun:
                 continue
             token = _sample(logits[i].cpu(), req, self.generators[i])
             finish = None
-            if token == self.eos_id:
+            if token == self.eos_id and not req.ignore_eos:
                 finish = "stop"
             else:
                 row.generated.append(token)

@@ -114,6 +114,10 @@ class DPNModelServer:
         self._reload_lock = asyncio.Lock()
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.batching.history)
         self._started = time.time()
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica (tests, scripts)
+            self.replica_id = "local"
         for name in ("_queue_auto", "_queue_1", "_queue_2", "_queue_4", "_queue_mixed"):
             queue = getattr(self, name)
             queue.set_max_batch_size(self.batching.max_batch_size)
@@ -155,6 +159,7 @@ class DPNModelServer:
             "compression_factors": list(config.compression_factors),
             "pooling_layers": list(config.pooling_layers),
             "num_visual_tokens": int(config.num_visual_tokens),
+            "replica": self.replica_id,
             "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "batching": asdict(self.batching),
@@ -231,6 +236,7 @@ class DPNModelServer:
         model, processor, _, version = self._require_model()
         run = BatchRun(model, processor, items, rate, queue)
         run.info["fingerprint"] = version
+        run.info["replica"] = self.replica_id
         run.info["started"] = round(time.time(), 3)
         self._history.append(run.info)
         loop = asyncio.get_running_loop()

@@ -106,6 +106,7 @@ class ChatCompletionRequest(_Strict):
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     user: StrictStr | None = None
     compression: Compression | StrictStr = "auto"
+    ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -496,6 +496,7 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
                 response = http.post(url, json=body, headers=_auth())
                 seen.append((response.status_code, response.json().get("system_fingerprint")))
 
+    replica = httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"]
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
@@ -512,6 +513,8 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
     fingerprints = [fp for _, fp in seen]
     assert "v1" in fingerprints and fingerprints[-1] == "v2"
     assert httpx.get(served + "/v1/models", headers=_auth()).json()["data"][0]["root"] == checkpoints[1]
+    # swapped in place by reconfigure(), not by replacing the replica
+    assert httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"] == replica
 
 
 @pytest.mark.ray
