@@ -64,9 +64,12 @@ def _run(cmd: list[str], log_path: Path) -> str:
     start = time.time()
     lines: list[str] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
-    with log_path.open("w") as log, subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-    ) as proc:
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        ) as proc,
+    ):
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -76,7 +79,9 @@ def _run(cmd: list[str], log_path: Path) -> str:
         code = proc.wait()
     if code != 0:
         tail = "".join(lines[-40:])
-        raise RuntimeError(f"{cmd[2]} failed (exit {code}) after {time.time() - start:.0f} s; log {log_path}\n{tail}")
+        raise RuntimeError(
+            f"{cmd[2]} failed (exit {code}) after {time.time() - start:.0f} s; log {log_path}\n{tail}"
+        )
     logger.info("done in %.0f s", time.time() - start)
     return "".join(lines)
 
@@ -248,10 +253,14 @@ def _update_benchmarks_md(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="dpn,dense,fixed4,fixed2", help="which models to train (in this order)")
+    parser.add_argument(
+        "--variants", default="dpn,dense,fixed4,fixed2", help="which models to train (in this order)"
+    )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
                         help="use an already trained model for a variant instead of training it")  # fmt: skip
-    parser.add_argument("--max-steps", type=int, help="train.max_steps for every variant (default: the configs')")
+    parser.add_argument(
+        "--max-steps", type=int, help="train.max_steps for every variant (default: the configs')"
+    )
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra jobs.train override for every variant")  # fmt: skip
     parser.add_argument("--dpn-override", action="append", default=[], metavar="KEY=VALUE",
@@ -260,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--experiment", default="dpn-quality")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="suffix of run names")
-    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md / benchmarks/results")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not touch BENCHMARKS.md / benchmarks/results"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_dir = REPO / "runs" / "quality" / args.tag

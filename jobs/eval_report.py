@@ -97,9 +97,7 @@ class _Group:
         routing = None
         if auto:
             keys = [str(f) for f in factors] + [SKIPPED]
-            routing = [
-                {k: float(c) / n for k, c in zip(keys, layer)} for layer in self.choices.tolist()
-            ]
+            routing = [{k: float(c) / n for k, c in zip(keys, layer)} for layer in self.choices.tolist()]
         return {
             "num_samples": self.n,
             "correct": self.correct,
@@ -126,7 +124,9 @@ class ModeAccumulator:
         num_layers: number of pooling layers.
     """
 
-    def __init__(self, label: str, model: str, compression: str | int, factors: Sequence[int], num_layers: int):
+    def __init__(
+        self, label: str, model: str, compression: str | int, factors: Sequence[int], num_layers: int
+    ):
         self.label, self.model, self.compression = label, model, compression
         self.factors = [int(f) for f in factors]
         self.num_layers = num_layers
@@ -179,7 +179,10 @@ class ModeAccumulator:
         routing = None
         if self.auto:
             routed = np.maximum(self.total.routed, 1)[:, None]
-            routing = {"per_layer": total["routing"], "mean_router_probs": (self.total.probs / routed).tolist()}
+            routing = {
+                "per_layer": total["routing"],
+                "mean_router_probs": (self.total.probs / routed).tolist(),
+            }
         per_family = {}
         for name in sorted(self.families):
             entry = self.families[name].to_dict(self.factors, self.auto)
@@ -193,7 +196,9 @@ class ModeAccumulator:
             **{k: v for k, v in total.items() if k != "routing"},
             "routing": routing,
             "per_family": per_family,
-            "per_kind": {name: self.kinds[name].to_dict(self.factors, self.auto) for name in sorted(self.kinds)},
+            "per_kind": {
+                name: self.kinds[name].to_dict(self.factors, self.auto) for name in sorted(self.kinds)
+            },
             "latency_ms_per_sample": 1000.0 * self.latency_s / max(self.total.n, 1),
             "expert_factors": self.factors,
         }
@@ -373,7 +378,9 @@ def plot_routing(row: Mapping[str, Any], path: str | Path) -> Path:
         ax = axes[layer]
         left = np.zeros(len(families))
         for key in keys:
-            widths = np.array([(per_family[f]["routing"] or [{}] * num_layers)[layer].get(key, 0.0) for f in families])
+            widths = np.array(
+                [(per_family[f]["routing"] or [{}] * num_layers)[layer].get(key, 0.0) for f in families]
+            )
             ax.barh(names, widths, left=left, color=colours.get(key, "black"),
                     label=f"{key}x" if key != SKIPPED else key)  # fmt: skip
             left += widths

@@ -112,9 +112,13 @@ def parse_compressions(text: str, allowed: Sequence[int] | None = None) -> list[
         elif part.isdigit() and int(part) > 0:
             mode = int(part)
         else:
-            raise ValueError(f"compression mode {part!r} is neither 'auto' nor a positive integer factor (e.g. 1,2,4)")
+            raise ValueError(
+                f"compression mode {part!r} is neither 'auto' nor a positive integer factor (e.g. 1,2,4)"
+            )
         if allowed is not None and mode != "auto" and mode not in allowed:
-            raise ValueError(f"compression {mode} matches no pooling expert of this model; its factors are {list(allowed)}")
+            raise ValueError(
+                f"compression {mode} matches no pooling expert of this model; its factors are {list(allowed)}"
+            )
         if mode not in modes:
             modes.append(mode)
     if not modes:
@@ -130,7 +134,9 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
     last path component.
     """
     if not models:
-        raise ValueError("give at least one --model (a local directory, runs:/<id>/model or models:/name@alias)")
+        raise ValueError(
+            "give at least one --model (a local directory, runs:/<id>/model or models:/name@alias)"
+        )
     specs: list[ModelSpec] = []
     for text in models:
         label, sep, uri = text.partition("=")
@@ -145,7 +151,9 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
         label, sep, modes = text.partition("=")
         if sep:
             if label not in {s.label for s in specs}:
-                raise ValueError(f"--compression {text!r} names no model; labels are {[s.label for s in specs]}")
+                raise ValueError(
+                    f"--compression {text!r} names no model; labels are {[s.label for s in specs]}"
+                )
             per_label[label] = modes
         else:
             default = text
@@ -221,7 +229,9 @@ class Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        )
         self.processor = load_processor(model_dir)
         self.config = self.model.config
         self.compressions = [str(c) for c in compressions]
@@ -237,7 +247,8 @@ class Predictor:
 
         grid = self.config.vision_grid
         self.image_flops = float(
-            flops.vision_tower_flops(self.config.vision_config) + flops.projector_flops(self.config, grid[0] * grid[1])
+            flops.vision_tower_flops(self.config.vision_config)
+            + flops.projector_flops(self.config, grid[0] * grid[1])
         )
         logger.info("predictor loaded %s on %s (%s)", model_dir, self.device, dtype)
 
@@ -264,7 +275,9 @@ class Predictor:
             else:
                 lens = [text_len] * self.config.text_config.num_hidden_layers
             self._dense_cache[key] = float(
-                flops.prefill_flops(self.config, lens, num_images=int(has_image), lm_head_tokens=1, num_routed_layers=0)
+                flops.prefill_flops(
+                    self.config, lens, num_images=int(has_image), lm_head_tokens=1, num_routed_layers=0
+                )
             )
         return self._dense_cache[key]
 
@@ -280,7 +293,9 @@ class Predictor:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         size, prompt_len = inputs["input_ids"].shape
-        text_lens = (inputs["attention_mask"].sum(-1) - (inputs["input_ids"] == self.config.image_token_id).sum(-1))
+        text_lens = inputs["attention_mask"].sum(-1) - (
+            inputs["input_ids"] == self.config.image_token_id
+        ).sum(-1)
         dense = np.array([self.dense_flops(int(t), bool(h)) for t, h in zip(text_lens.tolist(), image_mask)])
         image = np.where(image_mask, self.image_flops, 0.0)  # vision tower + projector: same in every mode
         answers = [str(a) for a in batch["answer"]]
@@ -300,7 +315,9 @@ class Predictor:
                 torch.cuda.synchronize(self.device)  # generation time, not launch time
             elapsed = time.perf_counter() - start
             if self._prefill is None:
-                raise RuntimeError("generate() made no prefill forward call with prefill_flops; is this a DPN model?")
+                raise RuntimeError(
+                    "generate() made no prefill forward call with prefill_flops; is this a DPN model?"
+                )
             texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
             predictions = [first_line(t).strip() for t in texts]
             probs = self._prefill["router_probs"]
@@ -416,7 +433,9 @@ def _predictions_record(batch: dict[str, np.ndarray], i: int, label: str) -> dic
     }
 
 
-def evaluate_model(spec: ModelSpec, cfg: EvalConfig, predictions: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def evaluate_model(
+    spec: ModelSpec, cfg: EvalConfig, predictions: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Evaluate one model in all its modes; write its predictions to the open file ``predictions``.
 
     Returns:
@@ -426,7 +445,9 @@ def evaluate_model(spec: ModelSpec, cfg: EvalConfig, predictions: Any) -> tuple[
 
     model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
     config = _load_config(model_dir)
-    spec.compressions = parse_compressions(",".join(str(c) for c in spec.compressions), config.compression_factors)
+    spec.compressions = parse_compressions(
+        ",".join(str(c) for c in spec.compressions), config.compression_factors
+    )
     accumulators = {
         str(mode): eval_report.ModeAccumulator(
             spec.label, spec.uri, mode, config.compression_factors, len(config.pooling_layers)
@@ -582,29 +603,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="dataset root / file / glob (synthetic benchmark in any format, LLaVA JSON, "
                         "evaluation JSONL, WebDataset, Parquet; local or s3://, gs://)")  # fmt: skip
-    parser.add_argument("--split", default="eval", help="split of a dataset root ('none' = every file; default eval)")
+    parser.add_argument(
+        "--split", default="eval", help="split of a dataset root ('none' = every file; default eval)"
+    )
     parser.add_argument("--compression", action="append", metavar="[LABEL=]MODES",
                         help=f"comma-separated modes (auto and expert factors; default {DEFAULT_COMPRESSIONS}); "
                         "LABEL=MODES sets one model's modes")  # fmt: skip
     parser.add_argument("--json", dest="json_path", help="write the JSON report here")
     parser.add_argument("--baseline", action="append", default=[], metavar="REPORT.json",
                         help="add the rows of an earlier report to the table and plots")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per generation batch (default 16)")
-    parser.add_argument("--num-actors", type=int, default=1, help="inference actors (one GPU each on GPU clusters)")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="generation budget per answer (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="samples per generation batch (default 16)"
+    )
+    parser.add_argument(
+        "--num-actors", type=int, default=1, help="inference actors (one GPU each on GPU clusters)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=8, help="generation budget per answer (default 8)"
+    )
     parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
-    parser.add_argument("--max-length", type=int, default=2048, help="longest prompt in tokens (longer: skipped)")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail past this fraction of bad samples")
-    parser.add_argument("--image-folder", help="folder relative image paths resolve against (default: the file's)")
+    parser.add_argument(
+        "--max-length", type=int, default=2048, help="longest prompt in tokens (longer: skipped)"
+    )
+    parser.add_argument(
+        "--max-bad-fraction", type=float, default=0.01, help="fail past this fraction of bad samples"
+    )
+    parser.add_argument(
+        "--image-folder", help="folder relative image paths resolve against (default: the file's)"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: one GPU per actor when the cluster has GPUs")  # fmt: skip
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs reserved per inference actor (default: 1 on GPU; on CPU, a share that leaves "
                         "one CPU for reading)")  # fmt: skip
-    parser.add_argument("--output-dir", help="where the report, plots and predictions go (default runs/eval/<time>)")
+    parser.add_argument(
+        "--output-dir", help="where the report, plots and predictions go (default runs/eval/<time>)"
+    )
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow run name")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--title", default="", help="title of the accuracy-vs-FLOPs plot")
 
@@ -656,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return run(args)
 
 

@@ -132,7 +132,12 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     ckpt = create_checkpoint("tiny", str(root / "ckpt"), seed=0)
     write_synthetic_dataset(root / "data", "parquet", num_train=0, num_eval=NUM_EVAL, seed=1)
-    return {"root": root, "ckpt": ckpt, "data": str(root / "data"), "tracking": f"sqlite:///{root / 'mlflow.db'}"}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "data": str(root / "data"),
+        "tracking": f"sqlite:///{root / 'mlflow.db'}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +168,13 @@ def test_report_has_every_field(report, workspace):
     assert [r["compression"] for r in on_disk["rows"]] == ["auto", 1, 2, 4]
     families = {"big_color", "big_count", "big_side", "tile_half", "tile_corner", "tile_diagonal"}
     for row in rows:
-        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert set(row) >= ROW_KEYS, ROW_KEYS - set(row)
         assert row["num_samples"] == NUM_EVAL
         assert 0.0 <= row["accuracy"] <= 1.0
-        assert set(row["per_family"]) <= families and sum(f["num_samples"] for f in row["per_family"].values()) == NUM_EVAL
+        assert (
+            set(row["per_family"]) <= families
+            and sum(f["num_samples"] for f in row["per_family"].values()) == NUM_EVAL
+        )
         assert set(row["per_kind"]) == {"coarse", "fine"}
         assert len(row["visual_tokens_per_layer"]) == 4  # before pooling + 3 pooling layers
         assert row["latency_ms_per_sample"] > 0
@@ -248,7 +256,13 @@ def test_everything_is_logged_to_mlflow(report, workspace):
     assert metrics["tiny/4/flops_ratio"] == pytest.approx(report["rows"][3]["flops_ratio"])
     assert "tiny/auto/accuracy/fine" in metrics
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"eval.json", "table.txt", "predictions.jsonl", "accuracy_vs_flops.png", "routing_tiny.png"} <= artifacts
+    assert {
+        "eval.json",
+        "table.txt",
+        "predictions.jsonl",
+        "accuracy_vs_flops.png",
+        "routing_tiny.png",
+    } <= artifacts
 
 
 @pytest.mark.ray
@@ -300,7 +314,10 @@ def test_cli_on_a_llava_style_eval_jsonl(ray_cluster, workspace, capsys):
     ])  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
-    assert [(r["label"], r["compression"], r["num_samples"]) for r in report["rows"]] == [("mine", 1, 4), ("mine", 4, 4)]
+    assert [(r["label"], r["compression"], r["num_samples"]) for r in report["rows"]] == [
+        ("mine", 1, 4),
+        ("mine", 4, 4),
+    ]
     assert set(report["rows"][0]["per_family"]) == {"unlabelled"} and report["rows"][0]["per_kind"] == {}
     assert "x dense" in capsys.readouterr().out
 
