@@ -196,11 +196,13 @@ class Predictor:
     compression mode and score the answers.
 
     Args:
-        model_dir: local model directory (on this node) or, if it is not here, a URI to resolve.
+        model_dir: the driver's local model directory (used when this node sees it too).
         compressions: modes to run on every batch (``"auto"`` or factors).
         max_new_tokens: generation budget (answers are short).
         device: ``"auto"`` (CUDA if visible), ``"cuda"`` or ``"cpu"``.
-        tracking: MLflow tracking URI to resolve ``model_dir`` against when it is a URI.
+        tracking: MLflow tracking URI to resolve ``model_uri`` against.
+        model_uri: the model's URI, resolved (downloaded) on this node when ``model_dir`` is not
+            here (actors on other nodes of a cluster).
 
     Returns per batch ``B * len(compressions)`` rows: ``id``, ``family``, ``kind``, ``question``,
     ``answer``, ``prediction``, ``correct``, ``compression`` (str), ``prefill_flops``,
@@ -216,6 +218,7 @@ class Predictor:
         max_new_tokens: int,
         device: str = "auto",
         tracking: str | None = None,
+        model_uri: str | None = None,
     ):
         import torch
         from transformers import AutoModelForImageTextToText
@@ -224,7 +227,7 @@ class Predictor:
         from pipelines.preprocess import load_processor
 
         if not Path(model_dir).is_dir():  # another node: resolve the URI here
-            model_dir = resolve_model_dir(model_dir, tracking)
+            model_dir = resolve_model_dir(model_uri or model_dir, tracking)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -397,7 +400,8 @@ def predict(spec: ModelSpec, model_dir: str, cfg: EvalConfig) -> Any:
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "model_dir": model_dir if Path(model_dir).is_dir() else spec.uri,
+            "model_dir": model_dir,
+            "model_uri": spec.uri,
             "compressions": spec.compressions,
             "max_new_tokens": cfg.max_new_tokens,
             "device": "cuda" if gpus else "cpu",

@@ -327,3 +327,28 @@ def test_cli_usage_errors_exit_2(tmp_path):
 
     assert main(["eval", "--model", "x=/nope", "--data", str(tmp_path), "--compression", "y=1"]) == 2
     assert main(["eval", "--model", "/nope", "--data", str(tmp_path), "--batch-size", "0"]) == 2
+
+
+def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):
+    """Actors on other nodes do not see the driver's download folder: they resolve the URI."""
+    from jobs.evaluate import Predictor
+    from pipelines.preprocess import Preprocessor
+    from pipelines.synthetic import generate_samples
+
+    samples = list(generate_samples(3, seed=7, tag="eval"))
+    rows = {
+        "id": np.array([s.id for s in samples]),
+        "image": np.array([s.png_bytes() for s in samples], dtype=object),
+        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
+        "family": np.array([s.family for s in samples]),
+        "kind": np.array([s.kind for s in samples]),
+        "bad_reason": np.array([""] * 3),
+    }
+    batch = Preprocessor(workspace["ckpt"], 2048, "eval")(rows)
+    predictor = Predictor("/not/on/this/node", ["auto", 1], 2, device="cpu", model_uri=workspace["ckpt"])
+    out = predictor(batch)
+    assert len(out["id"]) == 6 and list(out["compression"]) == ["auto"] * 3 + ["1"] * 3
+    assert np.allclose(out["prefill_flops"][3:], out["dense_flops"][3:], rtol=1e-12)
+    assert (out["prefill_flops"][:3] < out["dense_flops"][:3]).all()
+    assert out["visual_tokens"].shape == (6, 4) and out["router_probs"].shape == (6, 3, 3)
+    assert np.isnan(out["router_probs"][3:]).all() and np.allclose(out["router_probs"][:3].sum(-1), 1.0)
