@@ -80,6 +80,11 @@ class Registry:
     def champion(self) -> ModelVersion | None:
         return self.alias(self.champion_alias)
 
+    def champion_version(self) -> str | None:
+        """The champion's version number as a string, or None."""
+        mv = self.champion()
+        return str(mv.version) if mv is not None else None
+
     def get(self, version: str) -> ModelVersion:
         return self.client.get_model_version(self.name, str(version))
 
@@ -158,19 +163,20 @@ class Registry:
         """
         self.wait_ready(version, timeout_s)
         current = self.champion()
-        if current is not None and current.version == str(version):
+        old = str(current.version) if current is not None else None  # MLflow returns int or str versions
+        if old == str(version):
             logger.info("%s version %s already is the %s", self.name, version, self.champion_alias)
             return None
-        if current is not None:
-            self.client.set_registered_model_alias(self.name, self.previous_alias, current.version)
+        if old is not None:
+            self.client.set_registered_model_alias(self.name, self.previous_alias, old)
         if between_moves is not None:
             between_moves()
         self.client.set_registered_model_alias(self.name, self.champion_alias, str(version))
         logger.info(
             "promoted %s version %s to %s%s", self.name, version, self.champion_alias,
-            f" ({self.previous_alias}: version {current.version})" if current is not None else "",
+            f" ({self.previous_alias}: version {old})" if old is not None else "",
         )  # fmt: skip
-        return current.version if current is not None else None
+        return old
 
 
 __all__ = [

@@ -205,7 +205,7 @@ def discover(cfg: RetrainConfig, registry: Registry, train_cfg: TrainConfig) -> 
                        cfg.data.root, ", ".join(missing[:10]))  # fmt: skip
     champion = registry.champion()
     if champion is not None:
-        registry.wait_ready(champion.version, cfg.mlflow.ready_timeout_s)
+        registry.wait_ready(str(champion.version), cfg.mlflow.ready_timeout_s)
         init = f"models:/{registry.name}/{champion.version}"
     else:
         init = cfg.training.initial_model or train_cfg.model.init
@@ -213,7 +213,7 @@ def discover(cfg: RetrainConfig, registry: Registry, train_cfg: TrainConfig) -> 
     return {
         "key": retrain_key(registry.name, init, new) if new else "",
         "init": init,
-        "parent": champion.version if champion is not None else NO_CHAMPION,
+        "parent": str(champion.version) if champion is not None else NO_CHAMPION,
         "data_root": cfg.data.root,
         "new": shard_lib.shards_to_json(new),
         "earlier": shard_lib.shards_to_json(earlier),
@@ -261,7 +261,7 @@ def _registered_challenger(registry: Registry, experiment: str, train_name: str,
     if run is None:
         return None
     versions = [v for v in registry.versions_of_run(run.info.run_id) if v.status != "FAILED_REGISTRATION"]
-    return versions[-1].version if versions else None
+    return str(versions[-1].version) if versions else None
 
 
 def train_challenger(
@@ -436,8 +436,7 @@ def _finish(
         logger.warning("rejected %s version %s: %s", registry.name, challenger, decision.reason)
     client.set_tag(run_id, STATE_TAG, "done")
     tracking.end_run(run_id, "FINISHED", uri=uri)
-    champion = registry.champion()
-    return (champion.version if champion is not None else ""), previous
+    return registry.champion_version() or "", previous
 
 
 def retrain(cfg: RetrainConfig) -> RetrainResult:
@@ -466,9 +465,8 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                 reason = (f"{plan['new_samples']} new samples in {len(plan['new'])} new shard(s) under "
                           f"{cfg.data.root}; need {cfg.data.min_new_samples}: nothing to do")  # fmt: skip
                 logger.info("%s", reason)
-                champion = registry.champion()
                 return RetrainResult("no_new_data", reason, new_samples=plan["new_samples"],
-                                     champion=champion.version if champion is not None else "")  # fmt: skip
+                                     champion=registry.champion_version() or "")  # fmt: skip
             run_id = open_retrain_run(client, cfg, plan, uri)
         crash_point("plan")
 
@@ -478,8 +476,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
             client.set_tag(run_id, STATE_TAG, "trained")
         crash_point("train")
 
-        current = registry.champion()
-        current_version = current.version if current is not None else None
+        current_version = registry.champion_version()
         recorded = _recorded_decision(client, run_id)
         if current_version == challenger and recorded is not None:
             decision, rows = recorded[0], recorded[2]  # promoted already; finish the record
