@@ -279,12 +279,13 @@ def train_challenger(
             _work_dir(train_cfg) / plan["job_name"] / "mix",
             shard_lib.shards_from_json(plan["new"]),
             shard_lib.shards_from_json(plan["earlier"]),
-            cfg.replay.fraction, cfg.replay.max_samples, cfg.replay.seed,
+            cfg.replay.fraction, cfg.replay.max_samples, cfg.replay.seed, cfg.data.image_folder,
         )  # fmt: skip
         crash_point("mix")
         train_cfg = training_config(cfg, first=plan["parent"] == NO_CHAMPION, extra={
             "model": {"init": plan["init"]},
-            "data": {"path": mix["path"], "split": None, "synthetic": None, "num_samples": mix["num_samples"]},
+            "data": {"path": mix["path"], "split": None, "synthetic": None, "image_folder": None,
+                     "num_samples": mix["num_samples"]},  # the mix embeds the image bytes
             "run": {"name": train_name},
             "mlflow": {
                 "tracking_uri": uri, "experiment": cfg.mlflow.experiment, "registered_model": registry.name,

@@ -24,12 +24,15 @@ class RetrainDataConfig:
         include: glob patterns a shard name must match (any of them).
         exclude: glob patterns that exclude names (the held-out evaluation files).
         min_new_samples: fewer new samples than this: log it and exit 0 without training.
+        image_folder: where relative image paths of LLaVA JSON shards resolve (default: next to
+            each JSON file).
     """
 
     root: str = "work/data/synthetic"
     include: list[str] = field(default_factory=lambda: ["train*"])
     exclude: list[str] = field(default_factory=lambda: ["eval*"])
     min_new_samples: int = 1
+    image_folder: str | None = None
 
     def validate(self) -> None:
         if self.min_new_samples < 1:

@@ -163,11 +163,11 @@ def shards_from_json(items: Sequence[dict[str, Any]]) -> list[Shard]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read(shards: Sequence[Shard]):
+def _read(shards: Sequence[Shard], image_folder: str | None = None):
     """Union of the normalised rows of ``shards`` (each shard read in its own format)."""
     from pipelines.formats import read_rows
 
-    datasets = [read_rows(s.uri, None) for s in shards]
+    datasets = [read_rows(s.uri, None, image_folder=image_folder) for s in shards]
     ds = datasets[0]
     return ds.union(*datasets[1:]) if len(datasets) > 1 else ds
 
@@ -187,6 +187,7 @@ def build_mix(
     replay_fraction: float,
     replay_max_samples: int,
     seed: int,
+    image_folder: str | None = None,
 ) -> dict[str, Any]:
     """Write new shards + a replay sample of earlier shards, shuffled, as Parquet under ``out_dir/data``.
 
@@ -200,6 +201,7 @@ def build_mix(
         replay_fraction: fraction of the pool's rows to replay (0 = none).
         replay_max_samples: cap on replayed rows (0 = no cap).
         seed: seed of the replay sample and of the shuffle.
+        image_folder: where relative LLaVA image paths resolve (default: next to each JSON file).
 
     Returns:
         The marker: ``path`` (Parquet folder), ``num_samples``, ``new_samples``, ``replay_samples``,
@@ -224,9 +226,9 @@ def build_mix(
         table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
         return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
 
-    mix = _read(new).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
+    mix = _read(new, image_folder).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
     if earlier and replay_fraction > 0:
-        replay = _read(earlier).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "replay"})
+        replay = _read(earlier, image_folder).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "replay"})
         replay = replay.random_sample(replay_fraction, seed=seed)
         if replay_max_samples > 0:
             replay = replay.limit(replay_max_samples)
