@@ -118,6 +118,40 @@ def run_mode(mode: str, model: str, base: str, args: argparse.Namespace) -> dict
     return result
 
 
+def prefill_table(model_dir: str, batch_size: int = 8, repeats: int = 5) -> str:
+    """In-process (no Ray, no HTTP) time of one batch at each rate: the compute ceiling of what bucketing buys."""
+    import torch
+
+    from serve_apps.generation import BatchRun, prepare
+    from serve_apps.loading import load_model
+
+    torch.set_num_threads(1)  # as in a replica with num_cpus=1
+    model, processor = load_model(model_dir, device="cpu")
+    image = base64.b64decode(_image_url(0).split(",", 1)[1])
+    request = {"messages": [{"role": "user", "content": [{"type": "image_url"},
+                                                         {"type": "text", "text": "What colour is the large shape?"}]}],
+               "images": [image], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    items = [prepare(processor, dict(request, compression="auto"), 4096) for _ in range(batch_size)]
+    rows = [f"| rate | prefill of a batch of {batch_size} (s, best of {repeats}) | per request (ms) | vs dense |",
+            "|---|---|---|---|"]
+    times = {}
+    for rate in RATES:
+        best = float("inf")
+        for _ in range(repeats):
+            run = BatchRun(model, processor, items, rate, "bench")
+            start = time.perf_counter()
+            run.prefill()
+            best = min(best, time.perf_counter() - start)
+        times[rate] = best
+    for rate in RATES:
+        rows.append(f"| {rate} | {times[rate]:.3f} | {1000 * times[rate] / batch_size:.0f} | "
+                    f"{times[1] / times[rate]:.2f}x |")
+    mix = sum(times.values()) / len(times)
+    rows += ["", f"Uniform mix auto/1/2/4 at its own rates vs all dense: {times[1] / mix:.2f}x in prefill time "
+                 "(the most (a) can gain over (c) on this machine)."]
+    return "\n".join(rows)
+
+
 def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     by_mode = {r["mode"]: r for r in results}
     lines = [
@@ -185,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.05)
     parser.add_argument("--modes", default="bucketed,mixed,dense")
+    parser.add_argument("--prefill-table", action="store_true",
+                        help="also time one batch's prefill per rate in-process (no Ray): the compute ceiling")
     parser.add_argument("--write", default=None, help="replace the Serving section of this markdown file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -207,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     command = "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = _markdown(results, args, command.strip())
+    if args.prefill_table:
+        section += "\nPrefill compute per rate, in-process, 1 thread (same command, `--prefill-table`):\n\n"
+        section += prefill_table(model, args.max_batch_size) + "\n"
     print(section)
     if args.write:
         _write_section(args.write, section)

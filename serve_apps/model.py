@@ -1,10 +1,10 @@
 """The model deployment: one DPN model per replica, one batch queue per compression rate.
 
 Each request is tokenized on arrival, then waits in the queue of the rate it runs at: `auto` (the router decides
-per sample), 1 (dense), 2 or 4. Each queue is its own `@serve.batch` method, so Ray Serve never puts two rates in
-one batch, and every sequence of a batch has the same visual length after each pooling layer: no compute is spent
-on padding between rates. Batches from different queues share the model through one compute thread, interleaved
-step by step (a long batch does not block a short one's prefill for its whole length).
+per sample), 1 (dense), 2 or 4 (serve_apps.scheduler). A batch is taken from one queue only, so every sequence of a
+batch has the same visual length after each pooling layer: no compute is spent on padding between rates. Batches
+are formed when the model can take them (not on a fixed timer), and running batches share one compute thread,
+advancing one step each in turn.
 
 `mode` exists to measure what the per-rate queues buy (see benchmarks/serve_load.py):
 
@@ -30,61 +30,17 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 
 from serve_apps import loading
-from serve_apps.generation import BatchRun, Prepared, PromptError, prepare
+from serve_apps.generation import PromptError, prepare
 from serve_apps.limits import Limits
+from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
 
 logger = logging.getLogger(__name__)
-
-MODES = ("bucketed", "mixed", "dense")
-RATE_QUEUES = {"auto": "_queue_auto", 1: "_queue_1", 2: "_queue_2", 4: "_queue_4"}
-
-
-@dataclass
-class BatchingConfig:
-    """The `batching` section of the serve config.
-
-    Attributes:
-        max_batch_size: Most requests in one batch (per queue).
-        batch_wait_timeout_s: How long a queue waits for more requests after the first one arrives.
-        mode: `bucketed` (one queue per rate), `mixed` (one queue) or `dense` (one queue, all dense).
-        history: Batches remembered for `GET /v1/dpn/batches`.
-    """
-
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    mode: str = "bucketed"
-    history: int = 2048
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> BatchingConfig:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown batching options {unknown}; known: {sorted(known)}")
-        config = cls(**values)
-        if config.mode not in MODES:
-            raise ValueError(f"batching.mode must be one of {MODES}, got {config.mode!r}")
-        if config.max_batch_size < 1 or config.batch_wait_timeout_s < 0:
-            raise ValueError("batching.max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        return config
-
-
-def mixed_batch_rate(requested: list[str | int]) -> str | int:
-    """The rate a one-queue batch runs at: its only rate, else the densest any member may need."""
-    rates = set(requested)
-    if len(rates) == 1:
-        return next(iter(rates))
-    if "auto" in rates:
-        return 1  # the router may pick 1x for an auto request
-    return min(rates)
 
 
 class DPNModelServer:
@@ -109,7 +65,6 @@ class DPNModelServer:
         self.batching = BatchingConfig.from_dict(batching)
         self.limits = Limits.from_dict(limits)
         self.device, self.dtype = device, dtype
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._current: tuple[Any, Any, str, str] | None = None  # (model, processor, ref, version)
         self._reload_lock = asyncio.Lock()
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.batching.history)
@@ -118,10 +73,7 @@ class DPNModelServer:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a Serve replica (tests, scripts)
             self.replica_id = "local"
-        for name in ("_queue_auto", "_queue_1", "_queue_2", "_queue_4", "_queue_mixed"):
-            queue = getattr(self, name)
-            queue.set_max_batch_size(self.batching.max_batch_size)
-            queue.set_batch_wait_timeout_s(self.batching.batch_wait_timeout_s)
+        self.scheduler = Scheduler(self.batching, self._model_for_batch, self._record_batch)
         if model is not None:
             self._swap(model, "", *loading.load_model(model, device, dtype))
 
@@ -143,6 +95,14 @@ class DPNModelServer:
             model, processor = await asyncio.to_thread(loading.load_model, ref, self.device, self.dtype)
             self._swap(ref, version, model, processor)
 
+    def _model_for_batch(self) -> tuple[Any, Any, str]:
+        model, processor, _, version = self._require_model()
+        return model, processor, version
+
+    def _record_batch(self, info: dict[str, Any]) -> None:
+        info["replica"] = self.replica_id
+        self._history.append(info)
+
     def _require_model(self) -> tuple[Any, Any, str, str]:
         if self._current is None:
             raise RuntimeError("no model loaded: give the deployment user_config={'model': REF}")
@@ -163,6 +123,8 @@ class DPNModelServer:
             "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""),
             "batching": asdict(self.batching),
+            "waiting": self.scheduler.waiting(),
+            "running_batches": len(self.scheduler.running),
             "uptime_s": round(time.time() - self._started, 1),
         }
 
@@ -191,76 +153,8 @@ class DPNModelServer:
             yield {"type": "error", "status": 400, "message": str(exc), "param": "messages", "code": "invalid_prompt"}
             return
         yield {"type": "start", "prompt_tokens": len(prepared.input_ids), "fingerprint": version}
-        async for event in self._queue_for(prepared.compression)(prepared):
-            if event is not None:
-                yield event
-
-    # -- queues ---------------------------------------------------------------------------------------------
-
-    def _queue_for(self, compression: str | int):
-        if self.batching.mode == "bucketed":
-            return getattr(self, RATE_QUEUES[compression])
-        return self._queue_mixed
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _queue_auto(self, items: list[Prepared]) -> AsyncIterator[list]:
-        async for results in self._run(items, "auto", "auto"):
-            yield results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _queue_1(self, items: list[Prepared]) -> AsyncIterator[list]:
-        async for results in self._run(items, 1, "1"):
-            yield results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _queue_2(self, items: list[Prepared]) -> AsyncIterator[list]:
-        async for results in self._run(items, 2, "2"):
-            yield results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _queue_4(self, items: list[Prepared]) -> AsyncIterator[list]:
-        async for results in self._run(items, 4, "4"):
-            yield results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _queue_mixed(self, items: list[Prepared]) -> AsyncIterator[list]:
-        if self.batching.mode == "dense":
-            rate: str | int = 1
-        else:
-            rate = mixed_batch_rate([item.compression for item in items])
-        async for results in self._run(items, rate, "mixed" if self.batching.mode == "mixed" else "dense"):
-            yield results
-
-    async def _run(self, items: list[Prepared], rate: str | int, queue: str) -> AsyncIterator[list]:
-        """Run one batch; yield one entry per request each step (None: nothing new; StopIteration: ended)."""
-        model, processor, _, version = self._require_model()
-        run = BatchRun(model, processor, items, rate, queue)
-        run.info["fingerprint"] = version
-        run.info["replica"] = self.replica_id
-        run.info["started"] = round(time.time(), 3)
-        self._history.append(run.info)
-        loop = asyncio.get_running_loop()
-        ended = [False] * len(items)
-        step = run.prefill
-        try:
-            while not all(ended):
-                events = await loop.run_in_executor(self._compute, step)
-                step = run.step
-                results: list[Any] = []
-                for i, event in enumerate(events):
-                    if ended[i]:
-                        results.append(StopIteration)
-                        continue
-                    if event is not None and event["type"] == "final":
-                        event["fingerprint"] = version
-                        ended[i] = True
-                    results.append(event)
-                yield results
-        except Exception as exc:  # a failed batch answers every member instead of hanging them
-            logger.exception("batch %s failed", run.batch_id)
-            error = {"type": "error", "status": 500, "message": f"generation failed: {exc}", "param": None,
-                     "code": "generation_failed"}
-            yield [StopIteration if done else dict(error) for done in ended]
+        async for event in self.scheduler.submit(prepared):
+            yield event
 
 
 ModelDeployment = serve.deployment(

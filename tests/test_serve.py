@@ -363,6 +363,45 @@ def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
                             "max_tokens": 4, "compression": 1}, max_prompt_tokens=300)
 
 
+def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
+    """Submit requests of `rates` at once to a Scheduler (no Ray); return the batch records."""
+    import asyncio
+
+    from serve_apps.scheduler import BatchingConfig, Scheduler
+
+    model, processor = tiny
+    records: list[dict[str, Any]] = []
+    config = BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.05, mode=mode)
+    items = [_prepared(processor, f"Question {i}?", compression=rate, max_tokens=2) for i, rate in enumerate(rates)]
+
+    async def main():
+        scheduler = Scheduler(config, lambda: (model, processor, "v"), records.append)
+
+        async def one(item):
+            return [event async for event in scheduler.submit(item)]
+
+        return await asyncio.gather(*(one(item) for item in items))
+
+    outputs = asyncio.run(main())
+    for item, events in zip(items, outputs):
+        final = events[-1]
+        assert final["type"] == "final" and final["usage"]["compression_requested"] == item.compression
+    return records
+
+
+def test_scheduler_batches_hold_one_rate(tiny):
+    rates = ["auto", 1, 2, 4, 4, 2, 1, "auto", 4, 4]
+    records = _schedule(tiny, "bucketed", rates)
+    assert sum(r["size"] for r in records) == len(rates)
+    for record in records:
+        assert set(record["requested"]) == {record["rate"]}, record
+    assert any(r["size"] > 1 for r in records)
+    # the one-queue baseline does mix rates in a batch and runs it at the densest rate needed
+    mixed = _schedule(tiny, "mixed", rates)
+    assert any(len(set(r["requested"])) > 1 for r in mixed)
+    assert all(r["rate"] == mixed_batch_rate(r["requested"]) for r in mixed)
+
+
 # ----------------------------------------------------------------------------------------------- real Ray Serve
 
 API_KEY = "test-key-123"

@@ -1,0 +1,216 @@
+"""Per-rate request queues and the compute loop that turns them into single-rate batches. No Ray here.
+
+Each request waits in the queue of the rate it runs at (`auto`, 1, 2, 4). A batch is taken from one queue only, so
+it never mixes rates. Batches are formed when the model can take them, not on a fixed timer, so under load a batch
+holds everything that arrived while the previous work ran:
+
+- when nothing is running, the queue whose oldest request has waited `batch_wait_timeout_s` (or that holds
+  `max_batch_size` requests) becomes a batch;
+- while batches are running, a queue becomes a new batch only when it is full or its oldest request has waited
+  `max_queue_delay_s`, and at most `max_running_batches` run at once.
+
+Running batches share one compute thread and advance one step each in turn (prefill, then one token per step), so
+a long generation does not hold back the prefill of another rate's batch until it finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from serve_apps.generation import BatchRun, Prepared
+
+logger = logging.getLogger(__name__)
+
+MODES = ("bucketed", "mixed", "dense")
+
+
+@dataclass
+class BatchingConfig:
+    """The `batching` section of the serve config.
+
+    Attributes:
+        max_batch_size: Most requests in one batch.
+        batch_wait_timeout_s: When the model is idle, how long the oldest request waits for company.
+        max_queue_delay_s: While batches run, how long a queue's oldest request waits before its (partial) batch
+            is started anyway.
+        max_running_batches: Batches advanced together (each holds its KV cache).
+        mode: `bucketed` (one queue per rate), `mixed` (one queue) or `dense` (one queue, all dense); the last two
+            exist to measure what bucketing buys (benchmarks/serve_load.py).
+        history: Batches remembered for `GET /v1/dpn/batches`.
+    """
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_queue_delay_s: float = 0.5
+    max_running_batches: int = 4
+    mode: str = "bucketed"
+    history: int = 2048
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> BatchingConfig:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown batching options {unknown}; known: {sorted(known)}")
+        config = cls(**values)
+        if config.mode not in MODES:
+            raise ValueError(f"batching.mode must be one of {MODES}, got {config.mode!r}")
+        if config.max_batch_size < 1 or config.max_running_batches < 1:
+            raise ValueError("batching.max_batch_size and max_running_batches must be >= 1")
+        if config.batch_wait_timeout_s < 0 or config.max_queue_delay_s < 0:
+            raise ValueError("batching.batch_wait_timeout_s and max_queue_delay_s must be >= 0")
+        return config
+
+
+def mixed_batch_rate(requested: list[str | int]) -> str | int:
+    """The rate a one-queue batch runs at: its only rate, else the densest any member may need."""
+    rates = set(requested)
+    if len(rates) == 1:
+        return next(iter(rates))
+    if "auto" in rates:
+        return 1  # the router may pick 1x for an auto request
+    return min(rates)
+
+
+@dataclass
+class _Waiter:
+    item: Prepared
+    arrived: float
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Running:
+    run: BatchRun
+    waiters: list[_Waiter]
+    started: bool = False
+
+
+class Scheduler:
+    """Queues requests by rate and runs single-rate batches on one compute thread.
+
+    Args:
+        config: batching settings.
+        current_model: returns `(model, processor, version)` to use for a new batch (a model swap applies to the
+            next batch; running batches finish on the model they started with).
+        on_batch: called with each new batch's record (id, queue, rate, requested rates, size, ...).
+    """
+
+    def __init__(self, config: BatchingConfig, current_model: Callable[[], tuple[Any, Any, str]],
+                 on_batch: Callable[[dict[str, Any]], None] = lambda info: None):
+        self.config = config
+        self.current_model = current_model
+        self.on_batch = on_batch
+        self.queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
+        self.running: list[_Running] = []
+        self._wake = asyncio.Event()
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
+        self._task: asyncio.Task | None = None
+
+    def queue_key(self, compression: str | int) -> str:
+        return str(compression) if self.config.mode == "bucketed" else self.config.mode
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    async def submit(self, item: Prepared) -> AsyncIterator[dict[str, Any]]:
+        """Queue `item`; yield its events (`delta`s, then `final` or `error`)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        waiter = _Waiter(item, time.monotonic())
+        self.queues[self.queue_key(item.compression)].append(waiter)
+        self._wake.set()
+        while True:
+            event = await waiter.events.get()
+            if event is None:
+                return
+            yield event
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def _ready_queue(self, now: float) -> str | None:
+        """The queue to start a batch from now (oldest head first), or None."""
+        busy = bool(self.running)
+        if busy and len(self.running) >= self.config.max_running_batches:
+            return None
+        limit = self.config.max_queue_delay_s if busy else self.config.batch_wait_timeout_s
+        ready = [(q[0].arrived, key) for key, q in self.queues.items()
+                 if q and (len(q) >= self.config.max_batch_size or now - q[0].arrived >= limit)]
+        return min(ready)[1] if ready else None
+
+    def _next_deadline(self, now: float) -> float | None:
+        limit = self.config.max_queue_delay_s if self.running else self.config.batch_wait_timeout_s
+        heads = [q[0].arrived for q in self.queues.values() if q]
+        return max(0.0, min(heads) + limit - now) if heads else None
+
+    def _start_batch(self, key: str) -> None:
+        queue = self.queues[key]
+        waiters = [queue.popleft() for _ in range(min(len(queue), self.config.max_batch_size))]
+        requested = [w.item.compression for w in waiters]
+        if self.config.mode == "bucketed":
+            rate = requested[0]
+        elif self.config.mode == "dense":
+            rate = 1
+        else:
+            rate = mixed_batch_rate(requested)
+        model, processor, version = self.current_model()
+        run = BatchRun(model, processor, [w.item for w in waiters], rate, key)
+        run.info.update(fingerprint=version, started=round(time.time(), 3))
+        self.on_batch(run.info)
+        self.running.append(_Running(run, waiters))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = self._ready_queue(time.monotonic())
+            while key is not None:
+                self._start_batch(key)
+                key = self._ready_queue(time.monotonic())
+            if not self.running:
+                self._wake.clear()
+                timeout = self._next_deadline(time.monotonic())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            for entry in list(self.running):
+                step = entry.run.step if entry.started else entry.run.prefill
+                entry.started = True
+                try:
+                    events = await loop.run_in_executor(self._compute, step)
+                except Exception as exc:  # a failed batch answers its members instead of hanging them
+                    logger.exception("batch %s failed", entry.run.batch_id)
+                    for waiter, row in zip(entry.waiters, entry.run.rows):
+                        if not row.finished:
+                            waiter.events.put_nowait({"type": "error", "status": 500, "param": None,
+                                                      "message": f"generation failed: {exc}",
+                                                      "code": "generation_failed"})
+                            waiter.events.put_nowait(None)
+                    self.running.remove(entry)
+                    continue
+                for waiter, event in zip(entry.waiters, events):
+                    if event is None:
+                        continue
+                    if event["type"] == "final":
+                        event["fingerprint"] = entry.run.info.get("fingerprint")
+                    waiter.events.put_nowait(event)
+                    if event["type"] == "final":
+                        waiter.events.put_nowait(None)
+                if entry.run.done:
+                    self.running.remove(entry)
+                # let new arrivals queue (and maybe start) between steps
+                await asyncio.sleep(0)
+                key = self._ready_queue(time.monotonic())
+                if key is not None and len(self.running) < self.config.max_running_batches:
+                    self._start_batch(key)
+
+
+__all__ = ["MODES", "BatchingConfig", "Scheduler", "mixed_batch_rate"]
