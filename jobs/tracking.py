@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pyfunc
 from mlflow.tracking import MlflowClient
+
+from jobs.mlflow_model import HF_ARTIFACT  # key in the pyfunc model's artifacts: the HF checkpoint dir
 
 logger = logging.getLogger(__name__)
 
-HF_ARTIFACT = "hf_model"  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
 MODEL_ARTIFACT_PATH = "model"  # name of the logged MLflow model inside its run
 JOB_TAG = "dpn.job_name"  # tag that finds a job's run again on resubmission
 _CACHE_ENV = "DPN_MODEL_CACHE"
@@ -207,52 +207,6 @@ class StepMetricLogger:
 # ----------------------------------------------------------------------------------------------
 
 
-class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper around the Hugging Face checkpoint in ``artifacts["hf_model"]``.
-
-    ``predict`` takes rows with ``prompt`` (a user message) and optional ``image`` (PNG/JPEG bytes or
-    base64 string) and returns the generated answers; serving uses the checkpoint directly
-    (:func:`resolve_model_dir`), this is for ``mlflow.pyfunc.load_model`` users.
-    """
-
-    def load_context(self, context: Any) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        import dpn_model  # noqa: F401 - registers the Auto classes
-
-        path = context.artifacts[HF_ARTIFACT]
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path).eval()
-
-    # no type hints here: MLflow would turn them into a (wrong) input schema
-    def predict(self, context, model_input, params=None):
-        import base64
-        import io
-
-        import PIL.Image
-        import torch
-
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        params = params or {}
-        answers = []
-        for row in rows:
-            image = row.get("image")
-            if isinstance(image, str):
-                image = base64.b64decode(image)
-            images = [PIL.Image.open(io.BytesIO(image)).convert("RGB")] if image else None
-            content = ("<image>\n" if images else "") + str(row["prompt"])
-            text = self.processor.build_prompt([{"role": "user", "content": content}])
-            inputs = self.processor(text=[text], images=images, return_tensors="pt")
-            with torch.no_grad():
-                out = self.model.generate(
-                    **inputs, max_new_tokens=int(params.get("max_new_tokens", 32)), do_sample=False,
-                    compression=params.get("compression", "auto"),
-                )
-            new = out[0, inputs["input_ids"].shape[1] :]
-            answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return answers
-
-
 def log_hf_model(
     run_id: str,
     hf_dir: str | Path,
@@ -266,10 +220,12 @@ def log_hf_model(
         The new registered model version (as a string), or None when ``registered_model`` is empty.
     """
     setup_tracking(uri)
+    import mlflow.pyfunc
     import torch
     import transformers
 
     import dpn_model
+    from jobs.mlflow_model import DPNPyfuncModel
 
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
@@ -377,7 +333,6 @@ def resolve_model_dir(uri: str | os.PathLike, tracking: str | None = None, cache
 
 
 __all__ = [
-    "DPNPyfuncModel",
     "HF_ARTIFACT",
     "JOB_TAG",
     "StepMetricLogger",

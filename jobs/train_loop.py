@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -346,6 +347,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     torch.manual_seed(spec["seed"] * 1009 + rank * 7919 + state.step)  # router sampling, resumable
 
     metric_logger = StepMetricLogger(state.mlflow_run_id, uri=spec["tracking_uri"]) if rank == 0 else None
+    # which processes run this attempt (host:pid per rank), for operators chasing a failure
+    where = [None] * world
+    torch.distributed.all_gather_object(where, f"{socket.gethostname()}:{os.getpid()}")
+    if metric_logger is not None:
+        metric_logger.client.set_tag(state.mlflow_run_id, "sys.worker_pids", ",".join(where))
     if metric_logger is not None and checkpoint is not None:
         metric_logger.log({"resumed_from_step": state.step}, step=state.step)  # one point per restart
     cfg = model.config

@@ -113,14 +113,12 @@ def plan_steps(cfg: TrainConfig, num_samples: int) -> int:
     world, t = cfg.run.num_workers, cfg.train
     batches_per_worker = (num_samples // world) // t.micro_batch_size
     steps = (t.epochs * batches_per_worker) // t.grad_accum_steps
-    if t.max_steps:
-        steps = min(steps, t.max_steps) if steps else t.max_steps
     if steps < 1:
         raise ValueError(
             f"{num_samples} samples give no full optimizer step with {world} workers x micro batch "
             f"{t.micro_batch_size} x {t.grad_accum_steps} accumulation: use more data or smaller batches"
         )
-    return steps
+    return min(steps, t.max_steps) if t.max_steps else steps
 
 
 def resolve_precision(cfg: TrainConfig) -> str:

@@ -1,0 +1,214 @@
+"""The training job: schedule and bookkeeping units (no Ray), then real 2-worker CPU DeepSpeed runs on
+one local Ray cluster: the loss falls, MLflow gets params / step metrics / a registered model, killed
+workers are recovered from checkpoints without losing or repeating a step, and checkpoints load back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs.config import load_config
+from jobs.train_config import TrainConfig
+from jobs.train_loop import StepStats, deepspeed_config, warmup_cosine
+from jobs.trainer import plan_steps
+
+# ----------------------------------------------------------------------------------------------
+# Units
+# ----------------------------------------------------------------------------------------------
+
+
+def test_warmup_then_cosine_schedule():
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(100) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_deepspeed_config_fills_batches_precision_and_keeps_zero_stage():
+    cfg = deepspeed_config(
+        {"zero_optimization": {"stage": 3, "overlap_comm": True}},
+        micro_batch_size=16, grad_accum_steps=2, world_size=8, precision="bf16", grad_clip=1.0,
+        overrides={"zero_optimization": {"overlap_comm": False}},
+    )  # fmt: skip
+    assert cfg["train_batch_size"] == 256 and cfg["train_micro_batch_size_per_gpu"] == 16
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": False}
+
+
+def test_plan_steps_counts_full_optimizer_steps():
+    cfg = load_config(TrainConfig, data={"train": {"micro_batch_size": 4, "grad_accum_steps": 2, "epochs": 3}})
+    assert plan_steps(cfg, 100) == (3 * (50 // 4)) // 2  # 2 workers: 50 samples, 12 micro-batches each
+    cfg.train.max_steps = 5
+    assert plan_steps(cfg, 100) == 5
+    with pytest.raises(ValueError, match="no full optimizer step"):
+        plan_steps(cfg, 3)
+
+
+def test_step_stats_maps_experts_to_compression_per_layer():
+    from types import SimpleNamespace
+
+    stats = StepStats(num_pool_layers=2, factors=[1, 2, 4])
+    choices = torch.tensor([[0, 2], [1, -1], [2, 2]])  # -1: not pooled (e.g. too few tokens)
+    one = torch.tensor(1.0)
+    stats.add(SimpleNamespace(loss=one, lm_loss=one, routing_loss=one, expert_choices=choices), 3, 30)
+    metrics = stats.metrics(stats.reduce(), step_time=2.0, lr=0.1)
+    assert metrics["compression_layer0"] == pytest.approx((1 + 2 + 4) / 3)
+    assert metrics["compression_layer1"] == pytest.approx(4.0)
+    assert metrics["samples_per_s"] == 1.5 and metrics["tokens_per_s"] == 15.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train runs (one local cluster for the module)
+# ----------------------------------------------------------------------------------------------
+
+NUM_TRAIN = 48  # 2 workers x micro batch 4 -> 6 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Local Ray (4 logical CPUs: 2 training workers + data preprocessing), a tiny model, synthetic data."""
+    import ray
+
+    from dpn_model.presets import create_checkpoint
+    from pipelines.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    model_dir = create_checkpoint("tiny", str(root / "init_model"), seed=0)
+    write_synthetic_dataset(root / "data", "parquet", num_train=NUM_TRAIN, num_eval=8, seed=0)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("DPN_MODEL_CACHE", str(root / "cache"))
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri}})
+        try:
+            yield {"root": root, "model_dir": model_dir, "uri": uri}
+        finally:
+            ray.shutdown()
+
+
+def make_config(cluster, name: str, **sections) -> TrainConfig:
+    data = {
+        "model": {"init": cluster["model_dir"], "compression": "auto", "freeze_vision_tower": False},
+        "data": {"path": str(cluster["root"] / "data"), "max_length": 512},
+        "optim": {"lr": 2e-3, "warmup_ratio": 0.1, "min_lr_ratio": 0.1},
+        "train": {"micro_batch_size": 4, "epochs": 3, "max_steps": 14},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "mlflow": {"experiment": "test-train", "registered_model": "dpn-test"},
+        "run": {"name": name, "storage_path": str(cluster["root"] / "runs"), "work_dir": str(cluster["root"] / "work"),
+                "num_workers": 2, "max_failures": 1},
+    }  # fmt: skip
+    for section, values in sections.items():
+        data[section].update(values)
+    return load_config(TrainConfig, data=data)
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILL one Ray Train worker process of a job each time its MLflow run logs one of ``kill_steps``.
+
+    The pids come from the run's ``sys.worker_pids`` tag, which rank 0 rewrites at every (re)start.
+    """
+
+    def __init__(self, uri: str, job_name: str, kill_steps: list[int]):
+        super().__init__(daemon=True)
+        self.uri, self.job_name, self.kill_steps = uri, job_name, list(kill_steps)
+        self.killed: list[tuple[int, int]] = []  # (step seen, pid)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from jobs.tracking import find_job_run
+
+        client = MlflowClient(self.uri)
+        while self.kill_steps and not self.stop.is_set():
+            time.sleep(0.3)
+            run = find_job_run("test-train", self.job_name, self.uri)
+            if run is None or "sys.worker_pids" not in run.data.tags:
+                continue
+            step = max((m.step for m in client.get_metric_history(run.info.run_id, "loss")), default=0)
+            pid = int(run.data.tags["sys.worker_pids"].split(",")[-1].rsplit(":", 1)[1])  # the last rank
+            if step < self.kill_steps[0] or pid in {p for _, p in self.killed}:
+                continue
+            assert b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()  # one of ours
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append((step, pid))
+            self.kill_steps.pop(0)
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_once(cluster):
+    """One job, three attempts: a killed worker is restarted from the last checkpoint (FailureConfig);
+    a second kill exceeds max_failures=1 and the job dies; submitting the same run name resumes it.
+    The MLflow run is the same throughout and each step is logged exactly once."""
+    from ray.train import TrainingFailedError
+
+    from dpn_model import DPNForConditionalGeneration
+    from jobs.tracking import find_job_run, resolve_model_dir
+    from jobs.train import train
+
+    uri = cluster["uri"]
+    cfg = make_config(cluster, "survivor")
+    killer = WorkerKiller(uri, "survivor", kill_steps=[6, 10])
+    killer.start()
+    try:
+        with pytest.raises(TrainingFailedError):
+            train(cfg)
+    finally:
+        killer.stop.set()
+    assert [step for step, _ in killer.killed] == [6, 10], killer.killed
+    dead = find_job_run("test-train", "survivor", uri)
+    assert dead.info.status == "FAILED"
+
+    result = train(cfg)  # resubmit the same run name
+    run_id = result.run_id
+    assert run_id == dead.info.run_id
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+
+    # attempt 2 resumed from the checkpoint of step 4, attempt 3 from step 8; all 14 steps done
+    assert result.steps == 14
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [4.0, 8.0]
+    for key in ("loss", "lm_loss", "routing_loss", "lr", "samples_per_s", "tokens_per_s", "compression_layer0"):
+        assert metric_steps(uri, run_id, key) == list(range(1, 15)), key  # no gaps, no duplicates
+
+    # the loss fell
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "lm_loss"), key=lambda m: m.step)]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+    # params, system facts, the final model as a registered version
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["derived.total_steps"] == "14"
+    assert run.data.tags["sys.workers"] == "2" and "sys.deepspeed" in run.data.tags
+    assert 1 <= run.data.metrics["compression_layer0"] <= 4
+    version = client.get_model_version("dpn-test", result.registered_version)
+    assert version.run_id == run_id
+
+    # checkpoints load back: the final model dir, the registered version, a mid-run checkpoint
+    final = DPNForConditionalGeneration.from_pretrained(result.model_dir)
+    registered = DPNForConditionalGeneration.from_pretrained(
+        resolve_model_dir(f"models:/dpn-test/{result.registered_version}")
+    )
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), registered.state_dict().values()))
+    run_dir = Path(cfg.run.storage_path) / "survivor"
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000012", "checkpoint_00000014"]  # keep the last 2
+    mid = run_dir / "checkpoint_00000012"
+    assert json.loads((mid / "train_state.json").read_text()) == {
+        "step": 12, "epoch": 1, "batches_in_epoch": 6, "samples_seen": 96, "mlflow_run_id": run_id,
+    }  # fmt: skip
+    middle = DPNForConditionalGeneration.from_pretrained(mid / "hf_model")
+    assert any(not torch.equal(a, b) for a, b in zip(middle.state_dict().values(), final.state_dict().values()))
