@@ -39,6 +39,7 @@ from pipelines.synthetic import ANSWERS, FAMILIES, FAMILY_KIND, QUESTIONS, Synth
 log = logging.getLogger("calibrate")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SPECIALS = ("<pad>", "<s>", "<image>")
+NOTES_MARKER = "<!-- notes: text below this line is kept when the table is re-rendered -->"
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ def render_markdown(runs: dict[str, dict], command: str) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, no GPU; "
         f"torch {torch.__version__}.",
         "",
-        f"Last command: `{command}`",
+        "Re-run: `python benchmarks/calibrate_synthetic.py --steps N --pools 1 2 4 [--width ...]` (each run's",
+        "exact command is listed with its learning curve below); `--report-only` re-renders this file.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -342,7 +344,11 @@ def store(run: dict | None, command: str, results_dir: Path) -> None:
     if run is not None:
         runs[_key(run)] = {**run, "command": command}
     path.write_text(json.dumps(runs, indent=1) + "\n")
-    (results_dir / "calibration.md").write_text(render_markdown(runs, command))
+    md_path = results_dir / "calibration.md"
+    notes = ""  # hand-written findings below the marker survive re-rendering
+    if md_path.exists() and NOTES_MARKER in md_path.read_text():
+        notes = md_path.read_text().split(NOTES_MARKER, 1)[1]
+    md_path.write_text(render_markdown(runs, command) + "\n" + NOTES_MARKER + notes)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
