@@ -120,3 +120,13 @@ def test_shipped_configs_cover_dpn_and_the_baselines():
     assert recipe.train.micro_batch_size == 16 and recipe.optim.lr == 2e-5 and recipe.optim.warmup_ratio == 0.03
     assert recipe.data.max_length == 2048 and recipe.train.epochs == 1 and recipe.run.use_gpu
     assert recipe.model.config_overrides.get("pooling_layers") == [8, 16, 24]
+
+
+def test_dpn_train_cli_reports_config_errors_and_prints_the_resolved_config(capsys):
+    from jobs.cli import main
+
+    tiny = str(ROOT / "configs" / "train_tiny.yaml")
+    assert main(["train", "--config", tiny, "optim.lrr=1"]) == 2
+    assert main(["train", "--config", tiny, "optim.lr=0.5", "run.name=exp2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.5 and printed["run"]["name"] == "exp2"
