@@ -50,7 +50,9 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ga
     acc = float(challenger["accuracy"])
     if champion is None:
         if acc < gate.min_accuracy:
-            return Decision(False, f"no champion yet and accuracy {acc:.4f} is below the floor {gate.min_accuracy:.4f}")
+            return Decision(
+                False, f"no champion yet and accuracy {acc:.4f} is below the floor {gate.min_accuracy:.4f}"
+            )
         return Decision(True, f"first champion: accuracy {acc:.4f} reaches the floor {gate.min_accuracy:.4f}")
     base_acc = float(champion["accuracy"])
     delta = acc - base_acc

@@ -102,7 +102,9 @@ class Registry:
         try:
             return {str(k): int(v) for k, v in json.loads(raw).items()}
         except (ValueError, AttributeError) as err:
-            raise ValueError(f"{SHARDS_TAG} of version {version.version} is not a JSON object: {raw[:200]!r}") from err
+            raise ValueError(
+                f"{SHARDS_TAG} of version {version.version} is not a JSON object: {raw[:200]!r}"
+            ) from err
 
     def consumed_shards(self) -> tuple[dict[str, int], dict[str, int]]:
         """``(all, kept)``: shards any version was trained on, and those of versions not rejected
@@ -134,7 +136,9 @@ class Registry:
                     "delete it and re-run the retrain job"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} version {version} is still {mv.status} after {timeout_s:.0f} s")
+                raise RuntimeError(
+                    f"{self.name} version {version} is still {mv.status} after {timeout_s:.0f} s"
+                )
             time.sleep(poll_s)
 
     def tag(self, version: str, tags: dict[str, Any]) -> None:

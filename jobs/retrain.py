@@ -96,7 +96,9 @@ def _crash_points() -> set[str]:
     wanted = {s.strip() for s in os.environ.get(CRASH_ENV, "").split(",") if s.strip()}
     unknown = wanted - set(CRASH_POINTS)
     if unknown:
-        raise ValueError(f"{CRASH_ENV} names unknown steps {sorted(unknown)}; choose from {list(CRASH_POINTS)}")
+        raise ValueError(
+            f"{CRASH_ENV} names unknown steps {sorted(unknown)}; choose from {list(CRASH_POINTS)}"
+        )
     return wanted
 
 
@@ -140,7 +142,9 @@ class RetrainResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def training_config(cfg: RetrainConfig, extra: dict[str, Any] | None = None, first: bool = False) -> TrainConfig:
+def training_config(
+    cfg: RetrainConfig, extra: dict[str, Any] | None = None, first: bool = False
+) -> TrainConfig:
     """The training job's config: ``training.config`` + ``training.overrides`` (+
     ``training.initial_overrides`` when ``first``) + ``extra``."""
     data = merge_dicts(dict(cfg.training.overrides), cfg.training.initial_overrides if first else {})
@@ -160,7 +164,11 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def retrain_key(model_name: str, init: str, new: list[shard_lib.Shard]) -> str:
     """Deterministic key of one retraining: the model it starts from and the new shards it trains on."""
-    payload = {"model": model_name, "init": init, "shards": {s.name: [s.num_samples, s.size_bytes] for s in new}}
+    payload = {
+        "model": model_name,
+        "init": init,
+        "shards": {s.name: [s.num_samples, s.size_bytes] for s in new},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -196,9 +204,7 @@ def discover(cfg: RetrainConfig, registry: Registry, train_cfg: TrainConfig) -> 
     consumed, kept = registry.consumed_shards()
     listed = shard_lib.list_shards(cfg.data.root, cfg.data.include, cfg.data.exclude, skip=list(consumed))
     new = [s for s in listed if s.name not in consumed]
-    earlier = [
-        shard_lib.Shard(s.name, s.uri, kept[s.name], s.size_bytes) for s in listed if s.name in kept
-    ]
+    earlier = [shard_lib.Shard(s.name, s.uri, kept[s.name], s.size_bytes) for s in listed if s.name in kept]
     missing = sorted(set(kept) - {s.name for s in listed})
     if missing:
         logger.warning("%d earlier shard(s) are gone from %s and cannot be replayed: %s", len(missing),
@@ -324,7 +330,12 @@ def train_challenger(
 
 
 def evaluate_pair(
-    cfg: RetrainConfig, registry: Registry, plan: dict[str, Any], challenger: str, champion: str | None, uri: str
+    cfg: RetrainConfig,
+    registry: Registry,
+    plan: dict[str, Any],
+    challenger: str,
+    champion: str | None,
+    uri: str,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate champion (if any) and challenger on the held-out set in one evaluation run.
 
@@ -335,7 +346,9 @@ def evaluate_pair(
 
     modes = parse_compressions(cfg.eval.compression)
     if len(modes) != 1:
-        raise ConfigError(f"eval.compression must be one mode (auto, 1, 2 or 4), got {cfg.eval.compression!r}")
+        raise ConfigError(
+            f"eval.compression must be one mode (auto, 1, 2 or 4), got {cfg.eval.compression!r}"
+        )
     models = [ModelSpec("challenger", f"models:/{registry.name}/{challenger}", list(modes))]
     if champion is not None:
         models.insert(0, ModelSpec("champion", f"models:/{registry.name}/{champion}", list(modes)))
@@ -365,8 +378,12 @@ def evaluate_pair(
 
 
 def record_decision(
-    client: MlflowClient, run_id: str, rows: dict[str, dict[str, Any]], decision: gate_lib.Decision,
-    challenger: str, champion: str | None,
+    client: MlflowClient,
+    run_id: str,
+    rows: dict[str, dict[str, Any]],
+    decision: gate_lib.Decision,
+    challenger: str,
+    champion: str | None,
 ) -> None:
     """Log the comparison (table, JSON, metrics) and the decision to the retrain run; mark it ``decided``."""
     slim = {
@@ -374,7 +391,12 @@ def record_decision(
                                         "mean_prefill_flops", "mean_dense_flops", "flops_ratio", "per_kind")}
         for label, row in rows.items()
     }  # fmt: skip
-    comparison = {"challenger": challenger, "champion": champion, "rows": slim, "decision": decision.to_dict()}
+    comparison = {
+        "challenger": challenger,
+        "champion": champion,
+        "rows": slim,
+        "decision": decision.to_dict(),
+    }
     client.log_dict(run_id, comparison, "comparison.json")
     client.log_text(run_id, gate_lib.comparison_table(slim, decision), "comparison.md")
     metrics = {f"{label}.{k}": float(row[k]) for label, row in slim.items()
@@ -399,7 +421,9 @@ def record_decision(
     client.set_tag(run_id, STATE_TAG, "decided")  # after the comparison: a decided run has its record
 
 
-def _recorded_decision(client: MlflowClient, run_id: str) -> tuple[gate_lib.Decision, str, dict[str, Any]] | None:
+def _recorded_decision(
+    client: MlflowClient, run_id: str
+) -> tuple[gate_lib.Decision, str, dict[str, Any]] | None:
     """``(decision, champion_at_decision, rows)`` recorded on a decided retrain run, else None."""
     run = client.get_run(run_id)
     if run.data.tags.get(STATE_TAG) != "decided":
@@ -416,8 +440,14 @@ def _recorded_decision(client: MlflowClient, run_id: str) -> tuple[gate_lib.Deci
 
 
 def _finish(
-    cfg: RetrainConfig, registry: Registry, run_id: str, plan: dict[str, Any], challenger: str,
-    decision: gate_lib.Decision, rows: dict[str, Any], uri: str,
+    cfg: RetrainConfig,
+    registry: Registry,
+    run_id: str,
+    plan: dict[str, Any],
+    challenger: str,
+    decision: gate_lib.Decision,
+    rows: dict[str, Any],
+    uri: str,
 ) -> tuple[str, str]:
     """Apply a recorded decision: move aliases or tag the rejection; close the retrain run.
     Returns ``(champion after, previous moved or "")``."""
@@ -428,7 +458,9 @@ def _finish(
                      "dpn.eval.mean_prefill_flops": rows["challenger"].get("mean_prefill_flops")}  # fmt: skip
     previous = ""
     if decision.promote:
-        previous = registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: crash_point("alias")) or ""
+        previous = (
+            registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: crash_point("alias")) or ""
+        )
         registry.tag(challenger, {reg_lib.DECISION_TAG: reg_lib.PROMOTED, reg_lib.REASON_TAG: decision.reason,
                                   **eval_tags})  # fmt: skip
     else:
@@ -459,7 +491,9 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
             logger.info("finishing retrain run %s (%s, state %s) before looking for new data", run_id,
                         plan["job_name"], pending[0].data.tags.get(STATE_TAG))  # fmt: skip
             if len(pending) > 1:
-                logger.warning("%d more unfinished retrain runs wait for the next invocation", len(pending) - 1)
+                logger.warning(
+                    "%d more unfinished retrain runs wait for the next invocation", len(pending) - 1
+                )
         else:
             plan = discover(cfg, registry, train_cfg)
             if not plan["new"] or plan["new_samples"] < cfg.data.min_new_samples:
@@ -553,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return run(args)
 
 

@@ -156,7 +156,9 @@ class RetrainConfig:
     mlflow: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-def load_retrain_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RetrainConfig:
+def load_retrain_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RetrainConfig:
     """Load a retrain config file with ``key=value`` overrides (see :func:`jobs.config.load_config`)."""
     return load_config(RetrainConfig, path, overrides)
 

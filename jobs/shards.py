@@ -79,7 +79,9 @@ def _count_file(fs: pafs.FileSystem, path: str) -> int:
             return pq.ParquetFile(f).metadata.num_rows
     if ext == ".tar":
         with fs.open_input_stream(path) as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-            keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")}
+            keys = {
+                m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
+            }
         return len(keys)
     with fs.open_input_stream(path) as f:
         data = f.read()
@@ -132,7 +134,9 @@ def list_shards(
     fs, base = _fs_and_path(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"data root {root!r} is not a folder: point data.root at the folder new shards land in")
+        raise FileNotFoundError(
+            f"data root {root!r} is not a folder: point data.root at the folder new shards land in"
+        )
     skip_set = set(skip)
     shards = []
     for entry in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.path):
@@ -228,7 +232,9 @@ def build_mix(
 
     mix = _read(new, image_folder).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
     if earlier and replay_fraction > 0:
-        replay = _read(earlier, image_folder).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "replay"})
+        replay = _read(earlier, image_folder).map_batches(
+            good, batch_format="pyarrow", fn_kwargs={"source": "replay"}
+        )
         replay = replay.random_sample(replay_fraction, seed=seed)
         if replay_max_samples > 0:
             replay = replay.limit(replay_max_samples)
@@ -256,4 +262,12 @@ def build_mix(
     return marker
 
 
-__all__ = ["MIX_MARKER", "Shard", "build_mix", "list_shards", "read_mix", "shards_from_json", "shards_to_json"]
+__all__ = [
+    "MIX_MARKER",
+    "Shard",
+    "build_mix",
+    "list_shards",
+    "read_mix",
+    "shards_from_json",
+    "shards_to_json",
+]

@@ -145,7 +145,9 @@ def world(tmp_path_factory):
     }  # fmt: skip
     config_path = base / "retrain.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DPN_MODEL_CACHE", "DPN_RETRAIN_CRASH_AFTER")}
+    saved = {
+        k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DPN_MODEL_CACHE", "DPN_RETRAIN_CRASH_AFTER")
+    }
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
     os.environ["DPN_MODEL_CACHE"] = str(base / "model-cache")
     os.environ.pop("DPN_RETRAIN_CRASH_AFTER", None)
@@ -221,7 +223,9 @@ def test_new_shard_challenger_is_trained_evaluated_and_promoted(world):
     assert v2.tags["dpn.retrain.parent"] == "1"
     assert int(v2.tags["dpn.data.replay_samples"]) > 0  # half of the 64 earlier samples, drawn at random
     assert set(result.comparison) == {"champion", "challenger"}
-    assert result.comparison["champion"]["num_samples"] == result.comparison["challenger"]["num_samples"] == 24
+    assert (
+        result.comparison["champion"]["num_samples"] == result.comparison["challenger"]["num_samples"] == 24
+    )
     client = _client()
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"comparison.json", "comparison.md", "plan.json", "mix.json"} <= artifacts
@@ -255,7 +259,9 @@ def test_worse_challenger_is_rejected_and_the_champion_kept(world):
     result = _run(world, "gate.accuracy_tolerance=0.0", "replay.fraction=0.0", "training.overrides.train.epochs=4",
                   "training.overrides.optim.lr=3e-3")  # fmt: skip
     champion_acc = result.comparison["champion"]["accuracy"]
-    assert champion_acc > 0, "the champion answers nothing right: the tiny model did not learn; test setup broken"
+    assert champion_acc > 0, (
+        "the champion answers nothing right: the tiny model did not learn; test setup broken"
+    )
     assert result.comparison["challenger"]["accuracy"] < champion_acc
     assert result.status == "rejected", result.reason
     assert "below the champion" in result.reason
