@@ -17,10 +17,12 @@ advancing one step each in turn.
 Every batch is recorded (id, queue, rate run, rates requested, size) in a bounded history served by `batches()`,
 and each response carries its batch's record, so anyone can check that a batch never mixes rates.
 
-Moving to a new model version without downtime: the model comes from `user_config = {"model": REF, "version":
-V}`. Changing it (`serve deploy` with an edited config, or `serve.run` with new options) calls `reconfigure` on the
-running replicas: each loads the new weights in a background thread while it keeps serving with the old ones,
-then swaps atomically; batches already running finish on the model they started with.
+Moving to a new model version without downtime: the model comes from the deployment's `user_config = {"model":
+REF, "version": V}` (set from the app args). Redeploying with a changed `user_config` in the config's `DPNModel`
+deployment section (`serve deploy`) is a lightweight update: Serve calls `reconfigure` on the running replicas,
+each loads the new weights in a background thread while it keeps serving with the old ones, then swaps atomically;
+batches already running finish on the model they started with. (Changing `args` or calling `serve.run` again from
+Python instead replaces the replicas one by one, starting each new one before stopping an old one.)
 """
 
 from __future__ import annotations

@@ -522,8 +522,6 @@ def test_ray_errors_auth_and_keeps_serving(served):
 def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
     from ray import serve
 
-    from serve_apps.app import build_app
-
     url = served + "/v1/chat/completions"
     body = {"messages": image_message(data_url(png_bytes())), "max_tokens": 2, "temperature": 0}
     seen: list[tuple[int, str | None]] = []
@@ -535,12 +533,15 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
                 response = http.post(url, json=body, headers=_auth())
                 seen.append((response.status_code, response.json().get("system_fingerprint")))
 
-    replica = httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"]
+    first = httpx.post(url, json=body, headers=_auth(), timeout=60).json()
+    replica = first["dpn_batch"]["replica"]
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
         time.sleep(1.0)
-        serve.run(build_app(_app_args(checkpoints[1], "v2")), name="dpn", route_prefix="/")
+        # what `serve deploy` does for a changed user_config of DPNModel: reconfigure() on the running replica
+        handle = serve.get_deployment_handle("DPNModel", app_name="dpn")
+        handle.reconfigure.remote({"model": checkpoints[1], "version": "v2"}).result(timeout_s=120)
         deadline = time.time() + 60
         while time.time() < deadline and httpx.get(served + "/health").json().get("version") != "v2":
             time.sleep(0.5)
