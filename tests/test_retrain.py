@@ -60,6 +60,18 @@ def test_list_shards_counts_and_filters(tmp_path):
         list_shards(str(tmp_path / "missing"))
 
 
+def test_dpn_data_synth_new_shard_adds_a_shard_the_job_discovers(tmp_path, capsys):
+    from jobs.cli import main
+
+    root = tmp_path / "data"
+    assert (
+        main(["data", "synth", str(root), "--format", "llava", "--num-train", "10", "--num-eval", "4"]) == 0
+    )
+    assert main(["data", "synth", str(root), "--new-shard", "day2", "--num-train", "6", "--seed", "1"]) == 0
+    assert "shard day2" in capsys.readouterr().out
+    assert {s.name: s.num_samples for s in list_shards(str(root))} == {"train.json": 10, "train-day2.json": 6}
+
+
 def _row(acc: float, flops: float) -> dict:
     return {"accuracy": acc, "mean_prefill_flops": flops}
 
