@@ -42,11 +42,13 @@ Kubernetes CronJob ``concurrencyPolicy: Forbid`` (deploy/schedule, deploy/k8s).
 Crash injection for tests: ``DPN_RETRAIN_CRASH_AFTER=<step>`` (``plan``, ``mix``, ``train``,
 ``evaluate``, ``alias``: between the two alias moves) raises :class:`InjectedCrash` after that step.
 
-**Serving the new champion.** A Ray Serve app deployed with ``args.model: models:/dpn@champion``
-(configs/serve_*.yaml) resolves the alias when it (re)loads: set ``args.version`` to the promoted
-version (printed and logged by this job) and ``serve deploy`` the config again; the model
-deployment's ``reconfigure`` loads the new weights in the background and swaps them in without
-downtime (serve_apps/model.py).
+**Serving the new champion.** Aliases are resolved when a replica loads, so a running Ray Serve app
+keeps its model until told to reload. After a promotion (the job logs the new version), set the model
+deployment's ``user_config: {model: models:/dpn@champion, version: champion-<N>}`` in the serve config
+(configs/serve_*.yaml, ``DPNModel`` deployment section) and ``serve deploy`` it again: this is a lightweight
+update, Serve calls ``DPNModel.reconfigure`` on the running replicas, each loads the new weights in the
+background while serving with the old ones and then swaps (serve_apps/model.py). Roll back the same way
+after moving ``champion`` back to the ``previous`` version.
 """
 
 from __future__ import annotations
@@ -530,9 +532,9 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         champion, previous = _finish(cfg, registry, run_id, plan, challenger, decision, rows, uri)
         if decision.promote:
             logger.info(
-                "%s version %s is the new %s. Serving: set args.version: \"%s\" in the serve config "
-                "(model: models:/%s@%s) and `serve deploy` it to roll replicas without downtime",
-                registry.name, challenger, registry.champion_alias, challenger, registry.name, registry.champion_alias,
+                "%s version %s is the new %s. Serving: set the DPNModel deployment's user_config "
+                "{model: models:/%s@%s, version: champion-%s} and `serve deploy` again (replicas reload in place)",
+                registry.name, challenger, registry.champion_alias, registry.name, registry.champion_alias, challenger,
             )  # fmt: skip
         return RetrainResult(
             status=reg_lib.PROMOTED if decision.promote else reg_lib.REJECTED,
