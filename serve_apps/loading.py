@@ -35,6 +35,11 @@ def resolve_model_ref(model_ref: str) -> str:
 
         return str(resolve_model_dir(model_ref))
     path = os.path.expanduser(model_ref)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        # an MLflow model folder or a training checkpoint (hf_model/ inside): let the tracking module find it
+        from jobs.tracking import resolve_model_dir
+
+        return str(resolve_model_dir(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"model {model_ref!r} is neither a local checkpoint directory nor an MLflow URI "
