@@ -70,7 +70,9 @@ def measure(root: Path, preset: str, compression: str | int, steps: int, micro_b
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU, {platform.python_version()}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU, {platform.python_version()}"
+    )
     lines = [
         f"Command: `{command}`",
         f"Machine: {machine}; 2 Ray Train workers (1 CPU each), DeepSpeed ZeRO-2 fp32 / gloo; {time.strftime('%Y-%m-%d')}",

@@ -75,7 +75,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}"
+            )
         return _build(tp, value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -132,10 +134,14 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"missing required config key(s) {[f'{prefix}.{m}' if prefix else m for m in missing]}")
+        raise ConfigError(
+            f"missing required config key(s) {[f'{prefix}.{m}' if prefix else m for m in missing]}"
+        )
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

@@ -11,6 +11,7 @@ import mlflow.pyfunc
 
 HF_ARTIFACT = "hf_model"  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
 
+
 class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper around the Hugging Face checkpoint in ``artifacts["hf_model"]``.
 
@@ -49,7 +50,9 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
             inputs = self.processor(text=[text], images=images, return_tensors="pt")
             with torch.no_grad():
                 out = self.model.generate(
-                    **inputs, max_new_tokens=int(params.get("max_new_tokens", 32)), do_sample=False,
+                    **inputs,
+                    max_new_tokens=int(params.get("max_new_tokens", 32)),
+                    do_sample=False,
                     compression=params.get("compression", "auto"),
                 )
             new = out[0, inputs["input_ids"].shape[1] :]

@@ -97,7 +97,9 @@ def find_job_run(experiment: str, job_name: str, uri: str | None = None) -> Any 
     if exp is None:
         return None
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_name}'", order_by=["attributes.start_time DESC"],
+        [exp.experiment_id],
+        filter_string=f"tags.`{JOB_TAG}` = '{job_name}'",
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
@@ -269,7 +271,9 @@ def _cache_root() -> Path:
     return Path(os.environ.get(_CACHE_ENV, Path.home() / ".cache" / "dpn" / "models"))
 
 
-def resolve_model_dir(uri: str | os.PathLike, tracking: str | None = None, cache_dir: str | None = None) -> str:
+def resolve_model_dir(
+    uri: str | os.PathLike, tracking: str | None = None, cache_dir: str | None = None
+) -> str:
     """Local Hugging Face checkpoint directory of a model reference.
 
     Args:
@@ -310,10 +314,14 @@ def resolve_model_dir(uri: str | os.PathLike, tracking: str | None = None, cache
             else:
                 parts = ref.split("/")
                 if len(parts) != 2:
-                    raise ValueError(f"model URI {text!r} must be models:/<name>@<alias> or models:/<name>/<version>")
+                    raise ValueError(
+                        f"model URI {text!r} must be models:/<name>@<alias> or models:/<name>/<version>"
+                    )
                 version = client.get_model_version(name, parts[1]).version
         except mlflow.exceptions.MlflowException as err:
-            raise FileNotFoundError(f"model {text!r} not found in the registry at {uri_in_effect}: {err}") from err
+            raise FileNotFoundError(
+                f"model {text!r} not found in the registry at {uri_in_effect}: {err}"
+            ) from err
         key = f"models:/{name}/{version}"
     digest = hashlib.sha256(f"{uri_in_effect}|{key}".encode()).hexdigest()[:16]
     target = (Path(cache_dir) if cache_dir else _cache_root()) / digest
@@ -324,7 +332,9 @@ def resolve_model_dir(uri: str | os.PathLike, tracking: str | None = None, cache
         target.mkdir(parents=True)
         logger.info("downloading %s to %s", key, target)
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=key, dst_path=str(target), tracking_uri=uri_in_effect)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=key, dst_path=str(target), tracking_uri=uri_in_effect
+            )
         except mlflow.exceptions.MlflowException as err:
             shutil.rmtree(target, ignore_errors=True)
             raise FileNotFoundError(f"could not download {text!r} from {uri_in_effect}: {err}") from err

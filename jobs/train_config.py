@@ -234,7 +234,9 @@ class TrainConfig:
     run: RunConfigSection = field(default_factory=RunConfigSection)
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Load a training config file with ``key=value`` overrides (see :func:`jobs.config.load_config`)."""
     return load_config(TrainConfig, path, overrides)
 

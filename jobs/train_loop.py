@@ -76,15 +76,21 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None):
+def load_model(
+    model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None
+):
     """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden."""
     from dpn_model import DPNConfig, DPNForConditionalGeneration
 
     config = DPNConfig.from_pretrained(model_dir, **(config_overrides or {}))
-    return DPNForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=torch_dtype or torch.float32)
+    return DPNForConditionalGeneration.from_pretrained(
+        model_dir, config=config, dtype=torch_dtype or torch.float32
+    )
 
 
-def apply_freezing(model: torch.nn.Module, vision_tower: bool, projector: bool, language_model: bool) -> dict[str, int]:
+def apply_freezing(
+    model: torch.nn.Module, vision_tower: bool, projector: bool, language_model: bool
+) -> dict[str, int]:
     """Set ``requires_grad`` per part. Returns trainable and total parameter counts."""
     parts = {
         "vision_tower": (model.model.vision_tower, vision_tower),
@@ -159,14 +165,22 @@ def deepspeed_config(
     return merge(cfg, overrides or {})
 
 
-def setup_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: dict[str, Any], total_steps: int, dist_backend: str):
+def setup_engine(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    optim: dict[str, Any],
+    total_steps: int,
+    dist_backend: str,
+):
     """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
     optimizer = make_optimizer(model, optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"])
     warmup = int(round(optim["warmup_ratio"] * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup, optim["min_lr_ratio"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, warmup, optim["min_lr_ratio"])
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -266,7 +280,11 @@ class StepStats:
 
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,13 @@ def ensure_synthetic_data(cfg: TrainConfig, data_path: str) -> None:
     from pipelines.synthetic import write_synthetic_dataset
 
     syn = cfg.data.synthetic
-    logger.info("writing the synthetic benchmark (%d train, %d eval, %s) to %s", syn.num_train, syn.num_eval, syn.format, root)
+    logger.info(
+        "writing the synthetic benchmark (%d train, %d eval, %s) to %s",
+        syn.num_train,
+        syn.num_eval,
+        syn.format,
+        root,
+    )
     write_synthetic_dataset(root, syn.format, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed)
 
 
@@ -139,13 +145,17 @@ def load_deepspeed_json(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def build_loop_spec(cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str) -> dict[str, Any]:
+def build_loop_spec(
+    cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str
+) -> dict[str, Any]:
     """Everything a worker needs, as a plain picklable dict (see ``train_loop_per_worker``)."""
     from jobs.train_loop import deepspeed_config
 
     precision = resolve_precision(cfg)
     if precision != "fp32" and not cfg.run.use_gpu:
-        raise ConfigError(f"deepspeed.precision={precision} needs GPUs (run.use_gpu=true); CPU training is fp32")
+        raise ConfigError(
+            f"deepspeed.precision={precision} needs GPUs (run.use_gpu=true); CPU training is fp32"
+        )
     ds = deepspeed_config(
         load_deepspeed_json(cfg),
         micro_batch_size=cfg.train.micro_batch_size,
@@ -245,7 +255,9 @@ def init_ray(cfg: TrainConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI") if k in os.environ}}
+    runtime_env = {
+        "env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI") if k in os.environ}
+    }
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return True

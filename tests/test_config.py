@@ -95,7 +95,9 @@ def test_parse_overrides_builds_a_tree():
 def test_train_config_validation_names_the_section():
     with pytest.raises(ConfigError, match=r"train: micro_batch_size must be >= 1"):
         load_train_config(None, ["train.micro_batch_size=0"])
-    with pytest.raises(ConfigError, match=r"model\.compression: 3 is not valid; choose one of \['auto', 1, 2, 4\]"):
+    with pytest.raises(
+        ConfigError, match=r"model\.compression: 3 is not valid; choose one of \['auto', 1, 2, 4\]"
+    ):
         load_train_config(None, ["model.compression=3"])
     with pytest.raises(ConfigError, match=r"unknown config key optim\.learning_rate.*'lr'"):
         load_train_config(None, ["optim.learning_rate=1e-4"])
@@ -117,7 +119,9 @@ def test_shipped_configs_cover_dpn_and_the_baselines():
     compressions = {load_train_config(p).model.compression for p in TRAIN_CONFIGS}
     assert {"auto", 1, 2, 4} <= compressions
     recipe = load_train_config(ROOT / "configs" / "train_llava7b.yaml")
-    assert recipe.train.micro_batch_size == 16 and recipe.optim.lr == 2e-5 and recipe.optim.warmup_ratio == 0.03
+    assert (
+        recipe.train.micro_batch_size == 16 and recipe.optim.lr == 2e-5 and recipe.optim.warmup_ratio == 0.03
+    )
     assert recipe.data.max_length == 2048 and recipe.train.epochs == 1 and recipe.run.use_gpu
     assert recipe.model.config_overrides.get("pooling_layers") == [8, 16, 24]
 

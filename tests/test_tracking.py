@@ -78,12 +78,16 @@ def test_logged_model_resolves_from_runs_and_models_uris(mlflow_uri, tiny_model_
     reference = DPNForConditionalGeneration.from_pretrained(tiny_model_dir)
     for uri in (f"runs:/{run_id}/model", "models:/dpn-test/1", "models:/dpn-test@champion"):
         path = Path(tracking.resolve_model_dir(uri))
-        assert {"config.json", "model.safetensors", "processor_config.json"} <= {p.name for p in path.iterdir()}
+        assert {"config.json", "model.safetensors", "processor_config.json"} <= {
+            p.name for p in path.iterdir()
+        }
         loaded = DPNForConditionalGeneration.from_pretrained(path)
         for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
             assert torch.equal(a, b), name
     # the same version downloads once
-    assert tracking.resolve_model_dir("models:/dpn-test@champion") == tracking.resolve_model_dir("models:/dpn-test/1")
+    assert tracking.resolve_model_dir("models:/dpn-test@champion") == tracking.resolve_model_dir(
+        "models:/dpn-test/1"
+    )
     assert tracking.resolve_model_dir(tiny_model_dir) == tiny_model_dir
 
 

@@ -47,7 +47,9 @@ def test_deepspeed_config_fills_batches_precision_and_keeps_zero_stage():
 
 
 def test_plan_steps_counts_full_optimizer_steps():
-    cfg = load_config(TrainConfig, data={"train": {"micro_batch_size": 4, "grad_accum_steps": 2, "epochs": 3}})
+    cfg = load_config(
+        TrainConfig, data={"train": {"micro_batch_size": 4, "grad_accum_steps": 2, "epochs": 3}}
+    )
     assert plan_steps(cfg, 100) == (3 * (50 // 4)) // 2  # 2 workers: 50 samples, 12 micro-batches each
     cfg.train.max_steps = 5
     assert plan_steps(cfg, 100) == 5
@@ -182,7 +184,15 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
     # attempt 2 resumed from the checkpoint of step 4, attempt 3 from step 8; all 14 steps done
     assert result.steps == 14
     assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [4.0, 8.0]
-    for key in ("loss", "lm_loss", "routing_loss", "lr", "samples_per_s", "tokens_per_s", "compression_layer0"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "routing_loss",
+        "lr",
+        "samples_per_s",
+        "tokens_per_s",
+        "compression_layer0",
+    ):
         assert metric_steps(uri, run_id, key) == list(range(1, 15)), key  # no gaps, no duplicates
 
     # the loss fell
@@ -202,7 +212,9 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
     registered = DPNForConditionalGeneration.from_pretrained(
         resolve_model_dir(f"models:/dpn-test/{result.registered_version}")
     )
-    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), registered.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(final.state_dict().values(), registered.state_dict().values())
+    )
     run_dir = Path(cfg.run.storage_path) / "survivor"
     kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000012", "checkpoint_00000014"]  # keep the last 2
@@ -211,4 +223,6 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
         "step": 12, "epoch": 1, "batches_in_epoch": 6, "samples_seen": 96, "mlflow_run_id": run_id,
     }  # fmt: skip
     middle = DPNForConditionalGeneration.from_pretrained(mid / "hf_model")
-    assert any(not torch.equal(a, b) for a, b in zip(middle.state_dict().values(), final.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(middle.state_dict().values(), final.state_dict().values())
+    )
