@@ -13,6 +13,7 @@ import sys
 
 # name -> (module, one-line help). Keep the list sorted by the order a newcomer meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("jobs.quickstart", "the whole system end to end on a laptop: data, train, eval, registry, serve"),
     "info": ("dpn_model.commands.info", "parameters and prefill FLOPs of a preset or checkpoint"),
     "convert": ("dpn_model.commands.convert", "convert a llava-hf checkpoint directory to DPN"),
     "serve": ("serve_apps.commands", "serve a model behind an OpenAI-compatible Ray Serve endpoint"),
