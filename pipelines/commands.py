@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the synthetic benchmark dataset",
         description="Write the synthetic benchmark (train and eval splits) in one of the real formats.",
     )
-    synth.add_argument("out_dir", help="dataset root to write")
+    synth.add_argument("out_dir", nargs="?", default=None, help="dataset root to write (or --out)")
+    synth.add_argument("--out", dest="out_flag", default=None, metavar="DIR", help="dataset root to write")
     synth.add_argument("--format", default="llava", choices=("llava", "webdataset", "parquet"))
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-eval", type=int, default=500)
@@ -138,6 +139,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     from pipelines.synthetic import write_synthetic_dataset, write_synthetic_shard
 
+    if (args.out_dir is None) == (args.out_flag is None):
+        raise SystemExit("dpn data synth: give the dataset root once, as OUT or --out DIR")
+    args.out_dir = args.out_dir or args.out_flag
     if args.new_shard is not None:
         shard = write_synthetic_shard(args.out_dir, args.new_shard, num_samples=args.num_train, seed=args.seed)
         sys.stdout.write(
