@@ -34,6 +34,8 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # also accepted after the subcommand (`python -m jobs.train --log-level DEBUG ...`)
+        sub_parser.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == command:  # only the chosen subcommand's module is imported
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return int(args._run(args) or 0)
+
+
+def run_subcommand(command: str, argv: list[str] | None = None) -> int:
+    """Entry of `python -m <module>` for a subcommand's module: the same as `dpn <command> ...`."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

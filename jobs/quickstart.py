@@ -19,6 +19,7 @@ import argparse
 import base64
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -242,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
+    """`python -m jobs.quickstart ...`: the same as `dpn quickstart ...`."""
+    from jobs.cli import run_subcommand
+
+    return run_subcommand("quickstart", argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -585,14 +585,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    """`python -m jobs.retrain ...`: the same as `dpn retrain ...`."""
+    from jobs.cli import run_subcommand
+
+    return run_subcommand("retrain", argv)
 
 
 if __name__ == "__main__":

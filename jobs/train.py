@@ -156,14 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    """`python -m jobs.train ...`: the same as `dpn train ...`."""
+    from jobs.cli import run_subcommand
+
+    return run_subcommand("train", argv)
 
 
 if __name__ == "__main__":
