@@ -73,10 +73,11 @@ def _version_exists(name: str, version: str) -> bool:
 
 
 def stage_data(work: Path) -> Path:
-    from pipelines.synthetic import write_synthetic_dataset
+    from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
 
     root = work / "data" / "synthetic"
-    if (root / "synthetic.json").exists():
+    if (root / MANIFEST_NAME).exists():
+        read_manifest(root)  # raises on a dataset of an older generator version
         print(f"      reusing {root}")
         return root
     write_synthetic_dataset(root, format="parquet", num_train=2000, num_eval=200, seed=0)

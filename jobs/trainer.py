@@ -47,10 +47,12 @@ def ensure_synthetic_data(cfg: TrainConfig, data_path: str) -> None:
     """Write the synthetic benchmark to ``data_path`` when ``data.synthetic`` is set and it is missing."""
     if cfg.data.synthetic is None or "://" in data_path:
         return
+    from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
+
     root = Path(data_path)
-    if (root / "synthetic.json").exists():
+    if (root / MANIFEST_NAME).exists():
+        read_manifest(root)  # an older generator's dataset is an error, not silently reused
         return
-    from pipelines.synthetic import write_synthetic_dataset
 
     syn = cfg.data.synthetic
     logger.info(

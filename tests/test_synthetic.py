@@ -19,6 +19,7 @@ from pipelines.synthetic import (
     ANSWERS,
     FAMILIES,
     FAMILY_KIND,
+    GENERATOR_VERSION,
     generate_samples,
     generate_splits,
     image_hash,
@@ -251,3 +252,17 @@ def test_invalid_arguments(tmp_path):
         write_synthetic_dataset(tmp_path, "llava", num_train=1, num_eval=1, families=["nope"])
     with pytest.raises(FileNotFoundError, match="write_synthetic_dataset"):
         write_synthetic_shard(tmp_path / "missing", "s1", num_samples=1, seed=0)
+
+
+def test_a_dataset_from_another_generator_version_is_refused(tmp_path):
+    """Scenes changed between generator versions: an old dataset must not be reused silently."""
+    from pipelines.synthetic import MANIFEST_NAME, read_manifest
+
+    write_synthetic_dataset(tmp_path, "llava", num_train=4, num_eval=2, seed=0)
+    assert read_manifest(tmp_path)["splits"]["train"]["num_samples"] == 4
+    path = tmp_path / MANIFEST_NAME
+    path.write_text(path.read_text().replace(f'"version": {GENERATOR_VERSION}', '"version": 1'))
+    with pytest.raises(ValueError, match="generator version 1"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="generator version 1"):
+        write_synthetic_shard(tmp_path, "day2", num_samples=2, seed=1)
