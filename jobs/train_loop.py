@@ -23,6 +23,7 @@ the same number but not guaranteed to be the very same samples as before the fai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -194,19 +195,13 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     module = engine.module
     params = list(module.parameters())
     stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else _null()
+    ctx = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else contextlib.nullcontext()
+    )
     with ctx:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def save_hf_model(engine, processor_dir: str, out_dir: str | Path) -> None:
