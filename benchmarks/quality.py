@@ -1,17 +1,24 @@
 """Reproduce the paper's claim on the synthetic benchmark: accuracy against prefill FLOPs.
 
-    python benchmarks/quality.py [--max-steps N] [--variants dense,fixed2,fixed4,dpn] [--tag NAME]
+    python benchmarks/quality.py [--finetune-steps N] [--finetune-lr LR] [--tag NAME]
                                  [--override KEY=VALUE ...] [--dpn-override KEY=VALUE ...]
+    python benchmarks/quality.py --from-scratch [--max-steps N]        # every variant from random weights
     python benchmarks/quality.py --model dense=URI --model fixed2=URI ...   # evaluate only
 
-Drives the real jobs end to end, each in its own process (as ``ray job submit`` would):
+Drives the real jobs end to end, each in its own process (as ``ray job submit`` would), with the
+paper's recipe: DPN starts from a trained dense model (LLaVA-1.5), and so do the fixed-rate
+baselines it is compared with.
 
-1. ``python -m jobs.train --config configs/train_tiny{,_dense,_fixed2,_fixed4}.yaml`` trains DPN
-   (compression auto) and the dense, fixed-2x and fixed-4x baselines with identical settings
-   (the configs differ only in ``model.compression``), each logged and registered in MLflow;
-2. ``python -m jobs.evaluate`` evaluates them all in one run on the eval split of the same
+1. ``python -m jobs.train --config configs/train_tiny_dense.yaml`` trains the dense model from
+   random weights (the configs' schedule);
+2. ``python -m jobs.train --config configs/train_tiny{,_fixed4,_fixed2}.yaml model.init=<dense>``
+   fine-tunes DPN (compression auto) and the fixed-4x and fixed-2x baselines from it with identical
+   settings (``--finetune-steps``, ``--finetune-lr``; the configs differ only in
+   ``model.compression``), each logged and registered in MLflow. ``--from-scratch`` instead trains
+   every variant from random weights with the configs' own schedule;
+3. ``python -m jobs.evaluate`` evaluates them all in one run on the eval split of the same
    synthetic dataset: each baseline at its own rate, DPN in auto and at every forced rate;
-3. checks the paper's targets and writes the tables and plots to ``benchmarks/results/``
+4. checks the paper's targets and writes the tables and plots to ``benchmarks/results/``
    (``quality.json``, ``quality.md``, ``quality_*.png``) and the section "Quality: accuracy vs
    FLOPs" of ``BENCHMARKS.md`` (other sections are left alone).
 
@@ -86,10 +93,14 @@ def _run(cmd: list[str], log_path: Path) -> str:
     return "".join(lines)
 
 
-def train_variant(name: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+def train_variant(name: str, args: argparse.Namespace, run_dir: Path, init: str | None = None) -> dict[str, Any]:
+    """Train one variant; ``init`` (a model URI) makes it a fine-tune of that model."""
     config, _ = VARIANTS[name]
     overrides = [f"run.name=quality-{name}-{args.tag}", f"mlflow.experiment={args.experiment}"]
-    if args.max_steps:
+    if init is not None:
+        overrides += [f"model.init={init}", f"train.max_steps={args.finetune_steps}",
+                      f"optim.lr={args.finetune_lr}", "optim.warmup_ratio=0.0"]  # fmt: skip
+    elif args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     overrides += args.override
     if name == "dpn":
@@ -212,7 +223,12 @@ def write_results(report: dict[str, Any], trained: list[dict[str, Any]], checks:
     for t in trained:
         lines.append(f"- {t['name']}: `{t['config']}` {' '.join(t['overrides'])} -> {t.get('steps', '?')} steps, "
                      f"{float(t.get('seconds', t['wall_s'])):.0f} s, `{t['model_uri']}`")  # fmt: skip
+    recipe = ("every variant trained from random weights" if args.from_scratch else
+              f"DPN and the fixed-rate baselines fine-tuned from the dense model for {args.finetune_steps} steps "
+              f"at peak lr {args.finetune_lr:g}, as the paper fine-tunes DPN from LLaVA-1.5")  # fmt: skip
     lines += [
+        "",
+        f"Recipe: {recipe}.",
         "",
         "FLOPs are analytic prefill FLOPs per sample (`dpn_model.flops`); `x dense` is the whole prefill "
         "(vision tower + projector + language model), `LLM x dense` the language model alone (the part "
@@ -254,17 +270,21 @@ def _update_benchmarks_md(section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--variants", default="dpn,dense,fixed4,fixed2", help="which models to train (in this order)"
+        "--variants", default="dense,dpn,fixed4,fixed2", help="which models to train (in this order)"
     )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
                         help="use an already trained model for a variant instead of training it")  # fmt: skip
     parser.add_argument(
-        "--max-steps", type=int, help="train.max_steps for every variant (default: the configs')"
+        "--max-steps", type=int, help="train.max_steps of runs from random weights (default: the configs')"
     )
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train every variant from random weights (default: dense first, the others from it)")  # fmt: skip
+    parser.add_argument("--finetune-steps", type=int, default=400, help="steps of the runs that start from dense")
+    parser.add_argument("--finetune-lr", type=float, default=3e-4, help="peak learning rate of those runs")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra jobs.train override for every variant")  # fmt: skip
     parser.add_argument("--dpn-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra override for the DPN run only (e.g. model.routing_loss_weight=0.5)")  # fmt: skip
+                        help="extra override for the DPN run only (e.g. model.config_overrides.routing_loss_weight=0.5)")  # fmt: skip
     parser.add_argument("--data", help="eval data (default: the dataset the training configs generate)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--experiment", default="dpn-quality")
@@ -285,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in given:
             models[name] = given[name]
             continue
-        result = train_variant(name, args, run_dir)
+        from_dense = None if args.from_scratch or name == "dense" else models.get("dense")
+        if not args.from_scratch and name != "dense" and from_dense is None:
+            parser.error(f"{name} starts from the dense model: put dense first in --variants or pass --model dense=URI")
+        result = train_variant(name, args, run_dir, init=from_dense)
         trained.append(result)
         models[name] = result["model_uri"]
         (run_dir / "trained.json").write_text(json.dumps(trained, indent=1))  # resume by hand with --model
