@@ -305,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         if name in given:
             models[name] = given[name]
             continue
-        from_dense = None if args.from_scratch or name == "dense" else models.get("dense")
+        from_dense = None if args.from_scratch or name == "dense" else models.get("dense", given.get("dense"))
         if not args.from_scratch and name != "dense" and from_dense is None:
             parser.error(f"{name} starts from the dense model: put dense first in --variants or pass --model dense=URI")
         result = train_variant(name, args, run_dir, init=from_dense)
         trained.append(result)
         models[name] = result["model_uri"]
         (run_dir / "trained.json").write_text(json.dumps(trained, indent=1))  # resume by hand with --model
+    models = {**{k: v for k, v in given.items() if k in VARIANTS}, **models}
     models = {name: models[name] for name in VARIANTS if name in models}  # table order: baselines, then DPN
     report = evaluate(models, args, run_dir)
     checks = check_targets(report["rows"])
