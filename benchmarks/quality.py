@@ -220,6 +220,9 @@ def write_results(report: dict[str, Any], trained: list[dict[str, Any]], checks:
         "Training runs (`python -m jobs.train`, one per variant, identical except `model.compression`):",
         "",
     ]
+    for label in report.get("given_models", {}):
+        lines.append(f"- {label}: trained by an earlier run of this script, passed as `--model {label}=...`: "
+                     f"`{report['given_models'][label]}`")  # fmt: skip
     for t in trained:
         lines.append(f"- {t['name']}: `{t['config']}` {' '.join(t['overrides'])} -> {t.get('steps', '?')} steps, "
                      f"{float(t.get('seconds', t['wall_s'])):.0f} s, `{t['model_uri']}`")  # fmt: skip
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {**{k: v for k, v in given.items() if k in VARIANTS}, **models}
     models = {name: models[name] for name in VARIANTS if name in models}  # table order: baselines, then DPN
     report = evaluate(models, args, run_dir)
+    report["given_models"] = {k: v for k, v in models.items() if k in given}
     checks = check_targets(report["rows"])
     if args.no_write:
         from jobs.eval_report import format_table
