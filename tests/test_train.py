@@ -111,7 +111,7 @@ def make_config(cluster, name: str, **sections) -> TrainConfig:
                 "num_workers": 2, "max_failures": 1},
     }  # fmt: skip
     for section, values in sections.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     return load_config(TrainConfig, data=data)
 
 
