@@ -244,7 +244,7 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
         cluster,
         "zero3",
         deepspeed={"config": "zero3.json"},
-        train={"max_steps": 6},
+        train={"max_steps": 12},  # long enough that the kill at step 3 lands mid-run even under load
         checkpoint={"every_steps": 2},
     )
     killer = WorkerKiller(uri, "zero3", kill_steps=[3])
@@ -253,16 +253,16 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
         result = train(cfg)  # max_failures=1: the one kill is recovered within the job
     finally:
         killer.stop.set()
-    assert len(killer.killed) == 1, killer.killed
-    assert result.steps == 6
+    assert len(killer.killed) == 1 and killer.killed[0][0] < 12, killer.killed
+    assert result.steps == 12
     client = MlflowClient(uri)
-    assert metric_steps(uri, result.run_id, "loss") == list(range(1, 7))
+    assert metric_steps(uri, result.run_id, "loss") == list(range(1, 13))
     resumed = [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")]
-    assert resumed and all(v in (2, 4) for v in resumed), resumed
+    assert resumed and all(v % 2 == 0 and 0 < v < 12 for v in resumed), resumed
     # ZeRO-3 checkpoints hold model states per rank (ZeRO-2 has one mp_rank_00_model_states.pt)
     per_rank = list(
         (Path(cfg.run.storage_path) / "zero3").glob(
-            "checkpoint_00000006/**/zero_pp_rank_1_mp_rank_00_model_states.pt"
+            "checkpoint_00000012/**/zero_pp_rank_1_mp_rank_00_model_states.pt"
         )
     )
     assert per_rank, "rank 1's parameter partition is in the checkpoint"
