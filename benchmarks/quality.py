@@ -300,22 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = REPO / "runs" / "quality" / args.tag
     start = time.time()
     given = dict(m.split("=", 1) for m in args.model)
-    models: dict[str, str] = {}
+    models = {name: uri for name, uri in given.items() if name in VARIANTS}
     trained: list[dict[str, Any]] = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
         if name in given:
-            models[name] = given[name]
             continue
-        from_dense = None if args.from_scratch or name == "dense" else models.get("dense", given.get("dense"))
-        if not args.from_scratch and name != "dense" and from_dense is None:
-            parser.error(f"{name} starts from the dense model: put dense first in --variants or pass --model dense=URI")
+        from_dense = None
+        if not args.from_scratch and name != "dense":
+            from_dense = models.get("dense")
+            if from_dense is None:
+                parser.error(f"{name} starts from the dense model: put dense first in --variants or pass --model dense=URI")
         result = train_variant(name, args, run_dir, init=from_dense)
         trained.append(result)
         models[name] = result["model_uri"]
         (run_dir / "trained.json").write_text(json.dumps(trained, indent=1))  # resume by hand with --model
-    models = {**{k: v for k, v in given.items() if k in VARIANTS}, **models}
     models = {name: models[name] for name in VARIANTS if name in models}  # table order: baselines, then DPN
     report = evaluate(models, args, run_dir)
     report["given_models"] = {k: v for k, v in models.items() if k in given}

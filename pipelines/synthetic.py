@@ -6,8 +6,8 @@ the top-left cell of the 8x8 cell grid (``image_size // 8`` pixels, 8 px at 64 p
 shapes keep clear of it), split into 2x2 quadrants that are each white or black. It always sits
 in the same cell because a tiny model trained from scratch on 2 CPU cores does not learn to
 *find* a one-cell tile anywhere in the image within its budget (see
-``benchmarks/results/calibration.md``); reading its arrangement is the fine-grained part. With a 16x16 patch grid (64 px, patch 4)
-one tile quadrant is exactly one patch and the whole tile is exactly one 2x2 pooling window, so
+``benchmarks/results/calibration.md``); reading its arrangement is the fine-grained part. With a
+16x16 patch grid (64 px, patch 4) one tile quadrant is exactly one patch and the whole tile is exactly one 2x2 pooling window, so
 the tile's arrangement is what 2x2 (and 4x4) pooling of the visual tokens merges away, while the
 large shapes survive heavy pooling.
 
