@@ -118,12 +118,16 @@ def make_config(cluster, name: str, **sections) -> TrainConfig:
 class WorkerKiller(threading.Thread):
     """SIGKILL one Ray Train worker process of a job each time its MLflow run logs one of ``kill_steps``.
 
-    The pids come from the run's ``sys.worker_pids`` tag, which rank 0 rewrites at every (re)start.
+    The pids come from the run's ``sys.worker_pids`` tag, which rank 0 rewrites at every (re)start. A kill
+    also waits until Ray's controller has registered a checkpoint (its snapshot file names one): a worker
+    reports a checkpoint a moment before the controller records it, and a kill in between restarts the
+    job from scratch, which is correct but not what these tests are about.
     """
 
-    def __init__(self, uri: str, job_name: str, kill_steps: list[int]):
+    def __init__(self, uri: str, job_name: str, kill_steps: list[int], run_dir: Path):
         super().__init__(daemon=True)
         self.uri, self.job_name, self.kill_steps = uri, job_name, list(kill_steps)
+        self.run_dir = run_dir
         self.killed: list[tuple[int, int]] = []  # (step seen, pid)
         self.stop = threading.Event()
 
@@ -138,12 +142,21 @@ class WorkerKiller(threading.Thread):
                 continue
             step = max((m.step for m in client.get_metric_history(run.info.run_id, "loss")), default=0)
             pid = int(run.data.tags["sys.worker_pids"].split(",")[-1].rsplit(":", 1)[1])  # the last rank
-            if step < self.kill_steps[0] or pid in {p for _, p in self.killed}:
+            if step < self.kill_steps[0] or pid in {p for _, p in self.killed} or not self._registered():
                 continue
             assert b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()  # one of ours
             os.kill(pid, signal.SIGKILL)
             self.killed.append((step, pid))
             self.kill_steps.pop(0)
+
+    def _registered(self) -> bool:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+        try:
+            snapshot = json.loads((self.run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return False
+        return snapshot.get("latest_checkpoint_result") is not None
 
 
 def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
@@ -164,7 +177,7 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
 
     uri = cluster["uri"]
     cfg = make_config(cluster, "survivor")
-    killer = WorkerKiller(uri, "survivor", kill_steps=[6, 10])
+    killer = WorkerKiller(uri, "survivor", kill_steps=[6, 10], run_dir=Path(cfg.run.storage_path) / "survivor")
     killer.start()
     try:
         with pytest.raises(TrainingFailedError):
@@ -247,7 +260,7 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
         train={"max_steps": 12},  # long enough that the kill at step 3 lands mid-run even under load
         checkpoint={"every_steps": 2},
     )
-    killer = WorkerKiller(uri, "zero3", kill_steps=[3])
+    killer = WorkerKiller(uri, "zero3", kill_steps=[3], run_dir=Path(cfg.run.storage_path) / "zero3")
     killer.start()
     try:
         result = train(cfg)  # max_failures=1: the one kill is recovered within the job
