@@ -24,6 +24,11 @@ class ModelConfig:
             (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``): dense -> DPN.
         compression: ``"auto"`` trains DPN (router + routing loss); 1 (dense), 2 or 4 force that
             expert at every pooling layer (the baselines).
+        dense_warmup_steps: with ``compression: auto``, train the first this-many optimizer steps
+            dense (compression 1, no routing) and route after that. The paper inserts DPN into an
+            already trained LLaVA (``init`` from a dense run does that); a model trained from random
+            weights needs the dense phase, or its router collapses to the heaviest pooling before the
+            visual features are worth keeping (BENCHMARKS.md, "Quality: what was tried").
         seed: seed of the random preset weights and of the router's sampling.
         config_overrides: DPNConfig fields applied to the model before training (e.g.
             ``routing_loss_weight``, ``pooling_layers``); for presets also the architecture.
@@ -35,12 +40,22 @@ class ModelConfig:
 
     init: str = "preset:tiny"
     compression: Literal["auto", 1, 2, 4] = "auto"
+    dense_warmup_steps: int = 0
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.dense_warmup_steps < 0:
+            raise ValueError(f"dense_warmup_steps must be >= 0, got {self.dense_warmup_steps}")
+        if self.dense_warmup_steps and self.compression != "auto":
+            raise ValueError(
+                f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
+                f"with compression {self.compression}); set it to 0"
+            )
 
 
 @dataclass

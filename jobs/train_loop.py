@@ -317,9 +317,9 @@ def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: boo
 def train_loop_per_worker(spec: dict[str, Any]) -> None:
     """Ray Train worker function. ``spec`` is built by :func:`jobs.train.build_loop_spec`.
 
-    Keys: model_dir, init, seed, preset_overrides, config_overrides, compression, freeze (dict),
-    gradient_checkpointing, ds_config, dist_backend, optim (dict), micro_batch_size, epochs,
-    total_steps, log_every, checkpoint_every, save_hf_model, mlflow_run_id, tracking_uri.
+    Keys: model_dir, init, seed, preset_overrides, config_overrides, compression, dense_warmup_steps,
+    freeze (dict), gradient_checkpointing, ds_config, dist_backend, optim (dict), micro_batch_size,
+    epochs, total_steps, log_every, checkpoint_every, save_hf_model, mlflow_run_id, tracking_uri.
     """
     import ray.train
 
@@ -377,7 +377,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     collate = Collator(model_dir)
-    compression = spec["compression"]
+    dense_warmup = spec["dense_warmup_steps"]
+    if rank == 0 and state.step < dense_warmup:
+        logger.info("dense warm-up: steps 1-%d train with compression 1, routing starts at step %d",
+                    dense_warmup, dense_warmup + 1)  # fmt: skip
     engine.train()
     step_start = time.perf_counter()
     run_start, run_start_step = step_start, state.step
@@ -422,6 +425,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            compression = 1 if state.step < dense_warmup else spec["compression"]
             out = engine(**batch, compression=compression)
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()

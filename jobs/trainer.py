@@ -126,7 +126,13 @@ def plan_steps(cfg: TrainConfig, num_samples: int) -> int:
             f"{num_samples} samples give no full optimizer step with {world} workers x micro batch "
             f"{t.micro_batch_size} x {t.grad_accum_steps} accumulation: use more data or smaller batches"
         )
-    return min(steps, t.max_steps) if t.max_steps else steps
+    steps = min(steps, t.max_steps) if t.max_steps else steps
+    if cfg.model.dense_warmup_steps >= steps:
+        raise ValueError(
+            f"model.dense_warmup_steps={cfg.model.dense_warmup_steps} leaves none of the run's {steps} steps "
+            f"to train the router: lower it or train longer"
+        )
+    return steps
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -176,6 +182,7 @@ def build_loop_spec(
         # presets were built with the overrides already; loaded checkpoints get them at load time
         "config_overrides": {} if m.init.startswith("preset:") else dict(m.config_overrides),
         "compression": m.compression,
+        "dense_warmup_steps": m.dense_warmup_steps,
         "freeze": {
             "vision_tower": m.freeze_vision_tower,
             "projector": m.freeze_projector,

@@ -101,6 +101,8 @@ def test_train_config_validation_names_the_section():
         load_train_config(None, ["model.compression=3"])
     with pytest.raises(ConfigError, match=r"unknown config key optim\.learning_rate.*'lr'"):
         load_train_config(None, ["optim.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"model: dense_warmup_steps only applies to compression 'auto'"):
+        load_train_config(None, ["model.compression=4", "model.dense_warmup_steps=10"])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)

@@ -53,6 +53,9 @@ def test_plan_steps_counts_full_optimizer_steps():
     assert plan_steps(cfg, 100) == (3 * (50 // 4)) // 2  # 2 workers: 50 samples, 12 micro-batches each
     cfg.train.max_steps = 5
     assert plan_steps(cfg, 100) == 5
+    cfg.model.dense_warmup_steps = 5
+    with pytest.raises(ValueError, match="dense_warmup_steps=5 leaves none of the run's 5 steps"):
+        plan_steps(cfg, 100)
     with pytest.raises(ValueError, match="no full optimizer step"):
         plan_steps(cfg, 3)
 
@@ -248,7 +251,8 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
 @pytest.mark.slow
 def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
     """ZeRO-3 (configs/deepspeed/zero3.json): parameters and optimizer state are partitioned over the two
-    workers, so a resumed worker must reload its own partition and the saved model must be gathered."""
+    workers, so a resumed worker must reload its own partition and the saved model must be gathered.
+    The run also starts with a dense warm-up (model.dense_warmup_steps): no pooling until step 4."""
     from dpn_model import DPNForConditionalGeneration
     from jobs.train import train
 
@@ -257,6 +261,7 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
         cluster,
         "zero3",
         deepspeed={"config": "zero3.json"},
+        model={"dense_warmup_steps": 4},
         train={"max_steps": 12},  # long enough that the kill at step 3 lands mid-run even under load
         checkpoint={"every_steps": 2},
     )
@@ -272,6 +277,10 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
     assert metric_steps(uri, result.run_id, "loss") == list(range(1, 13))
     resumed = [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")]
     assert resumed and all(v % 2 == 0 and 0 < v < 12 for v in resumed), resumed
+    history = client.get_metric_history(result.run_id, "compression_layer0")
+    compression = {m.step: m.value for m in history}
+    assert all(compression[s] == 1.0 for s in range(1, 5)), compression  # dense warm-up
+    assert sum(compression[s] for s in range(5, 13)) / 8 > 1.0, compression  # then the router pools
     # ZeRO-3 checkpoints hold model states per rank (ZeRO-2 has one mp_rank_00_model_states.pt)
     per_rank = list(
         (Path(cfg.run.storage_path) / "zero3").glob(
