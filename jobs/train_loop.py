@@ -110,12 +110,22 @@ def apply_freezing(
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: list[float], eps: float):
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors).
+
+    The routers' parameters form their own groups (marked ``"router": True``) so that their learning
+    rate can start later than the rest's (:func:`delayed_start`, for ``model.dense_warmup_steps``).
+    """
+    from dpn_model.pooling import DPNRouter
+
+    routers = {id(p) for m in model.modules() if isinstance(m, DPNRouter) for p in m.parameters()}
+    groups = [
+        {"params": [], "weight_decay": decay, "router": router}
+        for router in (False, True)
+        for decay in (weight_decay, 0.0)
+    ]
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[2 * (id(p) in routers) + (p.ndim < 2)]["params"].append(p)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps)
 
 
@@ -129,6 +139,30 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def delayed_start(factor, start: int, betas: list[float]):
+    """LR multiplier for parameters that get their first gradient at optimizer step ``start + 1`` (the
+    routers after a dense warm-up): 0 before, ``factor`` scaled so that their AdamW updates are those of
+    a fresh AdamW after.
+
+    Until ``start`` their gradients are zero (DeepSpeed's ZeRO optimizers step every parameter group at
+    every step, with zeros where no gradient flowed), so their moments stay zero while AdamW's step
+    count ``t`` grows; its bias correction for ``t`` would then make
+    their first updates 3-6x larger than a fresh optimizer's, enough to collapse a new router to the
+    highest compression. Multiplying the rate by ``(1 - b1^t) / (1 - b1^k) * sqrt((1 - b2^k) / (1 - b2^t))``,
+    ``k`` their own step count, replaces that correction with the one for ``k``. With ``start`` 0 it is 1.
+    """
+    beta1, beta2 = betas
+
+    def delayed(step: int) -> float:  # step = optimizer steps already taken
+        if step < start:
+            return 0.0
+        t, k = step + 1, step + 1 - start  # AdamW's step count at this update, and the routers' own
+        correction = (1 - beta1**t) / (1 - beta1**k) * math.sqrt((1 - beta2**k) / (1 - beta2**t))
+        return factor(step) * correction
+
+    return delayed
 
 
 def deepspeed_config(
@@ -172,15 +206,21 @@ def setup_engine(
     optim: dict[str, Any],
     total_steps: int,
     dist_backend: str,
+    router_start: int = 0,
 ):
-    """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule."""
+    """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule.
+
+    ``router_start``: optimizer steps before the routers train (the dense warm-up).
+    """
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
     optimizer = make_optimizer(model, optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"])
     warmup = int(round(optim["warmup_ratio"] * total_steps))
+    schedule = warmup_cosine(total_steps, warmup, optim["min_lr_ratio"])
+    router_schedule = delayed_start(schedule, router_start, optim["betas"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, warmup, optim["min_lr_ratio"])
+        optimizer, [router_schedule if g["router"] else schedule for g in optimizer.param_groups]
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
@@ -340,7 +380,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     total_steps = spec["total_steps"]
-    engine = setup_engine(model, spec["ds_config"], spec["optim"], total_steps, spec["dist_backend"])
+    dense_warmup = spec["dense_warmup_steps"]
+    engine = setup_engine(
+        model, spec["ds_config"], spec["optim"], total_steps, spec["dist_backend"], dense_warmup
+    )
     device = engine.device
     dtype = next(engine.module.parameters()).dtype
 
@@ -377,7 +420,6 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     collate = Collator(model_dir)
-    dense_warmup = spec["dense_warmup_steps"]
     if rank == 0 and state.step < dense_warmup:
         logger.info("dense warm-up: steps 1-%d train with compression 1, routing starts at step %d",
                     dense_warmup, dense_warmup + 1)  # fmt: skip
@@ -487,6 +529,7 @@ __all__ = [
     "deepspeed_config",
     "full_state_dict",
     "load_model",
+    "delayed_start",
     "make_optimizer",
     "save_hf_model",
     "setup_engine",

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.config import load_config
 from jobs.train_config import TrainConfig
-from jobs.train_loop import StepStats, deepspeed_config, warmup_cosine
+from jobs.train_loop import StepStats, deepspeed_config, delayed_start, make_optimizer, warmup_cosine
 from jobs.trainer import plan_steps
 
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +32,51 @@ def test_warmup_then_cosine_schedule():
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(100) == pytest.approx(0.1)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def _adamw_path(schedule, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Parameter after AdamW steps with these gradients (a zero gradient counts as a step, as under ZeRO)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-12, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        sched.step()
+    return p.detach()
+
+
+def test_delayed_start_makes_the_routers_first_updates_those_of_a_fresh_adamw():
+    """After a dense warm-up the routers' AdamW state has seen only zero gradients but many steps; their
+    updates must match a fresh AdamW run on the same gradients with the same learning rates."""
+    start, base = 200, warmup_cosine(total_steps=300, warmup_steps=0, min_ratio=0.1)
+    routed = [torch.tensor([1.0, -0.5, 0.25]) * (1 + 0.1 * k) for k in range(20)]
+    fresh = _adamw_path(lambda k: base(start + k), routed)
+    warmup = [torch.zeros(3)] * start
+    delayed = _adamw_path(delayed_start(base, start, [0.9, 0.999]), warmup + routed)
+    torch.testing.assert_close(delayed, fresh)
+    stale = _adamw_path(base, warmup + routed)  # what the routers did without it: much larger steps
+    assert ((stale - 1).abs() > 2 * (fresh - 1).abs()).all()
+    assert _adamw_path(delayed_start(base, start, [0.9, 0.999]), warmup).eq(1).all()  # untouched before
+    assert delayed_start(base, 0, [0.9, 0.999])(7) == pytest.approx(base(7))  # no warm-up: the same schedule
+
+
+def test_optimizer_puts_the_routers_in_their_own_groups():
+    from dpn_model import DPNForConditionalGeneration
+    from dpn_model.presets import preset_config
+
+    config = preset_config("tiny", vocab_size=300, image_token_id=4, router_token_id=5)
+    model = DPNForConditionalGeneration(config)
+    model.model.vision_tower.requires_grad_(False)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=[0.9, 0.999], eps=1e-8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        assert all((".router." in n) == group["router"] for n in group_names), group_names
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.1) for p in group["params"])
+    assert [g["router"] for g in opt.param_groups] == [False, False, True, True]
+    grouped = sum(len(g["params"]) for g in opt.param_groups)
+    assert grouped == sum(p.requires_grad for p in model.parameters())  # every trainable one, no frozen one
 
 
 def test_deepspeed_config_fills_batches_precision_and_keeps_zero_stage():
