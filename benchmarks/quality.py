@@ -14,8 +14,9 @@ baselines it is compared with.
 2. ``python -m jobs.train --config configs/train_tiny{,_fixed4,_fixed2}.yaml model.init=<dense>``
    fine-tunes DPN (compression auto) and the fixed-4x and fixed-2x baselines from it with identical
    settings (``--finetune-steps``, ``--finetune-lr``; the configs differ only in
-   ``model.compression``), each logged and registered in MLflow. ``--from-scratch`` instead trains
-   every variant from random weights with the configs' own schedule;
+   ``model.compression``; no dense warm-up, the model is already dense-trained), each logged and
+   registered in MLflow. ``--from-scratch`` instead trains every variant from random weights with the
+   configs' own schedule (DPN's includes its dense warm-up, ``model.dense_warmup_steps``);
 3. ``python -m jobs.evaluate`` evaluates them all in one run on the eval split of the same
    synthetic dataset: each baseline at its own rate, DPN in auto and at every forced rate;
 4. checks the paper's targets and writes the tables and plots to ``benchmarks/results/``
@@ -98,8 +99,8 @@ def train_variant(name: str, args: argparse.Namespace, run_dir: Path, init: str 
     config, _ = VARIANTS[name]
     overrides = [f"run.name=quality-{name}-{args.tag}", f"mlflow.experiment={args.experiment}"]
     if init is not None:
-        overrides += [f"model.init={init}", f"train.max_steps={args.finetune_steps}",
-                      f"optim.lr={args.finetune_lr}", "optim.warmup_ratio=0.0"]  # fmt: skip
+        overrides += [f"model.init={init}", f"train.max_steps={args.finetune_steps}",  # already dense-trained:
+                      f"optim.lr={args.finetune_lr}", "optim.warmup_ratio=0.0", "model.dense_warmup_steps=0"]  # fmt: skip
     elif args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     overrides += args.override

@@ -1,6 +1,6 @@
 """`dpn quickstart`: the whole system on one machine, one stage after another.
 
-    dpn quickstart [--work-dir work] [--max-steps 300] [--keep-serving] [--port 8000]
+    dpn quickstart [--work-dir work] [--max-steps 300] [--dense-warmup-steps N] [--keep-serving] [--port 8000]
 
 1. data      the synthetic benchmark, written as Parquet shards        (pipelines.synthetic)
 2. train     the tiny DPN, 2 CPU workers, DeepSpeed ZeRO-2             (jobs.train, configs/train_tiny.yaml)
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", default="work", help="where data, checkpoints and reports go (default work)")
     parser.add_argument("--config", default=str(CONFIGS / "train_tiny.yaml"), help="training config")
     parser.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--dense-warmup-steps", type=int, default=None,
+                        help="of those, how many train dense before the router starts (default 2/3 of --max-steps; "
+                             "only with a compression-auto config)")
     parser.add_argument("--eval-samples", type=int, default=120, help="held-out samples to evaluate (default 120)")
     parser.add_argument("--registered-model", default="dpn", help="MLflow registered model name (default dpn)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint (default 8000)")
@@ -93,11 +96,15 @@ def stage_train(args: argparse.Namespace, work: Path, data: Path, state: dict[st
     if previous and not args.retrain and _version_exists(args.registered_model, previous["version"]):
         print(f"      reusing {args.registered_model} version {previous['version']} ({previous['model_uri']})")
         return previous
-    cfg = load_train_config(args.config, [
+    overrides = [
         f"run.work_dir={work}", f"data.path={data}", f"train.max_steps={args.max_steps}",
         "run.name=dpn-quickstart" + (f"-{int(time.time())}" if args.retrain else ""),
         f"mlflow.registered_model={args.registered_model}",
-    ])
+    ]
+    if load_train_config(args.config).model.compression == "auto":  # the config's warm-up is sized for its own run
+        warmup = args.max_steps * 2 // 3 if args.dense_warmup_steps is None else args.dense_warmup_steps
+        overrides.append(f"model.dense_warmup_steps={warmup}")
+    cfg = load_train_config(args.config, overrides)
     result = train(cfg)
     return {"run_id": result.run_id, "model_uri": result.model_uri, "version": result.registered_version,
             "steps": result.steps, "seconds": round(result.seconds), "loss": result.metrics.get("loss")}

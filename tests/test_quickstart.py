@@ -43,6 +43,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, caps
     client = MlflowClient(uri)
     champion = client.get_model_version_by_alias("dpn", "champion")
     assert str(champion.version) == state["train"]["version"]
+    params = client.get_run(state["train"]["run_id"]).data.params
+    assert params["train.max_steps"] == "4" and params["model.dense_warmup_steps"] == "2"  # 2/3 of --max-steps
 
     # second run: nothing is trained or evaluated again
     assert cli(args) == 0

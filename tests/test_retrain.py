@@ -76,6 +76,20 @@ def _row(acc: float, flops: float) -> dict:
     return {"accuracy": acc, "mean_prefill_flops": flops}
 
 
+def test_shipped_retrain_config_warms_up_only_the_first_champion(monkeypatch):
+    """The first champion starts from random weights and trains dense before its router; a challenger
+    fine-tunes a champion whose router already works, so it routes from its first step."""
+    from jobs.retrain import training_config
+    from jobs.retrain_config import load_retrain_config
+
+    monkeypatch.chdir(REPO)  # the config names its training config relative to the repository
+    cfg = load_retrain_config("configs/retrain_tiny.yaml")
+    first, challenger = training_config(cfg, first=True), training_config(cfg)
+    assert first.model.compression == challenger.model.compression == "auto"
+    assert 0 < first.model.dense_warmup_steps < first.train.max_steps
+    assert challenger.model.dense_warmup_steps == 0 and challenger.train.max_steps > 0
+
+
 def test_gate_rules():
     g = GateConfig(accuracy_tolerance=0.01, flops_tolerance=0.05, min_accuracy=0.3)
     assert decide(_row(0.5, 100), None, g).promote
@@ -141,7 +155,7 @@ def world(tmp_path_factory):
             "config": str(REPO / "configs" / "train_tiny.yaml"),
             "initial_model": "preset:tiny",
             "overrides": {
-                "model": {"freeze_vision_tower": True},
+                "model": {"freeze_vision_tower": True, "dense_warmup_steps": 0},
                 "data": {"max_length": 384, "preprocess_num_cpus": 0.5},
                 "optim": {"lr": 1.0e-3, "warmup_ratio": 0.0},
                 "train": {"micro_batch_size": 8, "epochs": 1, "max_steps": 0, "log_every": 4},
