@@ -99,7 +99,8 @@ def train_variant(name: str, args: argparse.Namespace, run_dir: Path, init: str 
     config, _ = VARIANTS[name]
     overrides = [f"run.name=quality-{name}-{args.tag}", f"mlflow.experiment={args.experiment}"]
     if init is not None:
-        overrides += [f"model.init={init}", f"train.max_steps={args.finetune_steps}",  # already dense-trained:
+        # the init model is dense-trained already: no dense warm-up
+        overrides += [f"model.init={init}", f"train.max_steps={args.finetune_steps}",
                       f"optim.lr={args.finetune_lr}", "optim.warmup_ratio=0.0", "model.dense_warmup_steps=0"]  # fmt: skip
     elif args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")

@@ -101,10 +101,11 @@ def stage_train(args: argparse.Namespace, work: Path, data: Path, state: dict[st
         "run.name=dpn-quickstart" + (f"-{int(time.time())}" if args.retrain else ""),
         f"mlflow.registered_model={args.registered_model}",
     ]
-    if load_train_config(args.config).model.compression == "auto":  # the config's warm-up is sized for its own run
-        warmup = args.max_steps * 2 // 3 if args.dense_warmup_steps is None else args.dense_warmup_steps
-        overrides.append(f"model.dense_warmup_steps={warmup}")
     cfg = load_train_config(args.config, overrides)
+    if cfg.model.compression == "auto":  # the config's warm-up is sized for its own run, not --max-steps
+        warmup = args.max_steps * 2 // 3 if args.dense_warmup_steps is None else args.dense_warmup_steps
+        cfg.model.dense_warmup_steps = warmup
+        cfg.model.validate()
     result = train(cfg)
     return {"run_id": result.run_id, "model_uri": result.model_uri, "version": result.registered_version,
             "steps": result.steps, "seconds": round(result.seconds), "loss": result.metrics.get("loss")}

@@ -148,10 +148,10 @@ def delayed_start(factor, start: int, betas: list[float]):
 
     Until ``start`` their gradients are zero (DeepSpeed's ZeRO optimizers step every parameter group at
     every step, with zeros where no gradient flowed), so their moments stay zero while AdamW's step
-    count ``t`` grows; its bias correction for ``t`` would then make
-    their first updates 3-6x larger than a fresh optimizer's, enough to collapse a new router to the
-    highest compression. Multiplying the rate by ``(1 - b1^t) / (1 - b1^k) * sqrt((1 - b2^k) / (1 - b2^t))``,
-    ``k`` their own step count, replaces that correction with the one for ``k``. With ``start`` 0 it is 1.
+    count ``t`` grows; its bias correction for ``t`` would then make their first updates 3-6x larger
+    than a fresh optimizer's, enough to collapse a new router to the highest compression. Multiplying
+    the rate by ``(1 - b1^t) / (1 - b1^k) * sqrt((1 - b2^k) / (1 - b2^t))``, ``k`` their own step count,
+    replaces that correction with the one for ``k``. With ``start`` 0 it is 1.
     """
     beta1, beta2 = betas
 
@@ -527,9 +527,9 @@ __all__ = [
     "TrainState",
     "apply_freezing",
     "deepspeed_config",
+    "delayed_start",
     "full_state_dict",
     "load_model",
-    "delayed_start",
     "make_optimizer",
     "save_hf_model",
     "setup_engine",
