@@ -484,6 +484,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     registry = Registry(client, cfg.mlflow.model_name, cfg.mlflow.champion_alias, cfg.mlflow.previous_alias)
     experiment_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
     train_cfg = training_config(cfg)
+    builders.ensure_synthetic_data(cfg.data.synthetic, cfg.data.root)
     started_ray = builders.init_ray(train_cfg)
     try:
         pending = pending_runs(client, experiment_id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import load_config
+from jobs.train_config import SyntheticConfig
 
 
 @dataclass
@@ -26,6 +27,8 @@ class RetrainDataConfig:
         min_new_samples: fewer new samples than this: log it and exit 0 without training.
         image_folder: where relative image paths of LLaVA JSON shards resolve (default: next to
             each JSON file).
+        synthetic: if set and a local ``root`` does not exist yet, write the synthetic benchmark there
+            first (the embedded default works on a fresh checkout); ``null``: a missing root is an error.
     """
 
     root: str = "work/data/synthetic"
@@ -33,6 +36,7 @@ class RetrainDataConfig:
     exclude: list[str] = field(default_factory=lambda: ["eval*"])
     min_new_samples: int = 1
     image_folder: str | None = None
+    synthetic: SyntheticConfig | None = None
 
     def validate(self) -> None:
         if self.min_new_samples < 1:

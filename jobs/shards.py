@@ -135,7 +135,9 @@ def list_shards(
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(
-            f"data root {root!r} is not a folder: point data.root at the folder new shards land in"
+            f"data root {root!r} is not a folder: point data.root at the folder new shards land in, "
+            f"create it with `dpn data synth {root}` (the synthetic benchmark), or set data.synthetic "
+            "to have the job write it"
         )
     skip_set = set(skip)
     shards = []

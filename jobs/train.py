@@ -12,15 +12,18 @@ At the end the model is logged to MLflow (``runs:/<run_id>/model``) and register
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from jobs import tracking
 from jobs import trainer as builders
 from jobs.config import ConfigError, flatten
+from jobs.console import TrainingProgress
 from jobs.train_config import TrainConfig, load_train_config
 from jobs.train_loop import HF_DIR, TrainState
 
@@ -52,14 +55,19 @@ class TrainResult:
     seconds: float
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) the training job described by ``cfg``; see the module docstring."""
+def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
+    """Run (or resume) the training job described by ``cfg``; see the module docstring.
+
+    Args:
+        cfg: the validated training config.
+        progress: if given, a progress bar of the steps (read back from MLflow) is drawn on this stream.
+    """
     start = time.time()
     # ---- setup ----------------------------------------------------------------------------------
     paths = builders.resolve_paths(cfg)
     paths.work_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.setup_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    builders.ensure_synthetic_data(cfg, paths.data_path)
+    builders.ensure_synthetic_data(cfg.data.synthetic, paths.data_path)
     started_ray = builders.init_ray(cfg)
     run_id = ""
     try:
@@ -85,7 +93,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         trainer = builders.build_trainer(cfg, spec, dataset, paths.storage_path)
 
         # ---- train ------------------------------------------------------------------------------
-        result = trainer.fit()
+        with TrainingProgress(run_id, total_steps, uri, progress) if progress else contextlib.nullcontext():
+            result = trainer.fit()
 
         # ---- cleanup: the final model to MLflow ---------------------------------------------------
         if result.checkpoint is None:

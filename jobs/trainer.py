@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import ConfigError
-from jobs.train_config import TrainConfig
+from jobs.train_config import SyntheticConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,13 @@ def resolve_paths(cfg: TrainConfig) -> Paths:
     return Paths(work_dir, storage, data, f"{storage.rstrip('/')}/{cfg.run.name}")
 
 
-def ensure_synthetic_data(cfg: TrainConfig, data_path: str) -> None:
-    """Write the synthetic benchmark to ``data_path`` when ``data.synthetic`` is set and it is missing."""
-    if cfg.data.synthetic is None or "://" in data_path:
+def ensure_synthetic_data(synthetic: SyntheticConfig | None, data_path: str) -> None:
+    """Write the synthetic benchmark to ``data_path`` when ``synthetic`` is set and it is missing.
+
+    Shared by training (``data.synthetic``) and retraining (``data.synthetic`` of the retrain config), so the
+    embedded defaults of both jobs work on a fresh checkout.
+    """
+    if synthetic is None or "://" in data_path:
         return
     from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
 
@@ -53,16 +57,16 @@ def ensure_synthetic_data(cfg: TrainConfig, data_path: str) -> None:
     if (root / MANIFEST_NAME).exists():
         read_manifest(root)  # an older generator's dataset is an error, not silently reused
         return
-
-    syn = cfg.data.synthetic
     logger.info(
         "writing the synthetic benchmark (%d train, %d eval, %s) to %s",
-        syn.num_train,
-        syn.num_eval,
-        syn.format,
+        synthetic.num_train,
+        synthetic.num_eval,
+        synthetic.format,
         root,
     )
-    write_synthetic_dataset(root, syn.format, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed)
+    write_synthetic_dataset(
+        root, synthetic.format, num_train=synthetic.num_train, num_eval=synthetic.num_eval, seed=synthetic.seed
+    )
 
 
 def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> str:
@@ -271,7 +275,9 @@ def init_ray(cfg: TrainConfig) -> bool:
         ray.init(address=address, runtime_env=runtime_env)
         return True
     num_cpus = cfg.run.local_num_cpus or os.cpu_count()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    # The dashboard hosts the State API that Ray Train's PlacementGroupCleaner polls for the controller:
+    # without it the cleaner warns on every poll that the State API is unavailable.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env=runtime_env)
     return True
 
 

@@ -60,6 +60,21 @@ def test_list_shards_counts_and_filters(tmp_path):
         list_shards(str(tmp_path / "missing"))
 
 
+def test_shipped_retrain_config_writes_a_missing_data_root_and_a_missing_root_names_the_command(tmp_path):
+    from jobs.retrain_config import load_retrain_config
+    from jobs.trainer import ensure_synthetic_data
+
+    root = tmp_path / "work" / "data" / "synthetic"
+    cfg = load_retrain_config(
+        REPO / "configs" / "retrain_tiny.yaml",
+        [f"data.root={root}", "data.synthetic.num_train=12", "data.synthetic.num_eval=4"],
+    )
+    ensure_synthetic_data(cfg.data.synthetic, cfg.data.root)  # what `dpn retrain` does before discovery
+    assert sum(s.num_samples for s in list_shards(cfg.data.root)) == 12
+    with pytest.raises(FileNotFoundError, match=r"dpn data synth .*missing"):
+        list_shards(str(tmp_path / "missing"))
+
+
 def test_dpn_data_synth_new_shard_adds_a_shard_the_job_discovers(tmp_path, capsys):
     from jobs.cli import main
 
