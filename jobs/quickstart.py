@@ -21,8 +21,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from jobs.console import console_and_log
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +34,40 @@ STAGES = ["data", "train", "evaluate", "register", "serve", "ask"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--work-dir", default="work", help="where data, checkpoints and reports go (default work)")
+    parser.add_argument(
+        "--work-dir", default="work", help="where data, checkpoints and reports go (default work)"
+    )
     parser.add_argument("--config", default=str(CONFIGS / "train_tiny.yaml"), help="training config")
     parser.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--dense-warmup-steps", type=int, default=None,
-                        help="of those, how many train dense before the router starts (default 2/3 of --max-steps; "
-                             "only with a compression-auto config)")
-    parser.add_argument("--eval-samples", type=int, default=120, help="held-out samples to evaluate (default 120)")
-    parser.add_argument("--registered-model", default="dpn", help="MLflow registered model name (default dpn)")
+    parser.add_argument(
+        "--dense-warmup-steps",
+        type=int,
+        default=None,
+        help="of those, how many train dense before the router starts (default 2/3 of --max-steps; "
+        "only with a compression-auto config)",
+    )
+    parser.add_argument(
+        "--eval-samples", type=int, default=120, help="held-out samples to evaluate (default 120)"
+    )
+    parser.add_argument(
+        "--registered-model", default="dpn", help="MLflow registered model name (default dpn)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint (default 8000)")
-    parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the demo request")
-    parser.add_argument("--retrain", action="store_true", help="train again even if an earlier run left a model")
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="leave the endpoint up after the demo request"
+    )
+    parser.add_argument(
+        "--retrain", action="store_true", help="train again even if an earlier run left a model"
+    )
 
 
-def _stage(i: int, title: str) -> float:
-    print(f"\n[{i}/{len(STAGES)}] {title}", flush=True)
+def _stage(out: TextIO, i: int, title: str) -> float:
+    print(f"\n[{i}/{len(STAGES)}] {title}", file=out, flush=True)
     return time.perf_counter()
 
 
-def _done(start: float, what: str) -> None:
-    print(f"      {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+def _done(out: TextIO, start: float, what: str) -> None:
+    print(f"      {what} ({time.perf_counter() - start:.0f} s)", file=out, flush=True)
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -75,29 +92,34 @@ def _version_exists(name: str, version: str) -> bool:
         return False
 
 
-def stage_data(work: Path) -> Path:
+def stage_data(out: TextIO, work: Path) -> Path:
     from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
 
     root = work / "data" / "synthetic"
     if (root / MANIFEST_NAME).exists():
         read_manifest(root)  # raises on a dataset of an older generator version
-        print(f"      reusing {root}")
+        print(f"      reusing {root}", file=out)
         return root
     write_synthetic_dataset(root, format="parquet", num_train=2000, num_eval=200, seed=0)
-    print(f"      wrote 2000 train / 200 eval samples to {root}")
+    print(f"      wrote 2000 train / 200 eval samples to {root}", file=out)
     return root
 
 
-def stage_train(args: argparse.Namespace, work: Path, data: Path, state: dict[str, Any]) -> dict[str, Any]:
+def stage_train(
+    out: TextIO, args: argparse.Namespace, work: Path, data: Path, state: dict[str, Any]
+) -> dict[str, Any]:
     from jobs.train import train
     from jobs.train_config import load_train_config
 
     previous = state.get("train")
     if previous and not args.retrain and _version_exists(args.registered_model, previous["version"]):
-        print(f"      reusing {args.registered_model} version {previous['version']} ({previous['model_uri']})")
+        print(f"      reusing {args.registered_model} version {previous['version']} ({previous['model_uri']})",
+              file=out)  # fmt: skip
         return previous
     overrides = [
-        f"run.work_dir={work}", f"data.path={data}", f"train.max_steps={args.max_steps}",
+        f"run.work_dir={work}",
+        f"data.path={data}",
+        f"train.max_steps={args.max_steps}",
         "run.name=dpn-quickstart" + (f"-{int(time.time())}" if args.retrain else ""),
         f"mlflow.registered_model={args.registered_model}",
     ]
@@ -106,35 +128,57 @@ def stage_train(args: argparse.Namespace, work: Path, data: Path, state: dict[st
         warmup = args.max_steps * 2 // 3 if args.dense_warmup_steps is None else args.dense_warmup_steps
         cfg.model.dense_warmup_steps = warmup
         cfg.model.validate()
-    result = train(cfg)
-    return {"run_id": result.run_id, "model_uri": result.model_uri, "version": result.registered_version,
-            "steps": result.steps, "seconds": round(result.seconds), "loss": result.metrics.get("loss")}
+    result = train(cfg, progress=out)
+    return {
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "version": result.registered_version,
+        "steps": result.steps,
+        "seconds": round(result.seconds),
+        "loss": result.metrics.get("loss"),
+    }
 
 
-def stage_evaluate(args: argparse.Namespace, work: Path, data: Path, trained: dict[str, Any],
-                   state: dict[str, Any]) -> dict[str, Any]:
+def stage_evaluate(
+    out: TextIO,
+    args: argparse.Namespace,
+    work: Path,
+    data: Path,
+    trained: dict[str, Any],
+    state: dict[str, Any],
+) -> dict[str, Any]:
     from jobs.evaluate import EvalConfig, ModelSpec, evaluate
 
     previous = state.get("evaluate")
     if previous and previous.get("version") == trained["version"]:
-        print(f"      reusing the evaluation of version {trained['version']} ({previous['report']})")
+        print(
+            f"      reusing the evaluation of version {trained['version']} ({previous['report']})", file=out
+        )
         return previous
-    out = work / "quickstart" / "eval"
+    where = work / "quickstart" / "eval"
     model_uri = f"models:/{args.registered_model}/{trained['version']}"
-    report = evaluate(EvalConfig(
-        models=[ModelSpec("dpn", model_uri, ["auto", 1])], data=str(data), max_samples=args.eval_samples,
-        output_dir=str(out), json_path=str(out / "report.json"), run_name="quickstart",
-    ))
+    report = evaluate(
+        EvalConfig(
+            models=[ModelSpec("dpn", model_uri, ["auto", 1])],
+            data=str(data),
+            max_samples=args.eval_samples,
+            output_dir=str(where),
+            json_path=str(where / "report.json"),
+            run_name="quickstart",
+        )
+    )
     rows = {str(r["compression"]): r for r in report["rows"]}
     summary = {
-        "version": trained["version"], "report": str(out / "report.json"),
-        "accuracy_auto": rows["auto"]["accuracy"], "accuracy_dense": rows["1"]["accuracy"],
+        "version": trained["version"],
+        "report": str(where / "report.json"),
+        "accuracy_auto": rows["auto"]["accuracy"],
+        "accuracy_dense": rows["1"]["accuracy"],
         "flops_ratio_auto": rows["auto"]["flops_ratio"],
     }
     return summary
 
 
-def stage_register(args: argparse.Namespace, trained: dict[str, Any]) -> None:
+def stage_register(out: TextIO, args: argparse.Namespace, trained: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
     from jobs.registry import Registry
@@ -143,7 +187,7 @@ def stage_register(args: argparse.Namespace, trained: dict[str, Any]) -> None:
     registry = Registry(MlflowClient(tracking_uri()), args.registered_model)
     replaced = registry.promote(trained["version"])
     where = f" (previous champion: version {replaced})" if replaced else ""
-    print(f"      models:/{args.registered_model}@champion -> version {trained['version']}{where}")
+    print(f"      models:/{args.registered_model}@champion -> version {trained['version']}{where}", file=out)
 
 
 def stage_serve(args: argparse.Namespace, version: str) -> str:
@@ -164,91 +208,132 @@ def _example(data: Path) -> tuple[bytes, str, str, str]:
     """An image question from the held-out split: (png bytes, question, reference answer, family)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(sorted(data.glob("eval-*.parquet"))[0], columns=["image", "question", "answer", "family"])
+    table = pq.read_table(
+        sorted(data.glob("eval-*.parquet"))[0], columns=["image", "question", "answer", "family"]
+    )
     row = table.slice(0, 1).to_pylist()[0]
     return row["image"], row["question"], row["answer"], row["family"]
 
 
-def stage_ask(base_url: str, data: Path, model_name: str = "dpn") -> dict[str, Any]:
+def stage_ask(out: TextIO, base_url: str, data: Path, model_name: str = "dpn") -> dict[str, Any]:
     from openai import OpenAI
 
     image, question, reference, family = _example(data)
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     client = OpenAI(base_url=base_url, api_key="unused-unless-DPN_API_KEY-is-set")
     reply = client.chat.completions.create(
-        model=model_name, max_tokens=8, temperature=0.0,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}],
+        model=model_name,
+        max_tokens=8,
+        temperature=0.0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
         extra_body={"compression": "auto"},
     )
     usage = reply.usage.model_extra or {}
     answer = reply.choices[0].message.content.strip()
-    print(f"      question ({family}): {question}")
-    print(f"      answer: {answer!r} (reference {reference!r})")
-    print(f"      router's compression per pooling layer: {usage.get('compression_per_pooling_layer')}")
-    print(f"      visual tokens per decoder layer: {usage.get('visual_tokens_per_layer')}")
+    print(f"      question ({family}): {question}", file=out)
+    print(f"      answer: {answer!r} (reference {reference!r})", file=out)
+    print(
+        f"      router's compression per pooling layer: {usage.get('compression_per_pooling_layer')}",
+        file=out,
+    )
+    print(f"      visual tokens per decoder layer: {usage.get('visual_tokens_per_layer')}", file=out)
     saved = usage.get("prefill_flops_saved")
     if saved is not None:
-        print(f"      prefill FLOPs saved vs dense: {saved:.0%}")
+        print(f"      prefill FLOPs saved vs dense: {saved:.0%}", file=out)
     return {"answer": answer, "reference": reference, "usage": usage}
 
 
 def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir).resolve()
+    log_path = work / "quickstart" / "quickstart.log"
+    print(f"dpn quickstart: stages and results here; Ray, DeepSpeed, MLflow and torch output in {log_path}",
+          flush=True)  # fmt: skip
+    stage = "start"
+    with console_and_log(log_path) as out:
+        try:
+            for stage in _run_stages(out, args, work):
+                logger.info("quickstart stage %s", stage)
+        except KeyboardInterrupt:
+            pass
+        except Exception as err:
+            logger.exception("quickstart failed at stage %s", stage)
+            print(f"\nquickstart failed at stage {stage!r}: {type(err).__name__}: {err}\n"
+                  f"the full log, traceback included: {log_path}", file=out, flush=True)  # fmt: skip
+            return 1
+    return 0
+
+
+def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[str]:
+    """The six stages in order; yields each stage's name as it starts (for the failure message)."""
     state_path = work / "quickstart" / "state.json"
     state = _load_state(state_path)
     begin = time.perf_counter()
 
-    t = _stage(1, "data: the synthetic benchmark (coarse and fine question families)")
-    data = stage_data(work)
-    _done(t, "data ready")
+    yield "data"
+    t = _stage(out, 1, "data: the synthetic benchmark (coarse and fine question families)")
+    data = stage_data(out, work)
+    _done(out, t, "data ready")
 
-    t = _stage(2, "train: tiny DPN on Ray Train + DeepSpeed, 2 CPU workers, tracked in MLflow")
-    state["train"] = stage_train(args, work, data, state)
+    yield "train"
+    t = _stage(out, 2, "train: tiny DPN on Ray Train + DeepSpeed, 2 CPU workers, tracked in MLflow")
+    state["train"] = stage_train(out, args, work, data, state)
     _save_state(state_path, state)
-    _done(t, f"model {state['train']['model_uri']}, registered as {args.registered_model} "
-             f"version {state['train']['version']}")
+    _done(out, t, f"model {state['train']['model_uri']}, registered as {args.registered_model} "
+                  f"version {state['train']['version']}")  # fmt: skip
 
-    t = _stage(3, "evaluate: DPN (router) against dense on held-out questions")
-    state["evaluate"] = stage_evaluate(args, work, data, state["train"], state)
+    yield "evaluate"
+    t = _stage(out, 3, "evaluate: DPN (router) against dense on held-out questions")
+    state["evaluate"] = stage_evaluate(out, args, work, data, state["train"], state)
     _save_state(state_path, state)
     ev = state["evaluate"]
-    _done(t, f"accuracy auto {ev['accuracy_auto']:.1%} vs dense {ev['accuracy_dense']:.1%}; "
-             f"auto prefill FLOPs {ev['flops_ratio_auto']:.0%} of dense")
+    _done(out, t, f"accuracy auto {ev['accuracy_auto']:.1%} vs dense {ev['accuracy_dense']:.1%}; "
+                  f"auto prefill FLOPs {ev['flops_ratio_auto']:.0%} of dense")  # fmt: skip
 
-    t = _stage(4, "register: champion alias in the MLflow model registry")
-    stage_register(args, state["train"])
-    _done(t, "champion set")
+    yield "register"
+    t = _stage(out, 4, "register: champion alias in the MLflow model registry")
+    stage_register(out, args, state["train"])
+    _done(out, t, "champion set")
 
     from ray import serve
 
-    t = _stage(5, "serve: OpenAI-compatible Ray Serve app, batching by compression rate")
+    yield "serve"
+    t = _stage(out, 5, "serve: OpenAI-compatible Ray Serve app, batching by compression rate")
     base_url = stage_serve(args, state["train"]["version"])
-    _done(t, f"serving at {base_url}")
+    _done(out, t, f"serving at {base_url}")
     try:
-        t = _stage(6, "ask: a chat completion with an image, through the openai client")
-        state["ask"] = stage_ask(base_url, data)
+        yield "ask"
+        t = _stage(out, 6, "ask: a chat completion with an image, through the openai client")
+        state["ask"] = stage_ask(out, base_url, data)
         _save_state(state_path, state)
-        _done(t, "answered")
-        print(f"\nquickstart finished in {time.perf_counter() - begin:.0f} s; state in {state_path}")
+        _done(out, t, "answered")
+        print(
+            f"\nquickstart finished in {time.perf_counter() - begin:.0f} s; state in {state_path}", file=out
+        )
         if args.keep_serving:
             print(
                 f"\nThe endpoint stays up at {base_url} (Ctrl-C to stop). Try:\n"
                 f"  curl {base_url}/models\n"
                 f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base_url}', api_key='x'); "
                 "print(c.chat.completions.create(model='dpn', messages=[{'role': 'user', 'content': 'hi'}]))\"\n"
-                "MLflow UI (runs, metrics, plots, registry):  mlflow ui --backend-store-uri sqlite:///mlflow.db"
+                "MLflow UI (runs, metrics, plots, registry):  mlflow ui --backend-store-uri sqlite:///mlflow.db",
+                file=out,
+                flush=True,
             )
             while True:
                 time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
     finally:
         serve.shutdown()
         import ray
 
         ray.shutdown()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
