@@ -1,15 +1,18 @@
 """The MLflow pyfunc flavour of a DPN model: a thin wrapper around its Hugging Face checkpoint.
 
-Kept apart from :mod:`jobs.tracking` so that only code logging or loading a pyfunc model imports it.
+Logged as code (MLflow's "models from code", :func:`jobs.tracking.log_hf_model` passes this file's path), so
+no pickle of a Python object is stored or loaded: the file runs on load and :func:`mlflow.models.set_model`
+names the model. It therefore imports nothing from ``jobs`` (only ``dpn_model`` travels with the model).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 
-HF_ARTIFACT = "hf_model"  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
+HF_ARTIFACT = "hf_model"  # = jobs.tracking.HF_ARTIFACT; this file cannot import jobs (see above)
 
 
 class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -59,5 +62,7 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
             answers.append(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip())
         return answers
 
+
+mlflow.models.set_model(DPNPyfuncModel())
 
 __all__ = ["DPNPyfuncModel", "HF_ARTIFACT"]

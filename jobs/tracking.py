@@ -27,7 +27,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from jobs.mlflow_model import HF_ARTIFACT  # key in the pyfunc model's artifacts: the HF checkpoint dir
+HF_ARTIFACT = "hf_model"  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, logged as code (no pickle)
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,6 @@ def log_hf_model(
     import transformers
 
     import dpn_model
-    from jobs.mlflow_model import DPNPyfuncModel
 
     requirements = [
         f"torch=={torch.__version__.split('+')[0]}",
@@ -239,7 +239,7 @@ def log_hf_model(
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
-            python_model=DPNPyfuncModel(),
+            python_model=str(PYFUNC_CODE),  # "models from code": MLflow stores the file, never a pickle
             artifacts={HF_ARTIFACT: str(hf_dir)},
             pip_requirements=requirements,
             code_paths=[str(Path(dpn_model.__file__).parent)],

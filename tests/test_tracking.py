@@ -91,6 +91,20 @@ def test_logged_model_resolves_from_runs_and_models_uris(mlflow_uri, tiny_model_
     assert tracking.resolve_model_dir(tiny_model_dir) == tiny_model_dir
 
 
+def test_pyfunc_model_is_logged_as_code_without_a_pickle_and_answers(mlflow_uri, tiny_model_dir):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    run_id, _ = tracking.start_or_resume_run("exp", "job-pyfunc")
+    tracking.log_hf_model(run_id, tiny_model_dir, registered_model=None)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    assert not list(local.rglob("*.pkl")), "the pyfunc model must not be stored as a pickle"
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    answers = model.predict(pd.DataFrame({"prompt": ["What colour is the large shape?"]}),
+                            params={"max_new_tokens": 3, "compression": 1})  # fmt: skip
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
 def test_resolve_model_dir_errors_say_what_to_give(mlflow_uri, tmp_path):
     with pytest.raises(FileNotFoundError, match="give a checkpoint directory, runs:/<run_id>/model"):
         tracking.resolve_model_dir(tmp_path / "missing")
