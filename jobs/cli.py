@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("jobs.quickstart", "the whole system end to end on a laptop: data, train, eval, registry, serve"),
     "info": ("dpn_model.commands.info", "parameters and prefill FLOPs of a preset or checkpoint"),
-    "convert": ("dpn_model.commands.convert", "convert a llava-hf checkpoint directory to DPN"),
+    "convert": ("dpn_model.commands.convert", "convert a llava-hf checkpoint, or LLaVA-1.5 stage-1 parts, to DPN"),
     "serve": ("serve_apps.commands", "serve a model behind an OpenAI-compatible Ray Serve endpoint"),
     "train": ("jobs.train", "train DPN on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
