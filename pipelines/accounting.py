@@ -23,6 +23,14 @@ call :meth:`BadSampleAccountant.reset` to start over. A retried task may count i
 
 For one-shot statistics (``dpn data inspect``) :func:`scan_bad_samples` counts a dataset in one
 streaming pass without an actor.
+
+Reasons (:class:`BadReason`) are the same in every format: invalid UTF-8 in a caption is
+``bad_encoding`` whether it sits in a LLaVA JSON file, a WebDataset ``.json`` member or a Parquet
+column, and a file that cannot be read to its end (a tar cut in the middle of a member, a Parquet
+file without its footer, a JSON list cut short) keeps the samples read before the damage and counts
+the rest of the file as one ``truncated_shard`` sample whose id says where it broke. Each report keeps
+a few example ids per reason together with the file each came from (``example_files``), so that the
+threshold error names what to fix.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ class BadReason:
     """Why a sample was skipped: the values of the ``bad_reason`` column (``""`` = fine)."""
 
     BAD_JSON = "bad_json"  # a JSON row (or a WebDataset sample's .json) that does not parse
+    BAD_ENCODING = "bad_encoding"  # text that is not valid UTF-8 (or holds a lone surrogate), any format
     MISSING_METADATA = "missing_metadata"  # a WebDataset sample with an image but no .json
+    TRUNCATED_SHARD = "truncated_shard"  # the unreadable rest of a cut or corrupt file (one per file)
     MISSING_IMAGE = "missing_image"  # image file not found / unreadable, or `<image>` with no image
     CORRUPT_IMAGE = "corrupt_image"  # bytes that Pillow cannot verify or fully decode (truncated too)
     MISSING_IMAGE_TAG = "missing_image_tag"  # an image but no `<image>` in the first human turn
@@ -60,18 +70,23 @@ BAD_REASONS: tuple[str, ...] = tuple(
 
 @dataclass
 class BadSampleReport:
-    """Counts of samples seen and skipped, with a few example ids per reason.
+    """Counts of samples seen and skipped, with a few example ids (and their files) per reason.
+
+    Small and mergeable: at most ``max_examples`` examples per reason, whatever the data size.
 
     Args:
         num_samples (`int`): samples seen, good and bad.
         bad_by_reason (`dict[str, int]`): skipped samples per reason (only reasons that occurred).
         examples (`dict[str, list[str]]`): up to ``max_examples`` sample ids per reason.
+        example_files (`dict[str, list[str]]`): the file of each example id, parallel to
+            ``examples`` (``""`` where unknown).
     """
 
     num_samples: int = 0
     bad_by_reason: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    example_files: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_bad(self) -> int:
@@ -81,14 +96,28 @@ class BadSampleReport:
     def bad_fraction(self) -> float:
         return self.num_bad / self.num_samples if self.num_samples else 0.0
 
+    def add_example(self, reason: str, sample_id: str, file: str = "") -> None:
+        """Keep ``sample_id`` (from ``file``) as an example of ``reason`` if there is room."""
+        ids = self.examples.setdefault(reason, [])
+        files = self._files_of(reason)
+        if len(ids) < self.max_examples:
+            ids.append(sample_id)
+            files.append(file)
+
+    def _files_of(self, reason: str) -> list[str]:
+        """``example_files[reason]``, padded to the length of ``examples[reason]``."""
+        files = self.example_files.setdefault(reason, [])
+        files.extend([""] * (len(self.examples.get(reason, [])) - len(files)))
+        return files
+
     def merge(self, other: BadSampleReport) -> BadSampleReport:
         """Add ``other``'s counts to this report (in place) and return it."""
         self.num_samples += other.num_samples
         for reason, count in other.bad_by_reason.items():
             self.bad_by_reason[reason] = self.bad_by_reason.get(reason, 0) + count
         for reason, ids in other.examples.items():
-            kept = self.examples.setdefault(reason, [])
-            kept.extend(ids[: max(0, self.max_examples - len(kept))])
+            for sample_id, file in zip(ids, other._files_of(reason)):
+                self.add_example(reason, sample_id, file)
         return self
 
     def exceeds(self, max_bad_fraction: float) -> bool:
@@ -99,12 +128,26 @@ class BadSampleReport:
         if self.exceeds(max_bad_fraction):
             raise BadDataError(self, max_bad_fraction)
 
-    def summary(self) -> str:
-        """One line: totals, then each reason with its count and example ids."""
+    def example_text(self, reason: str) -> str:
+        """``"a, b in /data/train.json; c in /data/eval.json"``: the examples of ``reason`` by file."""
+        by_file: dict[str, list[str]] = {}
+        for sample_id, file in zip(self.examples.get(reason, []), self._files_of(reason)):
+            by_file.setdefault(file, []).append(sample_id)
+        return "; ".join(", ".join(ids) + (f" in {file}" if file else "") for file, ids in by_file.items())
+
+    def top_reasons(self) -> list[str]:
+        """Reasons that occurred, most frequent first."""
+        return sorted(self.bad_by_reason, key=lambda r: (-self.bad_by_reason[r], r))
+
+    def summary(self, max_reasons: int = 5) -> str:
+        """One line: totals, then the most frequent reasons with their counts, example ids and files."""
         parts = [f"{self.num_bad} of {self.num_samples} samples bad ({self.bad_fraction:.2%})"]
-        for reason in sorted(self.bad_by_reason):
-            ids = ", ".join(self.examples.get(reason, []))
-            parts.append(f"{reason}: {self.bad_by_reason[reason]} (e.g. {ids})")
+        reasons = self.top_reasons()
+        for reason in reasons[:max_reasons]:
+            parts.append(f"{reason}: {self.bad_by_reason[reason]} (e.g. {self.example_text(reason)})")
+        if len(reasons) > max_reasons:
+            rest = reasons[max_reasons:]
+            parts.append(f"{len(rest)} more reasons ({sum(self.bad_by_reason[r] for r in rest)} samples)")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +158,7 @@ class BadSampleReport:
             "bad_by_reason": dict(sorted(self.bad_by_reason.items())),
             "bad_fraction": self.bad_fraction,
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+            "example_files": {k: list(self._files_of(k)) for k in sorted(self.examples)},
         }
 
     @classmethod
@@ -123,6 +167,7 @@ class BadSampleReport:
             num_samples=int(data["num_samples"]),
             bad_by_reason={k: int(v) for k, v in data["bad_by_reason"].items()},
             examples={k: list(v) for k, v in data.get("examples", {}).items()},
+            example_files={k: list(v) for k, v in data.get("example_files", {}).items()},
         )
 
 
@@ -171,25 +216,38 @@ def find_bad_data_error(
     return None
 
 
-def count_rows(ids: Iterable[Any], bad_reasons: Iterable[Any], max_examples: int = 5) -> BadSampleReport:
-    """Count one batch: ``ids`` and ``bad_reasons`` are parallel columns (``""`` = good row)."""
+def count_rows(
+    ids: Iterable[Any],
+    bad_reasons: Iterable[Any],
+    files: Iterable[Any] | None = None,
+    max_examples: int = 5,
+) -> BadSampleReport:
+    """Count one batch: ``ids``, ``bad_reasons`` (``""`` = good row) and optionally ``files`` (the
+    ``source_file`` column, so that examples name their file) are parallel columns."""
     report = BadSampleReport(max_examples=max_examples)
-    for sample_id, reason in zip(ids, bad_reasons):
+    ids = list(ids)
+    file_list = [""] * len(ids) if files is None else ["" if f is None else str(f) for f in files]
+    for sample_id, reason, file in zip(ids, bad_reasons, file_list):
         report.num_samples += 1
         reason = str(reason)
         if reason:
             report.bad_by_reason[reason] = report.bad_by_reason.get(reason, 0) + 1
-            kept = report.examples.setdefault(reason, [])
-            if len(kept) < max_examples:
-                kept.append(str(sample_id))
+            report.add_example(reason, str(sample_id), file)
     return report
+
+
+def count_batch(batch: dict[str, Any], bad_reasons: Any | None = None) -> BadSampleReport:
+    """Count a numpy batch with ``id``, ``bad_reason`` and (when present) ``source_file`` columns;
+    ``bad_reasons`` overrides the batch's own column."""
+    reasons = np.asarray(batch["bad_reason"] if bad_reasons is None else bad_reasons).astype(str)
+    return count_rows(batch["id"], reasons, batch.get("source_file"))
 
 
 def split_bad_rows(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], BadSampleReport]:
     """Return (the batch's good rows, the batch's report). ``batch`` is a numpy batch with
-    ``id`` and ``bad_reason`` columns."""
+    ``id`` and ``bad_reason`` columns (and ``source_file`` to name files in examples)."""
     reasons = np.asarray(batch["bad_reason"]).astype(str)
-    report = count_rows(batch["id"], reasons)
+    report = count_batch(batch, reasons)
     good = reasons == ""
     return {k: np.asarray(v)[good] for k, v in batch.items()}, report
 
@@ -208,8 +266,10 @@ class BadSampleCounter:
         incoming = BadSampleReport.from_dict(report)
         for reason, ids in incoming.examples.items():
             room = self._report.max_examples - len(self._report.examples.get(reason, []))
-            for sample_id in ids[: max(0, room)]:
-                logger.warning("skipping bad sample %r: %s", sample_id, reason)
+            for sample_id, file in list(zip(ids, incoming._files_of(reason)))[: max(0, room)]:
+                logger.warning(
+                    "skipping bad sample %r%s: %s", sample_id, f" of {file}" if file else "", reason
+                )
         self._report.merge(incoming)
         return self._report.to_dict()
 
@@ -292,16 +352,17 @@ def drop_bad_rows(
 def _report_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import json
 
-    report = count_rows(batch["id"], np.asarray(batch["bad_reason"]).astype(str))
-    return {"report": np.array([json.dumps(report.to_dict())], dtype=object)}
+    return {"report": np.array([json.dumps(count_batch(batch).to_dict())], dtype=object)}
 
 
 def scan_bad_samples(ds: ray.data.Dataset) -> BadSampleReport:
-    """Count a dataset of rows with ``id`` and ``bad_reason`` columns in one streaming pass."""
+    """Count a dataset of rows with ``id`` and ``bad_reason`` columns (and ``source_file``, if it has
+    one) in one streaming pass."""
     import json
 
     total = BadSampleReport()
-    counts = ds.select_columns(["id", "bad_reason"]).map_batches(_report_batch, batch_format="numpy")
+    columns = [c for c in ("id", "bad_reason", "source_file") if c in ds.columns()]
+    counts = ds.select_columns(columns).map_batches(_report_batch, batch_format="numpy")
     for row in counts.iter_rows():
         total.merge(BadSampleReport.from_dict(json.loads(row["report"])))
     return total

@@ -3,7 +3,9 @@
 * ``dpn data inspect PATH [--split S] [--processor-dir D] [--json]``: number of samples, bad samples
   by reason (with example ids) and one decoded example. ``--json`` prints one JSON object with the
   stable keys ``num_samples``, ``num_bad``, ``bad_by_reason`` (plus ``bad_fraction``, ``examples``,
-  ``example``). With ``--max-bad-fraction F`` the exit status is 1 when the bad fraction exceeds F.
+  ``example_files``, ``example``). With ``--max-bad-fraction F`` the exit status is 1 when the bad fraction exceeds F,
+  and stderr names the top reasons with example ids and their files. A damaged file (a cut tar or
+  Parquet file) is one ``truncated_shard`` sample named by its path, never a crash.
 * ``dpn data synth OUT [--format llava|webdataset|parquet] [--num-train N] [--num-eval N] [--seed S]``:
   write the synthetic benchmark (``pipelines.synthetic.write_synthetic_dataset``);
   ``dpn data synth OUT --new-shard NAME --num-train N --seed S`` adds a train shard of fresh samples
@@ -17,6 +19,8 @@ import json
 import logging
 import sys
 from typing import Any
+
+from pipelines.accounting import BadSampleReport
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +95,9 @@ def format_inspection(path: str, result: dict[str, Any]) -> str:
         f"samples: {result['num_samples']}",
         f"bad samples: {result['num_bad']} ({result['bad_fraction']:.2%})",
     ]
-    for reason, count in result["bad_by_reason"].items():
-        ids = ", ".join(result["examples"].get(reason, []))
-        lines.append(f"  {reason}: {count} (e.g. {ids})")
+    report = BadSampleReport.from_dict(result)
+    for reason in report.top_reasons():
+        lines.append(f"  {reason}: {report.bad_by_reason[reason]} (e.g. {report.example_text(reason)})")
     example = result.get("example")
     if example is None:
         lines.append("example: none (no good sample)")
@@ -129,8 +133,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_inspection(args.path, result) + "\n")
     if args.max_bad_fraction is not None and result["bad_fraction"] > args.max_bad_fraction:
-        logger.error(
-            "bad fraction %.2f%% exceeds %.2f%%", 100 * result["bad_fraction"], 100 * args.max_bad_fraction
+        report = BadSampleReport.from_dict(result)
+        sys.stderr.write(
+            f"dpn data inspect: bad fraction {report.bad_fraction:.2%} exceeds {args.max_bad_fraction:.2%}: "
+            f"{report.summary()}\n"
         )
         return 1
     return 0
@@ -143,7 +149,9 @@ def run_synth(args: argparse.Namespace) -> int:
         raise SystemExit("dpn data synth: give the dataset root once, as OUT or --out DIR")
     args.out_dir = args.out_dir or args.out_flag
     if args.new_shard is not None:
-        shard = write_synthetic_shard(args.out_dir, args.new_shard, num_samples=args.num_train, seed=args.seed)
+        shard = write_synthetic_shard(
+            args.out_dir, args.new_shard, num_samples=args.num_train, seed=args.seed
+        )
         sys.stdout.write(
             f"wrote shard {shard['name']} ({shard['num_samples']} samples: {', '.join(shard['files'])}) to {args.out_dir}\n"
         )

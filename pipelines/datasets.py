@@ -23,6 +23,10 @@ Evaluation (batch generation)::
         ... batch["id"], batch["answer"], batch["family"], batch["kind"] ...
 
 Everything streams: nothing here calls ``materialize()``.
+
+Damaged files never stop a pass: the readers (:mod:`pipelines.formats`) turn a cut or corrupt file
+into its ``truncated_shard`` row and keep the samples before the damage, so training, evaluation and
+``dpn data inspect`` count it like any bad sample, under the same threshold, with the file named.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.accounting import BadReason, BadSampleAccountant, BadSampleReport, count_rows, drop_bad_rows
+from pipelines.accounting import BadReason, BadSampleAccountant, BadSampleReport, count_batch, drop_bad_rows
 from pipelines.formats import read_rows
 from pipelines.preprocess import Preprocessor, decode_image, load_processor, tokenize_batch
 
@@ -206,7 +210,7 @@ class InspectStage:
                     "num_tokens": int(len(batch["input_ids"][i])) if "input_ids" in batch else None,
                 }
             )
-        report = count_rows(batch["id"], reasons)
+        report = count_batch(batch, reasons)
         return {
             "report": np.array([json.dumps(report.to_dict())], dtype=object),
             "example": np.array([example], dtype=object),

@@ -84,17 +84,43 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_webdataset(root: Path, records: list[dict[str, Any]], name: str = "train-000000.tar") -> Path:
+def webdataset_members(records: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` tar members of ``records``: ``KEY.png`` (if any), then ``KEY.json``."""
+    members = []
+    for record in records:
+        key = record["id"]
+        if "_bytes" in record:
+            members.append((f"{key}.png", record["_bytes"]))
+        meta = {k: v for k, v in record.items() if k != "_bytes"}
+        members.append((f"{key}.json", json.dumps(meta).encode()))
+    return members
+
+
+def write_tar(root: Path, members: list[tuple[str, bytes]], name: str = "train-000000.tar") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / name
     with tarfile.open(path, "w") as tar:
-        for record in records:
-            key = record["id"]
-            if "_bytes" in record:
-                _member(tar, f"{key}.png", record["_bytes"])
-            meta = {k: v for k, v in record.items() if k != "_bytes"}
-            _member(tar, f"{key}.json", json.dumps(meta).encode())
+        for member_name, data in members:
+            _member(tar, member_name, data)
     return path
+
+
+def write_webdataset(root: Path, records: list[dict[str, Any]], name: str = "train-000000.tar") -> Path:
+    return write_tar(root, webdataset_members(records), name)
+
+
+def truncate(path: Path, size: int | None = None) -> Path:
+    """Cut ``path`` to ``size`` bytes (default: half of it), as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if size is None else size])
+    return path
+
+
+def member_offset(path: Path, name: str) -> tuple[int, int]:
+    """``(offset of the member's data, its size)`` inside the tar ``path``."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(name)
+        return info.offset_data, info.size
 
 
 def write_parquet(root: Path, records: list[dict[str, Any]], name: str = "train-000000.parquet") -> Path:

@@ -10,13 +10,19 @@ from data_samples import (
     WRITERS,
     conversation,
     good_records,
+    member_offset,
     png_bytes,
     save_processor,
+    truncate,
     truncated_png,
+    webdataset_members,
     write_llava,
+    write_parquet,
+    write_tar,
+    write_webdataset,
 )
 
-from pipelines.accounting import BadDataError, BadSampleAccountant, find_bad_data_error
+from pipelines.accounting import BadDataError, BadReason, BadSampleAccountant, find_bad_data_error
 from pipelines.datasets import build_dataset, build_eval_dataset
 from pipelines.preprocess import IGNORE_INDEX, Collator
 
@@ -100,7 +106,10 @@ def test_bad_samples_are_skipped_and_counted_by_reason(ray_cluster, processor_di
         "too_long": 1,
     }
     assert report.examples["corrupt_image"] == ["corrupt"] and report.examples["too_long"] == ["long"]
-    with pytest.raises(BadDataError, match=r"6 of 11 samples bad .*corrupt_image: 1 \(e\.g\. corrupt\)"):
+    assert report.example_files["corrupt_image"] == [str(bad_llava / "train.jsonl")]
+    with pytest.raises(
+        BadDataError, match=r"6 of 11 samples bad .*corrupt_image: 1 \(e\.g\. corrupt in \S*train\.jsonl\)"
+    ):
         accountant.check()  # the exact end-of-epoch check
 
 
@@ -141,4 +150,81 @@ def test_inspect_json_output(ray_cluster, bad_llava, capsys):
     assert result["example"]["id"] == "img0" and result["example"]["image_size"] == [40, 24]
     assert main(["data", "inspect", str(bad_llava), "--max-bad-fraction", "0.1"]) == 1
     text = capsys.readouterr().out
-    assert "samples: 11" in text and "corrupt_image: 1 (e.g. corrupt)" in text and "answer: 'red'" in text
+    assert "samples: 11" in text and "answer: 'red'" in text
+    assert f"corrupt_image: 1 (e.g. corrupt in {bad_llava / 'train.jsonl'})" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged files: counted by the training dataset and `dpn data inspect`, never a crash
+# ------------------------------------------------------------------------------------------------
+
+
+def _damaged_root(root, fmt: str):
+    """Two train shards of 5 samples (4 with an image); the second one damaged. Returns
+    (damaged shard path, good samples left)."""
+    WRITERS[fmt](
+        root, good_records(4, text_only=1), f"train-000000.{'tar' if fmt == 'webdataset' else 'parquet'}"
+    )
+    if fmt == "webdataset":
+        path = write_webdataset(root, good_records(4, text_only=1), "train-000001.tar")
+        offset, size = member_offset(path, "img2.png")
+        truncate(path, offset + size // 2)  # tarfile.ReadError: unexpected end of data, mid-member
+        return path, 5 + 2
+    path = truncate(write_parquet(root, good_records(4, text_only=1), "train-000001.parquet"))
+    return path, 5  # ArrowInvalid: Parquet magic bytes not found
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_damaged_shard_below_threshold_does_not_stop_training(ray_cluster, processor_dir, tmp_path, fmt):
+    damaged, num_good = _damaged_root(tmp_path, fmt)
+    accountant = BadSampleAccountant(max_bad_fraction=0.2)
+    # the dataset the training job builds (jobs.trainer.build_dataset), iterated as its loop does
+    ds = build_dataset(str(tmp_path), processor_dir, split="train", max_length=128, accountant=accountant)
+    assert sum(len(b["input_ids"]) for b in _collect(ds, processor_dir)) == num_good
+    report = accountant.check()  # the end-of-epoch check passes: 1 bad of num_good + 1
+    assert (report.num_samples, report.bad_by_reason) == (num_good + 1, {BadReason.TRUNCATED_SHARD: 1})
+    assert report.example_files[BadReason.TRUNCATED_SHARD] == [str(damaged)]
+    # a stricter run fails, naming the damaged file
+    with pytest.raises(
+        BadDataError, match=rf"truncated_shard: 1 \(e\.g\. train-000001\.\w+ after .* in {damaged}\)"
+    ):
+        report.check(0.01)
+
+
+def _inspect_root(root, fmt: str) -> dict[str, int]:
+    """A root with the faults of ``fmt`` next to good samples; returns the expected counts by reason."""
+    bad_caption = [{"id": "enc", "_bytes": png_bytes(), "conversations": conversation("q?", "gr\udcffen")}]
+    if fmt == "webdataset":
+        members = webdataset_members(good_records(2, text_only=1) + bad_caption)
+        members = [(n, d.replace(b"gr\\udcffen", b"gr\xffen")) for n, d in members]  # raw invalid UTF-8
+        members.insert(2, ("lonely.png", png_bytes()))  # an image without its .json
+        write_tar(root, members, "train-000000.tar")
+        path = write_webdataset(root, good_records(4, text_only=1), "train-000001.tar")
+        truncate(path, member_offset(path, "img1.png")[0] + 10)
+        return {"bad_encoding": 1, "missing_metadata": 1, "truncated_shard": 1}
+    if fmt == "parquet":
+        write_parquet(root, good_records(2, text_only=1), "train-000000.parquet")
+        truncate(write_parquet(root, good_records(4, text_only=1), "train-000001.parquet"))
+        return {"truncated_shard": 1}
+    path = write_llava(root, good_records(2, text_only=1) + bad_caption, "train.jsonl")
+    path.write_bytes(path.read_bytes().replace(b"gr\\udcffen", b"gr\xffen") + b'{"id": "cut", "conv')
+    return {"bad_encoding": 1, "bad_json": 1}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "llava_json"])
+def test_inspect_counts_damaged_files_and_names_them(ray_cluster, tmp_path, capsys, fmt):
+    from jobs.cli import main
+
+    expected = _inspect_root(tmp_path, fmt)
+    assert main(["data", "inspect", str(tmp_path), "--split", "train", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bad_by_reason"] == expected
+    good = 3 + (1 if fmt == "webdataset" else 0)  # the cut shard keeps img0 (before the cut)
+    assert result["num_samples"] == good + sum(expected.values())
+    files = {f for fs in result["example_files"].values() for f in fs}
+    assert files <= {str(p) for p in tmp_path.iterdir()} and all(files)
+    assert main(["data", "inspect", str(tmp_path), "--split", "train", "--max-bad-fraction", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert "exceeds 5.00%" in err and all(f"{reason}: 1 (e.g. " in err for reason in expected)
+    if "truncated_shard" in expected:
+        assert f"in {tmp_path}/train-000001." in err
