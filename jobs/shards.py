@@ -29,12 +29,15 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.formats import FORMAT_BY_EXTENSION
+
+if TYPE_CHECKING:
+    from pipelines.accounting import BadSampleReport
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,21 @@ def read_mix(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text())
 
 
+def _count_bad(rows: Any) -> BadSampleReport:
+    """Count the rows a mix leaves out (one more read of the new shards; only bad rows are kept)."""
+    from pipelines.accounting import count_rows
+
+    columns = ["id", "bad_reason", "source_file"]
+    bad = rows.select_columns(columns).filter(expr="bad_reason != ''").take_all()
+    report = count_rows(
+        [r["id"] for r in bad], [r["bad_reason"] for r in bad], [r["source_file"] for r in bad]
+    )
+    if report.num_bad:
+        logger.warning("the new shards hold %d unusable rows, left out of the mix: %s", report.num_bad,
+                       report.summary())  # fmt: skip
+    return report
+
+
 def build_mix(
     out_dir: str | Path,
     new: Sequence[Shard],
@@ -197,8 +215,9 @@ def build_mix(
 ) -> dict[str, Any]:
     """Write new shards + a replay sample of earlier shards, shuffled, as Parquet under ``out_dir/data``.
 
-    Bad rows (unreadable records) are left out here; images that fail to decode are dropped and
-    counted by the training pipeline. A complete mix (marker present) is reused as is.
+    Bad rows (unreadable records, damaged files) are left out here and counted: the marker's
+    ``bad_by_reason`` and a warning naming reasons, example ids and files. Images that fail to decode are
+    dropped and counted by the training pipeline. A complete mix (marker present) is reused as is.
 
     Args:
         out_dir: folder of this retrain's mix (created; an incomplete one is replaced).
@@ -232,7 +251,9 @@ def build_mix(
         table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
         return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
 
-    mix = _read(new, image_folder).map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
+    new_rows = _read(new, image_folder)
+    left_out = _count_bad(new_rows)
+    mix = new_rows.map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
     if earlier and replay_fraction > 0:
         replay = _read(earlier, image_folder).map_batches(
             good, batch_format="pyarrow", fn_kwargs={"source": "replay"}
@@ -245,6 +266,9 @@ def build_mix(
     mix.random_shuffle(seed=seed).write_parquet(str(data_dir))
     sources = pq.read_table(str(data_dir), columns=["source"])["source"].to_pylist()
     new_count, replay_count = sources.count("new"), sources.count("replay")
+    left_out.num_samples = new_count + left_out.num_bad
+    if left_out.num_bad:
+        logger.warning("left out of the training mix: %s", left_out.summary())
     marker = {
         "path": str(data_dir),
         "num_samples": new_count + replay_count,
@@ -255,6 +279,7 @@ def build_mix(
         "seed": seed,
         "new_shards": [s.name for s in new],
         "replay_pool": [s.name for s in earlier],
+        "bad_by_reason": left_out.bad_by_reason,
     }
     (out / MIX_MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
     logger.info(

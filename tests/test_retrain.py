@@ -286,6 +286,20 @@ def test_no_new_data_is_a_no_op_with_exit_0(world):
 
 
 @pytest.mark.ray
+def test_mix_counts_the_rows_a_damaged_new_shard_loses(world, tmp_path):
+    from data_samples import good_records, truncate, write_parquet
+
+    from jobs.shards import build_mix, list_shards
+
+    root = tmp_path / "root"
+    write_parquet(root, good_records(6, text_only=0), name="train-a.parquet")
+    truncate(write_parquet(root, good_records(4, text_only=0), name="train-b.parquet"))
+    marker = build_mix(tmp_path / "mix", list_shards(str(root), count=False), [], 0.0, 0, seed=0)
+    assert marker["new_samples"] == 6
+    assert marker["bad_by_reason"] == {"truncated_shard": 1}
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_worse_challenger_is_rejected_and_the_champion_kept(world):
     from pipelines.synthetic import write_synthetic_shard
