@@ -1,10 +1,42 @@
-"""`DPNConfig`: a LLaVA configuration plus the Dynamic Pyramid Network's pooling settings."""
+"""`DPNConfig`: a LLaVA configuration plus the Dynamic Pyramid Network's pooling settings.
+
+The defaults are the authors' training semantics (aihao2000/DPN-LLaVA). A `config.json` written before
+those fields existed has no `dpn_config_version`; [`DPNConfig.from_dict`] fills its missing keys with
+the values that checkpoint was trained with ([`LEGACY_DEFAULTS`]), so old checkpoints keep behaving as
+they did. Also here: [`parse_compression`], the one parser of a `compression` value (the model's
+`forward`/`generate`, the training and evaluation jobs and serving all call it).
+"""
 
 from __future__ import annotations
+
+import numbers
+import re
+from collections.abc import Sequence
+from typing import Any
 
 from transformers import LlavaConfig
 
 POOLING_TYPES = ("max", "avg", "conv")
+ROUTING_LOSS_EXPERTS = ("argmax", "sampled")
+ROUTING_LOSS_REDUCTIONS = ("global", "per_layer")
+ROUTER_TOKEN_REDUCTIONS = ("mean", "last")
+ROUTING_MODES = ("auto", "random")
+DPN_CONFIG_VERSION = 2
+DEFAULT_EXPERT_STRIDES = ((1, 1), (1, 2), (2, 2))
+
+# What a config.json without `dpn_config_version` (written before version 2) was trained with.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "routing_loss_weight": 1.0,
+    "routing_loss_expert": "sampled",
+    "routing_loss_reduction": "per_layer",
+    "train_token_floor": None,
+    "inference_token_floor": None,
+    "router_bias": True,
+    "router_token_reduction": "last",
+}
+
+# A `compression` value after parsing: "auto", "random", one factor for every pooling layer, or a schedule.
+Compression = str | int | tuple[int, ...]
 
 
 class DPNConfig(LlavaConfig):
@@ -31,20 +63,59 @@ class DPNConfig(LlavaConfig):
         routing_loss_scales (`list[float]`):
             Scale of each expert in the routing loss (paper: 0, 1, 2 for 1x, 2x, 4x).
         routing_loss_weight (`float`):
-            Weight of the routing loss added to the language-modelling loss.
+            Weight of the routing loss added to the language-modelling loss (reference: 0.001, a gentle push;
+            the router learns mostly from the LM loss through the probability scaling of the pooled tokens).
+        routing_loss_expert (`str`):
+            Expert whose `scale * p` enters the routing loss: `"argmax"` (reference: the most probable expert)
+            or `"sampled"` (the expert the sample was routed to in training).
+        routing_loss_reduction (`str`):
+            `"global"` (reference): one hinge `max(0, target - m)` with `m` the mean over every routed
+            (sample, pooling layer) pair of the batch; `"per_layer"`: one hinge per layer, averaged.
+        train_token_floor (`int`, *optional*):
+            In training (router and `"random"` routing) an expert that would leave fewer visual tokens than this
+            is never chosen: the choice is drawn from the feasible experts only, which is what the reference's
+            re-sampling amounts to (reference: 18). The expert keeping the most tokens is always allowed.
+            `None`: no floor.
+        inference_token_floor (`int`, *optional*):
+            The same rule outside training (router argmax and `"random"`). Default 18, the training floor: the
+            reference applies the floor in training only, so its argmax can reach states (e.g. 36 -> 9 tokens)
+            that training never showed the decoder and that its routing loss pushes towards without the LM loss
+            ever pricing them. `None` reproduces the reference's inference.
+        router_bias (`bool`):
+            Bias on the router's output layer (reference: none).
+        router_token_reduction (`str`):
+            `"mean"` (reference): the router reads the mean hidden state over all `<router>` positions of the
+            sample (one per user turn); `"last"`: the last `<router>` position only.
+        dpn_config_version (`int`):
+            Version of these semantics; `config.json` files without it are read with [`LEGACY_DEFAULTS`].
     """
 
     model_type = "dpn_llava"
 
     router_token_id: int = 32001
     pooling_layers: list[int] | tuple[int, ...] = (8, 16, 24)
-    expert_strides: list[list[int]] | tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2))
+    expert_strides: list[list[int]] | tuple[tuple[int, int], ...] = DEFAULT_EXPERT_STRIDES
     pooling_type: str = "max"
     router_temperature: float = 10.0
     min_visual_tokens: int = 16
     routing_loss_target: float = 1.5
     routing_loss_scales: list[float] | tuple[float, ...] = (0.0, 1.0, 2.0)
-    routing_loss_weight: float = 1.0
+    routing_loss_weight: float = 0.001
+    routing_loss_expert: str = "argmax"
+    routing_loss_reduction: str = "global"
+    train_token_floor: int | None = 18
+    inference_token_floor: int | None = 18
+    router_bias: bool = False
+    router_token_reduction: str = "mean"
+    dpn_config_version: int = DPN_CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DPNConfig:
+        """[`PretrainedConfig.from_dict`]; a dict without `dpn_config_version` (a checkpoint saved before these
+        semantics) gets [`LEGACY_DEFAULTS`] for the keys it lacks, so it behaves as it was trained."""
+        if "dpn_config_version" not in config_dict:
+            config_dict = {**LEGACY_DEFAULTS, **config_dict, "dpn_config_version": 1}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -56,6 +127,12 @@ class DPNConfig(LlavaConfig):
         self.image_seq_length = self.num_visual_tokens
 
     def _check_dpn(self) -> None:
+        self._check_pyramid()
+        self._check_routing()
+        self._check_tokens()
+
+    def _check_pyramid(self) -> None:
+        """Pooling layers, experts and pooling type."""
         num_layers = self.text_config.num_hidden_layers
         if sorted(set(self.pooling_layers)) != self.pooling_layers:
             raise ValueError(f"pooling_layers must be strictly increasing, got {self.pooling_layers}")
@@ -72,13 +149,18 @@ class DPNConfig(LlavaConfig):
                 raise ValueError(f"each expert stride must be two positive integers (h, w), got {stride}")
         factors = [h * w for h, w in self.expert_strides]
         if len(set(factors)) != len(factors):
-            raise ValueError(f"experts must keep distinct fractions of the tokens, got strides {self.expert_strides}")
+            raise ValueError(
+                f"experts must keep distinct fractions of the tokens, got strides {self.expert_strides}"
+            )
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
-        if not self.router_temperature > 0:
-            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
         if self.min_visual_tokens < 1:
             raise ValueError(f"min_visual_tokens must be >= 1, got {self.min_visual_tokens}")
+
+    def _check_routing(self) -> None:
+        """Router, token floors and routing loss."""
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
         if len(self.routing_loss_scales) != len(self.expert_strides):
             raise ValueError(
                 f"routing_loss_scales needs one scale per expert: {len(self.expert_strides)} experts, "
@@ -86,6 +168,16 @@ class DPNConfig(LlavaConfig):
             )
         if self.routing_loss_weight < 0:
             raise ValueError(f"routing_loss_weight must be >= 0, got {self.routing_loss_weight}")
+        self._check_choice("routing_loss_expert", ROUTING_LOSS_EXPERTS)
+        self._check_choice("routing_loss_reduction", ROUTING_LOSS_REDUCTIONS)
+        self._check_choice("router_token_reduction", ROUTER_TOKEN_REDUCTIONS)
+        for name in ("train_token_floor", "inference_token_floor"):
+            floor = getattr(self, name)
+            if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int) or floor < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None (no floor), got {floor!r}")
+
+    def _check_tokens(self) -> None:
+        """Token ids and the vision features DPN can pool."""
         vocab = self.text_config.vocab_size
         for name in ("image_token_id", "router_token_id"):
             token_id = getattr(self, name)
@@ -100,6 +192,10 @@ class DPNConfig(LlavaConfig):
                 "DPN pools a square grid of patch tokens, so vision_feature_select_strategy must be 'default' "
                 f"(drop CLS), got {self.vision_feature_select_strategy!r}"
             )
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     @property
     def compression_factors(self) -> list[int]:
@@ -118,4 +214,120 @@ class DPNConfig(LlavaConfig):
         return rows * cols
 
 
-__all__ = ["DPNConfig", "POOLING_TYPES"]
+# ----------------------------------------------------------------------------------------------------------
+# compression: "auto", "random", one factor, or one factor per pooling layer
+# ----------------------------------------------------------------------------------------------------------
+_SCHEDULE_SEPARATOR = re.compile(r"\s*[,\-]\s*|\s+")
+
+
+def _as_factor(item: Any, value: Any) -> int:
+    if isinstance(item, str) and item.strip().isdigit():
+        item = int(item)
+    if isinstance(item, bool) or not isinstance(item, numbers.Integral) or int(item) < 1:
+        raise ValueError(
+            f"compression {value!r}: {item!r} is not a compression factor (a positive integer such as 1, 2, 4); "
+            f"a compression is one of {ROUTING_MODES}, a factor, or one factor per pooling layer ('1,2,4')"
+        )
+    return int(item)
+
+
+def _parse_syntax(value: Any) -> Compression:
+    """`value` as "auto", "random", an int or a tuple of ints, checked for form only."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ROUTING_MODES:
+            return text
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        parts = _SCHEDULE_SEPARATOR.split(text.strip())
+        if not all(parts):
+            raise ValueError(
+                f"compression {value!r} is not understood; give 'auto', 'random', a factor (2) or one factor per "
+                "pooling layer ('1,2,4')"
+            )
+        if len(parts) == 1 and "[" not in value:
+            return _as_factor(parts[0], value)
+        return tuple(_as_factor(p, value) for p in parts)
+    if isinstance(value, Sequence):
+        if not value:
+            raise ValueError(
+                "compression schedule is empty: give one factor per pooling layer, e.g. [1, 2, 4]"
+            )
+        return tuple(_as_factor(item, value) for item in value)
+    return _as_factor(value, value)
+
+
+def parse_compression(value: Any, config: DPNConfig | None = None) -> Compression:
+    """Parse and validate a `compression` value: the one parser every entry point uses.
+
+    Accepted forms:
+        - `"auto"`: the learned router (samples in training, argmax otherwise);
+        - `"random"`: a uniformly drawn expert per sample and pooling layer, among the experts the token floor
+          allows (the paper's random-routing ablation);
+        - a factor, `2` or `"2"`: that expert at every pooling layer (1 is dense);
+        - a schedule, `[1, 2, 4]`, `(1, 2, 4)`, `"1,2,4"`, `"1-2-4"` or `"[1, 2, 4]"`: one factor per pooling
+          layer, a static pyramid as PyramidDrop uses.
+
+    Args:
+        value: the compression as given (YAML, command line, request field or Python).
+        config (`DPNConfig`, *optional*): the model's config (or any object with its `expert_strides` and
+            `pooling_layers`); when given, factors must be those of its experts (`h * w` of each expert stride)
+            and a schedule needs one factor per pooling layer. Without it only the form is checked.
+
+    Returns:
+        `"auto"`, `"random"`, an `int`, or a `tuple[int, ...]` (a schedule).
+
+    Raises:
+        `ValueError`: an unknown mode, a factor no expert has, or a schedule of the wrong length.
+    """
+    parsed = _parse_syntax(value)
+    if config is None or parsed in ROUTING_MODES:
+        return parsed
+    factors = [h * w for h, w in config.expert_strides]
+    schedule = parsed if isinstance(parsed, tuple) else (parsed,)
+    unknown = sorted({f for f in schedule if f not in factors})
+    if unknown:
+        raise ValueError(
+            f"compression {value!r}: factor(s) {unknown} match no pooling expert of this model; its experts "
+            f"(expert_strides {config.expert_strides}) give factors {factors}"
+        )
+    if isinstance(parsed, tuple) and len(parsed) != len(config.pooling_layers):
+        raise ValueError(
+            f"compression schedule {value!r} has {len(parsed)} factor(s) but the model pools after "
+            f"{len(config.pooling_layers)} layer(s) ({config.pooling_layers}): give one factor per pooling layer"
+        )
+    return parsed
+
+
+def compression_schedule(value: Any, config: DPNConfig) -> list[int] | None:
+    """Expert index forced at each pooling layer, or `None` for the routed modes ("auto", "random")."""
+    parsed = parse_compression(value, config)
+    if parsed in ROUTING_MODES:
+        return None
+    factors = [h * w for h, w in config.expert_strides]
+    schedule = parsed if isinstance(parsed, tuple) else (parsed,) * len(config.pooling_layers)
+    return [factors.index(f) for f in schedule]
+
+
+def compression_label(value: Any) -> str:
+    """Canonical text of a compression: `"auto"`, `"random"`, `"2"`, or `"1-2-4"` for a schedule.
+
+    Safe inside comma-separated lists and MLflow metric names; `parse_compression` reads it back.
+    """
+    parsed = _parse_syntax(value)
+    if isinstance(parsed, tuple):
+        return "-".join(str(f) for f in parsed)
+    return str(parsed)
+
+
+__all__ = [
+    "DEFAULT_EXPERT_STRIDES",
+    "DPN_CONFIG_VERSION",
+    "LEGACY_DEFAULTS",
+    "POOLING_TYPES",
+    "Compression",
+    "DPNConfig",
+    "compression_label",
+    "compression_schedule",
+    "parse_compression",
+]

@@ -128,7 +128,8 @@ def lm_head_flops(text_config: Any, num_tokens: int) -> int:
 def router_flops(hidden_size: int, num_experts: int) -> int:
     """FLOPs of one router call on one token: `Linear(h, h // 4, no bias)` then `Linear(h // 4, num_experts)`.
 
-    The LayerNorm before and the GELU between the linears are not counted.
+    The LayerNorm before, the GELU between the linears, an output bias (`router_bias`) and the mean over the
+    `<router>` positions (elementwise) are not counted, as `FlopCounterMode` does not count them.
     """
     bottleneck = hidden_size // 4
     return _linear(1, hidden_size, bottleneck) + _linear(1, bottleneck, num_experts)
@@ -263,32 +264,38 @@ def flop_counter(display: bool = False, depth: int = 2) -> FlopCounterMode:
 # ----------------------------------------------------------------------------- DPN sequence lengths
 
 
-def _stride_for(config: Any, compression: int) -> tuple[int, int]:
-    for sh, sw in config.expert_strides:
-        if sh * sw == compression:
-            return sh, sw
-    factors = [sh * sw for sh, sw in config.expert_strides]
-    raise ValueError(f"compression {compression} matches no expert; this config's experts give {factors}")
+def _strides_per_pooling_layer(config: Any, compression: Any) -> list[tuple[int, int]]:
+    """Stride of the expert each pooling layer applies under a forced `compression` (a factor or a schedule)."""
+    from dpn_model.configuration import compression_schedule
+
+    schedule = compression_schedule(compression, config)
+    if schedule is None:
+        raise ValueError(
+            f"compression {compression!r} routes per sample, so its FLOPs depend on the data; give a factor or a "
+            "schedule here, or pass the layer lengths the model reports (`layer_seq_lens`) to prefill_flops"
+        )
+    return [tuple(config.expert_strides[expert]) for expert in schedule]
 
 
-def visual_tokens_per_layer(config: Any, compression: int) -> list[int]:
-    """Visual tokens each decoder layer sees when every pooling layer applies the `compression` expert.
+def visual_tokens_per_layer(config: Any, compression: Any) -> list[int]:
+    """Visual tokens each decoder layer sees under a forced compression.
 
-    Pooling happens after decoder layer `p` (1-based) for `p` in `config.pooling_layers`, and is skipped once
-    fewer than `config.min_visual_tokens` visual tokens remain.
+    Pooling happens after decoder layer `p` (1-based) for `p` in `config.pooling_layers`, with the expert of
+    `compression` (one factor for every pooling layer, or a schedule such as `[1, 2, 4]` / `"1,2,4"`: one factor
+    per pooling layer), and is skipped once fewer than `config.min_visual_tokens` visual tokens remain. The token
+    floors do not apply: they restrict the router and random routing, not a forced compression.
     """
-    stride = _stride_for(config, compression)
+    strides = dict(zip(config.pooling_layers, _strides_per_pooling_layer(config, compression)))
     grid = tuple(config.vision_grid)
-    pool_after = set(config.pooling_layers)
     counts = []
     for layer in range(1, config.text_config.num_hidden_layers + 1):
         counts.append(grid[0] * grid[1])
-        if layer in pool_after and grid[0] * grid[1] >= config.min_visual_tokens:
-            grid = pooled_grid(grid, stride)
+        if layer in strides and grid[0] * grid[1] >= config.min_visual_tokens:
+            grid = pooled_grid(grid, strides[layer])
     return counts
 
 
-def layer_seq_lens_for(config: Any, text_len: int, compression: int) -> list[int]:
+def layer_seq_lens_for(config: Any, text_len: int, compression: Any) -> list[int]:
     """Sequence length of each decoder layer for one sample: `text_len` non-image tokens plus one image.
 
     Args:
@@ -296,8 +303,9 @@ def layer_seq_lens_for(config: Any, text_len: int, compression: int) -> list[int
             Supplies `vision_grid`, `pooling_layers`, `expert_strides` and `min_visual_tokens`.
         text_len (`int`):
             Non-image tokens of the sample (text, special and router tokens); never pooled.
-        compression (`int`):
-            Compression factor `h * w` of the expert every pooling layer applies (1, 2 or 4 by default).
+        compression (`int`, `str` or `Sequence[int]`):
+            Compression factor `h * w` of the expert every pooling layer applies (1, 2 or 4 by default), or a
+            schedule with one factor per pooling layer (`[1, 2, 4]`, `"1,2,4"`); see `parse_compression`.
 
     Returns:
         `list[int]` of length `num_hidden_layers`.
@@ -306,17 +314,18 @@ def layer_seq_lens_for(config: Any, text_len: int, compression: int) -> list[int
 
 
 def estimate(
-    config: Any, text_len: int, compression: int, lm_head_tokens: int | None = None, routed: bool = False
+    config: Any, text_len: int, compression: Any, lm_head_tokens: int | None = None, routed: bool = False
 ) -> dict[str, Any]:
-    """Prefill FLOPs of one sample (one image + `text_len` other tokens) at a fixed compression, with a breakdown.
+    """Prefill FLOPs of one sample (one image + `text_len` other tokens) at a forced compression, with a breakdown.
 
     Args:
         config (`DPNConfig`):
             The model configuration.
         text_len (`int`):
             Non-image tokens of the sample.
-        compression (`int`):
-            Compression factor of the expert every pooling layer applies (one of `config.compression_factors`).
+        compression (`int`, `str` or `Sequence[int]`):
+            Compression factor of the expert every pooling layer applies (one of `config.compression_factors`),
+            or a schedule with one factor per pooling layer (`[1, 2, 4]`).
         lm_head_tokens (`int`, *optional*):
             Positions the lm_head runs on; defaults to every token of the last layer.
         routed (`bool`, *optional*, defaults to `False`):
@@ -334,7 +343,9 @@ def estimate(
         "vision": vision_tower_flops(config.vision_config),
         "projector": projector_flops(config, _image_tokens(config)),
         "decoder": sum(decoder_layer_flops(text_config, length) for length in lengths),
-        "router": routed * _default_routed_layers(config) * router_flops(text_config.hidden_size, _num_experts(config)),
+        "router": routed
+        * _default_routed_layers(config)
+        * router_flops(text_config.hidden_size, _num_experts(config)),
         "lm_head": lm_head_flops(text_config, lengths[-1] if lm_head_tokens is None else lm_head_tokens),
     }
     total = sum(parts.values())

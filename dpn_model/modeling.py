@@ -10,6 +10,7 @@ contiguous positions and a fresh padding mask. Samples that choose different exp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,11 @@ from transformers.models.llava.modeling_llava import (
 
 from dpn_model import flops as flops_lib
 from dpn_model.cache import DPNCache
-from dpn_model.configuration import DPNConfig
-from dpn_model.pooling import DynamicPoolingExperts, pooled_grid
+from dpn_model.configuration import ROUTING_MODES, DPNConfig, compression_schedule, parse_compression
+from dpn_model.pooling import DynamicPoolingExperts, pooled_grid, router_input
 
-Compression = str | int
+# "auto", "random", one factor for every pooling layer, or one factor per pooling layer (see parse_compression)
+Compression = str | int | Sequence[int]
 
 
 @dataclass
@@ -98,26 +100,48 @@ class DPNCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-def routing_loss(probs: torch.Tensor, choices: torch.Tensor, routed: torch.Tensor, scales, target: float):
+def routing_loss(
+    probs: torch.Tensor,
+    choices: torch.Tensor,
+    routed: torch.Tensor,
+    scales: Sequence[float],
+    target: float,
+    expert: str = "argmax",
+    reduction: str = "global",
+) -> torch.Tensor:
     """The paper's routing loss, which keeps compression up.
 
-    For each pooling layer: `m = mean over routed samples of scale(chosen) * p(chosen)`; the loss is the mean
-    over layers of `max(0, target - m)`. Layers where no sample was routed are left out.
+    Each routed (sample, pooling layer) pair contributes `scale(e) * p(e)` for one expert `e`: the most probable
+    one (`expert="argmax"`, the reference) or the one the sample was routed to (`"sampled"`). With
+    `reduction="global"` (the reference) the loss is one hinge `max(0, target - m)`, `m` the mean over all routed
+    pairs of the batch; with `"per_layer"` each layer gets its own hinge on its own mean and the loss is their
+    mean over the layers where something was routed.
 
     Args:
         probs (`torch.Tensor` of shape `(batch, layers, experts)`): router probabilities.
-        choices (`torch.LongTensor` of shape `(batch, layers)`): chosen expert per sample and layer.
+        choices (`torch.LongTensor` of shape `(batch, layers)`): chosen expert per sample and layer (-1: none);
+            only read when `expert="sampled"`.
         routed (`torch.BoolTensor` of shape `(batch, layers)`): which samples were routed at each layer.
         scales (`Sequence[float]`): scale of each expert (paper: 0, 1, 2 for 1x, 2x, 4x).
         target (`float`): target expected scale (paper: 1.5).
+        expert (`str`): `"argmax"` or `"sampled"`.
+        reduction (`str`): `"global"` or `"per_layer"`.
 
     Returns:
-        `torch.Tensor`: scalar loss, 0 when nothing was routed.
+        `torch.Tensor`: scalar loss, 0 (with a graph) when nothing was routed.
     """
+    if expert not in ("argmax", "sampled") or reduction not in ("global", "per_layer"):
+        raise ValueError(
+            f"expert must be 'argmax' or 'sampled' and reduction 'global' or 'per_layer', got "
+            f"{expert!r}, {reduction!r}"
+        )
     scales = torch.as_tensor(scales, dtype=probs.dtype, device=probs.device)
-    chosen = choices.clamp(min=0)
-    p_chosen = probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)  # (B, layers)
-    weighted = scales[chosen] * p_chosen * routed
+    index = probs.detach().argmax(-1) if expert == "argmax" else choices.clamp(min=0)  # (B, layers)
+    p_index = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    weighted = scales[index] * p_index * routed
+    if reduction == "global":
+        count = routed.sum()
+        return torch.relu(target - weighted.sum() / count.clamp(min=1)) * (count > 0)
     count = routed.sum(0)
     per_layer = weighted.sum(0) / count.clamp(min=1)
     gaps = torch.relu(target - per_layer)[count > 0]
@@ -177,18 +201,12 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _expert_for(self, compression: Compression) -> int | None:
-        """Expert index forced by `compression`, or None for the router ("auto")."""
-        if isinstance(compression, str) and compression != "auto":
-            compression = int(compression) if compression.isdigit() else compression
-        if compression == "auto":
-            return None
-        factors = self.config.compression_factors
-        if compression not in factors:
-            raise ValueError(
-                f"compression must be 'auto' or one of the experts' factors {factors}, got {compression!r}"
-            )
-        return factors.index(compression)
+    def _plan(self, compression: Compression) -> tuple[str, list[int] | None]:
+        """`("auto" | "random", None)`, or `("forced", expert index per pooling layer)`; see [`parse_compression`]."""
+        parsed = parse_compression(compression, self.config)
+        if parsed in ROUTING_MODES:
+            return parsed, None
+        return "forced", compression_schedule(parsed, self.config)
 
     def _segments(self) -> list[range]:
         """Decoder layer indices of each segment: the layers between two pooling points."""
@@ -230,23 +248,127 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             raise ValueError("pixel_values were given but input_ids contain no image tokens")
         return embeds, is_visual
 
-    def _route(self, stage, hidden, router_pos, eligible, forced, sample):
-        """Expert per sample, its gate (the chosen probability, or 1 when forced) and the probabilities."""
+    def _route(self, stage: DynamicPoolingExperts, state: dict, mode: str, forced: int | None):
+        """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran) and the
+        router probabilities `(B, E)` (auto only).
+
+        The router and random routing choose among the experts the token floor allows (training: sampled from
+        the feasible ones, as the reference's re-sampling; otherwise the feasible argmax). The gate is the
+        chosen expert's probability under the full distribution, as in the reference.
+        """
+        hidden = state["hidden"]
         batch = hidden.shape[0]
         if forced is not None:
-            choice = torch.full((batch,), forced, dtype=torch.long, device=hidden.device)
-            return choice, None, None
-        router_hidden = hidden[torch.arange(batch, device=hidden.device), router_pos.clamp(min=0)]
-        probs = stage.router(router_hidden)  # (B, E) float32
-        choice = torch.multinomial(probs.detach(), 1).squeeze(-1) if sample else probs.argmax(-1)
+            return torch.full((batch,), forced, dtype=torch.long, device=hidden.device), None, None
+        cfg = self.config
+        floor = cfg.train_token_floor if self.training else cfg.inference_token_floor
+        feasible = stage.feasible_experts(state["rows"], state["cols"], floor)  # (B, E)
+        if mode == "random":
+            return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None
+        probs = stage.router(
+            router_input(hidden, state["is_router"], cfg.router_token_reduction)
+        )  # (B, E) f32
+        allowed = probs.detach() * feasible
+        choice = torch.multinomial(allowed, 1).squeeze(-1) if self.training else allowed.argmax(-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         return choice, gate, probs
+
+    def _pool_stage(self, s: int, state: dict, mode: str, schedule: list[int] | None):
+        """Route and pool the visual tokens after pooling layer `s`, updating `state` in place.
+
+        Returns:
+            `(choices, probs)`: expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
+            `min_visual_tokens` left), and the router probabilities `(B, E)` or None.
+        """
+        stage = self.pyramid[s]
+        n_visual = state["rows"] * state["cols"]
+        eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
+        forced = schedule[s] if schedule is not None else None
+        choice, gate, probs = self._route(stage, state, mode, forced)
+        identity = forced is not None and stage.strides[forced] == (1, 1)
+        if eligible.any() and not identity:
+            self._pool_and_rebuild(stage, state, choice, gate, eligible)
+        return torch.where(eligible, choice, -1), probs
+
+    def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DPNCache | None:
+        """The given `DPNCache`, a fresh one in place of an empty cache of another kind, or a new one if asked."""
+        if cache is not None and not isinstance(cache, DPNCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    "DPN needs a DPNCache: a non-empty cache of another kind cannot be continued"
+                )
+            cache = None
+        if cache is None and use_cache:
+            cache = DPNCache(config=self.config.text_config)
+        return cache
+
+    def _decode_step(self, hidden, attention_mask, position_ids, cache: DPNCache, output_hidden_states: bool):
+        """Run new tokens `(B, q, D)` against the cache: each segment attends to its own cached length, and the
+        rotary position is that segment's count of real cached tokens (as the paper decodes)."""
+        batch, q_len = hidden.shape[:2]
+        device = hidden.device
+        layers, rotary = self.language_model.layers, self.language_model.rotary_emb
+        all_hidden = (hidden,) if output_hidden_states else None
+        new_mask = attention_mask[:, -q_len:]
+        for s, segment in enumerate(self._segments()):
+            past = cache.segment_masks[s]
+            key_mask = torch.cat([past, new_mask], dim=1)
+            positions = past.sum(-1, keepdim=True) + torch.arange(q_len, device=device)
+            if s == 0 and position_ids is not None:
+                positions = position_ids[:, -q_len:]
+            mask4d = _additive_mask(key_mask, q_len, hidden.dtype)
+            pos_emb = rotary(hidden, positions)
+            for i in segment:
+                hidden = layers[i](
+                    hidden, attention_mask=mask4d, position_ids=positions, cache=cache,
+                    use_cache=True, position_embeddings=pos_emb,
+                )  # fmt: skip
+                if output_hidden_states:
+                    all_hidden += (hidden,)
+            cache.segment_masks[s] = key_mask
+        return DPNModelOutput(
+            last_hidden_state=self.language_model.norm(hidden),
+            cache=cache,
+            attention_mask=new_mask,
+            token_positions=torch.arange(q_len, device=device).expand(batch, -1)
+            + attention_mask.shape[1]
+            - q_len,
+            hidden_states=all_hidden,
+        )
+
+    def _prefill_state(self, input_ids, embeds, is_visual, attention_mask, position_ids, mode: str) -> dict:
+        """The `(B, L)` and `(B,)` tensors the prefill loop carries and rebuilds after each pooling stage."""
+        cfg = self.config
+        is_router = input_ids == cfg.router_token_id
+        has_image = is_visual.any(-1)
+        if mode == "auto" and (has_image & ~is_router.any(-1)).any():
+            i = int((has_image & ~is_router.any(-1)).nonzero()[0, 0])
+            raise ValueError(
+                f"compression='auto' needs a <router> token (id {cfg.router_token_id}) after the question in every "
+                f"sample with an image; sample {i} has none. Build prompts with the DPN processor, or force a "
+                f"compression (one of {cfg.compression_factors}, or a schedule)."
+            )
+        device = input_ids.device
+        rows0, cols0 = cfg.vision_grid
+        positions = position_ids if position_ids is not None else _positions_from_mask(attention_mask)
+        return {
+            "hidden": embeds,
+            "mask": attention_mask,
+            "is_visual": is_visual,
+            "is_router": is_router & attention_mask.bool(),
+            "src": torch.where(
+                attention_mask.bool(), torch.arange(input_ids.shape[1], device=device)[None], -1
+            ),
+            "rows": torch.where(has_image, rows0, 0).to(device),
+            "cols": torch.where(has_image, cols0, 0).to(device),
+            "positions": positions,
+        }
 
     def _pool_and_rebuild(self, stage, state: dict, choice, gate, eligible):
         """Pool each sample's visual block with its expert and rebuild the shortened batch.
 
-        `state` holds `(B, L)` tensors: hidden, mask, is_visual, src (input position) and `(B,)` tensors
-        rows, cols, router_pos. Everything is rebuilt with one scatter; the only Python loop runs over the
+        `state` holds `(B, L)` tensors: hidden, mask, is_visual, is_router, src (input position) and `(B,)`
+        tensors rows, cols. Everything is rebuilt with one scatter; the only Python loop runs over the
         few distinct (grid, expert) groups.
         """
         hidden, mask = state["hidden"], state["mask"]
@@ -300,7 +422,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         dest_text = torch.where(keep_text, pad_offset[:, None] + new_rank, new_len)
         pool_slots = torch.arange(n_new_max, device=device)
         pool_valid = pool_slots[None] < n_new[:, None]
-        dest_pool = torch.where(pool_valid, (pad_offset + vis_rank.clamp(max=length))[:, None] + pool_slots, new_len)
+        dest_pool = torch.where(
+            pool_valid, (pad_offset + vis_rank.clamp(max=length))[:, None] + pool_slots, new_len
+        )
         dest = torch.cat([dest_text, dest_pool], dim=1)  # (B, L + N'), dummy column new_len is dropped
 
         def scatter(values_text, values_pool, fill):
@@ -313,11 +437,8 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         state["hidden"] = scatter(hidden, pooled, 0.0)
         state["mask"] = new_mask
         state["is_visual"] = scatter(torch.zeros_like(keep_text), pool_valid, False)
+        state["is_router"] = scatter(state["is_router"] & keep_text, torch.zeros_like(pool_valid), False)
         state["src"] = scatter(state["src"], torch.full_like(pool_slots[None].expand(batch, -1), -1), -1)
-        router_pos = state["router_pos"]
-        state["router_pos"] = torch.where(
-            router_pos >= 0, dest_text.gather(1, router_pos.clamp(min=0)[:, None]).squeeze(-1), -1
-        )
         state["rows"], state["cols"] = new_rows, new_cols
         state["positions"] = _positions_from_mask(new_mask)
 
@@ -350,90 +471,48 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 first pooling layer; derived from the attention mask when omitted.
             cache (`DPNCache`, *optional*): cache from an earlier call; an empty `DynamicCache` is replaced.
             use_cache (`bool`, *optional*): return a cache for decoding.
-            compression (`str` or `int`): `"auto"` (router: sample in training, argmax in eval) or an
-                expert's factor (1, 2, 4 by default) forced at every pooling layer; 1 is dense.
+            compression (`str`, `int` or `Sequence[int]`): `"auto"` (router: sample in training, argmax in
+                eval, among the experts the token floor allows); `"random"` (a uniformly drawn feasible expert
+                per sample and pooling layer, no router); an expert's factor (1, 2, 4 by default) forced at every
+                pooling layer (1 is dense); or a schedule, one factor per pooling layer (`[1, 2, 4]`, `"1,2,4"`).
+                Parsed by [`parse_compression`]; invalid values raise `ValueError`.
         """
         cfg = self.config
         use_cache = cfg.text_config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
-        forced = self._expert_for(compression)
+        mode, schedule = self._plan(compression)
         if input_ids is None:
-            raise ValueError("DPN needs input_ids to find the image and router tokens (inputs_embeds alone is not enough)")
+            raise ValueError(
+                "DPN needs input_ids to find the image and router tokens (inputs_embeds alone is not enough)"
+            )
         batch, q_len = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=device)
         attention_mask = attention_mask.long()
 
-        if cache is not None and not isinstance(cache, DPNCache):
-            if cache.get_seq_length() > 0:
-                raise ValueError("DPN needs a DPNCache: a non-empty cache of another kind cannot be continued")
-            cache = None
-        if cache is None and use_cache:
-            cache = DPNCache(config=cfg.text_config)
+        cache = self._resolve_cache(cache, use_cache)
         decoding = cache is not None and cache.get_seq_length() > 0
 
-        embeds, is_visual = self._embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        if decoding:
+            if pixel_values is not None:
+                raise ValueError("images can only be given with the prompt, not while decoding from a cache")
+            # generated ids are text, even an <image> id a model emits (as in HF LLaVA)
+            embeds = self.get_input_embeddings()(input_ids)
+            return self._decode_step(embeds, attention_mask, position_ids, cache, output_hidden_states)
+        embeds, is_visual = self._embed(
+            input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy
+        )
         layers = self.language_model.layers
         rotary = self.language_model.rotary_emb
         all_hidden = (embeds,) if output_hidden_states else None
-        hidden = embeds
-
-        if decoding:
-            if is_visual.any():
-                raise ValueError("images can only be given with the prompt, not while decoding from a cache")
-            new_mask = attention_mask[:, -q_len:]
-            for s, segment in enumerate(self._segments()):
-                past = cache.segment_masks[s]
-                key_mask = torch.cat([past, new_mask], dim=1)
-                positions = past.sum(-1, keepdim=True) + torch.arange(q_len, device=device)
-                if s == 0 and position_ids is not None:
-                    positions = position_ids[:, -q_len:]
-                mask4d = _additive_mask(key_mask, q_len, hidden.dtype)
-                pos_emb = rotary(hidden, positions)
-                for i in segment:
-                    hidden = layers[i](
-                        hidden, attention_mask=mask4d, position_ids=positions, cache=cache,
-                        use_cache=True, position_embeddings=pos_emb,
-                    )
-                    if output_hidden_states:
-                        all_hidden += (hidden,)
-                cache.segment_masks[s] = key_mask
-            return DPNModelOutput(
-                last_hidden_state=self.language_model.norm(hidden), cache=cache, attention_mask=new_mask,
-                token_positions=torch.arange(q_len, device=device).expand(batch, -1)
-                + attention_mask.shape[1] - q_len,
-                hidden_states=all_hidden,
-            )
 
         # ---- prefill -------------------------------------------------------------------------------
-        is_router = input_ids == cfg.router_token_id
-        has_router = is_router.any(-1)
-        has_image = is_visual.any(-1)
-        if forced is None and (has_image & ~has_router).any():
-            i = int((has_image & ~has_router).nonzero()[0, 0])
-            raise ValueError(
-                f"compression='auto' needs a <router> token (id {cfg.router_token_id}) after the question in every "
-                f"sample with an image; sample {i} has none. Build prompts with the DPN processor, or force a "
-                "compression (1, 2, 4)."
-            )
-        rows0, cols0 = cfg.vision_grid
-        grid_rows = torch.where(has_image, rows0, 0).to(device)
-        grid_cols = torch.where(has_image, cols0, 0).to(device)
-        state = {
-            "hidden": hidden,
-            "mask": attention_mask,
-            "is_visual": is_visual,
-            "src": torch.where(attention_mask.bool(), torch.arange(q_len, device=device)[None], -1),
-            "router_pos": torch.where(has_router, is_router.int().argmax(-1), -1),
-            "rows": grid_rows,
-            "cols": grid_cols,
-            "positions": position_ids if position_ids is not None else _positions_from_mask(attention_mask),
-        }
+        state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
         n_stages = len(self.pyramid)
         choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=device)
-        probs_all = [] if forced is None else None
-        visual_counts = [grid_rows * grid_cols]
+        probs_all = []
+        visual_counts = [state["rows"] * state["cols"]]
         seq_lens = []
         segment_masks = []
         for s, segment in enumerate(self._segments()):
@@ -444,8 +523,12 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             hidden = state["hidden"]
             for i in segment:
                 hidden = layers[i](
-                    hidden, attention_mask=mask4d, position_ids=state["positions"], cache=cache,
-                    use_cache=use_cache, position_embeddings=pos_emb,
+                    hidden,
+                    attention_mask=mask4d,
+                    position_ids=state["positions"],
+                    cache=cache,
+                    use_cache=use_cache,
+                    position_embeddings=pos_emb,
                 )
                 if output_hidden_states:
                     all_hidden += (hidden,)
@@ -454,16 +537,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             segment_masks.append(mask)
             if s == n_stages:
                 break
-            stage = self.pyramid[s]
-            eligible = (state["rows"] * state["cols"]) >= cfg.min_visual_tokens
-            eligible &= has_image
-            choice, gate, probs = self._route(stage, hidden, state["router_pos"], eligible, forced, self.training)
-            if probs_all is not None:
+            choices[:, s], probs = self._pool_stage(s, state, mode, schedule)
+            if probs is not None:
                 probs_all.append(probs)
-            choices[:, s] = torch.where(eligible, choice, -1)
-            identity = stage.strides[forced] == (1, 1) if forced is not None else False
-            if eligible.any() and not identity:
-                self._pool_and_rebuild(stage, state, choice, gate, eligible)
             visual_counts.append(state["rows"] * state["cols"])
 
         if cache is not None:
@@ -472,7 +548,13 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         r_loss = None
         if router_probs is not None:
             r_loss = routing_loss(
-                router_probs, choices, choices >= 0, cfg.routing_loss_scales, cfg.routing_loss_target
+                router_probs,
+                choices,
+                choices >= 0,
+                cfg.routing_loss_scales,
+                cfg.routing_loss_target,
+                expert=cfg.routing_loss_expert,
+                reduction=cfg.routing_loss_reduction,
             )
         return DPNModelOutput(
             last_hidden_state=self.language_model.norm(state["hidden"]),
@@ -556,9 +638,16 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         prefill_flops = None
         if out.layer_seq_lens is not None:
             has_image = out.visual_tokens[:, 0] > 0
-            kept = out.attention_mask.sum(-1) if not logits_to_keep else torch.full_like(has_image, logits_to_keep, dtype=torch.long)
+            kept = (
+                out.attention_mask.sum(-1)
+                if not logits_to_keep
+                else torch.full_like(has_image, logits_to_keep, dtype=torch.long)
+            )
             prefill_flops = flops_lib.prefill_flops_batch(
-                self.config, out.layer_seq_lens, has_image, lm_head_tokens=kept,
+                self.config,
+                out.layer_seq_lens,
+                has_image,
+                lm_head_tokens=kept,
                 num_routed_layers=None if out.router_probs is not None else 0,  # forced: no router runs
             )
         return DPNCausalLMOutputWithPast(
@@ -617,7 +706,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
         not_router = [k for k in missing if not k.startswith("model.pyramid.")]
         if not_router or unexpected:
-            raise ValueError(f"LLaVA weights did not map onto DPN: missing {not_router[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"LLaVA weights did not map onto DPN: missing {not_router[:5]}, unexpected {unexpected[:5]}"
+            )
         return model.to(llava.dtype)
 
 

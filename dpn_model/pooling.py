@@ -1,7 +1,8 @@
 """Dynamic Pooling Experts: the router and the 2-D pooling experts applied after a decoder layer.
 
 Each expert pools the current visual grid with kernel = stride (1x1 keeps every token, 1x2 half, 2x2 a
-quarter). A small router reads the hidden state of the `<router>` token and picks one expert per sample.
+quarter). A small router reads the hidden state of the `<router>` tokens (their mean over every user turn, as
+the reference does) and picks one expert per sample.
 Grids whose side is not a multiple of the stride keep their last partial window (ceil mode): no token
 is silently dropped.
 """
@@ -29,20 +30,47 @@ def pooled_grid(grid, stride):
     return -(-rows // sh), -(-cols // sw)
 
 
-class DPNRouter(nn.Module):
-    """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts); logits / temperature."""
+def router_input(hidden: torch.Tensor, is_router: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """What the router reads: the `<router>` tokens' hidden states, one vector per sample.
 
-    def __init__(self, hidden_size: int, num_experts: int, temperature: float):
+    Args:
+        hidden (`torch.Tensor` of shape `(batch, seq_len, hidden)`): hidden states after the pooling layer.
+        is_router (`torch.BoolTensor` of shape `(batch, seq_len)`): the `<router>` positions (one per user turn).
+        reduction (`str`): `"mean"` over every `<router>` position of the sample (reference), or `"last"`
+            (the last `<router>` position only).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, hidden)`, in `hidden`'s dtype; zeros for a sample without `<router>`.
+    """
+    counts = is_router.sum(-1)  # (B,)
+    k = max(int(counts.max()), 1)
+    # positions of each sample's router tokens, in order, padded to the batch's most: (B, K)
+    positions = torch.argsort((~is_router).int(), dim=-1, stable=True)[:, :k]
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
+    if reduction == "last":
+        last = (counts - 1).clamp(min=0)
+        out = picked[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return out * (counts > 0).unsqueeze(-1).to(hidden.dtype)
+    valid = (torch.arange(k, device=hidden.device)[None] < counts[:, None]).unsqueeze(-1)  # (B, K, 1)
+    # elementwise in float32 (no matmul: FLOPs accounting counts matmuls only, and this is not the model's)
+    total = (picked.float() * valid).sum(1)
+    return (total / counts.clamp(min=1).unsqueeze(-1)).to(hidden.dtype)
+
+
+class DPNRouter(nn.Module):
+    """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts, bias optional); logits / temperature."""
+
+    def __init__(self, hidden_size: int, num_experts: int, temperature: float, bias: bool = False):
         super().__init__()
         self.temperature = temperature
         self.norm = nn.LayerNorm(hidden_size)
         self.down = nn.Linear(hidden_size, max(hidden_size // 4, 1), bias=False)
         self.act = nn.GELU()
-        self.out = nn.Linear(max(hidden_size // 4, 1), num_experts)
+        self.out = nn.Linear(max(hidden_size // 4, 1), num_experts, bias=bias)
 
     def forward(self, router_hidden: torch.Tensor) -> torch.Tensor:
         """Args:
-            router_hidden (`torch.Tensor` of shape `(batch, hidden)`): hidden state of the `<router>` token.
+            router_hidden (`torch.Tensor` of shape `(batch, hidden)`): what the router reads ([`router_input`]).
 
         Returns:
             `torch.Tensor` of shape `(batch, num_experts)`: expert probabilities (float32).
@@ -59,12 +87,30 @@ class DynamicPoolingExperts(nn.Module):
         hidden = config.text_config.hidden_size
         self.strides = [tuple(s) for s in config.expert_strides]
         self.pooling_type = config.pooling_type
-        self.router = DPNRouter(hidden, len(self.strides), config.router_temperature)
+        self.router = DPNRouter(hidden, len(self.strides), config.router_temperature, bias=config.router_bias)
         if self.pooling_type == "conv":
             # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.
             self.convs = nn.ModuleList(
-                nn.Conv2d(hidden, hidden, kernel_size=s, stride=s, groups=hidden, bias=False) for s in self.strides
+                nn.Conv2d(hidden, hidden, kernel_size=s, stride=s, groups=hidden, bias=False)
+                for s in self.strides
             )
+
+    def tokens_after(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Visual tokens each expert would leave, `(batch, num_experts)`, for grids `(batch,)` rows x cols."""
+        strides = torch.tensor(self.strides, device=rows.device)  # (E, 2)
+        new_rows, new_cols = pooled_grid((rows[:, None], cols[:, None]), (strides[:, 0], strides[:, 1]))
+        return new_rows * new_cols
+
+    def feasible_experts(self, rows: torch.Tensor, cols: torch.Tensor, floor: int | None) -> torch.Tensor:
+        """Experts that leave at least `floor` visual tokens, `(batch, num_experts)` bool.
+
+        The expert keeping the most tokens is always feasible, so every sample has a choice (the reference would
+        re-sample forever on a grid of 16 or 17 tokens; here such a grid keeps its tokens).
+        """
+        kept = self.tokens_after(rows, cols)
+        if not floor:
+            return torch.ones_like(kept, dtype=torch.bool)
+        return (kept >= floor) | (kept == kept.max(-1, keepdim=True).values)
 
     def pool(self, grid_tokens: torch.Tensor, expert: int) -> torch.Tensor:
         """Pool visual tokens laid out on their grid.

@@ -2,10 +2,14 @@
 
 Prompt format (LLaVA-1.5's vicuna-v1 conversation, plus DPN's router token)::
 
-    {system} USER: <image>\n{question} <router> ASSISTANT: {answer}</s>USER: {question 2} ASSISTANT: {answer 2}</s>
+    {system} USER: <image>\n{question} <router> ASSISTANT: {answer}</s>USER: {question 2} <router> ASSISTANT: {answer 2}</s>
 
-`<router>` ends the *last* user turn, right before " ASSISTANT:", so by causal attention its hidden state has
-seen the image and the question when the pooling routers read it. The processor expands each `<image>` into
+As in the authors' code, `<router>` ends *every* user turn of a conversation with an image (text-only
+conversations get none: they are never pooled), right before " ASSISTANT:"; by causal attention each one has
+seen the image and its question, and the routers read their mean (`DPNConfig.router_token_reduction`).
+`router_placement="last_user_turn"` is the earlier format (one `<router>` at the end of the last user turn,
+image or not); a processor saved before `router_placement` existed loads with it, so old checkpoints keep the
+prompts they were trained on. Router tokens are prompt tokens: never labels. The processor expands each `<image>` into
 `image_seq_length` copies (one per visual token), like [`LlavaProcessor`]. Nothing here depends on the tiny
 vocabulary: the same code serves a llava-hf Llama tokenizer extended with [`add_dpn_special_tokens`].
 """
@@ -27,7 +31,14 @@ USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
 IGNORE_INDEX = -100
 IMAGE_PART_TYPES = ("image", "image_url")
-_ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+ROUTER_PLACEMENTS = ("every_user_turn", "last_user_turn")
+_ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+}
 
 # Same output as `build_prompt` for role/content messages. Variables other than `messages`,
 # `add_generation_prompt` and `eos_token` are filled in by `DPNProcessor.apply_chat_template`.
@@ -35,10 +46,20 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- set image_token = image_token | default('<image>') -%}"
     "{%- set router_token = router_token | default('<router>') -%}"
     "{%- set eos = eos_token | default('</s>') -%}"
-    "{%- set ns = namespace(system=default_system_prompt | default('" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "'), "
-    "last_user=-1) -%}"
+    "{%- set placement = router_placement | default('every_user_turn') -%}"
+    "{%- set ns = namespace(system=default_system_prompt | default('"
+    + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'")
+    + "'), "
+    "last_user=-1, has_image=false) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- if message['role'] != 'system' -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- if image_token in message['content'] -%}{%- set ns.has_image = true -%}{%- endif -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.has_image = true -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
     "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
     "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text') "
@@ -58,7 +79,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- if message['role'] == 'user' -%}"
     "{{ 'USER: ' ~ text }}"
-    "{%- if loop.index0 == ns.last_user and (add_router_token is not defined or add_router_token) -%}"
+    "{%- if (add_router_token is not defined or add_router_token) and ("
+    "(placement == 'every_user_turn' and ns.has_image) or (placement == 'last_user_turn' and loop.index0 == ns.last_user)"
+    ") -%}"
     "{{ ' ' ~ router_token }}{%- endif -%}"
     "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' ~ text ~ eos }}"
     "{%- endif -%}"
@@ -85,7 +108,9 @@ def _message_text(content: Any, image_token: str) -> str:
         elif kind == "text":
             texts.append(part["text"])
         else:
-            raise ValueError(f"unsupported content part {part!r}: expected {{'type': 'text' | 'image' | 'image_url'}}")
+            raise ValueError(
+                f"unsupported content part {part!r}: expected {{'type': 'text' | 'image' | 'image_url'}}"
+            )
     return images + " ".join(texts)
 
 
@@ -130,6 +155,16 @@ def normalize_messages(
     return system, turns
 
 
+def _routed_turns(turns: Sequence[tuple[str, str]], image_token: str, placement: str) -> set[int]:
+    """Indices of the user turns that end with `<router>` under `placement` (see [`build_prompt`])."""
+    if placement not in ROUTER_PLACEMENTS:
+        raise ValueError(f"router_placement must be one of {ROUTER_PLACEMENTS}, got {placement!r}")
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    if placement == "last_user_turn":
+        return set(users[-1:])
+    return set(users) if any(image_token in text for _, text in turns) else set()
+
+
 def build_prompt(
     messages: Sequence[Mapping[str, Any]],
     add_router_token: bool = True,
@@ -138,32 +173,36 @@ def build_prompt(
     router_token: str = "<router>",
     eos_token: str = "</s>",
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    router_placement: str = "every_user_turn",
 ) -> str:
-    """Render a conversation in the vicuna-v1 format with `<router>` at the end of the last user turn.
+    """Render a conversation in the vicuna-v1 format with DPN's `<router>` tokens.
 
     Args:
         messages (`list[dict]`):
             Role/content or LLaVA from/value messages (see [`normalize_messages`]).
         add_router_token (`bool`, *optional*, defaults to `True`):
-            Put `router_token` at the end of the last user turn (DPN models need it; plain LLaVA does not).
+            Add `router_token`s (DPN models need them; plain LLaVA does not).
         add_generation_prompt (`bool`, *optional*, defaults to `True`):
             End with `" ASSISTANT:"` when the last message is from the user, for generation.
         image_token, router_token, eos_token (`str`, *optional*):
             The tokenizer's placeholder, router and end-of-turn tokens.
         system_prompt (`str`, *optional*, defaults to LLaVA-1.5's system prompt):
             Used when the messages have no system message; `""` for none.
+        router_placement (`str`, *optional*, defaults to `"every_user_turn"`):
+            `"every_user_turn"`: `<router>` ends every user turn of a conversation with an image, none without one
+            (the reference); `"last_user_turn"`: one `<router>` at the end of the last user turn (earlier format).
 
     Returns:
         `str`: The prompt, without `<s>` (the tokenizer adds it).
     """
     system, turns = normalize_messages(messages, image_token)
     system = system_prompt if system is None else system
-    last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+    routed = _routed_turns(turns, image_token, router_placement) if add_router_token else set()
     out = [system + " "] if system else []
     for i, (role, text) in enumerate(turns):
         if role == "user":
             out.append(f"{USER_ROLE}: {text}")
-            if add_router_token and i == last_user:
+            if i in routed:
                 out.append(f" {router_token}")
         else:
             out.append(f" {ASSISTANT_ROLE}: {text}{eos_token}")
@@ -191,6 +230,9 @@ class DPNProcessor(ProcessorMixin):
             Router token.
         system_prompt (`str`, *optional*, defaults to LLaVA-1.5's system prompt):
             System line used when a conversation has no system message.
+        router_placement (`str`, *optional*, defaults to `"every_user_turn"`):
+            Where `<router>` goes, in training, evaluation and serving alike (see [`build_prompt`]). A processor
+            saved without this key (before it existed) loads as `"last_user_turn"`, the format it was built for.
     """
 
     def __init__(
@@ -202,12 +244,18 @@ class DPNProcessor(ProcessorMixin):
         image_token: str = "<image>",
         router_token: str = "<router>",
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        router_placement: str = "every_user_turn",
         **kwargs: Any,
     ):
         if image_processor is None or tokenizer is None:
             raise ValueError("DPNProcessor needs both an image_processor and a tokenizer")
+        if router_placement not in ROUTER_PLACEMENTS:
+            raise ValueError(f"router_placement must be one of {ROUTER_PLACEMENTS}, got {router_placement!r}")
+        self.router_placement = router_placement
         if image_seq_length < 1:
-            raise ValueError(f"image_seq_length must be >= 1 (config.image_seq_length), got {image_seq_length}")
+            raise ValueError(
+                f"image_seq_length must be >= 1 (config.image_seq_length), got {image_seq_length}"
+            )
         self.image_seq_length = int(image_seq_length)
         self.image_token = image_token
         self.router_token = router_token
@@ -215,6 +263,14 @@ class DPNProcessor(ProcessorMixin):
         self.image_token_id = self._special_token_id(tokenizer, image_token, "image_token")
         self.router_token_id = self._special_token_id(tokenizer, router_token, "router_token")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_args_and_dict(cls, args: Any, processor_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Loading: a `processor_config.json` written before `router_placement` existed gets the one-router format
+        its checkpoint was trained with (`"last_user_turn"`); its saved chat template matches that too."""
+        if "router_placement" not in processor_dict and "router_placement" not in kwargs:
+            processor_dict = {**processor_dict, "router_placement": "last_user_turn"}
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
 
     @staticmethod
     def _special_token_id(tokenizer: PreTrainedTokenizerBase, token: str, name: str) -> int:
@@ -227,19 +283,28 @@ class DPNProcessor(ProcessorMixin):
         return ids[0]
 
     @classmethod
-    def from_model_config(cls, config: Any, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> DPNProcessor:
+    def from_model_config(
+        cls, config: Any, tokenizer: PreTrainedTokenizerBase, **kwargs: Any
+    ) -> DPNProcessor:
         """Build the processor that matches a [`DPNConfig`]: image size, `image_seq_length` and token ids.
+
+        A config of the earlier semantics (`dpn_config_version` 1) gets the one-router prompt format it was
+        trained with (`router_placement="last_user_turn"`) unless `router_placement` is given.
 
         Args:
             config ([`DPNConfig`]): The model configuration.
             tokenizer ([`PreTrainedTokenizerBase`]): The model's tokenizer.
-            **kwargs: Passed to [`DPNProcessor`] (e.g. `system_prompt`).
+            **kwargs: Passed to [`DPNProcessor`] (e.g. `system_prompt`, `router_placement`).
 
         Returns:
             [`DPNProcessor`]
         """
+        if getattr(config, "dpn_config_version", 2) < 2:
+            kwargs.setdefault("router_placement", "last_user_turn")
         side = config.vision_config.image_size
-        image_processor = DPNImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        image_processor = DPNImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
         processor = cls(image_processor, tokenizer, image_seq_length=config.image_seq_length, **kwargs)
         for name in ("image_token_id", "router_token_id"):
             if getattr(processor, name) != getattr(config, name):
@@ -267,6 +332,7 @@ class DPNProcessor(ProcessorMixin):
             router_token=self.router_token,
             eos_token=self.tokenizer.eos_token,
             system_prompt=self.system_prompt,
+            router_placement=self.router_placement,
         )
 
     def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
@@ -278,6 +344,7 @@ class DPNProcessor(ProcessorMixin):
         kwargs.setdefault("router_token", self.router_token)
         kwargs.setdefault("default_system_prompt", self.system_prompt)
         kwargs.setdefault("add_router_token", True)
+        kwargs.setdefault("router_placement", self.router_placement)
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
@@ -313,7 +380,9 @@ class DPNProcessor(ProcessorMixin):
         """
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
-        return super().__call__(images=images, text=text, padding=padding, return_tensors=return_tensors, **kwargs)
+        return super().__call__(
+            images=images, text=text, padding=padding, return_tensors=return_tensors, **kwargs
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # Training: token ids and labels
@@ -347,9 +416,13 @@ class DPNProcessor(ProcessorMixin):
             raise ValueError("conversation has no assistant answer to learn from")
         num_images = sum(text.count(self.image_token) for _, text in turns)
         if not has_image and num_images:
-            raise ValueError(f"conversation has {num_images} {self.image_token} placeholder(s) but has_image=False")
+            raise ValueError(
+                f"conversation has {num_images} {self.image_token} placeholder(s) but has_image=False"
+            )
         if has_image and num_images > 1:
-            raise ValueError(f"one image per sample is supported, the conversation has {num_images} placeholders")
+            raise ValueError(
+                f"one image per sample is supported, the conversation has {num_images} placeholders"
+            )
         if has_image:
             if any(role == "assistant" and self.image_token in text for role, text in turns):
                 raise ValueError(f"the {self.image_token} placeholder must be in a user turn, not an answer")
@@ -368,10 +441,11 @@ class DPNProcessor(ProcessorMixin):
         """Token ids and labels of one training conversation; only the answers (and their `</s>`) are learned.
 
         The prompt and every answer are tokenized separately and concatenated, so an answer has the same ids as
-        when tokenized alone (`" red"` -> `▁red`) and as in the inference prompt. `<router>` ends the last user
-        turn that is kept. When the sequence exceeds `max_length`, whole trailing rounds are dropped (the
-        router moves to the new last user turn); if one round is still too long its answer is cut. The image
-        tokens are never cut.
+        when tokenized alone (`" red"` -> `▁red`) and as in the inference prompt. `<router>` is placed as
+        [`build_prompt`] places it (`router_placement`): after every user turn of a sample with an image, or, in the
+        `"last_user_turn"` format, after the last user turn kept. Router tokens are never labels. When the sequence
+        exceeds `max_length`, whole trailing rounds are dropped; if one round is still too long its answer is cut.
+        The image tokens are never cut.
 
         Args:
             conversations (`list[dict]`):
@@ -403,23 +477,29 @@ class DPNProcessor(ProcessorMixin):
             routed = self._expand_image(self._encode(f"{user} {self.router_token}{tail}", index > 0))
             pieces.append((plain, routed, self._encode(f" {answer}", after_special_token=True) + eos))
 
+        def prompt(index: int, num_rounds: int) -> list[int]:
+            plain, routed, _ = pieces[index]
+            if self.router_placement == "last_user_turn":
+                return routed if index == num_rounds - 1 else plain
+            return routed if has_image else plain  # every user turn of a sample with an image
+
         def assemble(num_rounds: int, answer_budget: int | None = None) -> dict[str, Any]:
             input_ids, labels = list(start_ids), [IGNORE_INDEX] * len(start_ids)
             for index in range(num_rounds):
-                plain, routed, answer = pieces[index]
-                prompt = routed if index == num_rounds - 1 else plain
+                prompt_ids, answer = prompt(index, num_rounds), pieces[index][2]
                 if answer_budget is not None and index == num_rounds - 1:
                     answer = answer[:answer_budget]
-                input_ids += prompt + answer
-                labels += [IGNORE_INDEX] * len(prompt) + answer
+                input_ids += prompt_ids + answer
+                labels += [IGNORE_INDEX] * len(prompt_ids) + answer
             return {"input_ids": input_ids, "labels": labels}
 
         for num_rounds in range(len(rounds), 0, -1):
-            length = len(start_ids) + sum(len(p) + len(a) for p, _, a in pieces[: num_rounds - 1])
-            length += len(pieces[num_rounds - 1][1]) + len(pieces[num_rounds - 1][2])
+            length = len(start_ids) + sum(
+                len(prompt(i, num_rounds)) + len(pieces[i][2]) for i in range(num_rounds)
+            )
             if max_length is None or length <= max_length:
                 return {**assemble(num_rounds), "truncated": num_rounds < len(rounds)}
-        prompt_length = len(start_ids) + len(pieces[0][1])
+        prompt_length = len(start_ids) + len(prompt(0, 1))
         if prompt_length + 1 > max_length:
             raise PromptTooLongError(
                 f"the first prompt needs {prompt_length} tokens ({self.image_seq_length if has_image else 0} of them "
@@ -447,6 +527,7 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "IGNORE_INDEX",
+    "ROUTER_PLACEMENTS",
     "DPNProcessor",
     "PromptTooLongError",
     "build_prompt",

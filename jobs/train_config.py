@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from jobs.config import load_config
@@ -22,8 +23,12 @@ class ModelConfig:
             llava-1.5-7b needs a converted checkpoint instead), a converted DPN checkpoint directory
             (``dpn convert``), or any model URI :func:`jobs.tracking.resolve_model_dir` accepts
             (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``): dense -> DPN.
-        compression: ``"auto"`` trains DPN (router + routing loss); 1 (dense), 2 or 4 force that
-            expert at every pooling layer (the baselines).
+        compression: ``"auto"`` trains DPN (router + routing loss); ``"random"`` routes each sample
+            to a uniformly drawn expert per pooling layer (no router; the paper's random-routing
+            ablation; the training token floor applies); 1 (dense), 2 or 4 force that expert at every
+            pooling layer; a schedule (``[1, 2, 4]`` or ``"1,2,4"``) forces one factor per pooling
+            layer, a static pyramid as PyramidDrop uses (the baselines). Parsed by
+            ``dpn_model.configuration.parse_compression``; the factors are the model's experts'.
         dense_warmup_steps: with ``compression: auto``, train the first this-many optimizer steps
             dense (compression 1, no routing) and route after that. The paper inserts DPN into an
             already trained LLaVA (``init`` from a dense run does that); a model trained from random
@@ -39,7 +44,7 @@ class ModelConfig:
     """
 
     init: str = "preset:tiny"
-    compression: Literal["auto", 1, 2, 4] = "auto"
+    compression: str | int | list[int] = "auto"
     dense_warmup_steps: int = 0
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -49,13 +54,34 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        from dpn_model.configuration import parse_compression
+
         if self.dense_warmup_steps < 0:
             raise ValueError(f"dense_warmup_steps must be >= 0, got {self.dense_warmup_steps}")
-        if self.dense_warmup_steps and self.compression != "auto":
+        # the factors are checked against the model's experts when they are known before loading it
+        parsed = parse_compression(self.compression, self.known_pyramid())
+        if self.dense_warmup_steps and parsed != "auto":
             raise ValueError(
                 f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
                 f"with compression {self.compression}); set it to 0"
             )
+
+    def known_pyramid(self) -> SimpleNamespace | None:
+        """`expert_strides` and `pooling_layers` of the model to train, when the config alone tells them (a
+        preset, or overrides naming both); None for a checkpoint, whose config is read when it is loaded."""
+        from dpn_model.configuration import DEFAULT_EXPERT_STRIDES
+        from dpn_model.presets import PRESETS
+
+        overrides = self.config_overrides
+        layers = overrides.get("pooling_layers")
+        if layers is None and self.init.startswith("preset:"):
+            layers = PRESETS.get(self.init.split(":", 1)[1], {}).get("pooling_layers")
+        strides = overrides.get("expert_strides")
+        if strides is None and self.init.startswith("preset:"):
+            strides = DEFAULT_EXPERT_STRIDES
+        if layers is None or strides is None:
+            return None
+        return SimpleNamespace(expert_strides=strides, pooling_layers=layers)
 
 
 @dataclass

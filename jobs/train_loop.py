@@ -363,6 +363,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     """
     import ray.train
 
+    from dpn_model.configuration import parse_compression
     from jobs.tracking import StepMetricLogger
     from pipelines.preprocess import Collator
 
@@ -374,6 +375,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
     model_dir = _local_model_dir(spec)
     model = load_model(model_dir, spec["config_overrides"])
+    # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
+    routed_compression = parse_compression(spec["compression"], model.config)
     counts = apply_freezing(model, **spec["freeze"])
     if spec["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -467,7 +470,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            compression = 1 if state.step < dense_warmup else spec["compression"]
+            compression = 1 if state.step < dense_warmup else routed_compression
             out = engine(**batch, compression=compression)
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()

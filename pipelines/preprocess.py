@@ -2,8 +2,9 @@
 
 Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
 
-1. :func:`tokenize_batch`: chat template with ``<image>`` and ``<router>`` placed by the processor,
-   everything but assistant answers masked with -100, truncated to ``max_length`` (trailing rounds
+1. :func:`tokenize_batch`: chat template with ``<image>`` and ``<router>`` placed by the processor
+   (``<router>`` after every user turn of a sample with an image, as the authors train; never a
+   label), everything but assistant answers masked with -100, truncated to ``max_length`` (trailing rounds
    dropped, the last answer cut); a sample whose first prompt plus one answer token does not fit is
    flagged ``too_long``. (Run before decoding so that over-long samples cost no image work.)
 2. :func:`decode_images`: Pillow ``verify()`` then a full ``load()`` (catches corrupt and truncated
@@ -179,9 +180,10 @@ def tokenize_batch(
 
 
 def encode_prompt(processor: Any, turns: list[dict[str, str]], has_image: bool) -> list[int]:
-    """Prompt ids for generation: the chat template up to `` ASSISTANT:`` with ``<router>`` and the
-    image expanded to ``processor.image_seq_length`` tokens, ``<image>`` first in the first user turn
-    (as in training)."""
+    """Prompt ids for generation: the chat template up to `` ASSISTANT:`` with the image expanded to
+    ``processor.image_seq_length`` tokens, ``<image>`` first in the first user turn and ``<router>``
+    placed by ``processor.router_placement`` (after every user turn of a sample with an image), as in
+    training."""
     if not turns:
         raise ValueError("no question to prompt with")
     turns = [dict(t) for t in turns]

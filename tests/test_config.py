@@ -95,9 +95,7 @@ def test_parse_overrides_builds_a_tree():
 def test_train_config_validation_names_the_section():
     with pytest.raises(ConfigError, match=r"train: micro_batch_size must be >= 1"):
         load_train_config(None, ["train.micro_batch_size=0"])
-    with pytest.raises(
-        ConfigError, match=r"model\.compression: 3 is not valid; choose one of \['auto', 1, 2, 4\]"
-    ):
+    with pytest.raises(ConfigError, match=r"model: compression 3: factor\(s\) \[3\] match no pooling expert"):
         load_train_config(None, ["model.compression=3"])
     with pytest.raises(ConfigError, match=r"unknown config key optim\.learning_rate.*'lr'"):
         load_train_config(None, ["optim.learning_rate=1e-4"])
@@ -117,9 +115,38 @@ def test_shipped_train_configs_load_and_open_with_their_launch_command(path):
     assert "optim.lr" in flatten(cfg)
 
 
+def test_model_compression_accepts_schedules_and_random_routing():
+    assert load_train_config(None, ["model.compression=[1, 2, 4]"]).model.compression == [1, 2, 4]
+    assert load_train_config(None, ["model.compression=1,2,4"]).model.compression == "1,2,4"
+    assert load_train_config(None, ["model.compression=random"]).model.compression == "random"
+    assert load_train_config(None, ["model.compression=2"]).model.compression == 2
+    # the preset pools after 3 layers with the default experts (factors 1, 2, 4)
+    with pytest.raises(
+        ConfigError, match=r"model: compression .* has 2 factor\(s\) but the model pools after 3"
+    ):
+        load_train_config(None, ["model.compression=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"model: compression .* factor\(s\) \[8\] match no pooling expert"):
+        load_train_config(None, ["model.compression=1,2,8"])
+    with pytest.raises(ConfigError, match=r"model: compression 'fast'"):
+        load_train_config(None, ["model.compression=fast"])
+    with pytest.raises(ConfigError, match=r"model: dense_warmup_steps only applies to compression 'auto'"):
+        load_train_config(None, ["model.compression=random", "model.dense_warmup_steps=10"])
+    # overrides change the pyramid the schedule is checked against
+    two_layers = load_train_config(
+        None, ["model.compression=[1, 4]", "model.config_overrides.pooling_layers=[1, 2]"]
+    )
+    assert two_layers.model.compression == [1, 4]
+    # a checkpoint's pyramid is only known once it is loaded: only the form is checked here
+    assert load_train_config(
+        None, ["model.init=/some/checkpoint", "model.compression=[1, 2]"]
+    ).model.compression
+
+
 def test_shipped_configs_cover_dpn_and_the_baselines():
-    compressions = {load_train_config(p).model.compression for p in TRAIN_CONFIGS}
-    assert {"auto", 1, 2, 4} <= compressions
+    from dpn_model.configuration import compression_label
+
+    compressions = {compression_label(load_train_config(p).model.compression) for p in TRAIN_CONFIGS}
+    assert {"auto", "1", "2", "4"} <= compressions
     recipe = load_train_config(ROOT / "configs" / "train_llava7b.yaml")
     assert (
         recipe.train.micro_batch_size == 16 and recipe.optim.lr == 2e-5 and recipe.optim.warmup_ratio == 0.03

@@ -18,12 +18,23 @@ VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
 def make_config(**overrides) -> DPNConfig:
     fields = dict(
         text_config=dict(
-            model_type="llama", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=128, pad_token_id=PAD,
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            pad_token_id=PAD,
         ),
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=4, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64,
+            model_type="clip_vision_model",
+            hidden_size=32,
+            image_size=32,
+            patch_size=4,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
         ),
         image_token_id=IMAGE,
         router_token_id=ROUTER,
@@ -39,8 +50,10 @@ def llava_twin(model: DPNForConditionalGeneration) -> LlavaForConditionalGenerat
     cfg = model.config
     llava = LlavaForConditionalGeneration(
         LlavaConfig(
-            text_config=cfg.text_config.to_dict(), vision_config=cfg.vision_config.to_dict(),
-            image_token_id=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
+            text_config=cfg.text_config.to_dict(),
+            vision_config=cfg.vision_config.to_dict(),
+            image_token_id=cfg.image_token_id,
+            image_seq_length=cfg.num_visual_tokens,
         )
     ).eval()
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.pyramid.")}
@@ -130,19 +143,21 @@ def test_pooling_odd_grid_keeps_partial_windows(pooling_type):
     assert quarter[0, 0, 0, 0].item() == pytest.approx(first, abs=1e-5)
 
 
-def test_routing_loss_on_hand_made_probabilities():
+def test_routing_loss_sampled_per_layer_option_on_hand_made_probabilities():
+    """The pre-reference option (checkpoints of config version 1): sampled expert, one hinge per layer.
+    The reference default (argmax expert, one global hinge) is tested in test_fidelity.py."""
     probs = torch.tensor(
-        [[[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]],
-         [[0.1, 0.8, 0.1], [0.5, 0.25, 0.25]]]
+        [[[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], [[0.1, 0.8, 0.1], [0.5, 0.25, 0.25]]]
     )  # (batch 2, layers 2, experts 3)
     choices = torch.tensor([[2, 0], [1, 2]])
     routed = torch.ones(2, 2, dtype=torch.bool)
+    old = dict(expert="sampled", reduction="per_layer")
     # layer 0: mean(2 * 0.5, 1 * 0.8) = 0.9 -> 1.5 - 0.9 = 0.6; layer 1: mean(0, 2 * 0.25) = 0.25 -> 1.25
-    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 1.5)
+    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 1.5, **old)
     assert loss.item() == pytest.approx((0.6 + 1.25) / 2)
     # a layer above target contributes 0; unrouted samples are left out of the mean
     routed = torch.tensor([[True, False], [False, True]])
-    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 0.5)
+    loss = routing_loss(probs, choices, routed, [0.0, 1.0, 2.0], 0.5, **old)
     # layer 0: 2 * 0.5 = 1.0 >= 0.5 -> 0; layer 1: 2 * 0.25 = 0.5 -> 0
     assert loss.item() == pytest.approx(0.0)
 
@@ -153,7 +168,9 @@ def test_router_receives_gradient(model, images):
     labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
     out = m(input_ids=ids, attention_mask=mask, pixel_values=images[:2], labels=labels)
     assert out.routing_loss is not None and out.lm_loss is not None
-    assert out.loss.item() == pytest.approx(out.lm_loss.item() + out.routing_loss.item(), rel=1e-5)
+    weight = m.config.routing_loss_weight
+    assert weight == 0.001  # the reference's weight
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + weight * out.routing_loss.item(), rel=1e-5)
     out.loss.backward()
     for stage in m.model.pyramid:
         assert stage.router.out.weight.grad.abs().sum() > 0
@@ -171,14 +188,25 @@ def test_dense_matches_hf_llava(model, images, attn):
     ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2), prompt(64, 2, 6)])
     with torch.no_grad():
         ours = m(input_ids=ids, attention_mask=mask, pixel_values=images[:3], compression=1)
-        ref = llava(input_ids=ids, attention_mask=mask, pixel_values=images[:3],
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0) * mask)
+        ref = llava(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=images[:3],
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) * mask,
+        )
     real = mask.bool()
     assert (ours.logits - ref.logits)[real].abs().max().item() <= 1e-4
-    gen_ours = m.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:3], compression=1,
-                          max_new_tokens=8, do_sample=False)
-    gen_ref = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:3],
-                             max_new_tokens=8, do_sample=False)
+    gen_ours = m.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=images[:3],
+        compression=1,
+        max_new_tokens=8,
+        do_sample=False,
+    )
+    gen_ref = llava.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=images[:3], max_new_tokens=8, do_sample=False
+    )
     assert torch.equal(gen_ours, gen_ref)
 
 
@@ -186,11 +214,15 @@ def test_dense_matches_hf_llava(model, images, attn):
 
 
 def sharp_router(model: DPNForConditionalGeneration) -> DPNForConditionalGeneration:
-    """A copy whose routers are decisive, so samples of one batch choose different experts."""
+    """A copy whose routers are decisive, so samples of one batch choose different experts (and, without the
+    inference floor, every expert at every layer is open to them)."""
     m = copy.deepcopy(model)
+    m.config.inference_token_floor = None
+    generator = torch.Generator().manual_seed(5)  # fixed (not the tests run before); samples route apart
     with torch.no_grad():
         for stage in m.model.pyramid:
-            stage.router.out.weight.normal_(0, 50.0)
+            weight = stage.router.out.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 50.0)
     return m
 
 
@@ -200,8 +232,14 @@ def test_batch_equals_one_by_one(model, images, compression):
     samples = [prompt(64, 3, 4), prompt(64, 1, 2), prompt(64, 5, 1), prompt(0, 2, 3, image=False)]
     ids, mask = pad_batch(samples)
     pix = images[:3]
-    batch = m.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, compression=compression,
-                       max_new_tokens=6, do_sample=False)
+    batch = m.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pix,
+        compression=compression,
+        max_new_tokens=6,
+        do_sample=False,
+    )
     with torch.no_grad():
         out = m(input_ids=ids, attention_mask=mask, pixel_values=pix, compression=compression)
     if compression == "auto":
@@ -209,9 +247,14 @@ def test_batch_equals_one_by_one(model, images, compression):
         assert len(set(map(tuple, routed.tolist()))) > 1, "the test needs samples choosing different experts"
         assert (out.expert_choices[3] == -1).all()  # text-only: nothing to pool
     for i, s in enumerate(samples):
-        single = m.generate(input_ids=torch.tensor([s]), pixel_values=pix[i : i + 1] if i < 3 else None,
-                            compression=compression, max_new_tokens=6, do_sample=False)
-        assert batch[i, ids.shape[1]:].tolist() == single[0, len(s):].tolist()
+        single = m.generate(
+            input_ids=torch.tensor([s]),
+            pixel_values=pix[i : i + 1] if i < 3 else None,
+            compression=compression,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+        assert batch[i, ids.shape[1] :].tolist() == single[0, len(s) :].tolist()
 
 
 @pytest.mark.parametrize("compression", ["auto", 2, 4])
@@ -219,8 +262,14 @@ def test_cached_decoding_equals_recomputing(model, images, compression):
     """Per-layer cache lengths and positions: decoding with the cache equals re-running the prefix."""
     m = sharp_router(model)
     ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
-    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=images[:2], compression=compression,
-                  max_new_tokens=6, do_sample=False)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=images[:2],
+        compression=compression,
+        max_new_tokens=6,
+        do_sample=False,
+    )
     assert torch.equal(m.generate(**kwargs, use_cache=True), m.generate(**kwargs, use_cache=False))
 
 
@@ -231,7 +280,9 @@ def test_right_padding_matches_unpadded(model, images):
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, pixel_values=images[:2], compression=compression)
             for i, s in enumerate(samples):
-                single = model(input_ids=torch.tensor([s]), pixel_values=images[i : i + 1], compression=compression)
+                single = model(
+                    input_ids=torch.tensor([s]), pixel_values=images[i : i + 1], compression=compression
+                )
                 rows = out.token_positions[i] >= 0
                 mapped = out.logits[i][rows]
                 ref = single.logits[0][single.token_positions[0] >= 0]
@@ -241,8 +292,15 @@ def test_right_padding_matches_unpadded(model, images):
 def test_sampling_generates_within_vocab(model, images):
     torch.manual_seed(3)
     ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
-    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images[:2], do_sample=True,
-                         top_p=0.9, temperature=0.8, max_new_tokens=5)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=images[:2],
+        do_sample=True,
+        top_p=0.9,
+        temperature=0.8,
+        max_new_tokens=5,
+    )
     assert out.shape == (2, ids.shape[1] + 5)
     assert int(out.max()) < VOCAB
 
@@ -251,8 +309,11 @@ def test_text_only_and_forced_without_router(model):
     ids = torch.tensor([prompt(0, 3, 4, router=False, image=False)])
     out = model(input_ids=ids)
     assert (out.expert_choices == -1).all() and out.logits.shape[1] == ids.shape[1]
-    out = model(input_ids=torch.tensor([prompt(64, 1, 1, router=False)]), pixel_values=torch.zeros(1, 3, 32, 32),
-                compression=2)
+    out = model(
+        input_ids=torch.tensor([prompt(64, 1, 1, router=False)]),
+        pixel_values=torch.zeros(1, 3, 32, 32),
+        compression=2,
+    )
     assert out.visual_tokens[0].tolist() == [64, 32, 16, 8]
 
 
