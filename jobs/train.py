@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             state = TrainState.load(ckpt)
             hf_dir = str(Path(ckpt) / HF_DIR)
             version = tracking.log_hf_model(run_id, hf_dir, cfg.mlflow.registered_model, uri=uri)
+            if cfg.run.export_dir:
+                export_model(hf_dir, cfg.run.export_dir)
         tracking.end_run(run_id, "FINISHED", uri=uri)
         model_dir_out = hf_dir if "://" not in result.checkpoint.path else ""
         out = TrainResult(
@@ -130,6 +133,15 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             import ray
 
             ray.shutdown()
+
+
+def export_model(hf_dir: str, export_dir: str) -> None:
+    """Copy the final Hugging Face checkpoint to ``export_dir`` (``run.export_dir``), replacing its contents."""
+    out = Path(export_dir).expanduser().resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(hf_dir, out)
+    logger.info("exported the final model to %s", out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -241,6 +241,8 @@ class RunConfigSection:
         cpus_per_worker: CPUs reserved by each training worker.
         resources_per_worker: extra custom resources per worker (e.g. ``{"accelerator_type:H100": 0.01}``).
         max_failures: restarts from the latest checkpoint after worker failures (-1 = unlimited).
+        export_dir: if set, the final model (Hugging Face format: safetensors, tokenizer, processor) is also
+            copied to this local folder, replacing what it held (e.g. the shipped ``checkpoints/tiny-dense``).
     """
 
     name: str = "dpn-train"
@@ -253,6 +255,7 @@ class RunConfigSection:
     cpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 3
+    export_dir: str | None = None
 
     def validate(self) -> None:
         if self.num_workers < 1:
