@@ -2,8 +2,10 @@
 
 `create_api(backend, settings)` builds the routes over any `Backend` (something that streams generation events
 for a request); the Serve ingress passes one that calls the model deployment's handle, tests can pass a fake one.
-Everything the client sends is validated here (auth, JSON, schema, images, limits) so a bad request never
-reaches a batch, and every error leaves in OpenAI's shape.
+Everything the client sends is validated here (auth, body size, JSON, schema, images, limits) so a bad request
+never reaches a batch, and every error leaves in OpenAI's shape: 400/401/404/413 for the client's mistakes, 503 with
+`Retry-After` when the model side is full or unreachable (a replica died, a health probe timed out), and a JSON 500
+for anything unexpected (a bug, logged with its traceback).
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /v1/dpn/batches` (recent batches with
 the rate each ran at and the rates its requests asked for).
@@ -11,6 +13,7 @@ the rate each ran at and the rates its requests asked for).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,13 +23,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_apps.limits import Limits, check_max_tokens, load_image_url
+from serve_apps.limits import Limits, check_body_size, check_max_tokens, load_image_url
 from serve_apps.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -34,6 +38,7 @@ from serve_apps.protocol import (
     chat_completion,
     completion_id,
     invalid_request,
+    parse_json_object,
     validation_error_to_api_error,
 )
 
@@ -53,7 +58,11 @@ class Backend(Protocol):
         """Recent batch records."""
 
 
-class Overloaded(Exception):
+class Unavailable(Exception):
+    """The model side cannot serve now (a replica died, none is reachable); the API answers 503 + Retry-After."""
+
+
+class Overloaded(Unavailable):
     """The backend refused the request because its queues are full (the API answers 503 + Retry-After)."""
 
 
@@ -66,8 +75,10 @@ class Settings:
         limits: Request limits.
         api_key_env: Environment variable holding the API key; when it is set and non-empty, every route but
             `/health` needs `Authorization: Bearer <key>`.
-        retry_after_s: `Retry-After` seconds on 503 responses when the server is overloaded.
+        retry_after_s: `Retry-After` seconds on 503 responses (overloaded or model unavailable).
         default_compression: Compression of requests that do not set `compression` (`auto`, 1, 2 or 4).
+        health_timeout_s: Longest wait for the model's info on `/health` and `/v1/models`; beyond it they
+            answer 503 (a dead replica must not make the probe hang until the replacement is up).
     """
 
     served_model_name: str = "dpn"
@@ -75,6 +86,7 @@ class Settings:
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
     default_compression: str | int = "auto"
+    health_timeout_s: float = 2.0
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None if self.api_key_env else None
@@ -88,9 +100,72 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving the OpenAI-compatible API over `backend`."""
     settings = settings or Settings()
-    limits = settings.limits
     api_key = settings.api_key()
     app = FastAPI(title="DPN OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app.openapi = lambda: _openapi(app)
+    _add_error_handlers(app, settings.retry_after_s)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            info = await _model_info(backend, settings.health_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            return APIError(
+                503,
+                f"model backend unavailable: {exc}",
+                "server_error",
+                code="unhealthy",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ).response()
+        return JSONResponse({"status": "ok", "model": info.get("model"), "version": info.get("version")})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _check_auth(request, api_key)
+        info = await _model_info(backend, settings.health_timeout_s)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": settings.served_model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "dpn",
+                        "root": info.get("model"),
+                        "version": info.get("version"),
+                        "compression": ["auto", *info.get("compression_factors", [])],
+                    }
+                ],
+            }
+        )
+
+    @app.get("/v1/dpn/batches")
+    async def batches(request: Request, limit: int = Query(0, ge=0, le=1_000_000)) -> JSONResponse:
+        _check_auth(request, api_key)
+        return JSONResponse({"object": "list", "data": await backend.batches(limit)})
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
+                },
+            }
+        },
+    )
+    async def chat_completions(request: Request) -> Response:
+        _check_auth(request, api_key)
+        req = _parse_request(await _read_body(request, settings.limits))
+        return await _chat_completion(req, backend, settings)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error leaves in OpenAI's shape: ours, FastAPI's (query validation, 404, 405), Ray's (503), bugs (500)."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -98,105 +173,161 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid_request(f"invalid request: {exc.errors()[0].get('msg')}").response()
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None  # drop "query" / "path"
+        return invalid_request(
+            f"invalid value for {param!r}: {first.get('msg')}", param=param, code="invalid_value"
+        ).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind, code=str(exc.status_code)).response()
 
-    @app.exception_handler(Overloaded)
-    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return overloaded(str(exc)).response()
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_: Request, exc: Unavailable) -> JSONResponse:
+        retry = {"Retry-After": str(retry_after_s)}
+        if isinstance(exc, Overloaded):
+            error = APIError(
+                503,
+                f"the server is overloaded ({exc}); retry after {retry_after_s} s",
+                "server_overloaded",
+                code="overloaded",
+                headers=retry,
+            )
+        else:
+            error = APIError(
+                503,
+                f"the model is unavailable ({exc}); retry after {retry_after_s} s",
+                "server_error",
+                code="model_unavailable",
+                headers=retry,
+            )
+        return error.response()
 
-    def overloaded(detail: str) -> APIError:
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return APIError(
-            503, f"the server is overloaded ({detail}); retry after {settings.retry_after_s} s",
-            "server_overloaded", code="overloaded", headers={"Retry-After": str(settings.retry_after_s)},
+            500,
+            f"internal error ({type(exc).__name__}); the request was not completed",
+            "server_error",
+            code="internal_error",
+        ).response()
+
+
+def _check_auth(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            code="missing_api_key",
         )
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "incorrect API key provided", "authentication_error", code="invalid_api_key")
 
-    def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error",
-                           code="missing_api_key")
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key provided", "authentication_error", code="invalid_api_key")
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        try:
-            info = await backend.info()
-        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-            return APIError(503, f"model backend unavailable: {exc}", "server_error", code="unhealthy").response()
-        return JSONResponse({"status": "ok", "model": info.get("model"), "version": info.get("version")})
+async def _model_info(backend: Backend, timeout_s: float) -> dict[str, Any]:
+    """The backend's info, or `Unavailable` after `timeout_s` (a dead replica must not hang the health probe)."""
+    try:
+        return await asyncio.wait_for(backend.info(), timeout_s)
+    except TimeoutError as exc:
+        raise Unavailable(f"no answer from the model within {timeout_s} s") from exc
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        check_auth(request)
-        info = await backend.info()
-        return JSONResponse({"object": "list", "data": [{
-            "id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "dpn",
-            "root": info.get("model"), "version": info.get("version"),
-            "compression": ["auto", *info.get("compression_factors", [])],
-        }]})
 
-    @app.get("/v1/dpn/batches")
-    async def batches(request: Request, limit: int = 0) -> JSONResponse:
-        check_auth(request)
-        return JSONResponse({"object": "list", "data": await backend.batches(limit)})
+async def _chat_completion(req: ChatCompletionRequest, backend: Backend, settings: Settings) -> Response:
+    """Run a validated request on the backend: a `chat.completion`, or a stream of chunks when `stream`."""
+    if req.model is not None and req.model != settings.served_model_name:
+        raise APIError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {settings.served_model_name!r}",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+    if "compression" not in req.model_fields_set:
+        req.compression = settings.default_compression
+    backend_request = await _backend_request(req, settings.limits)
+    events = backend.generate(backend_request)
+    first = await _first_event(events, settings.retry_after_s)
+    name = settings.served_model_name
+    rid, created = backend_request["request_id"], int(time.time())
+    fingerprint = first.get("fingerprint")
+    if req.stream:
+        return StreamingResponse(
+            _stream(events, rid, name, created, fingerprint),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    text, final = [], None
+    async for event in events:
+        if event["type"] == "error":
+            raise _event_error(event, settings.retry_after_s)
+        text.append(event.get("text", ""))
+        if event["type"] == "final":
+            final = event
+    if final is None:
+        raise APIError(500, "generation ended without a result", "server_error", code="no_result")
+    body_out = chat_completion(
+        rid,
+        name,
+        "".join(text),
+        final["finish_reason"],
+        final["usage"],
+        final.get("fingerprint", fingerprint),
+        final.get("batch"),
+        created,
+    )
+    batch = final.get("batch") or {}
+    headers = {"x-dpn-batch-id": str(batch.get("id", "")), "x-dpn-batch-rate": str(batch.get("rate", ""))}
+    return JSONResponse(body_out, headers=headers)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        body = await request.body()
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise invalid_request(f"request body is not valid JSON ({exc})", code="invalid_json") from exc
-        if not isinstance(payload, dict):
-            raise invalid_request("request body must be a JSON object", code="invalid_json")
-        try:
-            req = ChatCompletionRequest.model_validate(payload)
-        except ValidationError as exc:
-            raise validation_error_to_api_error(exc) from exc
-        if req.model is not None and req.model != settings.served_model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {settings.served_model_name!r}",
-                           "invalid_request_error", param="model", code="model_not_found")
-        if "compression" not in req.model_fields_set:
-            req.compression = settings.default_compression
-        backend_request = await _backend_request(req, limits)
-        events = backend.generate(backend_request)
-        first = await _first_event(events, overloaded)
-        name = settings.served_model_name
-        rid, created = backend_request["request_id"], int(time.time())
-        fingerprint = first.get("fingerprint")
-        if req.stream:
-            return StreamingResponse(_stream(events, rid, name, created, fingerprint), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, final = [], None
-        async for event in events:
-            if event["type"] == "error":
-                raise APIError(event.get("status", 500), event["message"], "server_error", code=event.get("code"))
-            text.append(event.get("text", ""))
-            if event["type"] == "final":
-                final = event
-        if final is None:
-            raise APIError(500, "generation ended without a result", "server_error", code="no_result")
-        body_out = chat_completion(rid, name, "".join(text), final["finish_reason"], final["usage"],
-                                   final.get("fingerprint", fingerprint), final.get("batch"), created)
-        batch = final.get("batch") or {}
-        headers = {"x-dpn-batch-id": str(batch.get("id", "")), "x-dpn-batch-rate": str(batch.get("rate", ""))}
-        return JSONResponse(body_out, headers=headers)
 
-    return app
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema, with the chat request body the route parses by hand (so that body limits, JSON errors
+    and validation stay ours) documented from `ChatCompletionRequest`, for clients and schema-driven fuzzers."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ChatCompletionRequest"] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused with 413 past `max_body_bytes`: by its Content-Length, and while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if (
+        declared.isascii() and declared.isdigit()
+    ):  # 19+ digits is past any limit (and int() caps long strings)
+        check_body_size(int(declared) if len(declared) < 19 else limits.max_body_bytes + 1, limits)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        check_body_size(size, limits)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_request(body: bytes) -> ChatCompletionRequest:
+    """The validated request, or a 400 in OpenAI's shape naming the field at fault."""
+    payload = parse_json_object(body)
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error_to_api_error(exc) from exc
 
 
 async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[str, Any]:
-    """Validate images and limits; return what the model deployment needs (plain data, images as bytes)."""
+    """Validate images and limits; return what the model deployment needs (plain data, images decoded to
+    `(H, W, 3)` uint8 RGB arrays, so the replica never decodes a file)."""
     messages, images = [], []
     for i, message in enumerate(req.messages):
         if isinstance(message.content, str):
@@ -209,19 +340,25 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
                 continue
             param = f"messages.{i}.content.{j}.image_url"
             if message.role != "user":
-                raise invalid_request(f"images are only accepted in user messages, message {i} is {message.role!r}",
-                                      param=param, code="invalid_image_position")
+                raise invalid_request(
+                    f"images are only accepted in user messages, message {i} is {message.role!r}",
+                    param=param,
+                    code="invalid_image_position",
+                )
             if len(images) >= limits.max_images_per_request:
                 raise invalid_request(
                     f"too many images: this server accepts at most {limits.max_images_per_request} per request",
-                    param=param, code="too_many_images",
+                    param=param,
+                    code="too_many_images",
                 )
             url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
             images.append(await load_image_url(url, limits, param + ".url"))
             parts.append({"type": "image_url"})
         messages.append({"role": message.role, "content": parts})
     if messages[-1]["role"] != "user":
-        raise invalid_request("the last message must be from the user", param="messages", code="invalid_messages")
+        raise invalid_request(
+            "the last message must be from the user", param="messages", code="invalid_messages"
+        )
     return {
         "request_id": completion_id(),
         "messages": messages,
@@ -231,49 +368,103 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
         "top_p": req.top_p,
         "seed": req.seed,
         "stop": req.stop_list(),
-        "compression": req.compression_value(),
+        "compression": req.compression,
         "ignore_eos": req.ignore_eos,
     }
 
 
-async def _first_event(events: AsyncIterator[dict[str, Any]], overloaded) -> dict[str, Any]:
-    """The backend's first event: `start`, or the error it reports (400 for prompt problems, 503 when full)."""
+def _event_error(event: dict[str, Any], retry_after_s: int) -> APIError:
+    """The `APIError` of a backend `error` event (400 for prompt problems, 503 + Retry-After when unavailable)."""
+    status = int(event.get("status", 500))
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
+    return APIError(
+        status,
+        event.get("message", "generation failed"),
+        kind,
+        param=event.get("param"),
+        code=event.get("code"),
+        headers=headers,
+    )
+
+
+async def _first_event(events: AsyncIterator[dict[str, Any]], retry_after_s: int) -> dict[str, Any]:
+    """The backend's first event: `start`, or the error it reports (raised as an `APIError`)."""
     try:
         first = await events.__anext__()
-    except Overloaded as exc:
-        raise overloaded(str(exc)) from exc
     except StopAsyncIteration as exc:
         raise APIError(500, "the model backend returned nothing", "server_error", code="no_result") from exc
     if first["type"] == "error":
-        status = first.get("status", 500)
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        raise APIError(status, first["message"], kind, param=first.get("param"), code=first.get("code"))
+        raise _event_error(first, retry_after_s)
     return first
 
 
-async def _stream(events: AsyncIterator[dict[str, Any]], rid: str, model: str, created: int,
-                  fingerprint: str | None) -> AsyncIterator[bytes]:
+async def _stream(
+    events: AsyncIterator[dict[str, Any]], rid: str, model: str, created: int, fingerprint: str | None
+) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
     yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
     try:
         async for event in events:
             if event["type"] == "error":
-                yield _sse({"error": {"message": event["message"], "type": "server_error", "param": None,
-                                      "code": event.get("code")}})
+                yield _sse(
+                    {
+                        "error": {
+                            "message": event["message"],
+                            "type": "server_error",
+                            "param": None,
+                            "code": event.get("code"),
+                        }
+                    }
+                )
                 break
             if event["type"] == "delta":
-                yield _sse(chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint))
+                yield _sse(
+                    chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint)
+                )
             elif event["type"] == "final":
                 if event.get("text"):
-                    yield _sse(chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint))
-                yield _sse(chat_chunk(rid, model, created, {}, finish_reason=event["finish_reason"],
-                                      usage=event["usage"], fingerprint=event.get("fingerprint", fingerprint),
-                                      batch=event.get("batch")))
+                    yield _sse(
+                        chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint)
+                    )
+                yield _sse(
+                    chat_chunk(
+                        rid,
+                        model,
+                        created,
+                        {},
+                        finish_reason=event["finish_reason"],
+                        usage=event["usage"],
+                        fingerprint=event.get("fingerprint", fingerprint),
+                        batch=event.get("batch"),
+                    )
+                )
+    except (
+        Unavailable
+    ) as exc:  # the replica died mid-stream: the status line is already sent; report in-stream
+        yield _sse(
+            {
+                "error": {
+                    "message": f"the model is unavailable ({exc}); retry",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "model_unavailable",
+                }
+            }
+        )
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-stream
         logger.exception("stream %s failed", rid)
-        yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                              "code": "generation_failed"}})
+        yield _sse(
+            {
+                "error": {
+                    "message": f"generation failed: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "generation_failed",
+                }
+            }
+        )
     yield _sse("[DONE]")
 
 
-__all__ = ["Backend", "Overloaded", "Settings", "create_api"]
+__all__ = ["Backend", "Overloaded", "Settings", "Unavailable", "create_api"]

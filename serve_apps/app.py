@@ -8,7 +8,9 @@ Deploy from a config file (`serve run configs/serve_tiny.yaml`, `serve deploy co
 
 The ingress validates requests (serve_apps.api) and streams each one from the model deployment through a handle;
 when the model deployment's caller-side queue is full (`max_queued_requests`), Ray raises `BackPressureError`
-and the ingress answers an OpenAI-style 503 with `Retry-After`.
+and the ingress answers an OpenAI-style 503 with `Retry-After`. When a model replica dies, the requests it was
+serving fail with Ray's actor errors: those become 503 + `Retry-After` too (Serve starts a replacement; a retry
+lands on a live replica).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve_apps.api import Overloaded, Settings, create_api
+from serve_apps.api import Overloaded, Settings, Unavailable, create_api
 from serve_apps.limits import Limits
 from serve_apps.model import BatchingConfig, ModelDeployment
 
@@ -42,8 +45,9 @@ class AppArgs(BaseModel):
         batching: `BatchingConfig` fields (`max_batch_size`, `batch_wait_timeout_s`, `mode`, `history`).
         limits: `Limits` fields (image bytes/pixels/count, prompt tokens, max_tokens, remote images).
         api_key_env: Environment variable with the API key (unset or empty: no auth).
-        retry_after_s: `Retry-After` on 503 when overloaded.
+        retry_after_s: `Retry-After` on 503 (overloaded, or the model unavailable).
         default_compression: Compression of requests that do not set `compression`.
+        health_timeout_s: Longest wait for the model deployment on `/health` and `/v1/models` before a 503.
         model_options: Serve deployment options of the model deployment (`autoscaling_config`,
             `ray_actor_options`, `max_queued_requests`, ...), for builds without a config file (`dpn serve`);
             a config file's `deployments` section overrides them.
@@ -61,11 +65,26 @@ class AppArgs(BaseModel):
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
     default_compression: Literal["auto", 1, 2, 4] = "auto"
+    health_timeout_s: float = Field(default=2.0, gt=0)
     model_options: dict[str, Any] = Field(default_factory=dict)
 
 
+# a replica that died or cannot be reached; `RayActorError` covers ActorDiedError and ActorUnavailableError
+_REPLICA_GONE = (
+    RayActorError,
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+    WorkerCrashedError,
+    NodeDiedError,
+)
+
+
 class HandleBackend:
-    """`serve_apps.api.Backend` over the model deployment's handle (streaming calls)."""
+    """`serve_apps.api.Backend` over the model deployment's handle (streaming calls).
+
+    Ray's errors become the API's: a full queue is `Overloaded`, a dead or unreachable replica `Unavailable`
+    (both 503 + Retry-After).
+    """
 
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
@@ -77,14 +96,20 @@ class HandleBackend:
                 yield event
         except BackPressureError as exc:
             raise Overloaded(str(exc)) from exc
-        except DeploymentUnavailableError as exc:
-            raise Overloaded(f"model deployment unavailable: {exc}") from exc
+        except _REPLICA_GONE as exc:
+            raise Unavailable(f"model replica unavailable: {type(exc).__name__}") from exc
 
     async def info(self) -> dict[str, Any]:
-        return await self.handle.info.remote()
+        try:
+            return await self.handle.info.remote()
+        except _REPLICA_GONE as exc:
+            raise Unavailable(f"model replica unavailable: {type(exc).__name__}") from exc
 
     async def batches(self, limit: int) -> list[dict[str, Any]]:
-        return await self.handle.batches.remote(limit)
+        try:
+            return await self.handle.batches.remote(limit)
+        except _REPLICA_GONE as exc:
+            raise Unavailable(f"model replica unavailable: {type(exc).__name__}") from exc
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
@@ -95,9 +120,12 @@ class OpenAIIngress:
     def __init__(self, model_handle: DeploymentHandle, settings: dict[str, Any]):
         limits = Limits.from_dict(settings.get("limits"))
         self.settings = Settings(
-            served_model_name=settings["served_model_name"], limits=limits,
-            api_key_env=settings["api_key_env"], retry_after_s=settings["retry_after_s"],
+            served_model_name=settings["served_model_name"],
+            limits=limits,
+            api_key_env=settings["api_key_env"],
+            retry_after_s=settings["retry_after_s"],
             default_compression=settings["default_compression"],
+            health_timeout_s=settings["health_timeout_s"],
         )
         self.backend = HandleBackend(model_handle)
 
@@ -121,12 +149,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "user_config": {"model": parsed.model, "version": parsed.version or parsed.model},
     }
     model = ModelDeployment.options(**options).bind(
-        batching=parsed.batching, limits=limits.to_dict(), device=parsed.device, dtype=parsed.dtype,
+        batching=parsed.batching,
+        limits=limits.to_dict(),
+        device=parsed.device,
+        dtype=parsed.dtype,
     )
     settings = {
-        "served_model_name": parsed.served_model_name, "limits": limits.to_dict(),
-        "api_key_env": parsed.api_key_env, "retry_after_s": parsed.retry_after_s,
+        "served_model_name": parsed.served_model_name,
+        "limits": limits.to_dict(),
+        "api_key_env": parsed.api_key_env,
+        "retry_after_s": parsed.retry_after_s,
         "default_compression": parsed.default_compression,
+        "health_timeout_s": parsed.health_timeout_s,
     }
     return OpenAIIngress.bind(model, settings)
 

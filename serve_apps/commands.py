@@ -24,29 +24,48 @@ def _compression(value: str) -> str | int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory or MLflow URI (models:/dpn@champion)")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory or MLflow URI (models:/dpn@champion)"
+    )
     parser.add_argument("--version", default=None, help="version label shown as system_fingerprint")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 to expose)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 to expose)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--route-prefix", default="/", help="route prefix of the app (default /)")
     parser.add_argument("--served-model-name", default="dpn", help="model id clients use (default dpn)")
-    parser.add_argument("--compression-default", type=_compression, default="auto",
-                        help="compression of requests that do not set it: auto, 1, 2, 4 (default auto)")
+    parser.add_argument(
+        "--compression-default",
+        type=_compression,
+        default="auto",
+        help="compression of requests that do not set it: auto, 1, 2, 4 (default auto)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch, per rate queue")
     parser.add_argument("--batch-wait-s", type=float, default=0.02, help="batch wait timeout in seconds")
-    parser.add_argument("--batching-mode", choices=("bucketed", "mixed", "dense"), default="bucketed",
-                        help="bucketed: one queue per rate (default); mixed / dense: for comparison")
+    parser.add_argument(
+        "--batching-mode",
+        choices=("bucketed", "mixed", "dense"),
+        default="bucketed",
+        help="bucketed: one queue per rate (default); mixed / dense: for comparison",
+    )
     parser.add_argument("--min-replicas", type=int, default=1, help="autoscaling minimum model replicas")
     parser.add_argument("--max-replicas", type=int, default=1, help="autoscaling maximum model replicas")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    parser.add_argument("--max-queued-requests", type=int, default=128,
-                        help="requests queued per caller before 503 + Retry-After")
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=128,
+        help="requests queued per caller before 503 + Retry-After",
+    )
     parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    parser.add_argument("--api-key-env", default="DPN_API_KEY",
-                        help="environment variable holding the API key (unset: no auth)")
+    parser.add_argument(
+        "--api-key-env",
+        default="DPN_API_KEY",
+        help="environment variable holding the API key (unset: no auth)",
+    )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
 
 
@@ -59,18 +78,27 @@ def run(args: argparse.Namespace) -> int:
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
         raise SystemExit("--max-replicas must be >= max(1, --min-replicas)")
     app_args = {
-        "model": args.model, "version": args.version, "served_model_name": args.served_model_name,
-        "device": args.device, "dtype": args.dtype, "default_compression": args.compression_default,
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
-                     "mode": args.batching_mode},
+        "model": args.model,
+        "version": args.version,
+        "served_model_name": args.served_model_name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "default_compression": args.compression_default,
+        "batching": {
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_s,
+            "mode": args.batching_mode,
+        },
         "limits": {"allow_remote_images": args.allow_remote_images},
         "api_key_env": args.api_key_env,
     }
     app_args["model_options"] = {
         "autoscaling_config": {
-            "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
             "target_ongoing_requests": 2 * args.max_batch_size,
-            "upscale_delay_s": 10, "downscale_delay_s": 120,
+            "upscale_delay_s": 10,
+            "downscale_delay_s": 120,
         },
         "max_queued_requests": args.max_queued_requests,
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
@@ -79,8 +107,13 @@ def run(args: argparse.Namespace) -> int:
     ray.init(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="dpn", route_prefix=args.route_prefix)
-    logger.info("serving %s at http://%s:%d%sv1 (Ctrl-C to stop)", args.model, args.host, args.port,
-                args.route_prefix.rstrip("/") + "/")
+    logger.info(
+        "serving %s at http://%s:%d%sv1 (Ctrl-C to stop)",
+        args.model,
+        args.host,
+        args.port,
+        args.route_prefix.rstrip("/") + "/",
+    )
     try:
         while True:
             time.sleep(3600)

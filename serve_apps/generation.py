@@ -3,8 +3,13 @@
 No Ray here. A [`BatchRun`] takes requests that share one compression rate, left-pads them into one batch, runs
 the prefill once (where DPN pools the visual tokens) and then decodes one token per step for every unfinished
 request. Each request keeps its own `max_tokens`, `temperature`, `top_p`, `seed` and `stop` strings, which
-`generate()` cannot do in one batch. Each step returns one event per request (a text delta, or the final event
-with the finish reason and usage), so the caller can stream.
+`generate()` cannot do in one batch. Each step returns one event per request (a text delta, the final event with
+the finish reason and usage, or an error), so the caller can stream.
+
+One request never fails another: sampling is numerically safe for any valid temperature and top_p, reserved
+tokens (`<image>`, `<router>`, padding, every special token but end-of-sequence, ids past the tokenizer) are never
+sampled, so nothing fed back can be rejected; and a row whose seed, sampling or decoding raises ends alone, with
+an error event, while the other rows go on.
 """
 
 from __future__ import annotations
@@ -53,6 +58,31 @@ class _RowState:
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded text already sent
     finished: bool = False
+    error: str | None = None  # why the row failed before its first token (seed), reported at prefill
+
+
+GREEDY_BELOW = 1e-4
+"""Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
+
+
+def error_event(
+    message: str, status: int = 500, param: str | None = None, code: str = "generation_failed"
+) -> dict[str, Any]:
+    """The `error` event that ends one request: 400 for its prompt, 503 to retry, 500 for a fault (its input was
+    validated, so a failing row is the server's fault, and the one place it shows is that row's answer)."""
+    return {"type": "error", "status": status, "param": param, "message": message, "code": code}
+
+
+def reserved_token_ids(processor: Any, vocab_size: int) -> list[int]:
+    """Ids generation must never emit: the special tokens but end-of-sequence (`<image>`, `<router>`, padding,
+    `<s>`, `<unk>`, ...) and ids the model has but the tokenizer lacks (padded vocabularies)."""
+    tokenizer = processor.tokenizer
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special |= {getattr(processor, "image_token_id", None), getattr(processor, "router_token_id", None)}
+    special.discard(tokenizer.eos_token_id)
+    special.discard(None)
+    return sorted({i for i in special if 0 <= i < vocab_size} | set(range(len(tokenizer), vocab_size)))
 
 
 def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> Prepared:
@@ -60,8 +90,9 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
 
     Args:
         processor: a `DPNProcessor`.
-        request: `messages` (OpenAI role/content, images as `image_url` parts), `images` (raw image bytes, in
-            order), `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `compression`, `request_id`.
+        request: `messages` (OpenAI role/content, images as `image_url` parts), `images` (in order: the
+            ingress's decoded `(H, W, 3)` uint8 arrays, or encoded image bytes), `max_tokens`, `temperature`,
+            `top_p`, `seed`, `stop`, `compression`, `request_id`.
         max_prompt_tokens: longest prompt allowed, counting the image tokens.
 
     Raises:
@@ -70,13 +101,19 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     reserved = [processor.image_token, processor.router_token]
     for i, message in enumerate(request["messages"]):
         content = message["content"]
-        texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content if p["type"] == "text"]
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [p.get("text", "") for p in content if p["type"] == "text"]
+        )
         for text in texts:
             for token in reserved:
                 if token in text:
                     raise PromptError(
                         f"message {i} contains the reserved token {token!r}; images go in image_url parts and "
-                        "the router token is added by the server", param=f"messages.{i}.content", code="reserved_token",
+                        "the router token is added by the server",
+                        param=f"messages.{i}.content",
+                        code="reserved_token",
                     )
     try:
         prompt = processor.build_prompt(request["messages"])
@@ -89,7 +126,8 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         raise PromptError(
             f"the prompt is {len(input_ids)} tokens (including {processor.image_seq_length} per image), more than "
             f"this server's limit of {max_prompt_tokens}; shorten the conversation",
-            param="messages", code="prompt_too_long",
+            param="messages",
+            code="prompt_too_long",
         )
     temperature = 1.0 if request.get("temperature") is None else float(request["temperature"])
     return Prepared(
@@ -106,17 +144,34 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     )
 
 
-def _sample(logits: torch.Tensor, req: Prepared, generator: torch.Generator | None) -> int:
-    """Next token of one request: greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
-    if req.temperature <= 0.0:
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Next token from one row's logits `(V,)` (reserved ids already at -inf): greedy below `GREEDY_BELOW`, else
+    temperature + nucleus (top_p) sampling, computed so that no valid parameter can overflow or empty the
+    distribution (max subtracted before dividing by the temperature; the top token always kept)."""
+    logits = logits.float()
+    if temperature < GREEDY_BELOW or generator is None:
         return int(logits.argmax())
-    probs = torch.softmax(logits / req.temperature, dim=-1)
-    if req.top_p < 1.0:
+    scaled = (logits - logits.max()) / temperature  # <= 0 everywhere, the max exactly 0: exp never overflows
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < req.top_p  # always keeps the top token
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return int(logits.argmax())  # non-finite logits from the model: nothing to sample from
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _generator(req: Prepared) -> torch.Generator | None:
+    """The row's random generator (None when greedy); seeded by the request or at random."""
+    if req.temperature < GREEDY_BELOW:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    return generator
 
 
 class BatchRun:
@@ -130,7 +185,15 @@ class BatchRun:
         queue: the name of the queue the batch came from (for observability).
     """
 
-    def __init__(self, model: Any, processor: Any, requests: list[Prepared], compression: str | int, queue: str):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        requests: list[Prepared],
+        compression: str | int,
+        queue: str,
+        resume: list[tuple[_RowState, torch.Generator | None]] | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -144,18 +207,42 @@ class BatchRun:
             "size": len(requests),
             "requested": [r.compression for r in requests],
         }
-        self.rows = [_RowState() for _ in requests]
-        self.generators = []
-        for req in requests:
-            gen = None
-            if req.temperature > 0.0:
-                gen = torch.Generator()
-                gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-            self.generators.append(gen)
+        if resume is not None:  # rows carried over from a failed batch (see `split_row`)
+            self.rows = [row for row, _ in resume]
+            self.generators = [generator for _, generator in resume]
+        else:
+            self.rows = [_RowState() for _ in requests]
+            self.generators = [self._seeded(row, req) for row, req in zip(self.rows, requests)]
+        # ids never emitted, built at the first logits (they give the vocabulary size)
+        self._reserved: torch.Tensor | None = None
         self.eos_id = self.tokenizer.eos_token_id
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._usage: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _seeded(row: _RowState, req: Prepared) -> torch.Generator | None:
+        try:
+            return _generator(req)
+        except Exception as exc:  # noqa: BLE001 - a seed torch cannot take fails its own row, not the batch
+            logger.warning("request %s: cannot seed its generator (%s)", req.request_id, exc)
+            row.finished, row.error = True, f"invalid seed {req.seed!r}: {exc}"
+            return None
+
+    def split_row(self, i: int) -> BatchRun:
+        """Row `i` as a batch of its own on the same model, going on from what it generated: after a decode step
+        of this batch raised (its KV cache is lost), each unfinished request re-reads its prompt and its tokens so
+        far in a prefill of its own, so only the request at fault fails."""
+        run = BatchRun(
+            self.model,
+            self.processor,
+            [self.requests[i]],
+            self.compression,
+            self.info["queue"],
+            resume=[(self.rows[i], self.generators[i])],
+        )
+        run.info.update(fingerprint=self.info.get("fingerprint"), resumed_from=self.batch_id)
+        return run
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -164,22 +251,28 @@ class BatchRun:
         """Run the prompt through the model (pooling happens here) and pick each request's first token."""
         device = self.model.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r.input_ids) for r in self.requests)
+        prefixes = [req.input_ids + row.generated for req, row in zip(self.requests, self.rows)]
+        width = max(len(prefix) for prefix in prefixes)
         ids = torch.full((len(self.requests), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(self.requests), width), dtype=torch.long)
-        for i, req in enumerate(self.requests):  # left padding: prompts end together
-            ids[i, width - len(req.input_ids):] = torch.tensor(req.input_ids)
-            mask[i, width - len(req.input_ids):] = 1
+        for i, prefix in enumerate(prefixes):  # left padding: prompts end together
+            ids[i, width - len(prefix) :] = torch.tensor(prefix)
+            mask[i, width - len(prefix) :] = 1
         pixels = [r.pixel_values for r in self.requests if r.pixel_values is not None]
         pixel_values = torch.cat(pixels).to(device=device, dtype=self.model.dtype) if pixels else None
         out = self.model(
-            input_ids=ids.to(device), pixel_values=pixel_values, attention_mask=mask.to(device),
-            compression=self.compression, use_cache=True, logits_to_keep=1,
+            input_ids=ids.to(device),
+            pixel_values=pixel_values,
+            attention_mask=mask.to(device),
+            compression=self.compression,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._cache = out.cache
         self._mask = mask.to(device)
         self._usage = self._prefill_usage(out, mask)
-        return self._advance(out.logits[:, -1].float())
+        events = self._advance(out.logits[:, -1].float())
+        return [error_event(row.error) if row.error else event for row, event in zip(self.rows, events)]
 
     @torch.inference_mode()
     def step(self) -> list[dict[str, Any] | None]:
@@ -187,10 +280,16 @@ class BatchRun:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         last = [row.generated[-1] if row.generated and not row.finished else pad_id for row in self.rows]
         device = self._mask.device
-        self._mask = torch.cat([self._mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=device)], dim=1)
+        self._mask = torch.cat(
+            [self._mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=device)], dim=1
+        )
         out = self.model(
-            input_ids=torch.tensor(last, device=device)[:, None], attention_mask=self._mask, cache=self._cache,
-            use_cache=True, compression=self.compression, logits_to_keep=1,
+            input_ids=torch.tensor(last, device=device)[:, None],
+            attention_mask=self._mask,
+            cache=self._cache,
+            use_cache=True,
+            compression=self.compression,
+            logits_to_keep=1,
         )
         self._cache = out.cache
         return self._advance(out.logits[:, -1].float())
@@ -206,7 +305,7 @@ class BatchRun:
         config = self.model.config
         factors = list(config.compression_factors)
         usage = []
-        prompt_lens = mask.sum(-1).tolist()
+        prompt_lens = mask.sum(-1).tolist()  # the prompt, and the tokens a resumed row had generated
         for i, req in enumerate(self.requests):
             prompt_len = int(prompt_lens[i])
             has_image = req.pixel_values is not None
@@ -216,59 +315,98 @@ class BatchRun:
             per_layer = [length - text_len for length in lens]
             choices = [int(c) for c in out.expert_choices[i].tolist()]
             spent = float(out.prefill_flops[i])
-            dense = float(flops_lib.prefill_flops(
-                config, [prompt_len] * config.text_config.num_hidden_layers, num_images=int(has_image),
-                lm_head_tokens=1, num_routed_layers=0,
-            ))
-            usage.append({
-                "prompt_tokens": prompt_len,
-                "visual_tokens_per_layer": per_layer if has_image else [],
-                "compression_per_pooling_layer": [factors[c] if c >= 0 else None for c in choices] if has_image else [],
-                "compression_requested": req.compression,
-                "compression_run": self.compression,
-                "prefill_flops": spent,
-                "prefill_flops_dense": dense,
-                "prefill_flops_saved": round(1.0 - spent / dense, 6) if dense else 0.0,
-            })
+            dense = float(
+                flops_lib.prefill_flops(
+                    config,
+                    [prompt_len] * config.text_config.num_hidden_layers,
+                    num_images=int(has_image),
+                    lm_head_tokens=1,
+                    num_routed_layers=0,
+                )
+            )
+            usage.append(
+                {
+                    "prompt_tokens": len(req.input_ids),
+                    "visual_tokens_per_layer": per_layer if has_image else [],
+                    "compression_per_pooling_layer": [factors[c] if c >= 0 else None for c in choices]
+                    if has_image
+                    else [],
+                    "compression_requested": req.compression,
+                    "compression_run": self.compression,
+                    "prefill_flops": spent,
+                    "prefill_flops_dense": dense,
+                    "prefill_flops_saved": round(1.0 - spent / dense, 6) if dense else 0.0,
+                }
+            )
         return usage
 
     def _advance(self, logits: torch.Tensor) -> list[dict[str, Any] | None]:
+        """One event per row from the step's logits `(B, V)`: a failing row ends alone with an error event."""
+        if self._reserved is None:
+            self._reserved = torch.tensor(
+                reserved_token_ids(self.processor, logits.shape[-1]), dtype=torch.long
+            )
+        # reserved tokens are never emitted, greedy or sampled
+        logits = logits.cpu().float().index_fill(1, self._reserved, float("-inf"))
         events: list[dict[str, Any] | None] = []
         for i, (row, req) in enumerate(zip(self.rows, self.requests)):
             if row.finished:
                 events.append(None)
                 continue
-            token = _sample(logits[i].cpu(), req, self.generators[i])
-            finish = None
-            if token == self.eos_id and not req.ignore_eos:
-                finish = "stop"
-            else:
-                row.generated.append(token)
-                if len(row.generated) >= req.max_tokens:
-                    finish = "length"
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-            if req.stop:
-                hits = [text.find(s) for s in req.stop if s in text]
-                if hits:
-                    text, finish = text[: min(hits)], "stop"
-            if finish is None:
-                # hold back what could still become a stop string or an incomplete character
-                hold = max((len(s) - 1 for s in req.stop), default=0)
-                safe = len(text) - hold
-                if text.endswith("\ufffd"):
-                    safe = min(safe, len(text) - 1)
-                delta = text[row.emitted: max(safe, row.emitted)]
-                row.emitted = max(safe, row.emitted)
-                events.append({"type": "delta", "text": delta} if delta else None)
-                continue
-            row.finished = True
-            delta = text[row.emitted:]
-            row.emitted = len(text)
-            usage = dict(self._usage[i], completion_tokens=len(row.generated))
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            events.append({"type": "final", "text": delta, "full_text": text, "finish_reason": finish,
-                           "usage": usage, "batch": self.info})
+            try:
+                events.append(self._advance_row(i, logits[i]))
+            except Exception as exc:  # noqa: BLE001 - this row's failure must not end its batch-mates
+                logger.exception("batch %s: request %s failed", self.batch_id, req.request_id)
+                row.finished = True
+                events.append(error_event(f"generation failed: {exc}"))
         return events
 
+    def _advance_row(self, i: int, logits: torch.Tensor) -> dict[str, Any] | None:
+        """Sample row `i`'s next token; its text delta, its final event, or None (text held back)."""
+        row, req = self.rows[i], self.requests[i]
+        token = sample_token(logits, req.temperature, req.top_p, self.generators[i])
+        finish = None
+        if token == self.eos_id and not req.ignore_eos:
+            finish = "stop"
+        else:
+            row.generated.append(token)
+            if len(row.generated) >= req.max_tokens:
+                finish = "length"
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if req.stop:
+            hits = [text.find(s) for s in req.stop if s in text]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+        if finish is None:
+            # hold back what could still become a stop string or an incomplete character
+            hold = max((len(s) - 1 for s in req.stop), default=0)
+            safe = len(text) - hold
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+            delta = text[row.emitted : max(safe, row.emitted)]
+            row.emitted = max(safe, row.emitted)
+            return {"type": "delta", "text": delta} if delta else None
+        row.finished = True
+        delta = text[row.emitted :]
+        row.emitted = len(text)
+        usage = dict(self._usage[i], completion_tokens=len(row.generated))
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "type": "final",
+            "text": delta,
+            "full_text": text,
+            "finish_reason": finish,
+            "usage": usage,
+            "batch": self.info,
+        }
 
-__all__ = ["BatchRun", "Prepared", "PromptError", "prepare"]
+
+__all__ = [
+    "BatchRun",
+    "Prepared",
+    "PromptError",
+    "error_event",
+    "prepare",
+    "reserved_token_ids",
+    "sample_token",
+]

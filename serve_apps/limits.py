@@ -1,13 +1,19 @@
 """Input limits and image validation for the serving API.
 
-Everything a client sends is checked here before it reaches a model replica: image URLs (data URLs or raw
-base64; remote http(s) only when enabled), base64 validity, the image's format, byte size and pixel count, the
-number of images, and `max_tokens`. Each failure is an [`APIError`] 400 that says what was wrong and which field.
-Prompt token limits are checked on the model replica, which owns the tokenizer.
+Everything a client sends is checked here before it reaches a model replica: the body size, image URLs (data
+URLs or raw base64; remote http(s) only when enabled), base64 validity, the image's format, byte size, pixel count
+and geometry, the number of images, and `max_tokens`. Each failure is an [`APIError`] (400, or 413 for the body)
+that says what was wrong, which field and which limit. Prompt token limits are checked on the model replica, which
+owns the tokenizer.
+
+Images are decoded here, once, and handed on as RGB arrays: the geometry is checked from the header before any
+pixel is decoded, and an image whose longer side exceeds `max_padded_side` is shrunk before the processor pads it
+to a square, so the work and memory of one image are bounded by the limits, whatever the file declares.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -15,11 +21,14 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
 import PIL.Image
 
 from serve_apps.protocol import APIError, invalid_request
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S
+)
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 
 
@@ -28,8 +37,14 @@ class Limits:
     """Configurable request limits (the `limits` section of the serve config).
 
     Attributes:
+        max_body_bytes: Largest request body, in bytes (413 beyond it, before parsing). Must hold
+            `max_images_per_request` images of `max_image_bytes` in base64.
         max_image_bytes: Largest decoded image file, in bytes.
         max_image_pixels: Largest image, in pixels (width * height), checked before decoding the pixels.
+        max_image_side: Longest side of an image, in pixels.
+        max_image_aspect_ratio: Largest ratio of an image's longer side to its shorter one.
+        max_padded_side: An image whose longer side exceeds this is shrunk to it (aspect kept) before the
+            processor pads it to a square, so the padded canvas is at most `max_padded_side` squared.
         max_images_per_request: Images in one request (DPN models take one image per sample).
         max_prompt_tokens: Longest prompt in tokens, counting `image_seq_length` tokens per image.
         max_tokens: Largest `max_tokens` a request may ask for.
@@ -39,8 +54,12 @@ class Limits:
         image_formats: Accepted image formats (PIL names).
     """
 
+    max_body_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_image_side: int = 8192
+    max_image_aspect_ratio: float = 20.0
+    max_padded_side: int = 1024
     max_images_per_request: int = 1
     max_prompt_tokens: int = 4096
     max_tokens: int = 512
@@ -60,13 +79,32 @@ class Limits:
         if "image_formats" in values:
             values["image_formats"] = tuple(str(f).upper() for f in values["image_formats"])
         limits = cls(**values)
-        for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_prompt_tokens",
-                     "max_tokens", "default_max_tokens"):
+        for name in (
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_image_side",
+            "max_padded_side",
+            "max_images_per_request",
+            "max_prompt_tokens",
+            "max_tokens",
+            "default_max_tokens",
+        ):
             if getattr(limits, name) < 1:
                 raise ValueError(f"limits.{name} must be >= 1, got {getattr(limits, name)}")
+        if not limits.max_image_aspect_ratio >= 1:
+            raise ValueError(
+                f"limits.max_image_aspect_ratio must be >= 1, got {limits.max_image_aspect_ratio}"
+            )
         if limits.default_max_tokens > limits.max_tokens:
             raise ValueError(
                 f"limits.default_max_tokens ({limits.default_max_tokens}) exceeds limits.max_tokens ({limits.max_tokens})"
+            )
+        images_b64 = 4 * -(-limits.max_image_bytes // 3) * limits.max_images_per_request
+        if limits.max_body_bytes < images_b64:
+            raise ValueError(
+                f"limits.max_body_bytes ({limits.max_body_bytes}) cannot hold {limits.max_images_per_request} image(s) "
+                f"of limits.max_image_bytes in base64 ({images_b64} bytes); raise it or lower the image limits"
             )
         return limits
 
@@ -79,7 +117,8 @@ def decode_base64(data: str, param: str) -> bytes:
     if not data or not _B64_CHARS.match(data):
         raise invalid_request(
             "image data is not valid base64: expected a data URL 'data:image/png;base64,...' or raw base64",
-            param=param, code="invalid_base64",
+            param=param,
+            code="invalid_base64",
         )
     compact = re.sub(r"\s+", "", data)
     try:
@@ -87,43 +126,111 @@ def decode_base64(data: str, param: str) -> bytes:
             return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise invalid_request(f"image data is not valid base64 ({exc})", param=param, code="invalid_base64") from exc
+        raise invalid_request(
+            f"image data is not valid base64 ({exc})", param=param, code="invalid_base64"
+        ) from exc
 
 
-def check_image_bytes(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
-    """Open `raw` as an image and enforce the byte, format and pixel limits; returns the (lazy) PIL image."""
+def check_body_size(size: int, limits: Limits) -> None:
+    """A 413 in OpenAI's shape when a request body (declared or read so far) exceeds `max_body_bytes`."""
+    if size > limits.max_body_bytes:
+        raise APIError(
+            413,
+            f"request body is larger than the limit of {limits.max_body_bytes} bytes (limits.max_body_bytes); "
+            "send smaller images",
+            "invalid_request_error",
+            code="request_too_large",
+        )
+
+
+def _check_geometry(width: int, height: int, limits: Limits, param: str) -> None:
+    """Pixel count, longest side and aspect ratio from the header, before any pixel is decoded."""
+    if width * height > limits.max_image_pixels:
+        raise invalid_request(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limits.max_image_pixels} pixels (limits.max_image_pixels); resize it first",
+            param=param,
+            code="image_too_large",
+        )
+    if max(width, height) > limits.max_image_side:
+        raise invalid_request(
+            f"image is {width}x{height}, its longer side is more than the limit of {limits.max_image_side} pixels "
+            "(limits.max_image_side); resize it first",
+            param=param,
+            code="image_too_large",
+        )
+    if max(width, height) > limits.max_image_aspect_ratio * min(width, height):
+        raise invalid_request(
+            f"image is {width}x{height}, an aspect ratio beyond the limit of {limits.max_image_aspect_ratio:g}:1 "
+            "(limits.max_image_aspect_ratio); crop it first",
+            param=param,
+            code="image_aspect_ratio",
+        )
+
+
+def _open_image(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
+    """Open `raw` lazily (header only) as one of the accepted formats, enforcing the byte and geometry limits."""
     if len(raw) > limits.max_image_bytes:
         raise invalid_request(
-            f"image is {len(raw)} bytes, more than the limit of {limits.max_image_bytes} bytes; send a smaller image",
-            param=param, code="image_too_large",
+            f"image is {len(raw)} bytes, more than the limit of {limits.max_image_bytes} bytes "
+            "(limits.max_image_bytes); send a smaller image",
+            param=param,
+            code="image_too_large",
         )
     if not raw:
         raise invalid_request("image data is empty", param=param, code="invalid_image")
     try:
-        image = PIL.Image.open(io.BytesIO(raw))  # reads the header only
-    except (PIL.UnidentifiedImageError, OSError) as exc:
+        image = PIL.Image.open(io.BytesIO(raw), formats=limits.image_formats)
+    except PIL.Image.DecompressionBombError as exc:  # PIL's own guard fires at open for huge declared sizes
+        raise invalid_request(
+            f"image declares more than the limit of {limits.max_image_pixels} pixels (limits.max_image_pixels): "
+            f"{exc}",
+            param=param,
+            code="image_too_large",
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - PIL's parsers raise many types on hostile headers; all are the client's
         raise invalid_request(
             f"image data is not a readable image file ({type(exc).__name__}); accepted formats: "
             f"{', '.join(limits.image_formats)}",
-            param=param, code="invalid_image",
+            param=param,
+            code="invalid_image",
         ) from exc
-    if image.format not in limits.image_formats:
-        raise invalid_request(
-            f"image format {image.format} is not accepted; accepted formats: {', '.join(limits.image_formats)}",
-            param=param, code="unsupported_image_format",
-        )
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise invalid_request(
-            f"image is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{limits.max_image_pixels} pixels; resize it first",
-            param=param, code="image_too_large",
-        )
-    try:
-        image.load()  # decode now, so a truncated file is a 400 here rather than a failed batch later
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
-        raise invalid_request(f"image file is corrupt or truncated ({exc})", param=param, code="invalid_image") from exc
+    _check_geometry(*image.size, limits, param)
     return image
+
+
+def _bounded_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is at most `side`, aspect kept, no side below 1."""
+    scale = side / max(width, height)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_image(raw: bytes, limits: Limits, param: str) -> np.ndarray:
+    """Check and decode an image file once: `(H, W, 3)` uint8 RGB, longer side at most `max_padded_side`.
+
+    Raises:
+        APIError: 400 naming `param` and the limit, for anything unreadable or beyond the limits.
+    """
+    image = _open_image(raw, limits, param)
+    target = _bounded_size(*image.size, limits.max_padded_side)
+    try:
+        if target != image.size:  # JPEG decodes at 1/2, 1/4 or 1/8 scale when asked (as thumbnail())
+            image.draft(None, (2 * target[0], 2 * target[1]))
+        # decodes now, so a truncated file is a 400 here rather than a failed batch
+        rgb = image.convert("RGB")
+        if rgb.size != target:
+            rgb = rgb.resize(target, PIL.Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.asarray(rgb)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data; all are the client's
+        raise invalid_request(
+            f"image file is corrupt or truncated ({type(exc).__name__}: {exc})",
+            param=param,
+            code="invalid_image",
+        ) from exc
+    finally:
+        image.close()
 
 
 async def fetch_remote_image(url: str, limits: Limits, param: str) -> bytes:
@@ -131,11 +238,15 @@ async def fetch_remote_image(url: str, limits: Limits, param: str) -> bytes:
     import httpx
 
     try:
-        async with httpx.AsyncClient(timeout=limits.remote_timeout_s, follow_redirects=True) as client, \
-                client.stream("GET", url) as response:
+        async with (
+            httpx.AsyncClient(timeout=limits.remote_timeout_s, follow_redirects=True) as client,
+            client.stream("GET", url) as response,
+        ):
             if response.status_code != 200:
                 raise invalid_request(
-                    f"fetching the image URL returned HTTP {response.status_code}", param=param, code="image_fetch_failed"
+                    f"fetching the image URL returned HTTP {response.status_code}",
+                    param=param,
+                    code="image_fetch_failed",
                 )
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
@@ -143,46 +254,53 @@ async def fetch_remote_image(url: str, limits: Limits, param: str) -> bytes:
                 if size > limits.max_image_bytes:
                     raise invalid_request(
                         f"remote image is larger than the limit of {limits.max_image_bytes} bytes",
-                        param=param, code="image_too_large",
+                        param=param,
+                        code="image_too_large",
                     )
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as exc:
-        raise invalid_request(f"could not fetch the image URL ({exc})", param=param, code="image_fetch_failed") from exc
+        raise invalid_request(
+            f"could not fetch the image URL ({exc})", param=param, code="image_fetch_failed"
+        ) from exc
 
 
-async def load_image_url(url: str, limits: Limits, param: str) -> bytes:
-    """Bytes of a checked image from an `image_url.url` value, or an [`APIError`] 400 saying what was wrong."""
+async def load_image_url(url: str, limits: Limits, param: str) -> np.ndarray:
+    """The decoded, checked image (see [`decode_image`]) of an `image_url.url` value, or an [`APIError`] 400."""
     url = url.strip()
     scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme == "data":
         match = _DATA_URL.match(url)
         if match is None:
             raise invalid_request(
-                "malformed data URL: expected 'data:image/<format>;base64,<data>'", param=param, code="invalid_image_url"
+                "malformed data URL: expected 'data:image/<format>;base64,<data>'",
+                param=param,
+                code="invalid_image_url",
             )
         mime = (match.group("mime") or "").lower()
         if mime and not mime.startswith("image/"):
-            raise invalid_request(f"data URL media type {mime!r} is not an image", param=param, code="invalid_image")
+            raise invalid_request(
+                f"data URL media type {mime!r} is not an image", param=param, code="invalid_image"
+            )
         raw = decode_base64(match.group("data"), param)
     elif scheme in ("http", "https"):
         if not limits.allow_remote_images:
             raise invalid_request(
                 "remote image URLs are disabled on this server; send the image inline as "
                 "'data:image/png;base64,...' (or enable limits.allow_remote_images)",
-                param=param, code="remote_images_disabled",
+                param=param,
+                code="remote_images_disabled",
             )
         raw = await fetch_remote_image(url, limits, param)
     elif scheme:
         raise invalid_request(
             f"unsupported image URL scheme {scheme!r}: use a data URL 'data:image/png;base64,...' or raw base64",
-            param=param, code="unsupported_url_scheme",
+            param=param,
+            code="unsupported_url_scheme",
         )
     else:
         raw = decode_base64(url, param)
-    image = check_image_bytes(raw, limits, param)
-    image.close()
-    return raw
+    return await asyncio.to_thread(decode_image, raw, limits, param)  # CPU work: off the event loop
 
 
 def check_max_tokens(requested: int | None, limits: Limits) -> int:
@@ -192,9 +310,18 @@ def check_max_tokens(requested: int | None, limits: Limits) -> int:
     if requested > limits.max_tokens:
         raise invalid_request(
             f"max_tokens={requested} is more than this server's limit of {limits.max_tokens}",
-            param="max_tokens", code="max_tokens_too_large",
+            param="max_tokens",
+            code="max_tokens_too_large",
         )
     return requested
 
 
-__all__ = ["APIError", "Limits", "check_image_bytes", "check_max_tokens", "decode_base64", "load_image_url"]
+__all__ = [
+    "APIError",
+    "Limits",
+    "check_body_size",
+    "check_max_tokens",
+    "decode_base64",
+    "decode_image",
+    "load_image_url",
+]

@@ -27,8 +27,11 @@ def resolve_model_ref(model_ref: str) -> str:
 
         name = model_ref.split(":", 1)[1]
         out_dir = os.path.join(tempfile.gettempdir(), f"dpn-serve-preset-{name}-{os.getpid()}")
-        logger.info("creating a random %s model in %s (preset ref: for trying the endpoint, not for answers)",
-                    name, out_dir)
+        logger.info(
+            "creating a random %s model in %s (preset ref: for trying the endpoint, not for answers)",
+            name,
+            out_dir,
+        )
         return create_checkpoint(name, out_dir, seed=0)
     if model_ref.startswith(_MLFLOW_SCHEMES):
         from jobs.tracking import resolve_model_dir  # lazy: MLflow only for registry refs
@@ -63,8 +66,14 @@ def pick_dtype(dtype: str, device: str) -> Any:
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
     return names[dtype]

@@ -38,7 +38,7 @@ from typing import Any
 from ray import serve
 
 from serve_apps import loading
-from serve_apps.generation import PromptError, prepare
+from serve_apps.generation import Prepared, PromptError, error_event, prepare
 from serve_apps.limits import Limits
 from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
 
@@ -89,7 +89,9 @@ class DPNModelServer:
         """Load `user_config["model"]` (version `user_config.get("version")`) and swap it in while serving."""
         ref = user_config.get("model")
         if not ref:
-            raise ValueError("user_config needs 'model': a checkpoint directory or MLflow URI (models:/dpn@champion)")
+            raise ValueError(
+                "user_config needs 'model': a checkpoint directory or MLflow URI (models:/dpn@champion)"
+            )
         version = str(user_config.get("version") or ref)
         async with self._reload_lock:
             if self._current is not None and self._current[2:] == (ref, version):
@@ -138,21 +140,36 @@ class DPNModelServer:
     def check_health(self) -> None:
         self._require_model()
 
+    async def _prepare(self, processor: Any, request: dict[str, Any]) -> Prepared | dict[str, Any]:
+        """The tokenized request, or the error event that answers it (prepare runs off the event loop)."""
+        try:
+            return await asyncio.to_thread(prepare, processor, request, self.limits.max_prompt_tokens)
+        except PromptError as exc:
+            return error_event(str(exc), 400, exc.param, exc.code)
+        # the processor's complaints about the input (placeholders, text it cannot encode) are the client's
+        except (ValueError, TypeError, UnicodeError) as exc:
+            return error_event(f"cannot tokenize the request: {exc}", 400, "messages", "invalid_prompt")
+        except Exception as exc:  # noqa: BLE001 - a fault preparing one request must not escape to the caller
+            logger.exception("request %s: prepare failed", request.get("request_id"))
+            return error_event(f"preparing the request failed: {exc}")
+
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream events for one request: `start`, then `delta`s and one `final` (or one `error`).
 
+        Never raises for a request: problems with it are `error` events (400 for the prompt, 503 before a model is
+        loaded, 500 for a fault), so the ingress answers in OpenAI's shape and no other request is touched.
+
         Args:
-            request: `messages`, `images` (bytes), `max_tokens`, `temperature`, `top_p`, `seed`, `stop`,
-                `compression`, `request_id` (already validated by the ingress).
+            request: `messages`, `images` (RGB arrays or encoded bytes), `max_tokens`, `temperature`, `top_p`,
+                `seed`, `stop`, `compression`, `request_id` (already validated by the ingress).
         """
-        model, processor, _, version = self._require_model()
-        try:
-            prepared = await asyncio.to_thread(prepare, processor, request, self.limits.max_prompt_tokens)
-        except PromptError as exc:
-            yield {"type": "error", "status": 400, "message": str(exc), "param": exc.param, "code": exc.code}
+        if self._current is None:
+            yield error_event("no model is loaded yet; retry shortly", 503, code="model_loading")
             return
-        except ValueError as exc:  # processor complaints (e.g. image/placeholder mismatch) are the client's
-            yield {"type": "error", "status": 400, "message": str(exc), "param": "messages", "code": "invalid_prompt"}
+        _, processor, _, version = self._current
+        prepared = await self._prepare(processor, request)
+        if isinstance(prepared, dict):
+            yield prepared
             return
         yield {"type": "start", "prompt_tokens": len(prepared.input_ids), "fingerprint": version}
         async for event in self.scheduler.submit(prepared):

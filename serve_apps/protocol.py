@@ -4,16 +4,31 @@ The request schema is OpenAI's `POST /v1/chat/completions` body (the fields DPN 
 `compression`: `"auto"` (the router decides, default) or a forced factor 1, 2, 4 (1 = dense). Unknown fields are
 ignored, as OpenAI-compatible servers do, so clients that send extra options keep working. Validation failures
 become `400` errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422.
+
+The schema is the one validation layer: every value is checked for type and range here (strings must be valid
+Unicode, numbers finite, seeds within int64), so nothing malformed reaches the tokenizer, the sampler or torch.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 Compression = Literal["auto", 1, 2, 4]
 COMPRESSION_CHOICES: tuple[str | int, ...] = ("auto", 1, 2, 4)
@@ -40,6 +55,8 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        # a message quoting the client's text must still encode: lone surrogates become \udxxx escapes
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -67,19 +84,78 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class OversizeInteger:
+    """Stands in for a JSON integer too long to convert (Python caps int() at 4300 digits), so the schema rejects
+    it at its field, naming the field, instead of the parser failing for the whole body."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+MAX_INTEGER_DIGITS = 100  # far beyond int64 (19 digits), far below Python's conversion limit
+
+
+def _int_or_oversize(text: str) -> int | OversizeInteger:
+    return int(text) if len(text) <= MAX_INTEGER_DIGITS else OversizeInteger(len(text))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400: malformed, too deeply nested, non-finite numbers, not UTF-8."""
+    try:
+        payload = json.loads(body, parse_int=_int_or_oversize, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise invalid_request("request body is nested too deeply to parse", code="invalid_json") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        raise invalid_request(f"request body is not valid JSON ({exc})", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise invalid_request("request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text must be valid Unicode, found a lone surrogate at position {exc.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+"""A string of valid Unicode (JSON can escape lone UTF-16 surrogates, which no tokenizer can encode)."""
+
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+"""A finite JSON number (ints accepted, booleans and numeric strings not)."""
+
+
+def _compression_choice(value: Any) -> Any:
+    """Accept the strings "1", "2", "4" for the factors; refuse booleans (`true` is not a factor)."""
+    if isinstance(value, bool):
+        raise ValueError("compression must be 'auto' or one of 1, 2, 4 (1 = dense), got a boolean")
+    return {"1": 1, "2": 2, "4": 4}.get(value, value) if isinstance(value, str) else value
+
+
 class ImageURL(_Strict):
-    url: StrictStr
-    detail: StrictStr | None = None
+    url: Text
+    detail: Text | None = None
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ImagePart(_Strict):
     type: Literal["image_url"]
-    image_url: ImageURL | StrictStr  # some clients send the URL string directly
+    image_url: ImageURL | Text  # some clients send the URL string directly
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -87,25 +163,25 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[ContentPart]
-    name: StrictStr | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_Strict):
     """The body of `POST /v1/chat/completions`."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None  # OpenAI: up to 4 sequences
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64 (OpenAI's; torch's too)
     stream: StrictBool = False
     n: StrictInt | None = Field(default=None, ge=1, le=1)
-    user: StrictStr | None = None
-    compression: Compression | StrictStr = "auto"
+    user: Text | None = None
+    compression: Annotated[Compression, BeforeValidator(_compression_choice)] = "auto"
     ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
 
     def stop_list(self) -> list[str]:
@@ -114,32 +190,42 @@ class ChatCompletionRequest(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]
 
-    def compression_value(self) -> str | int:
-        """`"auto"` or a forced factor; accepts the strings "1", "2", "4" too."""
-        value = self.compression
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if value not in COMPRESSION_CHOICES:
-            raise invalid_request(
-                f"compression must be 'auto' or one of 1, 2, 4 (1 = dense), got {self.compression!r}",
-                param="compression",
-                code="invalid_compression",
-            )
-        return value
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the dotted request field, without pydantic's union branch names (`str`,
+    `list[...]`, `TextPart`, `function-after[...]`) and the discriminator value it puts after a tagged union."""
+    parts: list[str] = []
+    tag_next = False
+    for item in map(str, loc):
+        if tag_next and not item.isdigit():
+            tag_next = False  # `type` of a content part: it repeats the field name that follows
+            continue
+        tag_next = tag_next or "tagged-union[" in item
+        if (
+            item.startswith("function-")
+            or "[" in item
+            or item[:1].isupper()
+            or item in {"str", "int", "bool", "float"}
+        ):
+            continue
+        parts.append(item)
+    return ".".join(parts)
 
 
 def validation_error_to_api_error(error: ValidationError) -> APIError:
-    """The first pydantic error as an OpenAI-style 400 naming the field and what was expected."""
-    first = error.errors(include_url=False)[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
-    # drop pydantic's union branch names (e.g. "str", "list[...]", "TextPart") from the location
-    param = ".".join(p for p in loc if not (p[:1].isupper() or "[" in p or p in {"str", "int", "bool", "float"}))
+    """The most specific pydantic error as an OpenAI-style 400 naming the field and what was expected.
+
+    Of a union's errors, one for a value of the right type but wrong content (a lone surrogate in a text part) says
+    more than "not a string" for the other branch; among equals, the deepest field wins."""
+    errors = error.errors(include_url=False)
+    first = min(errors, key=lambda e: (e.get("type", "").endswith("_type"), -len(e.get("loc", ()))))
+    param = _param(first.get("loc", ()))
     message = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         message = f"missing required field {param!r}"
     elif first.get("type") == "json_invalid":
         message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', message)}"
-        param = None
+        param = ""
     else:
         got = first.get("input")
         shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
@@ -221,5 +307,6 @@ __all__ = [
     "chat_completion",
     "completion_id",
     "invalid_request",
+    "parse_json_object",
     "validation_error_to_api_error",
 ]

@@ -11,6 +11,11 @@ holds everything that arrived while the previous work ran:
 
 Running batches share one compute thread and advance one step each in turn (prefill, then one token per step), so
 a long generation does not hold back the prefill of another rate's batch until it finishes.
+
+The loop outlives any one request: a row that fails ends alone (serve_apps.generation); a batch whose prefill or
+decode step raises is split into one batch per request (a decoding request re-reads its prompt and what it
+generated, since the shared KV cache is lost), so only the request at fault fails; a batch that cannot even be
+built answers its requests with an error. Every request gets an answer, and later requests are served.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from serve_apps.generation import BatchRun, Prepared
+from serve_apps.generation import BatchRun, Prepared, error_event
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ class _Waiter:
 class _Running:
     run: BatchRun
     waiters: list[_Waiter]
-    started: bool = False
+    started: bool = False  # its prefill has run (or been tried)
 
 
 class Scheduler:
@@ -105,8 +111,12 @@ class Scheduler:
         on_batch: called with each new batch's record (id, queue, rate, requested rates, size, ...).
     """
 
-    def __init__(self, config: BatchingConfig, current_model: Callable[[], tuple[Any, Any, str]],
-                 on_batch: Callable[[dict[str, Any]], None] = lambda info: None):
+    def __init__(
+        self,
+        config: BatchingConfig,
+        current_model: Callable[[], tuple[Any, Any, str]],
+        on_batch: Callable[[dict[str, Any]], None] = lambda info: None,
+    ):
         self.config = config
         self.current_model = current_model
         self.on_batch = on_batch
@@ -143,8 +153,11 @@ class Scheduler:
         if busy and len(self.running) >= self.config.max_running_batches:
             return None
         limit = self.config.max_queue_delay_s if busy else self.config.batch_wait_timeout_s
-        ready = [(q[0].arrived, key) for key, q in self.queues.items()
-                 if q and (len(q) >= self.config.max_batch_size or now - q[0].arrived >= limit)]
+        ready = [
+            (q[0].arrived, key)
+            for key, q in self.queues.items()
+            if q and (len(q) >= self.config.max_batch_size or now - q[0].arrived >= limit)
+        ]
         return min(ready)[1] if ready else None
 
     def _next_deadline(self, now: float) -> float | None:
@@ -162,55 +175,113 @@ class Scheduler:
             rate = 1
         else:
             rate = mixed_batch_rate(requested)
-        model, processor, version = self.current_model()
-        run = BatchRun(model, processor, [w.item for w in waiters], rate, key)
-        run.info.update(fingerprint=version, started=round(time.time(), 3))
-        self.on_batch(run.info)
+        self._launch(waiters, rate, key)
+
+    def _launch(self, waiters: list[_Waiter], rate: str | int, key: str) -> None:
+        """Start a new batch of `waiters` on the current model."""
+
+        def build() -> BatchRun:
+            model, processor, version = self.current_model()
+            run = BatchRun(model, processor, [w.item for w in waiters], rate, key)
+            run.info["fingerprint"] = version
+            return run
+
+        self._add(waiters, build)
+
+    def _add(self, waiters: list[_Waiter], build: Callable[[], BatchRun]) -> None:
+        """Add the batch `build()` makes to the running ones; if it cannot be built, answer its requests."""
+        try:
+            run = build()
+            run.info["started"] = round(time.time(), 3)
+            self.on_batch(run.info)
+        except Exception as exc:  # noqa: BLE001 - e.g. no model loaded: the requests get an error, the loop goes on
+            logger.exception("cannot start a batch of %d requests", len(waiters))
+            for waiter in waiters:
+                _finish(waiter, error_event(f"generation failed: {exc}"))
+            return
         self.running.append(_Running(run, waiters))
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            key = self._ready_queue(time.monotonic())
-            while key is not None:
-                self._start_batch(key)
-                key = self._ready_queue(time.monotonic())
-            if not self.running:
-                self._wake.clear()
-                timeout = self._next_deadline(time.monotonic())
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+    def _fail(self, entry: _Running, exc: Exception, prefill: bool, isolate: bool = True) -> None:
+        """A step of `entry` raised. To `isolate` the request at fault, each of several requests left goes on in a
+        batch of its own (after a failed `prefill` it starts again; after a failed decode step it re-reads what
+        it generated, as its KV cache is lost), so only that request fails; else they end with an error."""
+        self.running.remove(entry)
+        logger.error("batch %s failed", entry.run.batch_id, exc_info=exc)
+        run = entry.run
+        run.info["failed"] = f"{type(exc).__name__}: {exc}"
+        unfinished = [i for i, row in enumerate(run.rows) if not row.finished]
+        if isolate and prefill and len(entry.waiters) > 1:
+            for waiter in entry.waiters:  # nothing was sent yet: each request starts afresh
+                self._launch([waiter], run.compression, run.info["queue"])
+        elif isolate and len(unfinished) > 1:
+            for i in unfinished:
+                self._add([entry.waiters[i]], functools.partial(run.split_row, i))
+        else:
+            for i in unfinished:
+                run.rows[i].finished = True
+                _finish(entry.waiters[i], error_event(f"generation failed: {exc}"))
+
+    def _deliver(self, entry: _Running, events: list[dict[str, Any] | None]) -> None:
+        for waiter, event in zip(entry.waiters, events):
+            if event is None:
                 continue
-            for entry in list(self.running):
-                step = entry.run.step if entry.started else entry.run.prefill
-                entry.started = True
-                try:
-                    events = await loop.run_in_executor(self._compute, step)
-                except Exception as exc:  # a failed batch answers its members instead of hanging them
-                    logger.exception("batch %s failed", entry.run.batch_id)
-                    for waiter, row in zip(entry.waiters, entry.run.rows):
-                        if not row.finished:
-                            waiter.events.put_nowait({"type": "error", "status": 500, "param": None,
-                                                      "message": f"generation failed: {exc}",
-                                                      "code": "generation_failed"})
-                            waiter.events.put_nowait(None)
-                    self.running.remove(entry)
-                    continue
-                for waiter, event in zip(entry.waiters, events):
-                    if event is None:
-                        continue
-                    if event["type"] == "final":
-                        event["fingerprint"] = entry.run.info.get("fingerprint")
-                    waiter.events.put_nowait(event)
-                    if event["type"] == "final":
-                        waiter.events.put_nowait(None)
-                if entry.run.done:
-                    self.running.remove(entry)
-                # let new arrivals queue (and maybe start) between steps
-                await asyncio.sleep(0)
-                key = self._ready_queue(time.monotonic())
-                if key is not None and len(self.running) < self.config.max_running_batches:
-                    self._start_batch(key)
+            if event["type"] == "final":
+                event["fingerprint"] = entry.run.info.get("fingerprint")
+            if event["type"] in ("final", "error"):
+                _finish(waiter, event)
+            else:
+                waiter.events.put_nowait(event)
+        if entry.run.done:
+            self.running.remove(entry)
+
+    async def _advance(self, entry: _Running) -> None:
+        """One step of one running batch on the compute thread: its prefill first, then one token per step."""
+        prefill = not entry.started
+        entry.started = True
+        try:
+            events = await asyncio.get_running_loop().run_in_executor(
+                self._compute, entry.run.prefill if prefill else entry.run.step
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed batch answers its members instead of hanging them
+            self._fail(entry, exc, prefill)
+            return
+        self._deliver(entry, events)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - last line of defence: a bug here must not stop the replica's serving
+                logger.exception("scheduler tick failed; ending the running batches")
+                for entry in list(self.running):
+                    self._fail(entry, RuntimeError("internal scheduler error"), prefill=False, isolate=False)
+                await asyncio.sleep(0.01)
+
+    async def _tick(self) -> None:
+        """Start the batches that are due, then advance every running batch by one step."""
+        key = self._ready_queue(time.monotonic())
+        while key is not None:
+            self._start_batch(key)
+            key = self._ready_queue(time.monotonic())
+        if not self.running:
+            self._wake.clear()
+            timeout = self._next_deadline(time.monotonic())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            return
+        for entry in list(self.running):
+            await self._advance(entry)
+            # let new arrivals queue (and maybe start) between steps
+            await asyncio.sleep(0)
+            key = self._ready_queue(time.monotonic())
+            if key is not None and len(self.running) < self.config.max_running_batches:
+                self._start_batch(key)
+
+
+def _finish(waiter: _Waiter, event: dict[str, Any]) -> None:
+    """Send a request its last event (`final` or `error`) and close its stream."""
+    waiter.events.put_nowait(event)
+    waiter.events.put_nowait(None)
 
 
 __all__ = ["MODES", "BatchingConfig", "Scheduler", "mixed_batch_rate"]

@@ -53,8 +53,12 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
 
 
 def image_message(url: str, question: str = "What colour is the big shape?") -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 class FakeBackend:
@@ -69,15 +73,26 @@ class FakeBackend:
         if self.mode == "overloaded":
             raise Overloaded("num_queued_requests=2, max_queued_requests=2")
         if self.mode == "prompt_error":
-            yield {"type": "error", "status": 400, "message": "the prompt is 999 tokens", "param": "messages",
-                   "code": "prompt_too_long"}
+            yield {
+                "type": "error",
+                "status": 400,
+                "message": "the prompt is 999 tokens",
+                "param": "messages",
+                "code": "prompt_too_long",
+            }
             return
         yield {"type": "start", "prompt_tokens": 10, "fingerprint": "v1"}
         yield {"type": "delta", "text": "a red "}
         usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prefill_flops_saved": 0.4}
         batch = {"id": 7, "queue": "4", "rate": 4, "size": 1, "requested": [4]}
-        yield {"type": "final", "text": "circle", "finish_reason": "stop", "usage": usage, "batch": batch,
-               "fingerprint": "v1"}
+        yield {
+            "type": "final",
+            "text": "circle",
+            "finish_reason": "stop",
+            "usage": usage,
+            "batch": batch,
+            "fingerprint": "v1",
+        }
 
     async def info(self):
         return {"model": "/ckpt", "version": "v1", "compression_factors": [1, 2, 4]}
@@ -114,8 +129,15 @@ def assert_openai_error(response: httpx.Response, status: int, *needles: str) ->
 
 
 def test_completion_passes_validated_request_to_backend(client, backend):
-    body = {"model": "dpn", "messages": image_message(data_url(png_bytes())), "max_tokens": 5, "temperature": 0,
-            "stop": "\n", "seed": 3, "compression": 4}
+    body = {
+        "model": "dpn",
+        "messages": image_message(data_url(png_bytes())),
+        "max_tokens": 5,
+        "temperature": 0,
+        "stop": "\n",
+        "seed": 3,
+        "compression": 4,
+    }
     response = post(client, body)
     assert response.status_code == 200, response.text
     out = response.json()
@@ -124,8 +146,13 @@ def test_completion_passes_validated_request_to_backend(client, backend):
     assert out["usage"]["prefill_flops_saved"] == 0.4
     assert response.headers["x-dpn-batch-rate"] == "4"
     sent = backend.requests[0]
-    assert sent["compression"] == 4 and sent["max_tokens"] == 5 and sent["stop"] == ["\n"] and sent["seed"] == 3
-    assert sent["images"] == [png_bytes()]
+    assert (
+        sent["compression"] == 4 and sent["max_tokens"] == 5 and sent["stop"] == ["\n"] and sent["seed"] == 3
+    )
+    assert [image.shape for image in sent["images"]] == [(30, 40, 3)]  # decoded once, in the ingress
+    assert np.array_equal(
+        sent["images"][0], np.asarray(PIL.Image.open(io.BytesIO(png_bytes())).convert("RGB"))
+    )
     assert sent["messages"][0]["content"][0] == {"type": "image_url"}
 
 
@@ -133,19 +160,22 @@ def test_defaults_and_raw_base64(client, backend):
     raw = base64.b64encode(png_bytes()).decode()
     assert post(client, {"messages": image_message(raw)}).status_code == 200
     sent = backend.requests[0]
-    assert sent["compression"] == "auto" and sent["max_tokens"] == 8 and sent["images"] == [png_bytes()]
+    assert (
+        sent["compression"] == "auto" and sent["max_tokens"] == 8 and sent["images"][0].shape == (30, 40, 3)
+    )
 
 
 def test_stream_is_openai_sse(client):
-    with client.stream("POST", "/v1/chat/completions",
-                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     import json
 
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "a red circle"
@@ -156,33 +186,102 @@ BAD_REQUESTS = [
     ("missing messages", {"max_tokens": 3}, "missing required field 'messages'"),
     ("empty messages", {"messages": []}, "messages"),
     ("messages wrong type", {"messages": "hello"}, "messages"),
-    ("max_tokens wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, "max_tokens"),
-    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
+    (
+        "max_tokens wrong type",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+        "max_tokens",
+    ),
+    (
+        "temperature out of range",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+        "temperature",
+    ),
     ("stream wrong type", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, "messages.0.content"),
+    (
+        "unknown part type",
+        {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]},
+        "messages.0.content",
+    ),
     ("compression 3", {"messages": [{"role": "user", "content": "hi"}], "compression": 3}, "compression"),
-    ("compression string", {"messages": [{"role": "user", "content": "hi"}], "compression": "max"}, "compression"),
-    ("max_tokens over limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "limit of 32"),
-    ("invalid base64", {"messages": image_message("data:image/png;base64,@@@not-base64@@@")}, "not valid base64"),
+    (
+        "compression string",
+        {"messages": [{"role": "user", "content": "hi"}], "compression": "max"},
+        "compression",
+    ),
+    (
+        "max_tokens over limit",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33},
+        "limit of 32",
+    ),
+    (
+        "invalid base64",
+        {"messages": image_message("data:image/png;base64,@@@not-base64@@@")},
+        "not valid base64",
+    ),
     ("raw text not base64", {"messages": image_message("hello there!")}, "not valid base64"),
-    ("not an image", {"messages": image_message(data_url(b"just some text, not pixels"))}, "not a readable image"),
+    (
+        "not an image",
+        {"messages": image_message(data_url(b"just some text, not pixels"))},
+        "not a readable image",
+    ),
     ("non-image media type", {"messages": image_message(data_url(b"abc", "text/plain"))}, "not an image"),
-    ("ftp scheme", {"messages": image_message("ftp://example.com/cat.png")}, "unsupported image URL scheme 'ftp'"),
+    (
+        "ftp scheme",
+        {"messages": image_message("ftp://example.com/cat.png")},
+        "unsupported image URL scheme 'ftp'",
+    ),
     ("file scheme", {"messages": image_message("file:///etc/passwd")}, "unsupported image URL scheme 'file'"),
-    ("remote url disabled", {"messages": image_message("https://example.com/cat.png")}, "remote image URLs are disabled"),
-    ("too many pixels", {"messages": image_message(data_url(flat_png(300, 300)))}, "more than the limit of 40000 pixels"),
-    ("too many bytes", {"messages": image_message(data_url(png_bytes(190, 190, fmt="BMP"), "image/bmp"))},
-     "more than the limit of 20000 bytes"),
-    ("too many images", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}, {"type": "text", "text": "?"}]}]},
-     "too many images"),
-    ("image in assistant turn", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}, {"role": "user", "content": "?"}]},
-     "only accepted in user messages"),
-    ("last message not user", {"messages": [{"role": "user", "content": "hi"},
-                                            {"role": "assistant", "content": "hello"}]}, "last message"),
+    (
+        "remote url disabled",
+        {"messages": image_message("https://example.com/cat.png")},
+        "remote image URLs are disabled",
+    ),
+    (
+        "too many pixels",
+        {"messages": image_message(data_url(flat_png(300, 300)))},
+        "more than the limit of 40000 pixels",
+    ),
+    (
+        "too many bytes",
+        {"messages": image_message(data_url(png_bytes(190, 190, fmt="BMP"), "image/bmp"))},
+        "more than the limit of 20000 bytes",
+    ),
+    (
+        "too many images",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                        {"type": "text", "text": "?"},
+                    ],
+                }
+            ]
+        },
+        "too many images",
+    ),
+    (
+        "image in assistant turn",
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}],
+                },
+                {"role": "user", "content": "?"},
+            ]
+        },
+        "only accepted in user messages",
+    ),
+    (
+        "last message not user",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        "last message",
+    ),
     ("truncated png", {"messages": image_message(data_url(png_bytes()[:60]))}, "image"),
 ]
 
@@ -196,19 +295,25 @@ def test_bad_input_is_openai_400(client, backend, name, body, needle):
 
 
 def test_body_not_json_is_400(client):
-    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_openai_error(response, 400, "not valid JSON")
 
 
 def test_unknown_model_is_404_and_unknown_route_is_openai_error(client):
-    error = assert_openai_error(post(client, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404)
+    error = assert_openai_error(
+        post(client, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404
+    )
     assert error["code"] == "model_not_found"
     assert_openai_error(client.get("/v1/nothing"), 404)
 
 
 def test_prompt_error_from_replica_is_400(client, backend):
     backend.mode = "prompt_error"
-    error = assert_openai_error(post(client, {"messages": [{"role": "user", "content": "x"}]}), 400, "999 tokens")
+    error = assert_openai_error(
+        post(client, {"messages": [{"role": "user", "content": "x"}]}), 400, "999 tokens"
+    )
     assert error["code"] == "prompt_too_long"
 
 
@@ -226,7 +331,9 @@ def test_api_key(backend, monkeypatch):
     client = TestClient(create_api(backend, Settings(api_key_env="DPN_TEST_KEY")))
     body = {"messages": [{"role": "user", "content": "hi"}]}
     assert_openai_error(post(client, body), 401, "missing API key")
-    assert_openai_error(post(client, body, headers={"Authorization": "Bearer wrong"}), 401, "incorrect API key")
+    assert_openai_error(
+        post(client, body, headers={"Authorization": "Bearer wrong"}), 401, "incorrect API key"
+    )
     assert_openai_error(client.get("/v1/models"), 401)
     assert post(client, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/health").status_code == 200  # load balancers probe without a key
@@ -243,8 +350,9 @@ def test_openai_client_against_in_process_app(client):
     from openai import OpenAI
 
     oai = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
-    out = oai.chat.completions.create(model="dpn", messages=image_message(data_url(png_bytes())),
-                                      extra_body={"compression": 2})
+    out = oai.chat.completions.create(
+        model="dpn", messages=image_message(data_url(png_bytes())), extra_body={"compression": 2}
+    )
     assert out.choices[0].message.content == "a red circle"
     assert out.usage.model_extra["prefill_flops_saved"] == 0.4
 
@@ -276,8 +384,13 @@ def test_serve_configs_are_valid(name):
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"DPNModel", "OpenAIIngress"}
     for deployment in deployments.values():
-        assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
-                "downscale_delay_s"} <= set(deployment["autoscaling_config"])
+        assert {
+            "min_replicas",
+            "max_replicas",
+            "target_ongoing_requests",
+            "upscale_delay_s",
+            "downscale_delay_s",
+        } <= set(deployment["autoscaling_config"])
     if "7b" in name:
         assert deployments["DPNModel"]["ray_actor_options"]["num_gpus"] == 1 and args.dtype == "bfloat16"
 
@@ -290,7 +403,9 @@ def checkpoints(tmp_path_factory) -> tuple[str, str]:
     from dpn_model.presets import create_checkpoint
 
     root = tmp_path_factory.mktemp("serve_ckpt")
-    return create_checkpoint("tiny", str(root / "v1"), seed=0), create_checkpoint("tiny", str(root / "v2"), seed=1)
+    return create_checkpoint("tiny", str(root / "v1"), seed=0), create_checkpoint(
+        "tiny", str(root / "v2"), seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +418,14 @@ def tiny(checkpoints):
 def _prepared(processor, question: str, **overrides):
     from serve_apps.generation import prepare
 
-    request = {"messages": image_message("x", question), "images": [png_bytes(seed=len(question))],
-               "max_tokens": 6, "temperature": 0.0, "compression": 2, **overrides}
+    request = {
+        "messages": image_message("x", question),
+        "images": [png_bytes(seed=len(question))],
+        "max_tokens": 6,
+        "temperature": 0.0,
+        "compression": 2,
+        **overrides,
+    }
     return prepare(processor, request, max_prompt_tokens=4096)
 
 
@@ -325,13 +446,24 @@ def _run(model, processor, items, rate):
 
 def test_batched_left_padded_generation_matches_generate(tiny):
     model, processor = tiny
-    items = [_prepared(processor, "Colour?"), _prepared(processor, "How many small shapes are in the picture?")]
+    items = [
+        _prepared(processor, "Colour?"),
+        _prepared(processor, "How many small shapes are in the picture?"),
+    ]
     run, finals = _run(model, processor, items, 2)
     for item, row in zip(items, run.rows):
-        reference = model.generate(input_ids=torch.tensor([item.input_ids]), pixel_values=item.pixel_values,
-                                   compression=2, max_new_tokens=6, do_sample=False)
-        expected = reference[0, len(item.input_ids):].tolist()
-        assert row.generated == [t for t in expected if t != processor.tokenizer.eos_token_id][: len(row.generated)]
+        reference = model.generate(
+            input_ids=torch.tensor([item.input_ids]),
+            pixel_values=item.pixel_values,
+            compression=2,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+        expected = reference[0, len(item.input_ids) :].tolist()
+        assert (
+            row.generated
+            == [t for t in expected if t != processor.tokenizer.eos_token_id][: len(row.generated)]
+        )
     usage = finals[0]["usage"]
     assert usage["compression_per_pooling_layer"] == [2, 2, 2]
     assert usage["visual_tokens_per_layer"] == [256, 128, 64, 32]
@@ -344,7 +476,9 @@ def test_sampling_params_stop_and_seed(tiny):
     assert greedy["finish_reason"] in ("length", "stop") and greedy["usage"]["compression_run"] == 1
     if len(greedy["full_text"]) > 2:
         stop = greedy["full_text"][1:3]
-        stopped = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8, stop=[stop])], 1)[1][0]
+        stopped = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8, stop=[stop])], 1)[1][
+            0
+        ]
         assert stopped["finish_reason"] == "stop" and stop not in stopped["full_text"]
         assert greedy["full_text"].startswith(stopped["full_text"])
     sampled = [_prepared(processor, "Colour?", temperature=1.0, top_p=0.9, seed=11) for _ in range(2)]
@@ -359,8 +493,16 @@ def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
     with pytest.raises(PromptError, match="reserved token"):
         _prepared(processor, "tell me <router> now")
     with pytest.raises(PromptError, match="limit of 300"):
-        prepare(processor, {"messages": image_message("x", "word " * 200), "images": [png_bytes()],
-                            "max_tokens": 4, "compression": 1}, max_prompt_tokens=300)
+        prepare(
+            processor,
+            {
+                "messages": image_message("x", "word " * 200),
+                "images": [png_bytes()],
+                "max_tokens": 4,
+                "compression": 1,
+            },
+            max_prompt_tokens=300,
+        )
 
 
 def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
@@ -372,7 +514,9 @@ def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
     model, processor = tiny
     records: list[dict[str, Any]] = []
     config = BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.05, mode=mode)
-    items = [_prepared(processor, f"Question {i}?", compression=rate, max_tokens=2) for i, rate in enumerate(rates)]
+    items = [
+        _prepared(processor, f"Question {i}?", compression=rate, max_tokens=2) for i, rate in enumerate(rates)
+    ]
 
     async def main():
         scheduler = Scheduler(config, lambda: (model, processor, "v"), records.append)
@@ -414,10 +558,16 @@ def _free_port() -> int:
 
 
 def _app_args(model: str, version: str, **extra) -> dict[str, Any]:
-    return {"model": model, "version": version, "device": "cpu", "api_key_env": "DPN_SERVE_TEST_KEY",
-            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
-            "limits": {"max_prompt_tokens": 400, "max_tokens": 16, "default_max_tokens": 8},
-            "model_options": {"ray_actor_options": {"num_cpus": 1}}, **extra}
+    return {
+        "model": model,
+        "version": version,
+        "device": "cpu",
+        "api_key_env": "DPN_SERVE_TEST_KEY",
+        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
+        "limits": {"max_prompt_tokens": 400, "max_tokens": 16, "default_max_tokens": 8},
+        "model_options": {"ray_actor_options": {"num_cpus": 1}},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -455,8 +605,9 @@ def _auth() -> dict[str, str]:
 def test_ray_openai_client_completion_and_stream(served):
     oai = _openai(served)
     messages = image_message(data_url(png_bytes()))
-    out = oai.chat.completions.create(model="dpn", messages=messages, max_tokens=6, temperature=0,
-                                      extra_body={"compression": 4})
+    out = oai.chat.completions.create(
+        model="dpn", messages=messages, max_tokens=6, temperature=0, extra_body={"compression": 4}
+    )
     assert out.object == "chat.completion" and out.system_fingerprint == "v1"
     assert out.choices[0].finish_reason in ("stop", "length")
     usage = out.usage.model_extra
@@ -465,8 +616,16 @@ def test_ray_openai_client_completion_and_stream(served):
     assert usage["compression_per_pooling_layer"] == [4, 4, 4] and usage["prefill_flops_saved"] > 0.3
     assert out.model_extra["dpn_batch"]["rate"] == 4
 
-    chunks = list(oai.chat.completions.create(model="dpn", messages=messages, max_tokens=6, temperature=0,
-                                              stream=True, extra_body={"compression": 4}))
+    chunks = list(
+        oai.chat.completions.create(
+            model="dpn",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"compression": 4},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == out.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
@@ -484,8 +643,13 @@ def test_ray_batches_never_mix_rates(served):
 
     def ask(i_rate):
         i, rate = i_rate
-        out = oai.chat.completions.create(model="dpn", messages=image_message(data_url(png_bytes(seed=i))),
-                                          max_tokens=3, temperature=0, extra_body={"compression": rate})
+        out = oai.chat.completions.create(
+            model="dpn",
+            messages=image_message(data_url(png_bytes(seed=i))),
+            max_tokens=3,
+            temperature=0,
+            extra_body={"compression": rate},
+        )
         return rate, out.model_extra["dpn_batch"], out.usage.model_extra
 
     with ThreadPoolExecutor(len(rates)) as pool:
@@ -494,8 +658,11 @@ def test_ray_batches_never_mix_rates(served):
         assert batch["rate"] == rate and usage["compression_run"] == rate
         if rate != "auto":
             assert set(usage["compression_per_pooling_layer"]) == {rate}
-    batches = [b for b in httpx.get(served + "/v1/dpn/batches", headers=_auth()).json()["data"]
-               if b["id"] not in before]
+    batches = [
+        b
+        for b in httpx.get(served + "/v1/dpn/batches", headers=_auth()).json()["data"]
+        if b["id"] not in before
+    ]
     assert sum(b["size"] for b in batches) == len(rates)
     for batch in batches:
         assert set(batch["requested"]) == {batch["rate"]}, batch
@@ -512,7 +679,9 @@ def test_ray_errors_auth_and_keeps_serving(served):
     assert_openai_error(httpx.post(url, json=bad_image, headers=_auth()), 400, "not valid base64")
     assert_openai_error(httpx.post(url, json={"max_tokens": 2}, headers=_auth()), 400, "messages")
     long_prompt = {"messages": image_message(data_url(png_bytes()), "why " * 200), "max_tokens": 2}
-    error = assert_openai_error(httpx.post(url, json=long_prompt, headers=_auth(), timeout=60), 400, "limit of 400")
+    error = assert_openai_error(
+        httpx.post(url, json=long_prompt, headers=_auth(), timeout=60), 400, "limit of 400"
+    )
     assert error["code"] == "prompt_too_long"  # checked on the replica, which owns the tokenizer
     assert httpx.post(url, json=good, headers=_auth(), timeout=60).status_code == 200
     assert httpx.get(served + "/health").json()["status"] == "ok"
@@ -554,7 +723,10 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
     assert "v1" in fingerprints and fingerprints[-1] == "v2"
     assert httpx.get(served + "/v1/models", headers=_auth()).json()["data"][0]["root"] == checkpoints[1]
     # swapped in place by reconfigure(), not by replacing the replica
-    assert httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"] == replica
+    assert (
+        httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"]
+        == replica
+    )
 
 
 @pytest.mark.ray
@@ -563,9 +735,16 @@ def test_ray_overload_is_503_with_retry_after(served, checkpoints):
 
     from serve_apps.app import build_app
 
-    tight = _app_args(checkpoints[1], "v2", retry_after_s=3,
-                      model_options={"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 1,
-                                     "max_queued_requests": 1})
+    tight = _app_args(
+        checkpoints[1],
+        "v2",
+        retry_after_s=3,
+        model_options={
+            "ray_actor_options": {"num_cpus": 1},
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+        },
+    )
     serve.run(build_app(tight), name="dpn", route_prefix="/")
     body = {"messages": image_message(data_url(png_bytes())), "max_tokens": 16, "temperature": 0}
 
