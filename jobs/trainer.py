@@ -164,9 +164,11 @@ def build_loop_spec(
     from jobs.train_loop import deepspeed_config
 
     precision = resolve_precision(cfg)
-    if precision != "fp32" and not cfg.run.use_gpu:
+    # DeepSpeed's CPU accelerator runs bf16 (ZeRO keeps fp32 master weights): the GPU recipe's precision can be
+    # checked on CPU (tests/test_bf16.py, benchmarks/gpu_check.sh --dry-run); fp16 with loss scaling is GPU-only here
+    if precision == "fp16" and not cfg.run.use_gpu:
         raise ConfigError(
-            f"deepspeed.precision={precision} needs GPUs (run.use_gpu=true); CPU training is fp32"
+            "deepspeed.precision=fp16 needs GPUs (run.use_gpu=true); CPU training runs fp32 (auto) or bf16"
         )
     ds = deepspeed_config(
         load_deepspeed_json(cfg),
