@@ -8,7 +8,7 @@ never reaches a batch, and every error leaves in OpenAI's shape: 400/401/404/413
 for anything unexpected (a bug, logged with its traceback).
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /v1/dpn/batches` (recent batches with
-the rate each ran at and the rates its requests asked for).
+the rate each ran at and the rates its requests asked for: `"auto"`, a factor, or a schedule's label `"1-2-4"`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class Settings:
         api_key_env: Environment variable holding the API key; when it is set and non-empty, every route but
             `/health` needs `Authorization: Bearer <key>`.
         retry_after_s: `Retry-After` seconds on 503 responses (overloaded or model unavailable).
-        default_compression: Compression of requests that do not set `compression` (`auto`, 1, 2 or 4).
+        default_compression: Compression of requests that do not set `compression`: `"auto"`, a factor or a
+            schedule (a list of factors), already checked for form (serve_apps.compression.check_form).
         health_timeout_s: Longest wait for the model's info on `/health` and `/v1/models`; beyond it they
             answer 503 (a dead replica must not make the probe hang until the replacement is up).
     """
@@ -85,7 +86,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
-    default_compression: str | int = "auto"
+    default_compression: str | int | list[int] = "auto"
     health_timeout_s: float = 2.0
 
     def api_key(self) -> str | None:
@@ -135,6 +136,7 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
                         "root": info.get("model"),
                         "version": info.get("version"),
                         "compression": ["auto", *info.get("compression_factors", [])],
+                        **_schedule_length(info),
                     }
                 ],
             }
@@ -162,6 +164,12 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
         return await _chat_completion(req, backend, settings)
 
     return app
+
+
+def _schedule_length(info: dict[str, Any]) -> dict[str, int]:
+    """How many factors a `compression` schedule of the served model has (one per pooling layer), when known."""
+    layers = info.get("pooling_layers")
+    return {"compression_schedule_length": len(layers)} if isinstance(layers, list) else {}
 
 
 def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.api import Overloaded, Settings, Unavailable, create_api
 from serve_apps.limits import Limits
 from serve_apps.model import BatchingConfig, ModelDeployment
+from serve_apps.protocol import Compression
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class AppArgs(BaseModel):
         limits: `Limits` fields (image bytes/pixels/count, prompt tokens, max_tokens, remote images).
         api_key_env: Environment variable with the API key (unset or empty: no auth).
         retry_after_s: `Retry-After` on 503 (overloaded, or the model unavailable).
-        default_compression: Compression of requests that do not set `compression`.
+        default_compression: Compression of requests that do not set `compression`: `auto`, a factor, or a schedule
+            (`[1, 2, 4]`, `"1,2,4"`); checked for form here, against each model the replicas load there.
         health_timeout_s: Longest wait for the model deployment on `/health` and `/v1/models` before a 503.
         model_options: Serve deployment options of the model deployment (`autoscaling_config`,
             `ray_actor_options`, `max_queued_requests`, ...), for builds without a config file (`dpn serve`);
@@ -64,7 +66,7 @@ class AppArgs(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
-    default_compression: Literal["auto", 1, 2, 4] = "auto"
+    default_compression: Compression = "auto"
     health_timeout_s: float = Field(default=2.0, gt=0)
     model_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -153,6 +155,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         limits=limits.to_dict(),
         device=parsed.device,
         dtype=parsed.dtype,
+        default_compression=parsed.default_compression,
     )
     settings = {
         "served_model_name": parsed.served_model_name,

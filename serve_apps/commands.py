@@ -15,12 +15,16 @@ import time
 logger = logging.getLogger(__name__)
 
 
-def _compression(value: str) -> str | int:
-    if value == "auto":
+def _compression(value: str) -> str | int | list[int]:
+    """`auto`, a factor (`2`) or a schedule (`1,2,4`, `1-2-4`); the model's factors are checked when it loads."""
+    if value == "auto":  # the default: no need to import the model package to parse it
         return value
-    if value in ("1", "2", "4"):
-        return int(value)
-    raise argparse.ArgumentTypeError(f"compression must be auto, 1, 2 or 4, got {value!r}")
+    from serve_apps.compression import check_form
+
+    try:
+        return check_form(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compression-default",
         type=_compression,
         default="auto",
-        help="compression of requests that do not set it: auto, 1, 2, 4 (default auto)",
+        help="compression of requests that do not set it: auto, a factor (1, 2, 4) or one factor per pooling "
+        "layer (1,2,4) (default auto)",
     )
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch, per rate queue")
     parser.add_argument("--batch-wait-s", type=float, default=0.02, help="batch wait timeout in seconds")

@@ -1,6 +1,7 @@
 """Batched generation for serving: prompt preparation, one prefill, step-by-step decoding with per-request sampling.
 
-No Ray here. A [`BatchRun`] takes requests that share one compression rate, left-pads them into one batch, runs
+No Ray here. A [`BatchRun`] takes requests that share one compression rate (`"auto"`, a factor, or a schedule such
+as `"1-2-4"`: see serve_apps.compression), left-pads them into one batch, runs
 the prefill once (where DPN pools the visual tokens) and then decodes one token per step for every unfinished
 request. Each request keeps its own `max_tokens`, `temperature`, `top_p`, `seed` and `stop` strings, which
 `generate()` cannot do in one batch. Each step returns one event per request (a text delta, the final event with
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from dpn_model import flops as flops_lib
+from serve_apps.compression import Rate, as_rate
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class Prepared:
     top_p: float
     seed: int | None
     stop: list[str]
-    compression: str | int  # what the request asked for
+    compression: Rate  # what the request asked for: "auto", a factor, or a schedule's label ("1-2-4")
     request_id: str = ""
     ignore_eos: bool = False
 
@@ -138,7 +140,7 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         top_p=1.0 if request.get("top_p") is None else float(request["top_p"]),
         seed=request.get("seed"),
         stop=list(request.get("stop") or []),
-        compression=request.get("compression", "auto"),
+        compression=as_rate(request.get("compression", "auto")),
         request_id=request.get("request_id", ""),
         ignore_eos=bool(request.get("ignore_eos", False)),
     )
@@ -181,7 +183,8 @@ class BatchRun:
         model: a `DPNForConditionalGeneration` in eval mode.
         processor: its `DPNProcessor` (tokenizer for padding, stop handling and detokenization).
         requests: the batch; all run with `compression`.
-        compression: `"auto"` or a forced factor the model runs this batch at.
+        compression: `"auto"`, a forced factor, or a schedule (`"1-2-4"`, `[1, 2, 4]`) the model runs this batch
+            at; kept (and reported) as its `Rate`.
         queue: the name of the queue the batch came from (for observability).
     """
 
@@ -190,7 +193,7 @@ class BatchRun:
         model: Any,
         processor: Any,
         requests: list[Prepared],
-        compression: str | int,
+        compression: Rate | list[int],
         queue: str,
         resume: list[tuple[_RowState, torch.Generator | None]] | None = None,
     ):
@@ -198,12 +201,12 @@ class BatchRun:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.requests = requests
-        self.compression = compression
+        self.compression = as_rate(compression)
         self.batch_id = next(_batch_ids)
         self.info = {
             "id": self.batch_id,
             "queue": queue,
-            "rate": compression,
+            "rate": self.compression,
             "size": len(requests),
             "requested": [r.compression for r in requests],
         }

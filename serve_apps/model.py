@@ -1,17 +1,20 @@
 """The model deployment: one DPN model per replica, one batch queue per compression rate.
 
-Each request is tokenized on arrival, then waits in the queue of the rate it runs at: `auto` (the router decides
-per sample), 1 (dense), 2 or 4 (serve_apps.scheduler). A batch is taken from one queue only, so every sequence of a
-batch has the same visual length after each pooling layer: no compute is spent on padding between rates. Batches
-are formed when the model can take them (not on a fixed timer), and running batches share one compute thread,
-advancing one step each in turn.
+Each request's `compression` is checked against the model's config on arrival (factors its experts have, one per
+pooling layer for a schedule: a 400 naming `compression` otherwise, listing what the model serves; see
+serve_apps.compression); the request is tokenized, then waits in the queue of the rate it runs at: `auto` (the
+router decides per sample), 1 (dense), 2, 4, or a schedule such as `1-2-4` (serve_apps.scheduler). A batch is
+taken from one queue only, so every sequence of a batch has the same visual length after each pooling layer: no
+compute is spent on padding between rates. Batches are formed when the model can take them (not on a fixed
+timer), and running batches share one compute thread, advancing one step each in turn.
 
 `mode` exists to measure what the per-rate queues buy (see benchmarks/serve_load.py):
 
 - `bucketed` (default): one queue per rate, as above.
 - `mixed`: one queue for everything. The model applies one rate per forward pass, so a batch holding several
-  rates runs at the densest rate any of its requests may need (the smallest forced factor, or 1 when `auto`
-  requests are mixed with others): the compute of padding every sequence to the densest visual length.
+  rates runs at the densest rate any of its requests may need (per pooling layer the smallest forced factor, or
+  1 when `auto` requests are mixed with others): the compute of padding every sequence to the densest visual
+  length.
 - `dense`: one queue, every batch at compression 1 (plain LLaVA compute).
 
 Every batch is recorded (id, queue, rate run, rates requested, size) in a bounded history served by `batches()`,
@@ -37,7 +40,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_apps import loading
+from serve_apps import compression, loading
 from serve_apps.generation import Prepared, PromptError, error_event, prepare
 from serve_apps.limits import Limits
 from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
@@ -54,6 +57,9 @@ class DPNModelServer:
         device: `auto`, `cpu`, `cuda`, ...
         dtype: `auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`.
         model: model ref to load at start when no `user_config` is given (e.g. in tests without Serve).
+        default_compression: the ingress's compression for requests that set none; every model this replica
+            loads must serve it, else the load fails (with the compressions the model serves) and, on a
+            reconfigure, the replica goes on serving the model it has.
     """
 
     def __init__(
@@ -63,10 +69,12 @@ class DPNModelServer:
         device: str = "auto",
         dtype: str = "auto",
         model: str | None = None,
+        default_compression: Any = "auto",
     ):
         self.batching = BatchingConfig.from_dict(batching)
         self.limits = Limits.from_dict(limits)
         self.device, self.dtype = device, dtype
+        self.default_compression = compression.check_form(default_compression)
         self._current: tuple[Any, Any, str, str] | None = None  # (model, processor, ref, version)
         self._reload_lock = asyncio.Lock()
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.batching.history)
@@ -82,6 +90,12 @@ class DPNModelServer:
     # -- model versions ------------------------------------------------------------------------------------
 
     def _swap(self, ref: str, version: str, model: Any, processor: Any) -> None:
+        try:
+            compression.for_model(self.default_compression, model.config)
+        except ValueError as exc:
+            raise ValueError(
+                f"model {ref}: default_compression {self.default_compression!r}: {exc}"
+            ) from None
         self._current = (model, processor, ref, version or ref)
         logger.info("serving model %s (version %s)", ref, version or ref)
 
@@ -166,8 +180,13 @@ class DPNModelServer:
         if self._current is None:
             yield error_event("no model is loaded yet; retry shortly", 503, code="model_loading")
             return
-        _, processor, _, version = self._current
-        prepared = await self._prepare(processor, request)
+        model, processor, _, version = self._current
+        try:
+            rate = compression.for_model(request.get("compression", "auto"), model.config)
+        except ValueError as exc:
+            yield error_event(str(exc), 400, "compression", "invalid_value")
+            return
+        prepared = await self._prepare(processor, {**request, "compression": rate})
         if isinstance(prepared, dict):
             yield prepared
             return

@@ -1,7 +1,8 @@
 """OpenAI chat-completions request schema, response builders and OpenAI-style errors.
 
 The request schema is OpenAI's `POST /v1/chat/completions` body (the fields DPN supports) plus one extra field,
-`compression`: `"auto"` (the router decides, default) or a forced factor 1, 2, 4 (1 = dense). Unknown fields are
+`compression`: `"auto"` (the router decides, default), a forced factor (1 = dense, 2, 4), or one factor per pooling
+layer (`[1, 2, 4]`, `"1,2,4"`, `"1-2-4"`); see serve_apps.compression. Unknown fields are
 ignored, as OpenAI-compatible servers do, so clients that send extra options keep working. Validation failures
 become `400` errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422.
 
@@ -30,8 +31,15 @@ from pydantic import (
     ValidationError,
 )
 
-Compression = Literal["auto", 1, 2, 4]
-COMPRESSION_CHOICES: tuple[str | int, ...] = ("auto", 1, 2, 4)
+from serve_apps.compression import FORMS, check_form
+
+Compression = Annotated[
+    Literal["auto"] | StrictInt | list[StrictInt],
+    BeforeValidator(check_form, json_schema_input_type=str | int | list[int]),
+    Field(description=f"{FORMS}; the model's factors and pooling layers are checked on the replica"),
+]
+"""A `compression` checked for form (serve_apps.compression.check_form): `"auto"`, a factor, or a schedule as a
+list of factors. Whether the model has those factors and that many pooling layers is checked on the replica."""
 
 
 class APIError(Exception):
@@ -136,13 +144,6 @@ Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 """A finite JSON number (ints accepted, booleans and numeric strings not)."""
 
 
-def _compression_choice(value: Any) -> Any:
-    """Accept the strings "1", "2", "4" for the factors; refuse booleans (`true` is not a factor)."""
-    if isinstance(value, bool):
-        raise ValueError("compression must be 'auto' or one of 1, 2, 4 (1 = dense), got a boolean")
-    return {"1": 1, "2": 2, "4": 4}.get(value, value) if isinstance(value, str) else value
-
-
 class ImageURL(_Strict):
     url: Text
     detail: Text | None = None
@@ -181,7 +182,7 @@ class ChatCompletionRequest(_Strict):
     stream: StrictBool = False
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     user: Text | None = None
-    compression: Annotated[Compression, BeforeValidator(_compression_choice)] = "auto"
+    compression: Compression = "auto"
     ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
 
     def stop_list(self) -> list[str]:
@@ -300,7 +301,7 @@ def chat_chunk(
 
 __all__ = [
     "APIError",
-    "COMPRESSION_CHOICES",
+    "Compression",
     "ChatCompletionRequest",
     "ChatMessage",
     "chat_chunk",

@@ -1,7 +1,8 @@
 """Per-rate request queues and the compute loop that turns them into single-rate batches. No Ray here.
 
-Each request waits in the queue of the rate it runs at (`auto`, 1, 2, 4). A batch is taken from one queue only, so
-it never mixes rates. Batches are formed when the model can take them, not on a fixed timer, so under load a batch
+Each request waits in the queue of the rate it runs at: `auto`, a factor (1, 2, 4), or a schedule, one factor per
+pooling layer, keyed by its label (`1-2-4`; serve_apps.compression). A batch is taken from one queue only, so it
+never mixes rates. Batches are formed when the model can take them, not on a fixed timer, so under load a batch
 holds everything that arrived while the previous work ran:
 
 - when nothing is running, the queue whose oldest request has waited `batch_wait_timeout_s` (or that holds
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from serve_apps.compression import Rate, as_rate, densest
 from serve_apps.generation import BatchRun, Prepared, error_event
 
 logger = logging.getLogger(__name__)
@@ -77,14 +79,15 @@ class BatchingConfig:
         return config
 
 
-def mixed_batch_rate(requested: list[str | int]) -> str | int:
-    """The rate a one-queue batch runs at: its only rate, else the densest any member may need."""
-    rates = set(requested)
+def mixed_batch_rate(requested: list[Rate]) -> Rate:
+    """The rate a one-queue batch runs at: its only rate, else the densest any member may need (per pooling layer,
+    the smallest factor any member applies there: `[2, "1-2-4", 4]` runs at `"1-2-2"`)."""
+    rates = {as_rate(rate) for rate in requested}
     if len(rates) == 1:
         return next(iter(rates))
     if "auto" in rates:
         return 1  # the router may pick 1x for an auto request
-    return min(rates)
+    return densest(sorted(rates, key=str))
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Scheduler:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._task: asyncio.Task | None = None
 
-    def queue_key(self, compression: str | int) -> str:
+    def queue_key(self, compression: Rate) -> str:
         return str(compression) if self.config.mode == "bucketed" else self.config.mode
 
     def waiting(self) -> int:
@@ -177,7 +180,7 @@ class Scheduler:
             rate = mixed_batch_rate(requested)
         self._launch(waiters, rate, key)
 
-    def _launch(self, waiters: list[_Waiter], rate: str | int, key: str) -> None:
+    def _launch(self, waiters: list[_Waiter], rate: Rate, key: str) -> None:
         """Start a new batch of `waiters` on the current model."""
 
         def build() -> BatchRun:

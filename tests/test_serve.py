@@ -7,6 +7,7 @@ Serve application on one local Ray cluster shared by the module, with a tiny ran
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import os
@@ -23,6 +24,7 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from serve_apps.api import Overloaded, Settings, create_api
 from serve_apps.limits import Limits
@@ -203,7 +205,17 @@ BAD_REQUESTS = [
         {"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]},
         "messages.0.content",
     ),
-    ("compression 3", {"messages": [{"role": "user", "content": "hi"}], "compression": 3}, "compression"),
+    # the form is checked here; whether the model has a factor or that many pooling layers, on the replica
+    (
+        "compression random",
+        {"messages": [{"role": "user", "content": "hi"}], "compression": "random"},
+        "not served",
+    ),
+    (
+        "compression schedule with a boolean",
+        {"messages": [{"role": "user", "content": "hi"}], "compression": [1, True, 4]},
+        "compression",
+    ),
     (
         "compression string",
         {"messages": [{"role": "user", "content": "hi"}], "compression": "max"},
@@ -362,6 +374,12 @@ def test_mixed_queue_runs_at_densest_needed_rate():
     assert mixed_batch_rate([2, 4, 4]) == 2
     assert mixed_batch_rate(["auto", 4]) == 1
     assert mixed_batch_rate(["auto", "auto"]) == "auto"
+    # schedules: per pooling layer, the smallest factor any member applies there
+    assert mixed_batch_rate(["1-2-4", [1, 2, 4]]) == "1-2-4"
+    assert mixed_batch_rate([2, "1-2-4"]) == "1-2-2"
+    assert mixed_batch_rate(["1-2-4", "4-2-1", 4]) == "1-2-1"
+    assert mixed_batch_rate(["2-2-2", 4]) == 2  # a uniform schedule is its factor
+    assert mixed_batch_rate(["auto", "1-2-4"]) == 1
     with pytest.raises(ValueError, match="mode"):
         BatchingConfig.from_dict({"mode": "fifo"})
     with pytest.raises(ValueError, match="unknown limits"):
@@ -544,6 +562,168 @@ def test_scheduler_batches_hold_one_rate(tiny):
     mixed = _schedule(tiny, "mixed", rates)
     assert any(len(set(r["requested"])) > 1 for r in mixed)
     assert all(r["rate"] == mixed_batch_rate(r["requested"]) for r in mixed)
+
+
+# ------------------------------------------------------------------------------------------- compression schedules
+
+HELLO = [{"role": "user", "content": "hi"}]
+COMPRESSION_FORMS = [
+    ("2", 2),
+    (" 4 ", 4),
+    ("AUTO", "auto"),
+    ([1, 2, 4], [1, 2, 4]),
+    ("1,2,4", [1, 2, 4]),
+    ("1-2-4", [1, 2, 4]),
+    ("[1, 2, 4]", [1, 2, 4]),
+    (["1", "2", "4"], [1, 2, 4]),
+]
+
+
+@pytest.mark.parametrize(("given", "sent"), COMPRESSION_FORMS, ids=[repr(f[0]) for f in COMPRESSION_FORMS])
+def test_compression_forms_reach_the_replica_parsed(client, backend, given, sent):
+    assert post(client, {"messages": HELLO, "compression": given}).status_code == 200
+    assert backend.requests[0]["compression"] == sent
+
+
+def test_default_compression_and_cli_flag_take_a_schedule(backend, capsys):
+    from serve_apps.app import AppArgs
+    from serve_apps.commands import _compression, add_arguments
+
+    args = AppArgs.model_validate({"model": "m", "default_compression": "1,2,4"})
+    assert args.default_compression == [1, 2, 4]
+    settings = Settings(default_compression=args.default_compression, api_key_env="DPN_TEST_UNSET_KEY")
+    assert post(TestClient(create_api(backend, settings)), {"messages": HELLO}).status_code == 200
+    assert backend.requests[0]["compression"] == [1, 2, 4]
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag, parsed in [("1-2-4", [1, 2, 4]), ("[4, 2, 1]", [4, 2, 1]), ("2", 2), ("auto", "auto")]:
+        assert (
+            parser.parse_args(["--model", "m", "--compression-default", flag]).compression_default == parsed
+        )
+    assert parser.parse_args(["--model", "m"]).compression_default == "auto"
+    for bad in ("random", "\u00b2", "1,,2", "true", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="compression"):
+            _compression(bad)
+        with pytest.raises(ValidationError, match="compression"):
+            AppArgs.model_validate({"model": "m", "default_compression": bad})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--compression-default", "random"])
+    assert "not served" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="compression"):
+        AppArgs.model_validate({"model": "m", "default_compression": [1, True, 4]})
+
+
+class LocalBackend:
+    """`serve_apps.api.Backend` over a `DPNModelServer` in this process: the replica's own checks and batches."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def generate(self, request):
+        return self.server.generate(request)
+
+    async def info(self):
+        return self.server.info()
+
+    async def batches(self, limit):
+        return self.server.batches(limit)
+
+
+@pytest.fixture(scope="module")
+def local(checkpoints):
+    """The API over a replica of the tiny model, without Ray."""
+    from serve_apps.model import DPNModelServer
+
+    server = DPNModelServer(
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+        device="cpu",
+        dtype="float32",
+        model=checkpoints[0],
+    )
+    with TestClient(create_api(LocalBackend(server), Settings(api_key_env="DPN_TEST_UNSET_KEY"))) as client:
+        client.server = server
+        yield client
+
+
+@pytest.mark.parametrize("schedule", [[1, 2, 4], "1,2,4"], ids=["list", "string"])
+def test_schedule_request_runs_its_pyramid(local, schedule):
+    from dpn_model import flops
+
+    config = local.server._require_model()[0].config
+    body = {
+        "messages": image_message(data_url(png_bytes())),
+        "max_tokens": 2,
+        "temperature": 0,
+        "compression": schedule,
+    }
+    response = post(local, body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    usage = out["usage"]
+    assert usage["compression_per_pooling_layer"] == [1, 2, 4]
+    assert usage["compression_requested"] == usage["compression_run"] == "1-2-4"
+    # the layers' visual tokens and the FLOPs as the FLOPs model predicts them for this schedule
+    expected = flops.visual_tokens_per_layer(config, [1, 2, 4])
+    assert usage["visual_tokens_per_layer"] == expected and expected[0] == config.num_visual_tokens
+    assert expected != flops.visual_tokens_per_layer(config, 1) != flops.visual_tokens_per_layer(config, 4)
+    text_len = usage["prompt_tokens"] - config.num_visual_tokens
+    estimate = flops.estimate(config, text_len, [1, 2, 4], lm_head_tokens=1)
+    assert usage["prefill_flops"] == pytest.approx(estimate["total"], rel=1e-6)
+    assert out["dpn_batch"]["rate"] == "1-2-4" and response.headers["x-dpn-batch-rate"] == "1-2-4"
+    record = [b for b in local.get("/v1/dpn/batches").json()["data"] if b["id"] == out["dpn_batch"]["id"]]
+    assert record and record[0]["rate"] == record[0]["queue"] == "1-2-4"
+    assert record[0]["requested"] == ["1-2-4"]
+    model_card = local.get("/v1/models").json()["data"][0]
+    assert model_card["compression"] == ["auto", *config.compression_factors]
+    assert model_card["compression_schedule_length"] == len(config.pooling_layers)
+
+
+SCHEDULES_THE_MODEL_CANNOT_RUN = [
+    ("unknown factor", 3, "factor(s) [3]"),
+    ("unknown factor as text", "3", "factor(s) [3]"),
+    ("unknown factor in a schedule", [1, 2, 8], "factor(s) [8]"),
+    ("schedule too short", [1, 2], "has 2 factor(s)"),
+    ("schedule too long", "1,2,4,4", "has 4 factor(s)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    SCHEDULES_THE_MODEL_CANNOT_RUN,
+    ids=[s[0] for s in SCHEDULES_THE_MODEL_CANNOT_RUN],
+)
+def test_compression_the_model_cannot_run_is_400_naming_it(local, name, value, needle):
+    response = post(local, {"messages": HELLO, "max_tokens": 1, "compression": value})
+    error = assert_openai_error(response, 400, needle, "This model serves", "[1, 2, 4]", "3 factor(s)")
+    assert error["param"] == "compression" and error["type"] == "invalid_request_error"
+
+
+def test_replica_serves_after_refused_schedules(local):
+    assert post(local, {"messages": HELLO, "max_tokens": 1, "compression": [1, 2]}).status_code == 400
+    assert post(local, {"messages": HELLO, "max_tokens": 1, "compression": "4-2-1"}).status_code == 200
+
+
+def test_default_compression_the_model_cannot_run_fails_its_load(checkpoints):
+    from serve_apps.model import DPNModelServer
+
+    with pytest.raises(ValueError, match=r"default_compression \[1, 2\].*This model serves"):
+        DPNModelServer(device="cpu", model=checkpoints[0], default_compression=[1, 2])
+
+
+def test_one_schedule_one_queue_whatever_its_form(tiny):
+    rates = ["1-2-4", [1, 2, 4], "1,2,4", [2, 2, 2], 2, "4-2-1"]
+    records = _schedule(tiny, "bucketed", rates)
+    assert sum(r["size"] for r in records) == len(rates)
+    for record in records:
+        assert set(record["requested"]) == {record["rate"]} and record["queue"] == str(record["rate"])
+    sizes = {record["rate"]: 0 for record in records}
+    for record in records:
+        sizes[record["rate"]] += record["size"]
+    assert sizes == {"1-2-4": 3, 2: 2, "4-2-1": 1}  # [2, 2, 2] is factor 2: the same computation, its queue
+    mixed = _schedule(tiny, "mixed", rates)
+    assert all(r["rate"] == mixed_batch_rate(r["requested"]) for r in mixed)
+    assert any(isinstance(r["rate"], str) and "-" in r["rate"] for r in mixed)
 
 
 # ----------------------------------------------------------------------------------------------- real Ray Serve

@@ -150,8 +150,30 @@ json_values = st.recursive(
 )
 
 
+# compressions of a form the ingress passes but no expert / pooling layer count of the tiny model fits, and forms
+# it refuses
+HOSTILE_COMPRESSIONS = [
+    "random",
+    "3",
+    [1, 2],
+    [1, 2, 4, 4],
+    [1, 2, 8],
+    "1,2",
+    "1,,2",
+    "1-2-4-",
+    [1, True, 4],
+    [1, 2.0, 4],
+    ["\u0661", 2, 4],
+    [[1], 2, 4],
+    [],
+    [0, 1, 2],
+    [2**64, 1, 1],
+    [1] * 100,
+]
+
 hostile_values = st.one_of(
     st.sampled_from(HOSTILE_STRINGS),
+    st.sampled_from(HOSTILE_COMPRESSIONS),
     st.sampled_from(HOSTILE_NUMBERS),
     st.sampled_from(RAW),
     json_values,
@@ -186,7 +208,9 @@ valid_request = st.fixed_dictionaries(
         "stop": st.one_of(valid_text, st.lists(valid_text, max_size=4)),
         "stream": st.booleans(),
         "n": st.just(1),
-        "compression": st.sampled_from(["auto", 1, 2, 4, "1", "2", "4"]),
+        "compression": st.sampled_from(
+            ["auto", 1, 2, 4, "1", "2", "4", [1, 2, 4], [4, 2, 1], [2, 2, 2], "1,2,4", "1-2-4", "[4, 2, 1]"]
+        ),
         "ignore_eos": st.booleans(),
         "user": valid_text,
     },

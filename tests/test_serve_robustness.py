@@ -152,7 +152,17 @@ BAD_FIELDS = [
         "compression",
     ),  # int() accepts it, 1x it is not
     ("compression boolean", {"compression": True}, "compression"),
-    ("compression 3", {"compression": "3"}, "compression"),
+    # a factor the model lacks ("3") is the replica's 400 (it knows the config): tests/test_serve.py
+    ("compression random routing", {"compression": "random"}, "compression"),
+    ("compression schedule with a boolean", {"compression": [1, True, 4]}, "compression"),
+    ("compression schedule of unicode digits", {"compression": ["\u0661", "2", "4"]}, "compression"),
+    ("compression schedule in fullwidth text", {"compression": "\uff11,\uff12,\uff14"}, "compression"),
+    ("compression schedule with a float", {"compression": [1, 2.0, 4]}, "compression"),
+    ("compression nested schedule", {"compression": [[1], 2, 4]}, "compression"),
+    ("compression empty schedule", {"compression": []}, "compression"),
+    ("compression schedule with a gap", {"compression": "1,,4"}, "compression"),
+    ("compression schedule of 5000 factors", {"compression": [1] * 5000}, "compression"),
+    ("compression null", {"compression": None}, "compression"),
     ("seed past uint64", {"seed": 2**64}, "seed"),
     ("seed past int64", {"seed": 2**63}, "seed"),
     ("seed below int64", {"seed": -(2**63) - 1}, "seed"),

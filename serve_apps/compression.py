@@ -1,0 +1,144 @@
+"""The `compression` of a serving request: its forms, its check against the model, and the rate it runs at.
+
+Serving accepts what `dpn_model.configuration.parse_compression` (the one parser of a compression) accepts, but
+random routing:
+
+- `"auto"`: the router decides, per request (the default);
+- a factor, `2` or `"2"`: that expert at every pooling layer (1 = dense);
+- a schedule, `[1, 2, 4]`, `"1,2,4"` or `"1-2-4"`: one factor per pooling layer, a static pyramid.
+
+`"random"` (an expert drawn uniformly per sample and layer) is the paper's training ablation; serving refuses it:
+it draws from the compute thread's global generator, so neither `seed` nor `temperature: 0` could reproduce an
+answer, and no client gains from it.
+
+It is checked twice, each time as a 400 naming `compression`: for form at the ingress ([`check_form`]: ASCII
+text, integers and not booleans, at most `MAX_SCHEDULE_LENGTH` factors), and against the model on the replica,
+which knows its config ([`for_model`]: factors its experts have, one per pooling layer).
+
+What queues, batch records and usage carry is the [`Rate`]: `"auto"`, an `int` for a factor, or the schedule's
+`compression_label` (`"1-2-4"`). A uniform schedule (`[2, 2, 2]`) is its factor (`2`): the same computation, so it
+shares that queue. The model takes a `Rate` as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dpn_model.configuration import compression_label, parse_compression
+
+Rate = str | int
+"""A compression as serving runs it: `"auto"`, a factor, or a schedule's label (`"1-2-4"`)."""
+
+MAX_SCHEDULE_LENGTH = 64  # far more pooling layers than any model has (LLaVA-1.5-7B: 3)
+FORMS = "'auto', a factor (1 = dense, 2, 4) or one factor per pooling layer ([1, 2, 4] or '1,2,4')"
+
+
+def _check_text(value: Any) -> None:
+    """ASCII only (`"²"` and `"١"` pass `str.isdigit()`; the second even converts), and not random routing."""
+    items = value if isinstance(value, list | tuple) else [value]
+    for item in items:
+        if isinstance(item, str) and not item.isascii():
+            raise ValueError(f"compression {value!r} is not understood: give {FORMS} in ASCII digits")
+    if isinstance(value, str) and value.strip().lower() == "random":
+        raise ValueError(
+            "compression 'random' (random routing) is a training ablation and is not served: its expert draws "
+            f"would make answers irreproducible; give {FORMS}"
+        )
+
+
+def _canonical(parsed: str | int | tuple[int, ...]) -> Rate:
+    if isinstance(parsed, tuple) and len(set(parsed)) == 1:
+        return parsed[0]  # a uniform schedule is its factor: the same computation, the same queue
+    return compression_label(parsed) if isinstance(parsed, tuple) else parsed
+
+
+def check_form(value: Any) -> str | int | list[int]:
+    """A request's `compression`, checked for form only (no model config at the ingress).
+
+    Returns:
+        `"auto"`, a factor, or a schedule as a list of factors.
+
+    Raises:
+        `ValueError`: a boolean, a non-integer, non-ASCII text, `"random"`, an empty or over-long schedule.
+    """
+    if isinstance(value, str) and len(value) > 4 * MAX_SCHEDULE_LENGTH:
+        raise ValueError(f"compression is {len(value)} characters long; give {FORMS}")
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > MAX_SCHEDULE_LENGTH:
+        raise ValueError(
+            f"compression schedule has {len(value)} factors; at most {MAX_SCHEDULE_LENGTH}, one per pooling layer"
+        )
+    if isinstance(value, list | tuple) and not value:
+        raise ValueError(f"compression schedule is empty; give {FORMS}")
+    _check_text(value)
+    try:
+        parsed = parse_compression(value)
+    except ValueError as exc:  # its list of forms names 'random', which serving refuses: give serving's
+        raise ValueError(f"{str(exc).split('; ')[0]}; give {FORMS}") from None
+    if isinstance(parsed, tuple) and len(parsed) > MAX_SCHEDULE_LENGTH:
+        raise ValueError(
+            f"compression schedule has {len(parsed)} factors; at most {MAX_SCHEDULE_LENGTH}, one per pooling layer"
+        )
+    return list(parsed) if isinstance(parsed, tuple) else parsed
+
+
+def allowed(config: Any) -> str:
+    """The compressions `config`'s model serves, in words, for error messages."""
+    factors = sorted(set(config.compression_factors))
+    layers = len(config.pooling_layers)
+    example = [factors[min(i, len(factors) - 1)] for i in range(layers)]
+    return (
+        f"This model serves compression 'auto', one of the factors {factors}, or a schedule of {layers} "
+        f"factor(s) from {factors}, one per pooling layer (e.g. {example} or {','.join(map(str, example))!r})"
+    )
+
+
+def for_model(value: Any, config: Any) -> Rate:
+    """The `Rate` a request's `compression` runs at on the model of `config` (`expert_strides`, `pooling_layers`).
+
+    Raises:
+        `ValueError`: a form serving refuses (see [`check_form`]), a factor no expert of the model has, or a
+            schedule whose length is not the number of pooling layers; the message lists what the model serves.
+    """
+    check_form(value)
+    try:
+        parsed = parse_compression(value, config)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. {allowed(config)}") from None
+    return _canonical(parsed)
+
+
+def as_rate(value: Any) -> Rate:
+    """`value` (checked for form) as a `Rate`, without a model config: for callers that build batches directly."""
+    return _canonical(parse_compression(check_form(value)))
+
+
+def factors_per_layer(rate: Rate, layers: int) -> tuple[int, ...]:
+    """The factor of each of `layers` pooling layers under a forced `rate` (a factor or a schedule's label)."""
+    parsed = parse_compression(rate)
+    return parsed if isinstance(parsed, tuple) else (int(parsed),) * layers
+
+
+def densest(rates: Sequence[Rate]) -> Rate:
+    """The rate a batch holding several forced `rates` runs at so that each member keeps at least the visual
+    tokens it asked for at every layer: per layer, the smallest factor any member applies there."""
+    schedules = [parse_compression(r) for r in rates]
+    lengths = {len(s) for s in schedules if isinstance(s, tuple)}
+    if len(lengths) > 1:  # schedules of different models (a swap in between): the smallest factor everywhere
+        return min(min(factors_per_layer(r, 1)) for r in rates)
+    layers = lengths.pop() if lengths else 1
+    per_layer = [factors_per_layer(r, layers) for r in rates]
+    return _canonical(tuple(min(column) for column in zip(*per_layer)))
+
+
+__all__ = [
+    "FORMS",
+    "MAX_SCHEDULE_LENGTH",
+    "Rate",
+    "allowed",
+    "as_rate",
+    "check_form",
+    "densest",
+    "factors_per_layer",
+    "for_model",
+]
