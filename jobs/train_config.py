@@ -124,7 +124,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; gradient accumulation."""
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; gradient accumulation.
+
+    ``router_lr_scale`` multiplies the routers' learning rate (1 = the authors' one rate for everything).
+    """
 
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -133,8 +136,11 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    router_lr_scale: float = 1.0
 
     def validate(self) -> None:
+        if not self.router_lr_scale > 0:
+            raise ValueError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:

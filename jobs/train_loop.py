@@ -109,17 +109,30 @@ def apply_freezing(
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: list[float], eps: float):
+def make_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: list[float],
+    eps: float,
+    router_lr_scale: float = 1.0,
+):
     """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors).
 
     The routers' parameters form their own groups (marked ``"router": True``) so that their learning
-    rate can start later than the rest's (:func:`delayed_start`, for ``model.dense_warmup_steps``).
+    rate can start later than the rest's (:func:`delayed_start`, for ``model.dense_warmup_steps``) and be
+    ``router_lr_scale`` times the rest's (``optim.router_lr_scale``; 1 = the reference's one rate).
     """
     from dpn_model.pooling import DPNRouter
 
     routers = {id(p) for m in model.modules() if isinstance(m, DPNRouter) for p in m.parameters()}
     groups = [
-        {"params": [], "weight_decay": decay, "router": router}
+        {
+            "params": [],
+            "weight_decay": decay,
+            "router": router,
+            "lr": lr * (router_lr_scale if router else 1.0),
+        }
         for router in (False, True)
         for decay in (weight_decay, 0.0)
     ]
@@ -215,7 +228,14 @@ def setup_engine(
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
-    optimizer = make_optimizer(model, optim["lr"], optim["weight_decay"], optim["betas"], optim["eps"])
+    optimizer = make_optimizer(
+        model,
+        optim["lr"],
+        optim["weight_decay"],
+        optim["betas"],
+        optim["eps"],
+        optim.get("router_lr_scale", 1.0),
+    )
     warmup = int(round(optim["warmup_ratio"] * total_steps))
     schedule = warmup_cosine(total_steps, warmup, optim["min_lr_ratio"])
     router_schedule = delayed_start(schedule, router_start, optim["betas"])

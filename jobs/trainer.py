@@ -65,7 +65,11 @@ def ensure_synthetic_data(synthetic: SyntheticConfig | None, data_path: str) -> 
         root,
     )
     write_synthetic_dataset(
-        root, synthetic.format, num_train=synthetic.num_train, num_eval=synthetic.num_eval, seed=synthetic.seed
+        root,
+        synthetic.format,
+        num_train=synthetic.num_train,
+        num_eval=synthetic.num_eval,
+        seed=synthetic.seed,
     )
 
 
@@ -90,6 +94,8 @@ def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> 
     from jobs.tracking import resolve_model_dir
 
     model_dir = resolve_model_dir(init, tracking=tracking_uri)
+    if "://" not in model_dir:
+        model_dir = str(Path(model_dir).resolve())  # workers run in another directory
     model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     if model_type != "dpn_llava":
         raise ConfigError(
@@ -202,6 +208,7 @@ def build_loop_spec(
             "weight_decay": cfg.optim.weight_decay,
             "betas": list(cfg.optim.betas),
             "eps": cfg.optim.eps,
+            "router_lr_scale": cfg.optim.router_lr_scale,
             "warmup_ratio": cfg.optim.warmup_ratio,
             "min_lr_ratio": cfg.optim.min_lr_ratio,
         },
