@@ -23,13 +23,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from jobs.console import console_and_log
 
+if TYPE_CHECKING:
+    from jobs.train_config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 STAGES = ["data", "train", "evaluate", "register", "serve", "ask"]
 
 
@@ -38,13 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--work-dir", default="work", help="where data, checkpoints and reports go (default work)"
     )
     parser.add_argument("--config", default=str(CONFIGS / "train_tiny.yaml"), help="training config")
-    parser.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument(
         "--dense-warmup-steps",
         type=int,
         default=None,
-        help="of those, how many train dense before the router starts (default 2/3 of --max-steps; "
-        "only with a compression-auto config)",
+        help="of those, how many train dense before the router starts (default: the config's)",
     )
     parser.add_argument(
         "--eval-samples", type=int, default=120, help="held-out samples to evaluate (default 120)"
@@ -92,42 +95,54 @@ def _version_exists(name: str, version: str) -> bool:
         return False
 
 
-def stage_data(out: TextIO, work: Path) -> Path:
-    from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
+def training_config(args: argparse.Namespace, work: Path) -> TrainConfig:
+    """The training config of the quickstart: ``--config`` with its work dir, data, steps and names set."""
+    from jobs.train_config import load_train_config
 
-    root = work / "data" / "synthetic"
+    overrides = [
+        f"run.work_dir={work}",
+        f"data.path={work / 'data' / 'synthetic'}",
+        "run.name=dpn-quickstart" + (f"-{int(time.time())}" if args.retrain else ""),
+        f"mlflow.registered_model={args.registered_model}",
+    ]
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.dense_warmup_steps is not None:
+        overrides.append(f"model.dense_warmup_steps={args.dense_warmup_steps}")
+    cfg = load_train_config(args.config, overrides)
+    init = Path(cfg.model.init)
+    if not init.is_absolute() and (REPO / init).is_dir():  # the shipped checkpoint, from any working dir
+        cfg.model.init = str(REPO / init)
+    return cfg
+
+
+def stage_data(out: TextIO, cfg: TrainConfig) -> Path:
+    from jobs.trainer import ensure_synthetic_data
+    from pipelines.synthetic import MANIFEST_NAME, read_manifest
+
+    root = Path(cfg.data.path)
     if (root / MANIFEST_NAME).exists():
         read_manifest(root)  # raises on a dataset of an older generator version
         print(f"      reusing {root}", file=out)
         return root
-    write_synthetic_dataset(root, format="parquet", num_train=2000, num_eval=200, seed=0)
-    print(f"      wrote 2000 train / 200 eval samples to {root}", file=out)
+    ensure_synthetic_data(cfg.data.synthetic, str(root))  # the training job's own data step
+    syn = cfg.data.synthetic
+    print(f"      wrote {syn.num_train} train / {syn.num_eval} held-out samples to {root}", file=out)
     return root
 
 
 def stage_train(
-    out: TextIO, args: argparse.Namespace, work: Path, data: Path, state: dict[str, Any]
+    out: TextIO, args: argparse.Namespace, cfg: TrainConfig, state: dict[str, Any]
 ) -> dict[str, Any]:
     from jobs.train import train
-    from jobs.train_config import load_train_config
 
     previous = state.get("train")
     if previous and not args.retrain and _version_exists(args.registered_model, previous["version"]):
         print(f"      reusing {args.registered_model} version {previous['version']} ({previous['model_uri']})",
               file=out)  # fmt: skip
         return previous
-    overrides = [
-        f"run.work_dir={work}",
-        f"data.path={data}",
-        f"train.max_steps={args.max_steps}",
-        "run.name=dpn-quickstart" + (f"-{int(time.time())}" if args.retrain else ""),
-        f"mlflow.registered_model={args.registered_model}",
-    ]
-    cfg = load_train_config(args.config, overrides)
-    if cfg.model.compression == "auto":  # the config's warm-up is sized for its own run, not --max-steps
-        warmup = args.max_steps * 2 // 3 if args.dense_warmup_steps is None else args.dense_warmup_steps
-        cfg.model.dense_warmup_steps = warmup
-        cfg.model.validate()
+    print(f"      from {cfg.model.init}, compression {cfg.model.compression}, {cfg.train.max_steps} steps",
+          file=out)  # fmt: skip
     result = train(cfg, progress=out)
     return {
         "run_id": result.run_id,
@@ -174,6 +189,14 @@ def stage_evaluate(
         "accuracy_auto": rows["auto"]["accuracy"],
         "accuracy_dense": rows["1"]["accuracy"],
         "flops_ratio_auto": rows["auto"]["flops_ratio"],
+        "per_kind_auto": {
+            kind: {
+                "accuracy": entry["accuracy"],
+                "flops_ratio": entry["flops_ratio"],
+                "visual_tokens_per_layer": entry["visual_tokens_per_layer"],
+            }
+            for kind, entry in rows["auto"].get("per_kind", {}).items()
+        },  # fmt: skip
     }
     return summary
 
@@ -279,12 +302,13 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
 
     yield "data"
     t = _stage(out, 1, "data: the synthetic benchmark (coarse and fine question families)")
-    data = stage_data(out, work)
+    cfg = training_config(args, work)
+    data = stage_data(out, cfg)
     _done(out, t, "data ready")
 
     yield "train"
     t = _stage(out, 2, "train: tiny DPN on Ray Train + DeepSpeed, 2 CPU workers, tracked in MLflow")
-    state["train"] = stage_train(out, args, work, data, state)
+    state["train"] = stage_train(out, args, cfg, state)
     _save_state(state_path, state)
     _done(out, t, f"model {state['train']['model_uri']}, registered as {args.registered_model} "
                   f"version {state['train']['version']}")  # fmt: skip
@@ -294,6 +318,10 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
     state["evaluate"] = stage_evaluate(out, args, work, data, state["train"], state)
     _save_state(state_path, state)
     ev = state["evaluate"]
+    for kind, entry in ev.get("per_kind_auto", {}).items():  # the router at work: fine questions keep more
+        tokens = ">".join(f"{v:.0f}" for v in entry["visual_tokens_per_layer"])
+        print(f"      {kind} questions: accuracy {entry['accuracy']:.1%}, visual tokens per layer {tokens}, "
+              f"prefill FLOPs {entry['flops_ratio']:.0%} of dense", file=out)  # fmt: skip
     _done(out, t, f"accuracy auto {ev['accuracy_auto']:.1%} vs dense {ev['accuracy_dense']:.1%}; "
                   f"auto prefill FLOPs {ev['flops_ratio_auto']:.0%} of dense")  # fmt: skip
 

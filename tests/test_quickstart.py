@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -14,6 +15,7 @@ from mlflow import MlflowClient
 from jobs.cli import main as cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -44,7 +46,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, caps
     champion = client.get_model_version_by_alias("dpn", "champion")
     assert str(champion.version) == state["train"]["version"]
     params = client.get_run(state["train"]["run_id"]).data.params
-    assert params["train.max_steps"] == "4" and params["model.dense_warmup_steps"] == "2"  # 2/3 of --max-steps
+    assert params["train.max_steps"] == "4" and params["model.dense_warmup_steps"] == "0"
+    assert Path(params["model.init"]) == REPO / "checkpoints" / "tiny-dense"  # the shipped dense start
 
     # second run: nothing is trained or evaluated again
     assert cli(args) == 0
