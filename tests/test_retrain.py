@@ -91,9 +91,9 @@ def _row(acc: float, flops: float) -> dict:
     return {"accuracy": acc, "mean_prefill_flops": flops}
 
 
-def test_shipped_retrain_config_warms_up_only_the_first_champion(monkeypatch):
-    """The first champion starts from random weights and trains dense before its router; a challenger
-    fine-tunes a champion whose router already works, so it routes from its first step."""
+def test_shipped_retrain_config_starts_the_first_champion_from_the_shipped_dense_model(monkeypatch):
+    """The first champion follows the authors' recipe from the shipped stage-1 checkpoint (routers from step 0,
+    a longer schedule); a challenger fine-tunes the champion briefly."""
     from jobs.retrain import training_config
     from jobs.retrain_config import load_retrain_config
 
@@ -101,8 +101,9 @@ def test_shipped_retrain_config_warms_up_only_the_first_champion(monkeypatch):
     cfg = load_retrain_config("configs/retrain_tiny.yaml")
     first, challenger = training_config(cfg, first=True), training_config(cfg)
     assert first.model.compression == challenger.model.compression == "auto"
-    assert 0 < first.model.dense_warmup_steps < first.train.max_steps
-    assert challenger.model.dense_warmup_steps == 0 and challenger.train.max_steps > 0
+    assert first.model.init == "checkpoints/tiny-dense" and (REPO / first.model.init / "model.safetensors").is_file()
+    assert first.model.dense_warmup_steps == challenger.model.dense_warmup_steps == 0
+    assert first.train.max_steps > challenger.train.max_steps > 0
 
 
 def test_gate_rules():
