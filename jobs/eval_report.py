@@ -4,7 +4,9 @@ A **row** (one per evaluated model and compression mode; the JSON report's ``row
 
 =============================  ===================================================================
 ``label``, ``model``           the model's label and the URI it was loaded from
-``compression``                ``"auto"`` or the forced factor (``1`` dense, ``2``, ``4``)
+``compression``                ``"auto"``, ``"random"``, the forced factor (``1`` dense, ``2``, ``4``;
+                               an ``int``) or a schedule's label (``"1-2-4"``: one factor per
+                               pooling layer)
 ``num_samples``, ``correct``   scored samples and exact matches
 ``accuracy``                   ``correct / num_samples`` as a fraction in [0, 1]
 ``mean_prefill_flops``         mean analytic prefill FLOPs per sample in this mode (the model's
@@ -15,21 +17,24 @@ A **row** (one per evaluated model and compression mode; the JSON report's ``row
 ``mean_llm_flops``,            the same without the vision tower and projector (identical in every
 ``llm_flops_ratio``            mode): the language model's share, which pooling acts on
 ``visual_tokens_per_layer``    mean visual tokens before the first pooling layer, then after each
-``routing``                    auto mode: ``{"per_layer": [dist, ...], "mean_router_probs":
-                               [[p, ...], ...]}`` with ``dist`` = fraction of samples per choice
-                               (``"1"``, ``"2"``, ``"4"``: the expert's factor; ``"skipped"``: no
-                               pooling at that layer); ``None`` for forced modes
+``routing``                    routed modes (auto, random): ``{"per_layer": [dist, ...],
+                               "mean_router_probs": [[p, ...], ...]}`` with ``dist`` = fraction of
+                               samples per choice (``"1"``, ``"2"``, ``"4"``: the expert's factor;
+                               ``"skipped"``: no pooling at that layer); ``mean_router_probs`` is
+                               ``None`` for random routing (no router runs); ``None`` for forced modes
 ``per_family``, ``per_kind``   ``{name: {num_samples, correct, accuracy, mean_prefill_flops,
                                flops_ratio, visual_tokens_per_layer, routing, kind?}}``; the
-                               family/kind ``routing`` is the ``per_layer`` list (auto mode)
+                               family/kind ``routing`` is the ``per_layer`` list (routed modes)
 ``latency_ms_per_sample``      generation wall time (prefill + decoding) per sample in one actor
 ``dense_flops_max_rel_error``  compression 1 only: largest relative difference between the model's
                                ``prefill_flops`` and ``dpn_model.flops`` (both must agree: ~0)
 =============================  ===================================================================
 
 Plots (PNG, matplotlib's Agg canvas, no display needed): accuracy against prefill FLOPs with one
-point per row (baselines from other reports included), and per auto row the router's choice
+point per row (baselines from other reports included), and per routed row (auto, random) the choice
 distribution per question family for every pooling layer plus the visual tokens each family keeps.
+
+With ``dpn eval --oracle`` the report also has an ``oracle`` section per model (:mod:`jobs.oracle`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import numpy as np
 
 UNLABELLED = "unlabelled"
 SKIPPED = "skipped"
+ROUTED_MODES = ("auto", "random")  # modes that choose an expert per sample (the others force one)
 REPORT_VERSION = 1
 
 
@@ -92,10 +98,10 @@ class _Group:
             self.probs += np.where(routed[..., None], probs, 0.0).sum(axis=0)
             self.routed += routed.sum(axis=0)
 
-    def to_dict(self, factors: Sequence[int], auto: bool) -> dict[str, Any]:
+    def to_dict(self, factors: Sequence[int], routed: bool) -> dict[str, Any]:
         n = max(self.n, 1)
         routing = None
-        if auto:
+        if routed:
             keys = [str(f) for f in factors] + [SKIPPED]
             routing = [{k: float(c) / n for k, c in zip(keys, layer)} for layer in self.choices.tolist()]
         return {
@@ -119,7 +125,7 @@ class ModeAccumulator:
 
     Args:
         label: the model's label; model: its URI.
-        compression: ``"auto"`` or a forced factor.
+        compression: ``"auto"``, ``"random"``, a forced factor or a schedule label (``"1-2-4"``).
         factors: compression factor of each expert (``config.compression_factors``), expert order.
         num_layers: number of pooling layers.
     """
@@ -139,7 +145,13 @@ class ModeAccumulator:
 
     @property
     def auto(self) -> bool:
+        """The learned router runs (router probabilities are recorded)."""
         return str(self.compression) == "auto"
+
+    @property
+    def routed(self) -> bool:
+        """The expert is chosen per sample (auto or random), so the choice distribution is reported."""
+        return str(self.compression) in ROUTED_MODES
 
     def _group(self, table: dict[str, _Group], name: str) -> _Group:
         if name not in table:
@@ -175,17 +187,17 @@ class ModeAccumulator:
 
     def row(self) -> dict[str, Any]:
         """The report row (schema in the module docstring)."""
-        total = self.total.to_dict(self.factors, self.auto)
+        total = self.total.to_dict(self.factors, self.routed)
         routing = None
-        if self.auto:
+        if self.routed:
             routed = np.maximum(self.total.routed, 1)[:, None]
             routing = {
                 "per_layer": total["routing"],
-                "mean_router_probs": (self.total.probs / routed).tolist(),
+                "mean_router_probs": (self.total.probs / routed).tolist() if self.auto else None,
             }
         per_family = {}
         for name in sorted(self.families):
-            entry = self.families[name].to_dict(self.factors, self.auto)
+            entry = self.families[name].to_dict(self.factors, self.routed)
             if name in self.family_kind:
                 entry["kind"] = self.family_kind[name]
             per_family[name] = entry
@@ -197,7 +209,7 @@ class ModeAccumulator:
             "routing": routing,
             "per_family": per_family,
             "per_kind": {
-                name: self.kinds[name].to_dict(self.factors, self.auto) for name in sorted(self.kinds)
+                name: self.kinds[name].to_dict(self.factors, self.routed) for name in sorted(self.kinds)
             },
             "latency_ms_per_sample": 1000.0 * self.latency_s / max(self.total.n, 1),
             "expert_factors": self.factors,
@@ -303,8 +315,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
 
 
 def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
-    """Accuracy (%) per question family, one line per row; auto rows add the mean visual tokens
-    kept after the last pooling layer per family (``acc/tokens``)."""
+    """Accuracy (%) per question family, one line per row; routed rows (auto, random) add the mean
+    visual tokens kept after the last pooling layer per family (``acc/tokens``)."""
     families = sorted({f for r in rows for f in r.get("per_family", {})})
     headers = ["model", "compression", *families]
     body = []
@@ -314,7 +326,7 @@ def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = Fals
             entry = r.get("per_family", {}).get(f)
             if entry is None:
                 cells.append("-")
-            elif str(r["compression"]) == "auto":
+            elif str(r["compression"]) in ROUTED_MODES:
                 cells.append(f"{_pct(entry['accuracy'])}/{entry['visual_tokens_per_layer'][-1]:.0f}")
             else:
                 cells.append(_pct(entry["accuracy"]))
@@ -326,7 +338,7 @@ def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = Fals
 # Plots
 # ----------------------------------------------------------------------------------------------
 
-_MARKERS = {"auto": "*", "1": "o", "2": "s", "4": "^"}
+_MARKERS = {"auto": "*", "random": "P", "1": "o", "2": "s", "4": "^"}
 
 
 def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -347,7 +359,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path, 
             marker=_MARKERS.get(mode, "D"), color=colours[label], edgecolors="black", zorder=3,
         )  # fmt: skip
         ax.annotate(
-            f"{label} {mode if mode == 'auto' else mode + 'x'}", (float(x), 100.0 * float(r["accuracy"])),
+            f"{label} {mode + 'x' if mode.isdigit() else mode}", (float(x), 100.0 * float(r["accuracy"])),
             textcoords="offset points", xytext=(6, 5), fontsize=8,
         )  # fmt: skip
     ax.set_xlabel("mean prefill FLOPs / dense")
@@ -361,7 +373,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Mapping[str, Any]], path: str | Path, 
 
 def plot_routing(row: Mapping[str, Any], path: str | Path) -> Path:
     """Router choices per question family at every pooling layer (stacked bars), and the visual
-    tokens each family keeps per layer. ``row`` must be an auto-mode row."""
+    tokens each family keeps per layer. ``row`` must be a routed row (auto or random)."""
     from matplotlib.figure import Figure
 
     if row.get("routing") is None:
@@ -411,13 +423,16 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def write_plots(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: str = "") -> list[Path]:
-    """``accuracy_vs_flops.png`` for all rows and ``routing_<label>.png`` per auto row."""
+    """``accuracy_vs_flops.png`` for all rows and ``routing_<label>.png`` per auto row
+    (``routing_<label>_random.png`` for random routing)."""
     out = Path(out_dir)
     paths = [plot_accuracy_vs_flops(rows, out / "accuracy_vs_flops.png", title)]
     seen: dict[str, int] = defaultdict(int)
     for r in rows:
         if r.get("routing") is not None and r.get("per_family"):
             label = _file_safe(str(r.get("label", "model")))
+            if str(r["compression"]) != "auto":
+                label += f"_{_file_safe(str(r['compression']))}"
             seen[label] += 1
             suffix = "" if seen[label] == 1 else f"_{seen[label]}"
             paths.append(plot_routing(r, out / f"routing_{label}{suffix}.png"))

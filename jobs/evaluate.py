@@ -40,6 +40,7 @@ import json
 import logging
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COMPRESSIONS = "auto,1,2,4"
 DEFAULT_EXPERIMENT = "dpn-eval"
+
+
+class UsageError(ValueError):
+    """A flag value that does not fit the model (found once the model's config is read): exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,35 +99,59 @@ class EvalConfig:
     tracking_uri: str | None = None
     mlflow: bool = True
     title: str = ""
+    oracle: bool = False
 
 
-def parse_compressions(text: str, allowed: Sequence[int] | None = None) -> list[str | int]:
-    """``"auto,1,2,4"`` -> ``["auto", 1, 2, 4]`` (order kept, duplicates dropped).
+def split_modes(text: str) -> list[str]:
+    """``"auto,1,[1,2,4],1-2-4"`` -> ``["auto", "1", "[1,2,4]", "1-2-4"]``: split at the commas outside
+    brackets, so a bracketed schedule stays one mode (``1,2,4`` without brackets is three factors)."""
+    parts, depth, current = [], 0, []
+    for char in str(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"compression modes {text!r}: ']' without '['")
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError(f"compression modes {text!r}: '[' without ']'")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_compressions(text: str, config: Any | None = None) -> list[str | int]:
+    """``"auto,1,2,4,[1,2,4]"`` -> ``["auto", 1, 2, 4, "1-2-4"]`` (order kept, duplicates dropped).
+
+    Each mode is parsed by ``dpn_model.configuration.parse_compression``: ``auto``, ``random``, an expert's
+    factor (kept as an ``int``, as report rows always had it) or a schedule, one factor per pooling layer, as
+    ``[1,2,4]`` or ``1-2-4`` (stored as its ``compression_label``, ``"1-2-4"``).
 
     Args:
-        text: comma-separated modes: ``auto`` or an expert's compression factor.
-        allowed: the model's factors (``config.compression_factors``) to validate against.
+        text: comma-separated modes; a schedule inside the list needs brackets or dashes.
+        config: the model's config; when given, factors must be its experts' and a schedule needs one factor
+            per pooling layer (without it only the form is checked).
+
+    Raises:
+        ValueError: a mode that is not understood or does not fit the model, naming the mode.
     """
+    from dpn_model.configuration import compression_label, parse_compression
+
     modes: list[str | int] = []
-    for part in (p.strip().lower() for p in text.split(",")):
-        if not part:
-            continue
-        if part == "auto":
-            mode: str | int = "auto"
-        elif part.isdigit() and int(part) > 0:
-            mode = int(part)
-        else:
-            raise ValueError(
-                f"compression mode {part!r} is neither 'auto' nor a positive integer factor (e.g. 1,2,4)"
-            )
-        if allowed is not None and mode != "auto" and mode not in allowed:
-            raise ValueError(
-                f"compression {mode} matches no pooling expert of this model; its factors are {list(allowed)}"
-            )
+    for part in split_modes(text):
+        try:
+            parsed = parse_compression(part, config)
+        except ValueError as err:
+            raise ValueError(f"compression mode {part!r} of {text!r}: {err}") from None
+        mode: str | int = parsed if isinstance(parsed, (str, int)) else compression_label(parsed)
         if mode not in modes:
             modes.append(mode)
     if not modes:
-        raise ValueError(f"no compression mode in {text!r}; give e.g. 'auto,1,2,4'")
+        raise ValueError(f"no compression mode in {text!r}; give e.g. 'auto,1,2,4' or 'auto,1-2-4'")
     return modes
 
 
@@ -158,7 +187,11 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
         else:
             default = text
     for spec in specs:
-        spec.compressions = parse_compressions(per_label.get(spec.label, default))
+        modes = per_label.get(spec.label, default)
+        try:
+            spec.compressions = parse_compressions(modes)
+        except ValueError as err:
+            raise ValueError(f"--compression: {err}") from None
     return specs
 
 
@@ -197,7 +230,9 @@ class Predictor:
 
     Args:
         model_dir: the driver's local model directory (used when this node sees it too).
-        compressions: modes to run on every batch (``"auto"`` or factors).
+        compressions: modes to run on every batch: ``"auto"``, ``"random"``, factors or schedule labels
+            (``"1-2-4"``), each parsed with ``parse_compression`` against the model's config; modes that
+            force the same experts (``"2"`` and ``"2-2-2"``) are generated once and reported under each label.
         max_new_tokens: generation budget (answers are short).
         device: ``"auto"`` (CUDA if visible), ``"cuda"`` or ``"cpu"``.
         tracking: MLflow tracking URI to resolve ``model_uri`` against.
@@ -237,7 +272,16 @@ class Predictor:
         )
         self.processor = load_processor(model_dir)
         self.config = self.model.config
+        from dpn_model.configuration import ROUTING_MODES, compression_schedule, parse_compression
+
         self.compressions = [str(c) for c in compressions]
+        # Each mode label ("auto", "2", "1-2-4") parsed once; modes that force the same expert at every
+        # pooling layer ("2" and "2-2-2": the oracle's paths and the requested modes) generate only once.
+        self._parsed = {mode: parse_compression(mode, self.config) for mode in self.compressions}
+        self._keys = {
+            mode: value if value in ROUTING_MODES else tuple(compression_schedule(value, self.config))
+            for mode, value in self._parsed.items()
+        }
         self.max_new_tokens = max_new_tokens
         self.num_layers = len(self.config.pooling_layers)
         self.num_experts = len(self.config.compression_factors)
@@ -284,9 +328,42 @@ class Predictor:
             )
         return self._dense_cache[key]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _generate(self, inputs: dict[str, Any], compression: Any, answers: list[str]) -> dict[str, Any]:
+        """Greedy answers of one batch in one compression, scored, with the prefill's FLOPs and routing."""
         import torch
 
+        tokenizer = self.processor.tokenizer
+        size, prompt_len = inputs["input_ids"].shape
+        self._prefill = None
+        start = time.perf_counter()
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs, compression=compression, do_sample=False,
+                max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # generation time, not launch time
+        elapsed = time.perf_counter() - start
+        if self._prefill is None:
+            raise RuntimeError(
+                "generate() made no prefill forward call with prefill_flops; is this a DPN model?"
+            )
+        texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
+        predictions = [first_line(t).strip() for t in texts]
+        probs = self._prefill["router_probs"]
+        if probs is None:
+            probs = np.full((size, self.num_layers, self.num_experts), np.nan, dtype=np.float32)
+        return {
+            "prediction": predictions,
+            "correct": [exact_match(p, a) for p, a in zip(predictions, answers)],
+            "prefill_flops": self._prefill["prefill_flops"],
+            "latency_s": [elapsed / size] * size,
+            "expert_choices": self._prefill["expert_choices"],
+            "visual_tokens": self._prefill["visual_tokens"],
+            "router_probs": probs,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.preprocess import collate_batch
 
         tokenizer = self.processor.tokenizer
@@ -295,45 +372,22 @@ class Predictor:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        size, prompt_len = inputs["input_ids"].shape
+        size = inputs["input_ids"].shape[0]
         text_lens = inputs["attention_mask"].sum(-1) - (
             inputs["input_ids"] == self.config.image_token_id
         ).sum(-1)
         dense = np.array([self.dense_flops(int(t), bool(h)) for t, h in zip(text_lens.tolist(), image_mask)])
         image = np.where(image_mask, self.image_flops, 0.0)  # vision tower + projector: same in every mode
         answers = [str(a) for a in batch["answer"]]
-        out: dict[str, list[Any]] = {k: [] for k in (
-            "prediction", "correct", "compression", "prefill_flops", "latency_s",
-            "expert_choices", "visual_tokens", "router_probs",
-        )}  # fmt: skip
+        results: dict[Any, dict[str, Any]] = {}  # one generation per distinct computation
+        out: dict[str, list[Any]] = defaultdict(list)
         for mode in self.compressions:
-            self._prefill = None
-            start = time.perf_counter()
-            with torch.inference_mode():
-                generated = self.model.generate(
-                    **inputs, compression=mode if mode == "auto" else int(mode), do_sample=False,
-                    max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                )  # fmt: skip
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # generation time, not launch time
-            elapsed = time.perf_counter() - start
-            if self._prefill is None:
-                raise RuntimeError(
-                    "generate() made no prefill forward call with prefill_flops; is this a DPN model?"
-                )
-            texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
-            predictions = [first_line(t).strip() for t in texts]
-            probs = self._prefill["router_probs"]
-            if probs is None:
-                probs = np.full((size, self.num_layers, self.num_experts), np.nan, dtype=np.float32)
-            out["prediction"] += predictions
-            out["correct"] += [exact_match(p, a) for p, a in zip(predictions, answers)]
+            key = self._keys[mode]
+            if key not in results:
+                results[key] = self._generate(inputs, self._parsed[mode], answers)
+            for name, value in results[key].items():
+                out[name].append(value)
             out["compression"] += [mode] * size
-            out["prefill_flops"].append(self._prefill["prefill_flops"])
-            out["latency_s"] += [elapsed / size] * size
-            out["expert_choices"].append(self._prefill["expert_choices"])
-            out["visual_tokens"].append(self._prefill["visual_tokens"])
-            out["router_probs"].append(probs)
         repeat = len(self.compressions)
         return {
             "id": np.tile(np.asarray(batch["id"]).astype(str), repeat),
@@ -341,13 +395,13 @@ class Predictor:
             "kind": np.tile(np.asarray(batch["kind"]).astype(str), repeat),
             "question": np.tile(np.asarray(batch["question"]).astype(str), repeat),
             "answer": np.tile(np.asarray(answers, dtype=str), repeat),
-            "prediction": np.asarray(out["prediction"], dtype=str),
-            "correct": np.asarray(out["correct"], dtype=bool),
+            "prediction": np.concatenate(out["prediction"]).astype(str),
+            "correct": np.concatenate(out["correct"]).astype(bool),
             "compression": np.asarray(out["compression"], dtype=str),
-            "prefill_flops": np.concatenate(out["prefill_flops"]),
+            "prefill_flops": np.concatenate(out["prefill_flops"]).astype(np.float64),
             "dense_flops": np.tile(dense, repeat),
             "image_flops": np.tile(image, repeat),
-            "latency_s": np.asarray(out["latency_s"], dtype=np.float64),
+            "latency_s": np.concatenate(out["latency_s"]).astype(np.float64),
             "expert_choices": np.concatenate(out["expert_choices"]).astype(np.int64),
             "visual_tokens": np.concatenate(out["visual_tokens"]).astype(np.int64),
             "router_probs": np.concatenate(out["router_probs"]).astype(np.float32),
@@ -382,9 +436,12 @@ def _cpu_budget(cfg: EvalConfig, gpus: bool) -> tuple[float, float]:
     return (cfg.cpus_per_actor or share), share
 
 
-def predict(spec: ModelSpec, model_dir: str, cfg: EvalConfig) -> Any:
+def predict(
+    spec: ModelSpec, model_dir: str, cfg: EvalConfig, modes: Sequence[str | int] | None = None
+) -> Any:
     """The lazy Ray Dataset of per-sample, per-mode results for one model, and its bad-sample
-    accountant (``(dataset, accountant)``)."""
+    accountant (``(dataset, accountant)``). ``modes``: what every actor runs on each batch (default the
+    model's modes; ``--oracle`` adds the static paths, so all of them share one pass over the data)."""
     from pipelines.accounting import BadSampleAccountant
     from pipelines.datasets import build_eval_dataset
 
@@ -402,7 +459,7 @@ def predict(spec: ModelSpec, model_dir: str, cfg: EvalConfig) -> Any:
         fn_constructor_kwargs={
             "model_dir": model_dir,
             "model_uri": spec.uri,
-            "compressions": spec.compressions,
+            "compressions": list(spec.compressions if modes is None else modes),
             "max_new_tokens": cfg.max_new_tokens,
             "device": "cuda" if gpus else "cpu",
             "tracking": cfg.tracking_uri,
@@ -437,31 +494,29 @@ def _predictions_record(batch: dict[str, np.ndarray], i: int, label: str) -> dic
     }
 
 
-def evaluate_model(
-    spec: ModelSpec, cfg: EvalConfig, predictions: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Evaluate one model in all its modes; write its predictions to the open file ``predictions``.
+def _model_modes(spec: ModelSpec, config: Any, cfg: EvalConfig) -> list[str | int]:
+    """Validate the model's modes against its config; returns every mode to run: the requested ones, then
+    the oracle's static paths that are not among them (``--oracle``)."""
+    from jobs import oracle
 
-    Returns:
-        ``(rows, info)``: one report row per mode, and facts about the model (directory, counts).
-    """
+    try:
+        spec.compressions = parse_compressions(",".join(str(c) for c in spec.compressions), config)
+    except ValueError as err:
+        raise UsageError(f"--compression for model {spec.label!r}: {err}") from None
+    requested = {str(c) for c in spec.compressions}
+    paths = oracle.path_labels(config) if cfg.oracle else []
+    return [*spec.compressions, *(p for p in paths if p not in requested)]
+
+
+def _consume(
+    ds: Any, spec: ModelSpec, cfg: EvalConfig, sinks: dict[str, Any], predictions: Any, num_modes: int
+) -> None:
+    """Stream the result rows into the mode accumulators, the oracle's path collector and the predictions
+    file (requested modes only)."""
     from tqdm import tqdm
 
-    model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
-    config = _load_config(model_dir)
-    spec.compressions = parse_compressions(
-        ",".join(str(c) for c in spec.compressions), config.compression_factors
-    )
-    accumulators = {
-        str(mode): eval_report.ModeAccumulator(
-            spec.label, spec.uri, mode, config.compression_factors, len(config.pooling_layers)
-        )
-        for mode in spec.compressions
-    }
-    logger.info("evaluating %s (%s) in modes %s on %s", spec.label, model_dir, spec.compressions, cfg.data)
-    ds, accountant = predict(spec, model_dir, cfg)
-    start = time.perf_counter()
-    num_modes = len(spec.compressions)
+    accumulators, collector = sinks["accumulators"], sinks["collector"]
+    first = accumulators[str(spec.compressions[0])].total
     with tqdm(desc=f"eval {spec.label}", unit="sample", total=cfg.max_samples, file=sys.stderr) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             modes = np.asarray(batch["compression"]).astype(str)
@@ -469,11 +524,44 @@ def evaluate_model(
                 sel = modes == mode
                 if sel.any():
                     acc.add({k: np.asarray(v)[sel] for k, v in batch.items()})
-            for i in range(len(modes)):
+            if collector is not None:
+                collector.add(batch)
+            for i in np.flatnonzero(np.isin(modes, list(accumulators))):
                 predictions.write(json.dumps(_predictions_record(batch, i, spec.label)) + "\n")
             bar.update(len(modes) // num_modes)
-            done = accumulators[str(spec.compressions[0])].total
-            bar.set_postfix(acc=f"{done.correct / max(done.n, 1):.3f}")
+            bar.set_postfix(acc=f"{first.correct / max(first.n, 1):.3f}")
+
+
+def evaluate_model(
+    spec: ModelSpec, cfg: EvalConfig, predictions: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Evaluate one model in all its modes (and, with ``--oracle``, every static path in the same pass);
+    write the requested modes' predictions to the open file ``predictions``.
+
+    Returns:
+        ``(rows, info, table)``: one report row per requested mode, facts about the model (directory,
+        counts), and the oracle's :class:`jobs.oracle.PathTable` (None without ``--oracle``).
+    """
+    from jobs import oracle
+
+    model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
+    config = _load_config(model_dir)
+    run_modes = _model_modes(spec, config, cfg)
+    accumulators = {
+        str(mode): eval_report.ModeAccumulator(
+            spec.label, spec.uri, mode, config.compression_factors, len(config.pooling_layers)
+        )
+        for mode in spec.compressions
+    }
+    collector = oracle.PathCollector(oracle.path_labels(config)) if cfg.oracle else None
+    logger.info(
+        "evaluating %s (%s) in modes %s%s on %s", spec.label, model_dir, spec.compressions,
+        f" and {len(collector.paths)} static paths (oracle)" if collector else "", cfg.data,
+    )  # fmt: skip
+    ds, accountant = predict(spec, model_dir, cfg, run_modes)
+    start = time.perf_counter()
+    sinks = {"accumulators": accumulators, "collector": collector}
+    _consume(ds, spec, cfg, sinks, predictions, len(run_modes))
     bad = accountant.check()  # exact bad-sample threshold over the whole pass
     rows = [acc.row() for acc in accumulators.values()]
     if not rows or rows[0]["num_samples"] == 0:
@@ -491,10 +579,11 @@ def evaluate_model(
         "model_dir": model_dir,
         "compressions": [str(c) for c in spec.compressions],
         "num_samples": rows[0]["num_samples"],
+        "num_generation_modes": len(run_modes),
         "bad_samples": bad.to_dict(),
         "wall_s": time.perf_counter() - start,
     }
-    return rows, info
+    return rows, info, collector.table() if collector else None
 
 
 def _init_ray() -> None:
@@ -524,7 +613,6 @@ def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) 
         for spec in cfg.models:
             params[f"model.{spec.label}"] = spec.uri
             params[f"compression.{spec.label}"] = ",".join(str(c) for c in spec.compressions)
-        mlflow.log_params(params)
         mlflow.set_tags({"job": "evaluate", **{f"model.{s.label}": s.uri for s in cfg.models}})
         metrics: dict[str, float] = {}
         for row in report["rows"]:
@@ -538,6 +626,13 @@ def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) 
                 metrics[f"{prefix}/accuracy/{name}"] = float(entry["accuracy"])
             for i, tokens in enumerate(row["visual_tokens_per_layer"]):
                 metrics[f"{prefix}/visual_tokens/{i}"] = float(tokens)
+        if report.get("oracle"):
+            from jobs import oracle
+
+            params["oracle"] = True
+            for label, section in report["oracle"].items():
+                metrics.update(oracle.mlflow_metrics(label, section))
+        mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path))
@@ -545,7 +640,8 @@ def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) 
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation job; returns the report (``{"version", "meta", "rows"}``)."""
+    """Run the evaluation job; returns the report (``{"version", "meta", "rows"}``, and ``"oracle"``:
+    ``{label: section}`` with ``cfg.oracle``, see :mod:`jobs.oracle`)."""
     import ray
 
     from jobs.tracking import tracking_uri
@@ -557,13 +653,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     baseline_rows = [{**r, "baseline": True} for r in eval_report.load_rows(cfg.baselines)]
     rows: list[dict[str, Any]] = []
     infos = []
+    oracles: dict[str, dict[str, Any]] = {}
+    path_tables: dict[str, Any] = {}
     start = time.perf_counter()
     predictions_path = out_dir / "predictions.jsonl"
     with predictions_path.open("w") as predictions:
         for spec in cfg.models:
-            model_rows, info = evaluate_model(spec, cfg, predictions)
+            model_rows, info, path_table = evaluate_model(spec, cfg, predictions)
             rows += model_rows
             infos.append(info)
+            if path_table is not None:
+                from jobs import oracle
+
+                oracles[spec.label] = oracle.analyse(path_table, model_rows)
+                path_tables[spec.label] = path_table
     meta = {
         "data": cfg.data,
         "split": cfg.split,
@@ -579,9 +682,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     all_rows = report["rows"]
     table = eval_report.format_table(all_rows)
     families = eval_report.format_family_table(all_rows)
-    print(f"\n{table}\n\naccuracy per question family (%; auto: accuracy/visual tokens kept)\n{families}\n")
-    (out_dir / "table.txt").write_text(f"{table}\n\n{families}\n")
+    text = f"{table}\n\naccuracy per question family (%; routed modes: accuracy/visual tokens kept)\n{families}\n"
     plots = eval_report.write_plots(all_rows, out_dir / "plots", cfg.title)
+    if oracles:
+        from jobs import oracle
+
+        report["oracle"] = oracles
+        text += "".join(f"\n{oracle.format_section(label, s)}\n" for label, s in oracles.items())
+        plots += oracle.write_outputs(oracles, path_tables, out_dir, cfg.title)
+    print(f"\n{text}")
+    (out_dir / "table.txt").write_text(text)
     json_path = eval_report.write_json(report, out_dir / "eval.json")
     if cfg.mlflow:
         run_id = _log_mlflow(cfg, report, [json_path, out_dir / "table.txt", predictions_path, *plots])
@@ -611,8 +721,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split", default="eval", help="split of a dataset root ('none' = every file; default eval)"
     )
     parser.add_argument("--compression", action="append", metavar="[LABEL=]MODES",
-                        help=f"comma-separated modes (auto and expert factors; default {DEFAULT_COMPRESSIONS}); "
-                        "LABEL=MODES sets one model's modes")  # fmt: skip
+                        help="comma-separated modes: auto, random, expert factors (1 dense, 2, 4) and schedules, "
+                        "one factor per pooling layer as 1-2-4 or [1,2,4] (e.g. auto,1,4,1-2-4); default "
+                        f"{DEFAULT_COMPRESSIONS}; LABEL=MODES sets one model's modes")  # fmt: skip
+    parser.add_argument("--oracle", action="store_true",
+                        help="also evaluate every static path (one expert per pooling layer: 27 by default) in "
+                        "the same pass and report the oracle router (per sample the cheapest correct path), the "
+                        "paths' Pareto frontier and each mode's regret (jobs/oracle.py)")  # fmt: skip
     parser.add_argument("--json", dest="json_path", help="write the JSON report here")
     parser.add_argument("--baseline", action="append", default=[], metavar="REPORT.json",
                         help="add the rows of an earlier report to the table and plots")  # fmt: skip
@@ -680,6 +795,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         tracking_uri=args.tracking_uri,
         mlflow=not args.no_mlflow,
         title=args.title,
+        oracle=bool(getattr(args, "oracle", False)),
     )
 
 
@@ -690,7 +806,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         logger.error("%s", err)
         return 2
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except UsageError as err:  # a mode that does not fit the model, found once its config is read
+        logger.error("%s", err)
+        return 2
     return 0
 
 

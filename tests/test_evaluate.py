@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from jobs import eval_report
-from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions, parse_model_specs
+from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions, parse_model_specs, split_modes
 
 NUM_EVAL = 12
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,11 +32,21 @@ ROW_KEYS = {
 
 
 def test_parse_compressions():
+    config = SimpleNamespace(expert_strides=[(1, 1), (1, 2), (2, 2)], pooling_layers=[8, 16, 24])
     assert parse_compressions("auto, 1,2,4,2") == ["auto", 1, 2, 4]
-    with pytest.raises(ValueError, match="matches no pooling expert"):
-        parse_compressions("auto,3", allowed=[1, 2, 4])
-    with pytest.raises(ValueError, match="neither 'auto'"):
+    # schedules: bracketed (commas inside stay one mode) or dashed, stored as their label "1-2-4"
+    modes = parse_compressions("auto,1,2,4,[1,2,4],1-2-4,random", config)
+    assert modes == ["auto", 1, 2, 4, "1-2-4", "random"]
+    assert parse_compressions("[1, 4, 4],auto") == ["1-4-4", "auto"]
+    assert split_modes("auto,[1,2,4],1-2-4") == ["auto", "[1,2,4]", "1-2-4"]
+    with pytest.raises(ValueError, match="match no pooling expert"):
+        parse_compressions("auto,3", config)
+    with pytest.raises(ValueError, match=r"'1-2' .*has 2 factor\(s\) but the model pools after 3"):
+        parse_compressions("auto,1-2", config)
+    with pytest.raises(ValueError, match="'dense' is not a compression factor"):
         parse_compressions("dense")
+    with pytest.raises(ValueError, match="'\\[' without '\\]'"):
+        parse_compressions("auto,[1,2")
     with pytest.raises(ValueError, match="no compression mode"):
         parse_compressions(",")
 
@@ -51,6 +62,8 @@ def test_parse_model_specs_labels_and_per_model_modes():
     ]
     with pytest.raises(ValueError, match="names no model"):
         parse_model_specs(["a=/x"], ["b=1"])
+    with pytest.raises(ValueError, match="^--compression: compression mode '1-x-4'"):
+        parse_model_specs(["a=/x"], ["auto,1-x-4"])
     with pytest.raises(ValueError, match="labelled 'x'"):
         parse_model_specs(["x=/a", "x=/b"], None)
 
@@ -352,3 +365,51 @@ def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(worksp
     assert (out["prefill_flops"][:3] < out["dense_flops"][:3]).all()
     assert out["visual_tokens"].shape == (6, 4) and out["router_probs"].shape == (6, 3, 3)
     assert np.isnan(out["router_probs"][3:]).all() and np.allclose(out["router_probs"][:3].sum(-1), 1.0)
+
+
+def test_predictor_runs_schedules_and_random_routing_and_generates_shared_paths_once(workspace):
+    """`--compression auto,1,1-1-1,1-2-4,random`: each mode is parsed against the model's config; "1" and
+    "1-1-1" force the same experts, so they share one generation (the oracle's paths rely on it)."""
+    from jobs.evaluate import Predictor
+    from pipelines.preprocess import Preprocessor
+    from pipelines.synthetic import generate_samples
+
+    samples = list(generate_samples(3, seed=7, tag="eval"))
+    rows = {
+        "id": np.array([s.id for s in samples]),
+        "image": np.array([s.png_bytes() for s in samples], dtype=object),
+        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
+        "family": np.array([s.family for s in samples]),
+        "kind": np.array([s.kind for s in samples]),
+        "bad_reason": np.array([""] * 3),
+    }
+    batch = Preprocessor(workspace["ckpt"], 2048, "eval")(rows)
+    modes = ["auto", "1", "1-1-1", "1-2-4", "random"]
+    predictor = Predictor(workspace["ckpt"], modes, 2, device="cpu")
+    calls = []
+    generate = predictor._generate
+    predictor._generate = lambda inputs, value, answers: (
+        calls.append(value) or generate(inputs, value, answers)
+    )
+    out = predictor(batch)
+    assert calls == ["auto", 1, (1, 2, 4), "random"]
+    assert list(out["compression"]) == [m for m in modes for _ in range(3)]
+    by_mode = {m: np.flatnonzero(out["compression"] == m) for m in modes}
+    assert list(out["prediction"][by_mode["1"]]) == list(out["prediction"][by_mode["1-1-1"]])
+    assert out["visual_tokens"][by_mode["1-2-4"]].tolist() == [[256, 256, 128, 32]] * 3
+    assert (out["prefill_flops"][by_mode["1-2-4"]] < out["dense_flops"][by_mode["1-2-4"]]).all()
+    assert np.isnan(out["router_probs"][by_mode["random"]]).all()  # random routing runs no router
+    assert (out["expert_choices"][by_mode["random"]] >= -1).all()
+    with pytest.raises(ValueError, match="has 2 factor"):
+        Predictor(workspace["ckpt"], ["1-2"], 2, device="cpu")
+
+
+def test_random_routing_rows_report_the_choice_distribution():
+    acc = eval_report.ModeAccumulator("m", "uri", "random", [1, 2, 4], num_layers=2)
+    batch = _batch([True, False], ["a", "b"], ["coarse", "fine"], [[2, 1], [0, -1]], mode="random")
+    batch["router_probs"] = np.full((2, 2, 3), np.nan)
+    acc.add(batch)
+    row = acc.row()
+    assert row["routing"]["per_layer"][1] == {"1": 0.0, "2": 0.5, "4": 0.0, "skipped": 0.5}
+    assert row["routing"]["mean_router_probs"] is None
+    assert "0.0/" in eval_report.format_family_table([row])  # routed: accuracy/visual tokens kept
