@@ -12,6 +12,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from small_config import IMAGE, ROUTER, make_config
 from torch import nn
 from transformers import AutoModelForImageTextToText
 
@@ -19,28 +20,7 @@ from dpn_model import DPNConfig, DPNForConditionalGeneration, routing_loss
 from dpn_model.configuration import LEGACY_DEFAULTS
 from dpn_model.pooling import DynamicPoolingExperts, router_input
 
-VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
 SCALES = [0.0, 1.0, 2.0]
-
-
-def make_config(**overrides) -> DPNConfig:
-    """Hidden 64, 4 decoder layers pooling after 1, 2, 3; an 8x8 grid of 64 visual tokens."""
-    fields = dict(
-        text_config=dict(
-            model_type="llama", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=128, pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=4, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64,
-        ),
-        image_token_id=IMAGE,
-        router_token_id=ROUTER,
-        pooling_layers=[1, 2, 3],
-        min_visual_tokens=4,
-    )  # fmt: skip
-    fields.update(overrides)
-    return DPNConfig(**fields)
 
 
 def two_turn_prompt() -> list[int]:

@@ -6,32 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from small_config import IMAGE, PAD, ROUTER, VOCAB, make_config
 
 from dpn_model import DPNConfig, DPNForConditionalGeneration
 from dpn_model import flops as flops_lib
 from dpn_model.configuration import compression_label, compression_schedule, parse_compression
-
-VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
-
-
-def make_config(**overrides) -> DPNConfig:
-    """4 decoder layers pooling after 1, 2, 3; an 8x8 grid of 64 visual tokens."""
-    fields = dict(
-        text_config=dict(
-            model_type="llama", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=128, pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=4, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64,
-        ),
-        image_token_id=IMAGE,
-        router_token_id=ROUTER,
-        pooling_layers=[1, 2, 3],
-        min_visual_tokens=4,
-    )  # fmt: skip
-    fields.update(overrides)
-    return DPNConfig(**fields)
 
 
 def prompt(pre: int = 3, post: int = 4) -> list[int]:

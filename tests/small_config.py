@@ -1,0 +1,27 @@
+"""A hand-sized DPN config shared by the model-level tests (no tokenizer, no checkpoint)."""
+
+from __future__ import annotations
+
+from dpn_model import DPNConfig
+
+VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
+
+
+def make_config(**overrides) -> DPNConfig:
+    """Hidden 64, 4 decoder layers pooling after 1, 2, 3; an 8x8 grid of 64 visual tokens (ids below)."""
+    fields = dict(
+        text_config=dict(
+            model_type="llama", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, pad_token_id=PAD,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=4, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64,
+        ),
+        image_token_id=IMAGE,
+        router_token_id=ROUTER,
+        pooling_layers=[1, 2, 3],
+        min_visual_tokens=4,
+    )  # fmt: skip
+    fields.update(overrides)
+    return DPNConfig(**fields)
