@@ -54,7 +54,7 @@ def build_random(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     Presets with built-in token ids (the 7B shapes) need no tokenizer; the others get the locally trained one.
     """
     from dpn_model.modeling import DPNForConditionalGeneration
-    from dpn_model.presets import PRESETS, preset_config
+    from dpn_model.presets import PRESETS, preset_config, token_ids
 
     torch.manual_seed(seed)
     if "token_ids" in PRESETS[preset]:
@@ -62,16 +62,7 @@ def build_random(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     else:
         from dpn_model.tokenization import build_tokenizer
 
-        tokenizer = build_tokenizer()
-        config = preset_config(
-            preset,
-            vocab_size=len(tokenizer),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        config = preset_config(preset, **token_ids(build_tokenizer()))
     with torch.device(device):  # parameters are created (and initialised) on the device, in dtype
         model = DPNForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval()

@@ -98,7 +98,19 @@ def preset_config(
     return DPNConfig(**fields)
 
 
-__all__ = ["PRESETS", "build_model", "create_checkpoint", "preset_config"]
+__all__ = ["PRESETS", "build_model", "create_checkpoint", "preset_config", "token_ids"]
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config fields a tokenizer decides: the vocabulary size and the special token ids."""
+    return dict(
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def build_model(name: str, seed: int = 0, tokenizer=None, **overrides: Any):
@@ -121,15 +133,7 @@ def build_model(name: str, seed: int = 0, tokenizer=None, **overrides: Any):
         tokenizer = build_tokenizer()
     processor = None
     if tokenizer is not None:
-        ids = dict(
-            vocab_size=len(tokenizer),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        config = preset_config(name, **ids, **overrides)
+        config = preset_config(name, **token_ids(tokenizer), **overrides)
     else:
         config = preset_config(name, **overrides)
     torch.manual_seed(seed)
