@@ -239,6 +239,8 @@ def requests(draw) -> dict[str, Any]:
     body = draw(valid_request)
     for _ in range(draw(st.integers(0, 2))):
         user = body["messages"][-1] if isinstance(body.get("messages"), list) and body["messages"] else {}
+        if not isinstance(user, dict):  # an earlier round replaced the messages with something else
+            user = {}
         where = draw(st.sampled_from(["field", "role", "content", "part"]))
         if where == "field":
             body[draw(st.sampled_from(FIELDS))] = draw(hostile_values)
