@@ -127,6 +127,40 @@ def convert_llava_checkpoint(llava_dir: str | Path, out_dir: str | Path, **dpn_o
 # --- LLaVA-1.5 stage-1 parts ----------------------------------------------------------------------------------
 
 
+def _projector_file(path: Path) -> Path:
+    """The projector file itself: ``path``, or the one a stage-1 output directory holds."""
+    if path.is_dir():
+        found = [path / name for name in _PROJECTOR_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no stage-1 projector file ({' or '.join(_PROJECTOR_FILES)})")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"projector file {path} does not exist")
+    return path
+
+
+def _read_tensor_file(path: Path) -> Any:
+    """A safetensors file, or a torch file read with ``weights_only=True`` (never a full unpickle)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} is not a tensors-only file: torch.load(weights_only=True) refused it "
+            f"({_unpickler_reason(err)}). It is never unpickled in full: it must be safetensors or a "
+            f"torch.save'd dict of tensors (re-save the projector's tensors that way and convert again)"
+        ) from err
+    except Exception as err:  # not a torch file at all: the unpickler fails in many ways
+        raise ValueError(
+            f"{path} is neither a safetensors file nor a torch.save'd dict of tensors ({type(err).__name__}: {err})"
+        ) from err
+
+
 def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a stage-1 projector file into llava-hf's names (`linear_1.weight`, ..., `linear_2.bias`).
 
@@ -141,31 +175,8 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
     Returns:
         `dict[str, torch.Tensor]`: the projector's tensors, keyed as `LlavaMultiModalProjector`'s state dict.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in _PROJECTOR_FILES if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} holds no stage-1 projector file ({' or '.join(_PROJECTOR_FILES)})")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"projector file {path} does not exist")
-    with path.open("rb") as f:
-        head = f.read(9)
-    if path.suffix == ".safetensors" or head[8:9] == b"{":  # safetensors: 8-byte header length, then JSON
-        from safetensors.torch import load_file
-
-        raw: Any = load_file(str(path))
-    else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{path} is not a tensors-only file: torch.load(weights_only=True) refused it "
-                f"({_unpickler_reason(err)}). It is never unpickled in full: it must be safetensors or a "
-                f"torch.save'd dict of tensors (re-save the projector's tensors that way and convert again)"
-            ) from err
-        except Exception as err:  # not a torch file at all: the unpickler fails in many ways
-            raise ValueError(f"{path} is neither a safetensors file nor a torch.save'd dict of tensors ({type(err).__name__}: {err})") from err
+    path = _projector_file(Path(path))
+    raw = _read_tensor_file(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a dict of tensors (name -> tensor), got {type(raw).__name__}")
     tensors: dict[str, torch.Tensor] = {}
