@@ -30,10 +30,10 @@ class ModelConfig:
             layer, a static pyramid as PyramidDrop uses (the baselines). Parsed by
             ``dpn_model.configuration.parse_compression``; the factors are the model's experts'.
         dense_warmup_steps: with ``compression: auto``, train the first this-many optimizer steps
-            dense (compression 1, no routing) and route after that. The paper inserts DPN into an
-            already trained LLaVA (``init`` from a dense run does that); a model trained from random
-            weights needs the dense phase, or its router collapses to the heaviest pooling before the
-            visual features are worth keeping (BENCHMARKS.md, "Quality: what was tried").
+            dense (compression 1, no routing) and route after that. The paper trains DPN from the
+            stage-1 model (LLM + projector), routers from step 0 (``init`` from a dense model and 0 here);
+            a model trained from random weights needs the dense phase, or its router collapses to the
+            heaviest pooling before the visual features are worth keeping (BENCHMARKS.md).
         seed: seed of the random preset weights and of the router's sampling.
         config_overrides: DPNConfig fields applied to the model before training (e.g.
             ``routing_loss_weight``, ``pooling_layers``); for presets also the architecture.
