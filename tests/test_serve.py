@@ -433,7 +433,8 @@ def tiny(checkpoints):
     return load_model(checkpoints[0], device="cpu")
 
 
-def _prepared(processor, question: str, **overrides):
+def prepared_request(processor, question: str = "Colour?", **overrides):
+    """An image question through the replica's `prepare`, as the scheduler receives it."""
     from serve_apps.generation import prepare
 
     request = {
@@ -465,8 +466,8 @@ def _run(model, processor, items, rate):
 def test_batched_left_padded_generation_matches_generate(tiny):
     model, processor = tiny
     items = [
-        _prepared(processor, "Colour?"),
-        _prepared(processor, "How many small shapes are in the picture?"),
+        prepared_request(processor, "Colour?"),
+        prepared_request(processor, "How many small shapes are in the picture?"),
     ]
     run, finals = _run(model, processor, items, 2)
     for item, row in zip(items, run.rows):
@@ -490,16 +491,16 @@ def test_batched_left_padded_generation_matches_generate(tiny):
 
 def test_sampling_params_stop_and_seed(tiny):
     model, processor = tiny
-    greedy = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8)], 1)[1][0]
+    greedy = _run(model, processor, [prepared_request(processor, "Colour?", max_tokens=8)], 1)[1][0]
     assert greedy["finish_reason"] in ("length", "stop") and greedy["usage"]["compression_run"] == 1
     if len(greedy["full_text"]) > 2:
         stop = greedy["full_text"][1:3]
-        stopped = _run(model, processor, [_prepared(processor, "Colour?", max_tokens=8, stop=[stop])], 1)[1][
-            0
-        ]
+        stopped = _run(
+            model, processor, [prepared_request(processor, "Colour?", max_tokens=8, stop=[stop])], 1
+        )[1][0]
         assert stopped["finish_reason"] == "stop" and stop not in stopped["full_text"]
         assert greedy["full_text"].startswith(stopped["full_text"])
-    sampled = [_prepared(processor, "Colour?", temperature=1.0, top_p=0.9, seed=11) for _ in range(2)]
+    sampled = [prepared_request(processor, "Colour?", temperature=1.0, top_p=0.9, seed=11) for _ in range(2)]
     a, b = _run(model, processor, sampled, 4)[1]
     assert a["full_text"] == b["full_text"]  # same seed, same text, even in one batch
 
@@ -509,7 +510,7 @@ def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
 
     _, processor = tiny
     with pytest.raises(PromptError, match="reserved token"):
-        _prepared(processor, "tell me <router> now")
+        prepared_request(processor, "tell me <router> now")
     with pytest.raises(PromptError, match="limit of 300"):
         prepare(
             processor,
@@ -533,7 +534,8 @@ def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     config = BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.05, mode=mode)
     items = [
-        _prepared(processor, f"Question {i}?", compression=rate, max_tokens=2) for i, rate in enumerate(rates)
+        prepared_request(processor, f"Question {i}?", compression=rate, max_tokens=2)
+        for i, rate in enumerate(rates)
     ]
 
     async def main():

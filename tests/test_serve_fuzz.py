@@ -18,7 +18,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_serve import FakeBackend, data_url, flat_png, png_bytes
+from test_serve import FakeBackend, LocalBackend, data_url, flat_png, png_bytes
 from test_serve_robustness import png_header
 
 from serve_apps.api import Settings, create_api
@@ -328,22 +328,6 @@ def fake_client():
 @given(body=bodies)
 def test_fuzz_fake_backend_never_5xx(fake_client, body):
     fuzz(fake_client, body)
-
-
-class LocalBackend:
-    """`serve_apps.api.Backend` over a `DPNModelServer` in this process: the real prepare, scheduler, sampler."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def generate(self, request):
-        return self.server.generate(request)
-
-    async def info(self):
-        return self.server.info()
-
-    async def batches(self, limit):
-        return self.server.batches(limit)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,19 @@ import PIL.Image
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_serve import FakeBackend, assert_openai_error, data_url, flat_png, image_message, png_bytes, post
+from test_serve import (
+    FakeBackend,
+    assert_openai_error,
+    data_url,
+    flat_png,
+    image_message,
+    png_bytes,
+    post,
+    prepared_request,
+)
 
 from serve_apps.api import Settings, Unavailable, create_api
-from serve_apps.generation import BatchRun, prepare, reserved_token_ids, sample_token
+from serve_apps.generation import BatchRun, reserved_token_ids, sample_token
 from serve_apps.limits import Limits
 from serve_apps.scheduler import BatchingConfig, Scheduler
 
@@ -417,24 +426,12 @@ def test_reserved_token_ids(tiny):
     assert set(range(len(tok), len(tok) + 3)) <= set(reserved)  # padded vocabulary: ids the tokenizer lacks
 
 
-def _prepared(processor, question: str = "Colour?", **overrides):
-    request = {
-        "messages": image_message("x", question),
-        "images": [png_bytes(seed=len(question))],
-        "max_tokens": 6,
-        "temperature": 0.0,
-        "compression": 2,
-        **overrides,
-    }
-    return prepare(processor, request, max_prompt_tokens=4096)
-
-
 def test_reserved_tokens_are_never_emitted_even_when_most_likely(tiny):
     model, processor = tiny
     items = [
-        _prepared(processor, temperature=0.0),
-        _prepared(processor, temperature=1.0, seed=1),
-        _prepared(processor, temperature=2.0, top_p=1e-300, seed=2),
+        prepared_request(processor, temperature=0.0),
+        prepared_request(processor, temperature=1.0, seed=1),
+        prepared_request(processor, temperature=2.0, top_p=1e-300, seed=2),
     ]
     run = BatchRun(model, processor, items, 2, "test")
     run.prefill()
@@ -461,7 +458,9 @@ def test_sampling_at_temperature_one_never_emits_reserved_tokens(tiny):
     """Before the fix, about 1 in 4 requests of the tiny random model sampled `<image>` and failed its batch."""
     model, processor = tiny
     items = [
-        _prepared(processor, f"Question {seed}?", temperature=1.0, seed=seed, max_tokens=24, ignore_eos=True)
+        prepared_request(
+            processor, f"Question {seed}?", temperature=1.0, seed=seed, max_tokens=24, ignore_eos=True
+        )
         for seed in range(16)
     ]
     run = BatchRun(model, processor, items, 2, "test")
@@ -545,12 +544,12 @@ def test_a_poisoned_row_fails_alone_and_its_batch_mates_succeed(tiny, poison, st
         stage
     ]
     wave = [
-        _prepared(processor, "Colour?", request_id="good-0"),
-        _prepared(processor, "Colour?", request_id="poison", **bad),
-        _prepared(processor, "How many?", request_id="good-1", temperature=1.0, seed=3),
+        prepared_request(processor, "Colour?", request_id="good-0"),
+        prepared_request(processor, "Colour?", request_id="poison", **bad),
+        prepared_request(processor, "How many?", request_id="good-1", temperature=1.0, seed=3),
     ]
     records: list[dict[str, Any]] = []
-    (first, after) = run_scheduler(tiny, [wave, [_prepared(processor, request_id="later")]], records)
+    (first, after) = run_scheduler(tiny, [wave, [prepared_request(processor, request_id="later")]], records)
     assert [_outcome(events) for events in first] == ["final", "error", "final"]
     error = first[1][-1]
     assert error["status"] == 500 and error["code"] == "generation_failed"
@@ -561,16 +560,16 @@ def test_a_poisoned_row_fails_alone_and_its_batch_mates_succeed(tiny, poison, st
 def test_a_failing_decode_step_fails_only_the_request_at_fault(tiny, poison):
     """The batch's KV cache is lost: each request goes on alone from what it generated, the poisoned one fails."""
     _, processor = tiny
-    clean = run_scheduler(tiny, [[_prepared(processor, request_id="good", max_tokens=5, ignore_eos=True)]])[
-        0
-    ][0]
+    clean = run_scheduler(
+        tiny, [[prepared_request(processor, request_id="good", max_tokens=5, ignore_eos=True)]]
+    )[0][0]
     poison("step")
     wave = [
-        _prepared(processor, request_id="good", max_tokens=5, ignore_eos=True),
-        _prepared(processor, "How many?", request_id="poison", max_tokens=5, ignore_eos=True),
+        prepared_request(processor, request_id="good", max_tokens=5, ignore_eos=True),
+        prepared_request(processor, "How many?", request_id="poison", max_tokens=5, ignore_eos=True),
     ]
     records: list[dict[str, Any]] = []
-    first, after = run_scheduler(tiny, [wave, [_prepared(processor, request_id="later")]], records)
+    first, after = run_scheduler(tiny, [wave, [prepared_request(processor, request_id="later")]], records)
     assert [_outcome(events) for events in first] == ["final", "error"]
     good = first[0][-1]
     assert good["full_text"] == clean[-1]["full_text"] and good["usage"]["completion_tokens"] == 5
@@ -593,7 +592,7 @@ def test_a_batch_that_cannot_start_answers_its_requests(tiny):
         return tiny[0], tiny[1], "v"
 
     first, after = run_scheduler(
-        tiny, [[_prepared(processor)], [_prepared(processor)]], current_model=current_model
+        tiny, [[prepared_request(processor)], [prepared_request(processor)]], current_model=current_model
     )
     assert _outcome(first[0]) == "error" and "no model loaded" in first[0][-1]["message"]
     assert _outcome(after[0]) == "final"
