@@ -30,15 +30,6 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def processor_dir(tmp_path_factory) -> str:
     return str(save_processor(tmp_path_factory.mktemp("processor")))
 

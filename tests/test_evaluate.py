@@ -129,15 +129,6 @@ def test_load_rows_rejects_non_reports(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from dpn_model.presets import create_checkpoint
     from pipelines.synthetic import write_synthetic_dataset

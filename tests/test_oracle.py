@@ -294,15 +294,6 @@ def test_collector_matches_rows_by_sample_id_across_blocks():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from dpn_model.presets import create_checkpoint
     from pipelines.synthetic import write_synthetic_dataset
