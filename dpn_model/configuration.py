@@ -20,9 +20,12 @@ POOLING_TYPES = ("max", "avg", "conv")
 ROUTING_LOSS_EXPERTS = ("argmax", "sampled")
 ROUTING_LOSS_REDUCTIONS = ("global", "per_layer")
 ROUTER_TOKEN_REDUCTIONS = ("mean", "last")
+ROUTER_ESTIMATORS = ("scale", "reinforce")
 ROUTING_MODES = ("auto", "random")
 DPN_CONFIG_VERSION = 2
 DEFAULT_EXPERT_STRIDES = ((1, 1), (1, 2), (2, 2))
+# the compression factors of the default experts (`h * w` of each stride, as `compression_factors`): 1, 2, 4
+DEFAULT_COMPRESSION_FACTORS = tuple(h * w for h, w in DEFAULT_EXPERT_STRIDES)
 
 # What a config.json without `dpn_config_version` (written before version 2) was trained with.
 LEGACY_DEFAULTS: dict[str, Any] = {
@@ -86,6 +89,19 @@ class DPNConfig(LlavaConfig):
         router_token_reduction (`str`):
             `"mean"` (reference): the router reads the mean hidden state over all `<router>` positions of the
             sample (one per user turn); `"last"`: the last `<router>` position only.
+        router_estimator (`str`):
+            How the router learns in training. `"scale"` (reference): only through the language-modelling
+            loss, by way of the chosen probability that scales the pooled tokens. `"reinforce"` (ours, not the
+            authors'): additionally a REINFORCE (score-function) term on the chosen experts' log-probabilities,
+            rewarding each sample's path with `-(its LM loss + router_cost_weight * its visual-token cost)`
+            against the leave-one-out mean of the batch, so an expert that loses a sample's answer is
+            penalised for that sample. The pooling, the scaling and inference are unchanged.
+        router_reinforce_weight (`float`):
+            Weight of the REINFORCE term in the loss (`router_estimator="reinforce"` only).
+        router_cost_weight (`float`):
+            Price, in nats of LM loss, of a sample's visual-token cost: the mean over the pooling layers of the
+            fraction of its visual tokens still kept (1 for the dense path, ~0.17 for 4x, 2x, 1x after the
+            token floor on a 16x16 grid) (`"reinforce"` only).
         dpn_config_version (`int`):
             Version of these semantics; `config.json` files without it are read with [`LEGACY_DEFAULTS`].
     """
@@ -107,6 +123,9 @@ class DPNConfig(LlavaConfig):
     inference_token_floor: int | None = 18
     router_bias: bool = False
     router_token_reduction: str = "mean"
+    router_estimator: str = "scale"
+    router_reinforce_weight: float = 1.0
+    router_cost_weight: float = 0.5
     dpn_config_version: int = DPN_CONFIG_VERSION
 
     @classmethod
@@ -171,6 +190,10 @@ class DPNConfig(LlavaConfig):
         self._check_choice("routing_loss_expert", ROUTING_LOSS_EXPERTS)
         self._check_choice("routing_loss_reduction", ROUTING_LOSS_REDUCTIONS)
         self._check_choice("router_token_reduction", ROUTER_TOKEN_REDUCTIONS)
+        self._check_choice("router_estimator", ROUTER_ESTIMATORS)
+        for name in ("router_reinforce_weight", "router_cost_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("train_token_floor", "inference_token_floor"):
             floor = getattr(self, name)
             if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int) or floor < 0):
@@ -321,6 +344,7 @@ def compression_label(value: Any) -> str:
 
 
 __all__ = [
+    "DEFAULT_COMPRESSION_FACTORS",
     "DEFAULT_EXPERT_STRIDES",
     "DPN_CONFIG_VERSION",
     "LEGACY_DEFAULTS",

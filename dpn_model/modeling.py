@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlavaConfig, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
@@ -49,6 +50,8 @@ class DPNModelOutput(ModelOutput):
             than `min_visual_tokens` visual tokens left).
         router_probs (`torch.FloatTensor` of shape `(batch, num_pooling_layers, num_experts)`, *optional*):
             Router probabilities (`compression="auto"` only).
+        router_feasible (`torch.BoolTensor` of shape `(batch, num_pooling_layers, num_experts)`, *optional*):
+            Experts the token floor allowed (`compression="auto"` only).
         visual_tokens (`torch.LongTensor` of shape `(batch, num_pooling_layers + 1)`):
             Visual tokens per sample before the first pooling layer and after each one.
         layer_seq_lens (`torch.LongTensor` of shape `(batch, num_decoder_layers)`):
@@ -63,6 +66,7 @@ class DPNModelOutput(ModelOutput):
     token_positions: torch.LongTensor | None = None
     expert_choices: torch.LongTensor | None = None
     router_probs: torch.FloatTensor | None = None
+    router_feasible: torch.BoolTensor | None = None
     visual_tokens: torch.LongTensor | None = None
     layer_seq_lens: torch.LongTensor | None = None
     routing_loss: torch.FloatTensor | None = None
@@ -74,11 +78,14 @@ class DPNCausalLMOutputWithPast(ModelOutput):
     """Output of [`DPNForConditionalGeneration`].
 
     Args:
-        loss (`torch.FloatTensor`, *optional*): `lm_loss + routing_loss_weight * routing_loss`.
+        loss (`torch.FloatTensor`, *optional*): `lm_loss + routing_loss_weight * routing_loss`
+            (`+ router_reinforce_weight * reinforce_loss` with `router_estimator="reinforce"`).
         logits (`torch.FloatTensor` of shape `(batch, out_len, vocab)`):
             Scores on the output sequence; `token_positions` maps them back to input positions.
         lm_loss (`torch.FloatTensor`, *optional*): next-token loss over label tokens.
         routing_loss (`torch.FloatTensor`, *optional*): the paper's routing loss (auto mode).
+        reinforce_loss (`torch.FloatTensor`, *optional*): the REINFORCE term ([`reinforce_loss`]; auto mode in
+            training with `router_estimator="reinforce"` only).
         cache (`DPNCache`, *optional*): see [`DPNCache`].
         token_positions, expert_choices, router_probs, visual_tokens, layer_seq_lens: as in [`DPNModelOutput`].
         prefill_flops (`torch.FloatTensor` of shape `(batch,)`, *optional*):
@@ -90,6 +97,7 @@ class DPNCausalLMOutputWithPast(ModelOutput):
     logits: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     routing_loss: torch.FloatTensor | None = None
+    reinforce_loss: torch.FloatTensor | None = None
     cache: Cache | None = None
     token_positions: torch.LongTensor | None = None
     expert_choices: torch.LongTensor | None = None
@@ -146,6 +154,63 @@ def routing_loss(
     per_layer = weighted.sum(0) / count.clamp(min=1)
     gaps = torch.relu(target - per_layer)[count > 0]
     return gaps.mean() if gaps.numel() else probs.sum() * 0.0
+
+
+def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each sample over its label tokens, `(batch,)` float32 (0 for a sample without any).
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, len, vocab)`), labels (`torch.LongTensor` of shape `(batch, len)`):
+            aligned, not shifted (-100: no loss), as [`DPNForConditionalGeneration.forward`] has them.
+    """
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )  # (B, len - 1)
+    valid = targets != -100
+    return (token_loss * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def reinforce_loss(
+    probs: torch.Tensor,
+    feasible: torch.Tensor,
+    choices: torch.Tensor,
+    sample_loss: torch.Tensor,
+    cost: torch.Tensor,
+    cost_weight: float,
+) -> torch.Tensor:
+    """REINFORCE term for the routers (`router_estimator="reinforce"`; ours, not the authors').
+
+    A sample's reward is `-(sample_loss + cost_weight * cost)`; its advantage is the reward minus the mean reward
+    of the batch's other routed samples (a leave-one-out baseline, which keeps the estimate unbiased). The term is
+    `-mean(advantage * sum over layers of log q(chosen expert))`, `q` the distribution the expert was sampled
+    from (the router's probabilities renormalised over the experts the token floor allowed): minimising it raises
+    the probability of paths that answered a sample better than its batch-mates did, at their price in tokens.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch, layers, experts)`): router probabilities.
+        feasible (`torch.BoolTensor` of shape `(batch, layers, experts)`): experts the token floor allowed.
+        choices (`torch.LongTensor` of shape `(batch, layers)`): expert chosen per sample and layer, -1: not routed.
+        sample_loss (`torch.Tensor` of shape `(batch,)`): each sample's LM loss (no gradient is taken through it).
+        cost (`torch.Tensor` of shape `(batch,)`): each sample's visual-token cost (same).
+        cost_weight (`float`): nats of LM loss one unit of cost is worth.
+
+    Returns:
+        `torch.Tensor`: scalar; 0 (with a graph) when fewer than two samples were routed.
+    """
+    routed = choices >= 0
+    has = routed.any(-1)
+    n = int(has.sum())
+    if n < 2:
+        return probs.sum() * 0.0
+    allowed = probs * feasible
+    q = allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12)
+    chosen = q.gather(-1, choices.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_p = (torch.log(chosen.clamp(min=1e-12)) * routed).sum(-1)  # (B,)
+    reward = -(sample_loss.float() + cost_weight * cost.float()).detach() * has
+    baseline = (reward.sum() - reward) / (n - 1)
+    advantage = (reward - baseline) * has
+    return -(advantage * log_p).sum() / n
 
 
 def _additive_mask(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -249,8 +314,8 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         return embeds, is_visual
 
     def _route(self, stage: DynamicPoolingExperts, state: dict, mode: str, forced: int | None):
-        """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran) and the
-        router probabilities `(B, E)` (auto only).
+        """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran), the
+        router probabilities `(B, E)` and the experts the token floor allowed `(B, E)` (auto only; else None).
 
         The router and random routing choose among the experts the token floor allows (training: sampled from
         the feasible ones, as the reference's re-sampling; otherwise the feasible argmax). The gate is the
@@ -259,36 +324,37 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         hidden = state["hidden"]
         batch = hidden.shape[0]
         if forced is not None:
-            return torch.full((batch,), forced, dtype=torch.long, device=hidden.device), None, None
+            return torch.full((batch,), forced, dtype=torch.long, device=hidden.device), None, None, None
         cfg = self.config
         floor = cfg.train_token_floor if self.training else cfg.inference_token_floor
         feasible = stage.feasible_experts(state["rows"], state["cols"], floor)  # (B, E)
         if mode == "random":
-            return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None
+            return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None
         probs = stage.router(
             router_input(hidden, state["is_router"], cfg.router_token_reduction)
         )  # (B, E) f32
         allowed = probs.detach() * feasible
         choice = torch.multinomial(allowed, 1).squeeze(-1) if self.training else allowed.argmax(-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-        return choice, gate, probs
+        return choice, gate, probs, feasible
 
     def _pool_stage(self, s: int, state: dict, mode: str, schedule: list[int] | None):
         """Route and pool the visual tokens after pooling layer `s`, updating `state` in place.
 
         Returns:
-            `(choices, probs)`: expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
-            `min_visual_tokens` left), and the router probabilities `(B, E)` or None.
+            `(choices, probs, feasible)`: expert per sample `(B,)`, -1 where nothing was pooled (no image, or
+            fewer than `min_visual_tokens` left), the router probabilities `(B, E)` and the experts the token
+            floor allowed `(B, E)`, both None when no router ran.
         """
         stage = self.pyramid[s]
         n_visual = state["rows"] * state["cols"]
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
         forced = schedule[s] if schedule is not None else None
-        choice, gate, probs = self._route(stage, state, mode, forced)
+        choice, gate, probs, feasible = self._route(stage, state, mode, forced)
         identity = forced is not None and stage.strides[forced] == (1, 1)
         if eligible.any() and not identity:
             self._pool_and_rebuild(stage, state, choice, gate, eligible)
-        return torch.where(eligible, choice, -1), probs
+        return torch.where(eligible, choice, -1), probs, feasible
 
     def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DPNCache | None:
         """The given `DPNCache`, a fresh one in place of an empty cache of another kind, or a new one if asked."""
@@ -511,7 +577,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
         n_stages = len(self.pyramid)
         choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=device)
-        probs_all = []
+        probs_all, feasible_all = [], []
         visual_counts = [state["rows"] * state["cols"]]
         seq_lens = []
         segment_masks = []
@@ -537,9 +603,10 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             segment_masks.append(mask)
             if s == n_stages:
                 break
-            choices[:, s], probs = self._pool_stage(s, state, mode, schedule)
+            choices[:, s], probs, feasible = self._pool_stage(s, state, mode, schedule)
             if probs is not None:
                 probs_all.append(probs)
+                feasible_all.append(feasible)
             visual_counts.append(state["rows"] * state["cols"])
 
         if cache is not None:
@@ -563,6 +630,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             token_positions=state["src"],
             expert_choices=choices,
             router_probs=router_probs,
+            router_feasible=torch.stack(feasible_all, dim=1) if feasible_all else None,
             visual_tokens=torch.stack(visual_counts, dim=1),
             layer_seq_lens=torch.stack(seq_lens, dim=1),
             routing_loss=r_loss,
@@ -622,7 +690,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
 
-        lm_loss = loss = None
+        lm_loss = loss = rf_loss = None
         if labels is not None:
             src = out.token_positions
             moved = labels.gather(1, src.clamp(min=0)).masked_fill(src < 0, -100)
@@ -634,6 +702,18 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             loss = lm_loss
             if out.routing_loss is not None:
                 loss = lm_loss + self.config.routing_loss_weight * out.routing_loss
+            if self.training and out.router_probs is not None and self.config.router_estimator == "reinforce":
+                with torch.no_grad():
+                    sample_loss = per_sample_lm_loss(logits, moved)
+                    # mean over the pooled segments of the fraction of visual tokens kept (1 = dense)
+                    counts = out.visual_tokens.float()
+                    cost = (counts[:, 1:] / counts[:, :1].clamp(min=1)).mean(-1)
+                rf_loss = reinforce_loss(
+                    out.router_probs,
+                    out.router_feasible,
+                    out.expert_choices, sample_loss, cost, self.config.router_cost_weight
+                )
+                loss = loss + self.config.router_reinforce_weight * rf_loss
 
         prefill_flops = None
         if out.layer_seq_lens is not None:
@@ -655,6 +735,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             logits=logits,
             lm_loss=lm_loss,
             routing_loss=out.routing_loss,
+            reinforce_loss=rf_loss,
             cache=out.cache,
             token_positions=out.token_positions,
             expert_choices=out.expert_choices,
@@ -718,5 +799,7 @@ __all__ = [
     "DPNModel",
     "DPNModelOutput",
     "DPNPreTrainedModel",
+    "per_sample_lm_loss",
+    "reinforce_loss",
     "routing_loss",
 ]
