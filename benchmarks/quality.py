@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="use an already trained model for a variant instead of training it")  # fmt: skip
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra jobs.train override for every variant (e.g. train.max_steps=600)")  # fmt: skip
-    parser.add_argument("--no-oracle", action="store_true", help="skip the oracle pass")
+    parser.add_argument("--oracle-variants", default="dpn-ref,dpn-reinforce",
+                        help="routed variants the oracle pass runs all static paths on ('' skips the pass)")  # fmt: skip
     parser.add_argument("--data", help="the synthetic dataset root (default: the one the training config generates)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--experiment", default="dpn-quality")
@@ -353,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(models, args, run_dir, oracle=False)
     report["given_models"] = {k: v for k, v in models.items() if k in given}
     routed = {k: v for k, v in models.items() if VARIANTS[k][3]}
-    oracle_report = None if args.no_oracle or not routed else evaluate(routed, args, run_dir, oracle=True)
+    wanted = {v.strip() for v in args.oracle_variants.split(",") if v.strip()}
+    on_oracle = {k: v for k, v in routed.items() if k in wanted}
+    oracle_report = evaluate(on_oracle, args, run_dir, oracle=True) if on_oracle else None
     sections = (oracle_report or {}).get("oracle", {})
     checks = {name: check_variant(name, report["rows"], sections.get(name)) for name in routed}
     if args.no_write:
