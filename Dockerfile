@@ -21,15 +21,15 @@ WORKDIR /home/ray/app
 # Dependencies first, so code edits do not re-download torch & co. (the stub packages only let
 # pip resolve the project; the real sources replace them below).
 COPY --chown=ray:users pyproject.toml README.md ./
-RUN mkdir -p dpn_model pipelines jobs serve_apps \
-    && touch dpn_model/__init__.py pipelines/__init__.py jobs/__init__.py serve_apps/__init__.py \
+RUN for pkg in dpn_model pipelines tracking serve_apps jobs dpn_cli; do \
+        mkdir -p $pkg && touch $pkg/__init__.py; done \
     && pip install . \
     && pip uninstall -y dpn-on-ray \
-    && rm -rf dpn_model pipelines jobs serve_apps build *.egg-info
+    && rm -rf dpn_model pipelines tracking serve_apps jobs dpn_cli build *.egg-info
 
 COPY --chown=ray:users . .
 # Editable install: the jobs find configs/ (e.g. configs/deepspeed/) next to their sources.
 RUN pip install --no-deps -e . \
-    && python -c "import dpn_model, pipelines, jobs, serve_apps, ray; print('ray', ray.__version__)"
+    && python -c "import dpn_model, pipelines, tracking, serve_apps, jobs, dpn_cli, ray; print('ray', ray.__version__)"
 
 # Serve HTTP (8000), dashboard/jobs API (8265) and GCS (6379) are opened by KubeRay / ray start.

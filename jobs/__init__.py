@@ -1,1 +1,1 @@
-"""Entry points submitted with `ray job submit` (train, evaluate, retrain) and the `dpn` CLI."""
+"""`ray job submit` entry points: train, evaluate, retrain, and the quickstart (`dpn` runs them too)."""

@@ -5,6 +5,9 @@ Launch (embedded local Ray, or ``ray job submit --working-dir . -- python -m job
     dpn eval --model models:/dpn@champion --data data/synthetic --compression auto,1,2,4 --json eval.json
     python -m jobs.evaluate --model dense=runs/dense/model --model dpn=runs:/<run_id>/model \\
         --compression dense=1 --compression dpn=auto,1,2,4 --data my_eval.jsonl
+    dpn eval --config configs/eval_tiny.yaml batch_size=8 --max-samples 50   # YAML < flags < key=value
+
+The flags and ``configs/eval_*.yaml`` hold the same settings (:class:`jobs.eval_config.EvalConfig`).
 
 Pipeline (one pass over the data per model):
 
@@ -27,7 +30,7 @@ Pipeline (one pass over the data per model):
 
 ``MODEL`` is a local Hugging Face directory, an MLflow run artifact (``runs:/<id>/model``) or a
 registry reference (``models:/dpn@champion``, ``models:/dpn/3``), resolved with
-``jobs.tracking.resolve_model_dir``; MLflow's tracking URI defaults to ``jobs.tracking.tracking_uri()``
+``tracking.resolve_model_dir``; MLflow's tracking URI defaults to ``tracking.tracking_uri()``
 (``$MLFLOW_TRACKING_URI`` or a local SQLite file ``./mlflow.db``). Several ``--model LABEL=MODEL`` are evaluated one after the
 other into the same report; ``--baseline REPORT.json`` adds rows of earlier reports to the table and
 plots.
@@ -42,19 +45,25 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jobs import eval_report
+from jobs.eval_config import (
+    DEFAULT_COMPRESSIONS,
+    DEFAULT_EXPERIMENT,
+    EvalConfig,
+    ModelSpec,
+    load_eval_config,
+    parse_compressions,
+    split_modes,  # noqa: F401 - re-exported: the evaluation's mode parser, as before
+)
 from jobs.scoring import exact_match, first_line
+from pipelines.cli_harness import run_module
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_COMPRESSIONS = "auto,1,2,4"
-DEFAULT_EXPERIMENT = "dpn-eval"
 
 
 class UsageError(ValueError):
@@ -66,101 +75,12 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelSpec:
-    """One model to evaluate: its label, URI and compression modes."""
-
-    label: str
-    uri: str
-    compressions: list[str | int] = field(default_factory=list)
-
-
-@dataclass
-class EvalConfig:
-    """Everything one evaluation run needs (the CLI flags, parsed)."""
-
-    models: list[ModelSpec]
-    data: str
-    split: str | None = "eval"
-    batch_size: int = 16
-    num_actors: int = 1
-    max_new_tokens: int = 8
-    max_samples: int | None = None
-    max_length: int = 2048
-    max_bad_fraction: float = 0.01
-    image_folder: str | None = None
-    device: str = "auto"
-    cpus_per_actor: float | None = None
-    json_path: str | None = None
-    output_dir: str | None = None
-    baselines: list[str] = field(default_factory=list)
-    experiment: str = DEFAULT_EXPERIMENT
-    run_name: str | None = None
-    tracking_uri: str | None = None
-    mlflow: bool = True
-    title: str = ""
-    oracle: bool = False
-
-
-def split_modes(text: str) -> list[str]:
-    """``"auto,1,[1,2,4],1-2-4"`` -> ``["auto", "1", "[1,2,4]", "1-2-4"]``: split at the commas outside
-    brackets, so a bracketed schedule stays one mode (``1,2,4`` without brackets is three factors)."""
-    parts, depth, current = [], 0, []
-    for char in str(text):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"compression modes {text!r}: ']' without '['")
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise ValueError(f"compression modes {text!r}: '[' without ']'")
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def parse_compressions(text: str, config: Any | None = None) -> list[str | int]:
-    """``"auto,1,2,4,[1,2,4]"`` -> ``["auto", 1, 2, 4, "1-2-4"]`` (order kept, duplicates dropped).
-
-    Each mode is parsed by ``dpn_model.configuration.parse_compression``: ``auto``, ``random``, an expert's
-    factor (kept as an ``int``, as report rows always had it) or a schedule, one factor per pooling layer, as
-    ``[1,2,4]`` or ``1-2-4`` (stored as its ``compression_label``, ``"1-2-4"``).
-
-    Args:
-        text: comma-separated modes; a schedule inside the list needs brackets or dashes.
-        config: the model's config; when given, factors must be its experts' and a schedule needs one factor
-            per pooling layer (without it only the form is checked).
-
-    Raises:
-        ValueError: a mode that is not understood or does not fit the model, naming the mode.
-    """
-    from dpn_model.configuration import compression_label, parse_compression
-
-    modes: list[str | int] = []
-    for part in split_modes(text):
-        try:
-            parsed = parse_compression(part, config)
-        except ValueError as err:
-            raise ValueError(f"compression mode {part!r} of {text!r}: {err}") from None
-        mode: str | int = parsed if isinstance(parsed, (str, int)) else compression_label(parsed)
-        if mode not in modes:
-            modes.append(mode)
-    if not modes:
-        raise ValueError(f"no compression mode in {text!r}; give e.g. 'auto,1,2,4' or 'auto,1-2-4'")
-    return modes
-
-
 def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None) -> list[ModelSpec]:
     """``--model [LABEL=]URI`` and ``--compression [LABEL=]MODES`` flags -> model specs.
 
     A ``--compression`` without a label is the default for every model (``auto,1,2,4`` if none);
-    ``LABEL=MODES`` overrides it for one model. A model without a label is labelled by its URI's
-    last path component.
+    ``LABEL=MODES`` overrides it for one model (:func:`set_compressions`). A model without a label is
+    labelled by its URI's last path component.
     """
     if not models:
         raise ValueError(
@@ -174,8 +94,14 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
         label = label or (uri.rstrip("/").rsplit("/", 1)[-1].replace("@", "_") or "model")
         if any(s.label == label for s in specs):
             raise ValueError(f"two models are labelled {label!r}; label them: --model NAME=URI")
-        specs.append(ModelSpec(label=label, uri=uri))
-    default, per_label = DEFAULT_COMPRESSIONS, {}
+        specs.append(ModelSpec(label=label, uri=uri))  # modes: the default, auto,1,2,4
+    return set_compressions(specs, compressions)
+
+
+def set_compressions(specs: list[ModelSpec], compressions: Sequence[str] | None) -> list[ModelSpec]:
+    """Apply ``--compression [LABEL=]MODES`` flags to ``specs`` (in place; returned): one without a label sets
+    every model's modes, ``LABEL=MODES`` one model's; a model no flag names keeps its modes."""
+    default, per_label = None, {}
     for text in compressions or []:
         label, sep, modes = text.partition("=")
         if sep:
@@ -188,6 +114,8 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
             default = text
     for spec in specs:
         modes = per_label.get(spec.label, default)
+        if modes is None:
+            continue
         try:
             spec.compressions = parse_compressions(modes)
         except ValueError as err:
@@ -202,8 +130,8 @@ def parse_model_specs(models: Sequence[str], compressions: Sequence[str] | None)
 
 def resolve_model_dir(uri: str, tracking: str | None = None) -> str:
     """Local Hugging Face directory of a model: a path, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>``
-    (``jobs.tracking.resolve_model_dir``: downloads once into a local cache)."""
-    from jobs.tracking import resolve_model_dir as resolve
+    (``tracking.resolve_model_dir``: downloads once into a local cache)."""
+    from tracking import resolve_model_dir as resolve
 
     return resolve(uri, tracking=tracking)
 
@@ -602,7 +530,7 @@ def _output_dir(cfg: EvalConfig) -> Path:
 def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> str:
     import mlflow
 
-    from jobs.tracking import setup_tracking
+    from tracking import setup_tracking
 
     setup_tracking(cfg.tracking_uri, cfg.experiment)
     with mlflow.start_run(run_name=cfg.run_name) as run:
@@ -644,7 +572,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ``{label: section}`` with ``cfg.oracle``, see :mod:`jobs.oracle`)."""
     import ray
 
-    from jobs.tracking import tracking_uri
+    from tracking import tracking_uri
 
     uri = cfg.tracking_uri = tracking_uri(cfg.tracking_uri)  # also what models:/ and runs:/ resolve against
     out_dir = _output_dir(cfg)
@@ -671,7 +599,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "data": cfg.data,
         "split": cfg.split,
         "models": infos,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "models"},
+        "config": cfg.model_dump(exclude={"models"}),
         "device": "cuda" if _use_gpus(cfg.device) else "cpu",
         "ray_version": ray.__version__,
         "wall_s": time.perf_counter() - start,
@@ -711,15 +639,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``dpn eval`` / ``python -m jobs.evaluate``."""
-    parser.add_argument("--model", action="append", required=True, metavar="[LABEL=]MODEL",
-                        help="model directory, runs:/<run_id>/<path> or models:/<name>@<alias>; repeat to compare")  # fmt: skip
-    parser.add_argument("--data", required=True,
+    """Flags of ``dpn eval`` / ``python -m jobs.evaluate``: ``--config`` YAML and ``key=value`` overrides of
+    :class:`EvalConfig`, and a flag per key. A flag left out keeps the file's value (or the default), so the
+    flags default to None here and the defaults live in :class:`EvalConfig`."""
+    parser.add_argument(
+        "--config", help="evaluation config YAML (configs/eval_*.yaml); the flags given override it"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides of the config, applied last, e.g. batch_size=8 max_samples=50")  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--model", action="append", metavar="[LABEL=]MODEL",
+                        help="model directory, runs:/<run_id>/<path> or models:/<name>@<alias>; repeat to compare "
+                        "(replaces the config's models)")  # fmt: skip
+    parser.add_argument("--data",
                         help="dataset root / file / glob (synthetic benchmark in any format, LLaVA JSON, "
                         "evaluation JSONL, WebDataset, Parquet; local or s3://, gs://)")  # fmt: skip
-    parser.add_argument(
-        "--split", default="eval", help="split of a dataset root ('none' = every file; default eval)"
-    )
+    parser.add_argument("--split", help="split of a dataset root ('none' = every file; default eval)")
     parser.add_argument("--compression", action="append", metavar="[LABEL=]MODES",
                         help="comma-separated modes: auto, random, expert factors (1 dense, 2, 4) and schedules, "
                         "one factor per pooling layer as 1-2-4 or [1,2,4] (e.g. auto,1,4,1-2-4); default "
@@ -729,74 +664,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the same pass and report the oracle router (per sample the cheapest correct path), the "
                         "paths' Pareto frontier and each mode's regret (jobs/oracle.py)")  # fmt: skip
     parser.add_argument("--json", dest="json_path", help="write the JSON report here")
-    parser.add_argument("--baseline", action="append", default=[], metavar="REPORT.json",
+    parser.add_argument("--baseline", action="append", metavar="REPORT.json",
                         help="add the rows of an earlier report to the table and plots")  # fmt: skip
-    parser.add_argument(
-        "--batch-size", type=int, default=16, help="samples per generation batch (default 16)"
-    )
-    parser.add_argument(
-        "--num-actors", type=int, default=1, help="inference actors (one GPU each on GPU clusters)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=8, help="generation budget per answer (default 8)"
-    )
+    parser.add_argument("--batch-size", type=int, help="samples per generation batch (default 16)")
+    parser.add_argument("--num-actors", type=int, help="inference actors (one GPU each on GPU clusters)")
+    parser.add_argument("--max-new-tokens", type=int, help="generation budget per answer (default 8)")
     parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     parser.add_argument(
-        "--max-length", type=int, default=2048, help="longest prompt in tokens (longer: skipped)"
+        "--max-length", type=int, help="longest prompt in tokens (longer: skipped; default 2048)"
     )
     parser.add_argument(
-        "--max-bad-fraction", type=float, default=0.01, help="fail past this fraction of bad samples"
+        "--max-bad-fraction", type=float, help="fail past this fraction of bad samples (default 0.01)"
     )
     parser.add_argument(
         "--image-folder", help="folder relative image paths resolve against (default: the file's)"
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: one GPU per actor when the cluster has GPUs")  # fmt: skip
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="auto (default): one GPU per actor when the cluster has GPUs")  # fmt: skip
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs reserved per inference actor (default: 1 on GPU; on CPU, a share that leaves "
                         "one CPU for reading)")  # fmt: skip
     parser.add_argument(
         "--output-dir", help="where the report, plots and predictions go (default runs/eval/<time>)"
     )
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
+    parser.add_argument("--experiment", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
     parser.add_argument("--run-name", help="MLflow run name")
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)"
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--title", default="", help="title of the accuracy-vs-FLOPs plot")
+    parser.add_argument("--title", help="title of the accuracy-vs-FLOPs plot")
+
+
+# flags whose dest is the EvalConfig key they set (the others: --model, --compression, --baseline, --no-mlflow)
+_FLAG_KEYS = (
+    "data", "split", "json_path", "batch_size", "num_actors", "max_new_tokens", "max_samples", "max_length",
+    "max_bad_fraction", "image_folder", "device", "cpus_per_actor", "output_dir", "experiment", "run_name",
+    "tracking_uri", "title",
+)  # fmt: skip
+
+
+def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, as :class:`EvalConfig` keys."""
+    given = {key: getattr(args, key) for key in _FLAG_KEYS if getattr(args, key, None) is not None}
+    if str(given.get("split", "")).lower() == "none":
+        given["split"] = None
+    if getattr(args, "baseline", None):
+        given["baselines"] = list(args.baseline)
+    if getattr(args, "no_mlflow", False):
+        given["mlflow"] = False
+    if getattr(args, "oracle", False):
+        given["oracle"] = True
+    return given
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """Parsed flags -> :class:`EvalConfig` (validates values, with messages naming the flag)."""
-    for name in ("batch_size", "num_actors", "max_new_tokens", "max_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
-    return EvalConfig(
-        models=parse_model_specs(args.model, args.compression),
-        data=args.data,
-        split=None if str(args.split).lower() == "none" else args.split,
-        batch_size=args.batch_size,
-        num_actors=args.num_actors,
-        max_new_tokens=args.max_new_tokens,
-        max_samples=args.max_samples,
-        max_length=args.max_length,
-        max_bad_fraction=args.max_bad_fraction,
-        image_folder=args.image_folder,
-        device=args.device,
-        cpus_per_actor=args.cpus_per_actor,
-        json_path=args.json_path,
-        output_dir=args.output_dir,
-        baselines=list(args.baseline),
-        experiment=args.experiment,
-        run_name=args.run_name,
-        tracking_uri=args.tracking_uri,
-        mlflow=not args.no_mlflow,
-        title=args.title,
-        oracle=bool(getattr(args, "oracle", False)),
-    )
+    """Parsed flags -> :class:`EvalConfig`: the ``--config`` file (if any), the flags given over it, then the
+    ``key=value`` overrides. ``--model`` replaces the file's models; ``--compression`` alone sets their modes.
+
+    Raises:
+        ValueError: a ``--model`` / ``--compression`` value that is not understood (naming the flag), or a
+            :class:`jobs.config.ConfigError` naming the key (missing, unknown, wrong type, out of range).
+    """
+    path, overrides = getattr(args, "config", None), getattr(args, "overrides", None) or []
+    data = _given_flags(args)
+    if args.model or path is None:
+        data["models"] = parse_model_specs(args.model, args.compression)
+    cfg = load_eval_config(path, overrides, data)
+    if args.compression and not args.model:
+        set_compressions(cfg.models, args.compression)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -806,6 +743,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         logger.error("%s", err)
         return 2
+    if getattr(args, "print_config", False):
+        from jobs.config import dump_config
+
+        sys.stdout.write(dump_config(cfg))
+        return 0
     try:
         evaluate(cfg)
     except UsageError as err:  # a mode that does not fit the model, found once its config is read
@@ -816,9 +758,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.evaluate ...`: the same as `dpn eval ...`."""
-    from jobs.cli import run_subcommand
-
-    return run_subcommand("eval", argv)
+    return run_module("jobs.evaluate", argv)
 
 
 if __name__ == "__main__":

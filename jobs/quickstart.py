@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from jobs.console import console_and_log
+from pipelines.cli_harness import run_module
 
 if TYPE_CHECKING:
     from jobs.train_config import TrainConfig
@@ -86,7 +87,7 @@ def _version_exists(name: str, version: str) -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from jobs.tracking import tracking_uri
+    from tracking import tracking_uri
 
     try:
         MlflowClient(tracking_uri()).get_model_version(name, version)
@@ -174,7 +175,7 @@ def stage_evaluate(
     model_uri = f"models:/{args.registered_model}/{trained['version']}"
     report = evaluate(
         EvalConfig(
-            models=[ModelSpec("dpn", model_uri, ["auto", 1])],
+            models=[ModelSpec(label="dpn", uri=model_uri, compressions=["auto", 1])],
             data=str(data),
             max_samples=args.eval_samples,
             output_dir=str(where),
@@ -204,8 +205,7 @@ def stage_evaluate(
 def stage_register(out: TextIO, args: argparse.Namespace, trained: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
-    from jobs.registry import Registry
-    from jobs.tracking import tracking_uri
+    from tracking import Registry, tracking_uri
 
     registry = Registry(MlflowClient(tracking_uri()), args.registered_model)
     replaced = registry.promote(trained["version"])
@@ -366,9 +366,7 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.quickstart ...`: the same as `dpn quickstart ...`."""
-    from jobs.cli import run_subcommand
-
-    return run_subcommand("quickstart", argv)
+    return run_module("jobs.quickstart", argv)
 
 
 if __name__ == "__main__":

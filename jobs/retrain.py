@@ -19,7 +19,7 @@ One run of the job (one Ray job: data, training and evaluation share one Ray clu
    than ``gate.accuracy_tolerance`` in accuracy and ``gate.flops_tolerance`` in FLOPs (and reaches
    ``gate.min_accuracy``); otherwise tag the version ``dpn.retrain.decision=rejected`` with the
    reason. The comparison table, metrics and decision go to the retrain run. Promotion moves
-   ``champion`` to the challenger and ``previous`` to the old champion (:mod:`jobs.registry`).
+   ``champion`` to the challenger and ``previous`` to the old champion (:mod:`tracking.registry`).
 5. With no champion the first run trains from the initialisation and becomes champion if it
    reaches the floor.
 
@@ -67,14 +67,15 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+import tracking
 from jobs import gate as gate_lib
-from jobs import registry as reg_lib
 from jobs import shards as shard_lib
-from jobs import tracking
-from jobs.config import ConfigError, flatten, load_config
-from jobs.registry import Registry
+from jobs.config import ConfigError, dump_config, flatten, load_config
 from jobs.retrain_config import RetrainConfig, load_retrain_config
 from jobs.train_config import TrainConfig
+from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
+from tracking import registry as reg_lib
+from tracking.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -346,14 +347,12 @@ def evaluate_pair(
     """
     from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions
 
-    modes = parse_compressions(cfg.eval.compression)
-    if len(modes) != 1:
-        raise ConfigError(
-            f"eval.compression must be one mode (auto, 1, 2 or 4), got {cfg.eval.compression!r}"
-        )
-    models = [ModelSpec("challenger", f"models:/{registry.name}/{challenger}", list(modes))]
+    modes = parse_compressions(cfg.eval.compression)  # one mode: checked when the config was loaded
+    models = [ModelSpec(label="challenger", uri=f"models:/{registry.name}/{challenger}", compressions=modes)]
     if champion is not None:
-        models.insert(0, ModelSpec("champion", f"models:/{registry.name}/{champion}", list(modes)))
+        models.insert(
+            0, ModelSpec(label="champion", uri=f"models:/{registry.name}/{champion}", compressions=modes)
+        )
     train_cfg = training_config(cfg)
     out_dir = _work_dir(train_cfg) / plan["job_name"] / f"eval-{champion or NO_CHAMPION}-vs-{challenger}"
     report = evaluate(EvalConfig(
@@ -557,39 +556,35 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``dpn retrain`` / ``python -m jobs.retrain``."""
-    parser.add_argument("--config", required=True, help="retrain config YAML (configs/retrain_*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. gate.accuracy_tolerance=0.02 data.min_new_samples=500")  # fmt: skip
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(
+        parser,
+        config_help="retrain config YAML (configs/retrain_*.yaml)",
+        overrides_help="dotted overrides, e.g. gate.accuracy_tolerance=0.02 data.min_new_samples=500",
+    )
     parser.add_argument("--json", dest="json_path", help="also write the result as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
     """``dpn retrain``: 0 when the cycle completed (promoted, rejected or nothing to do), 2 on a bad config."""
-    from jobs.config import dump_config
 
-    try:
-        cfg = load_retrain_config(args.config, args.overrides)
-        training_config(cfg)  # the training config must load too
-    except ConfigError as err:
-        logger.error("invalid config: %s", err)
-        return 2
-    if args.print_config:
-        sys.stdout.write(dump_config(cfg))
-        return 0
-    result = retrain(cfg)
-    summary = {k: v for k, v in result.__dict__.items() if k != "comparison"}
-    sys.stdout.write("".join(f"{k}={v}\n" for k, v in summary.items()))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result.__dict__, indent=1, default=str) + "\n")
-    return 0
+    def cycle(cfg: RetrainConfig) -> dict[str, Any]:
+        result = retrain(cfg)
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(result.__dict__, indent=1, default=str) + "\n")
+        return {k: v for k, v in result.__dict__.items() if k != "comparison"}
+
+    return run_config_job(args, load=_load_checked, dump=dump_config, job=cycle, invalid=ConfigError)
+
+
+def _load_checked(path: str, overrides: list[str]) -> RetrainConfig:
+    cfg = load_retrain_config(path, overrides)
+    training_config(cfg)  # the training config must load too
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.retrain ...`: the same as `dpn retrain ...`."""
-    from jobs.cli import run_subcommand
-
-    return run_subcommand("retrain", argv)
+    return run_module("jobs.retrain", argv)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,23 @@
-"""The retraining job's configuration (``configs/retrain_*.yaml``), as typed dataclasses.
+"""The retraining job's configuration (``configs/retrain_*.yaml``), as pydantic models.
 
-Loaded with :func:`jobs.config.load_config` (unknown keys and wrong types are errors; ``key=value``
-overrides on the command line). The training itself is configured by a training config
+Loaded with :func:`jobs.config.load_config` (unknown keys, wrong types and values out of range are errors naming
+the key; ``key=value`` overrides on the command line). The training itself is configured by a training config
 (``training.config``, e.g. ``configs/train_tiny.yaml``) plus ``training.overrides``; the job fills in
 what retraining decides (initial model, data, run name, MLflow experiment and tags).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.config import load_config
+from pydantic import Field, field_validator
+
+from jobs.config import ConfigModel, compression_choices, load_config
 from jobs.train_config import SyntheticConfig
 
 
-@dataclass
-class RetrainDataConfig:
+class RetrainDataConfig(ConfigModel):
     """Where new data lands.
 
     Attributes:
@@ -32,19 +32,14 @@ class RetrainDataConfig:
     """
 
     root: str = "work/data/synthetic"
-    include: list[str] = field(default_factory=lambda: ["train*"])
-    exclude: list[str] = field(default_factory=lambda: ["eval*"])
-    min_new_samples: int = 1
+    include: list[str] = Field(default_factory=lambda: ["train*"])
+    exclude: list[str] = Field(default_factory=lambda: ["eval*"])
+    min_new_samples: int = Field(1, ge=1)
     image_folder: str | None = None
     synthetic: SyntheticConfig | None = None
 
-    def validate(self) -> None:
-        if self.min_new_samples < 1:
-            raise ValueError(f"min_new_samples must be >= 1, got {self.min_new_samples}")
 
-
-@dataclass
-class ReplayConfig:
+class ReplayConfig(ConfigModel):
     """Replay of earlier data (shards of versions that were not rejected), mixed into the new data.
 
     Attributes:
@@ -53,19 +48,12 @@ class ReplayConfig:
         seed: seed of the replay sample and the shuffle of the mix.
     """
 
-    fraction: float = 0.2
-    max_samples: int = 0
+    fraction: float = Field(0.2, ge=0, le=1)
+    max_samples: int = Field(0, ge=0)
     seed: int = 0
 
-    def validate(self) -> None:
-        if not 0 <= self.fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
-        if self.max_samples < 0:
-            raise ValueError(f"max_samples must be >= 0, got {self.max_samples}")
 
-
-@dataclass
-class TrainingConfig:
+class TrainingConfig(ConfigModel):
     """How the challenger is trained.
 
     Attributes:
@@ -79,35 +67,47 @@ class TrainingConfig:
     """
 
     config: str = "configs/train_tiny.yaml"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
     initial_model: str | None = None
-    initial_overrides: dict[str, Any] = field(default_factory=dict)
+    initial_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class RetrainEvalConfig:
+class RetrainEvalConfig(ConfigModel):
     """The held-out evaluation both models run on (``jobs.evaluate``).
 
     Attributes:
         data: evaluation dataset (``null``: ``data.root``, split ``split``).
         split: split of a dataset root (``null``: every file under ``data``).
-        compression: the mode both models are compared in (``auto``: the router decides).
+        compression: the mode both models are compared in (``auto``: the router decides), one mode of
+            ``dpn eval --compression`` (a schedule written ``1-2-4``).
         batch_size, num_actors, cpus_per_actor, max_new_tokens, max_samples, device: as ``dpn eval``.
     """
 
     data: str | None = None
     split: str | None = "eval"
     compression: str = "auto"
-    batch_size: int = 16
-    num_actors: int = 1
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = 1.0
-    max_new_tokens: int = 8
-    max_samples: int | None = None
+    max_new_tokens: int = Field(8, ge=1)
+    max_samples: int | None = Field(None, ge=1)
     device: str = "auto"
 
+    @field_validator("compression")
+    @classmethod
+    def _one_mode(cls, value: str) -> str:
+        from jobs.eval_config import parse_compressions
 
-@dataclass
-class GateConfig:
+        try:
+            one = len(parse_compressions(value)) == 1  # the evaluation's parser: parse_compression per mode
+        except ValueError:
+            one = False
+        if not one:
+            raise ValueError(f"must be one mode: one of {compression_choices('-')}, got {value!r}")
+        return value
+
+
+class GateConfig(ConfigModel):
     """When a challenger replaces the champion.
 
     Attributes:
@@ -117,19 +117,12 @@ class GateConfig:
         min_accuracy: absolute floor every challenger (and the first champion) must reach.
     """
 
-    accuracy_tolerance: float = 0.01
-    flops_tolerance: float = 0.05
-    min_accuracy: float = 0.0
-
-    def validate(self) -> None:
-        if self.accuracy_tolerance < 0 or self.flops_tolerance < 0:
-            raise ValueError("accuracy_tolerance and flops_tolerance must be >= 0")
-        if not 0 <= self.min_accuracy <= 1:
-            raise ValueError(f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
+    accuracy_tolerance: float = Field(0.01, ge=0)
+    flops_tolerance: float = Field(0.05, ge=0)
+    min_accuracy: float = Field(0.0, ge=0, le=1)
 
 
-@dataclass
-class RegistryConfig:
+class RegistryConfig(ConfigModel):
     """MLflow tracking and the model registry.
 
     Attributes:
@@ -148,16 +141,15 @@ class RegistryConfig:
     ready_timeout_s: float = 300.0
 
 
-@dataclass
-class RetrainConfig:
+class RetrainConfig(ConfigModel):
     """The whole retraining job. YAML sections: data, replay, training, eval, gate, mlflow."""
 
-    data: RetrainDataConfig = field(default_factory=RetrainDataConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    eval: RetrainEvalConfig = field(default_factory=RetrainEvalConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    mlflow: RegistryConfig = field(default_factory=RegistryConfig)
+    data: RetrainDataConfig = Field(default_factory=RetrainDataConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: RetrainEvalConfig = Field(default_factory=RetrainEvalConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    mlflow: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def load_retrain_config(

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from jobs import tracking
+import tracking
 from jobs import trainer as builders
-from jobs.config import ConfigError, flatten
+from jobs.config import ConfigError, dump_config, flatten
 from jobs.console import TrainingProgress
 from jobs.train_config import TrainConfig, load_train_config
 from jobs.train_loop import HF_DIR, TrainState
+from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class TrainResult:
 
     Attributes:
         run_id: the MLflow run.
-        model_uri: ``runs:/<run_id>/model`` (pass to :func:`jobs.tracking.resolve_model_dir`).
+        model_uri: ``runs:/<run_id>/model`` (pass to :func:`tracking.resolve_model_dir`).
         registered_version: version of ``mlflow.registered_model`` ("" when not registered).
         model_dir: local Hugging Face checkpoint of the final model (inside the final Ray checkpoint).
         checkpoint_path: the final Ray Train checkpoint (storage path or URI).
@@ -150,37 +151,35 @@ def export_model(hf_dir: str, export_dir: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4 run.name=exp2"
+    add_config_arguments(
+        parser,
+        config_help="training config YAML (configs/train_*.yaml)",
+        overrides_help="dotted overrides, e.g. optim.lr=3e-4 run.name=exp2",
     )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.config import dump_config
-
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as err:
-        logger.error("invalid config: %s", err)
-        return 2
-    if args.print_config:
-        sys.stdout.write(dump_config(cfg))
-        return 0
-    result = train(cfg)
-    sys.stdout.write(
-        f"run_id={result.run_id}\nmodel_uri={result.model_uri}\nregistered_version={result.registered_version}\n"
-        f"model_dir={result.model_dir}\nsteps={result.steps}\nseconds={result.seconds:.0f}\n"
+    """``dpn train``: 0 when training finished, 2 on a bad config."""
+    return run_config_job(
+        args, load=load_train_config, dump=dump_config, job=_train_summary, invalid=ConfigError
     )
-    return 0
+
+
+def _train_summary(cfg: TrainConfig) -> dict[str, object]:
+    result = train(cfg)
+    return {
+        "run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "registered_version": result.registered_version,
+        "model_dir": result.model_dir,
+        "steps": result.steps,
+        "seconds": f"{result.seconds:.0f}",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.train ...`: the same as `dpn train ...`."""
-    from jobs.cli import run_subcommand
-
-    return run_subcommand("train", argv)
+    return run_module("jobs.train", argv)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,27 @@
-"""The training job's configuration (``configs/train_*.yaml``), as typed dataclasses.
+"""The training job's configuration (``configs/train_*.yaml``), as pydantic models.
 
-Every section and key, with its default, is listed here; :func:`jobs.config.load_config` rejects
-anything else. Load with :func:`load_train_config`.
+Every section and key, with its default and its constraints, is listed here; :func:`jobs.config.load_config`
+rejects anything else, naming the key. Load with :func:`load_train_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from jobs.config import load_config
+from pydantic import Field, field_validator, model_validator
+
+from jobs.config import Compression, ConfigModel, load_config
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(ConfigModel):
     """What to train.
 
     Attributes:
         init: ``preset:<name>`` (random weights of a ``dpn_model.presets`` preset: tiny, mid,
             llava-1.5-7b needs a converted checkpoint instead), a converted DPN checkpoint directory
-            (``dpn convert``), or any model URI :func:`jobs.tracking.resolve_model_dir` accepts
+            (``dpn convert``), or any model URI :func:`tracking.resolve_model_dir` accepts
             (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``): dense -> DPN.
         compression: ``"auto"`` trains DPN (router + routing loss); ``"random"`` routes each sample
             to a uniformly drawn expert per pooling layer (no router; the paper's random-routing
@@ -44,27 +44,27 @@ class ModelConfig:
     """
 
     init: str = "preset:tiny"
-    compression: str | int | list[int] = "auto"
-    dense_warmup_steps: int = 0
+    compression: Compression = "auto"
+    dense_warmup_steps: int = Field(0, ge=0)
     seed: int = 0
-    config_overrides: dict[str, Any] = field(default_factory=dict)
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _check_compression(self) -> ModelConfig:
         from dpn_model.configuration import parse_compression
 
-        if self.dense_warmup_steps < 0:
-            raise ValueError(f"dense_warmup_steps must be >= 0, got {self.dense_warmup_steps}")
-        # the factors are checked against the model's experts when they are known before loading it
+        # the form is checked by the field; the factors against the model's experts when the config tells them
         parsed = parse_compression(self.compression, self.known_pyramid())
         if self.dense_warmup_steps and parsed != "auto":
             raise ValueError(
                 f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
                 f"with compression {self.compression}); set it to 0"
             )
+        return self
 
     def known_pyramid(self) -> SimpleNamespace | None:
         """`expert_strides` and `pooling_layers` of the model to train, when the config alone tells them (a
@@ -84,8 +84,7 @@ class ModelConfig:
         return SimpleNamespace(expert_strides=strides, pooling_layers=layers)
 
 
-@dataclass
-class SyntheticConfig:
+class SyntheticConfig(ConfigModel):
     """Generate the synthetic benchmark into ``data.path`` when it does not exist yet."""
 
     format: Literal["llava", "webdataset", "parquet"] = "parquet"
@@ -94,8 +93,7 @@ class SyntheticConfig:
     seed: int = 0
 
 
-@dataclass
-class DataConfig:
+class DataConfig(ConfigModel):
     """Training data (read by ``pipelines.datasets.build_dataset``).
 
     Attributes:
@@ -122,35 +120,23 @@ class DataConfig:
     num_samples: int = 0
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(ConfigModel):
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; gradient accumulation.
 
     ``router_lr_scale`` multiplies the routers' learning rate (1 = the authors' one rate for everything).
     """
 
-    lr: float = 2e-5
+    lr: float = Field(2e-5, gt=0)
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
     eps: float = 1e-8
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    router_lr_scale: float = 1.0
-
-    def validate(self) -> None:
-        if not self.router_lr_scale > 0:
-            raise ValueError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
+    router_lr_scale: float = Field(1.0, gt=0)
 
 
-@dataclass
-class TrainLoopConfig:
+class TrainLoopConfig(ConfigModel):
     """Batching and length of training.
 
     Attributes:
@@ -161,22 +147,14 @@ class TrainLoopConfig:
         log_every: log metrics every this many optimizer steps.
     """
 
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    epochs: int = 1
-    max_steps: int = 0
-    log_every: int = 1
-
-    def validate(self) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0)
+    log_every: int = Field(1, ge=1)
 
 
-@dataclass
-class DeepSpeedConfig:
+class DeepSpeedConfig(ConfigModel):
     """DeepSpeed inside each worker.
 
     Attributes:
@@ -188,11 +166,10 @@ class DeepSpeedConfig:
 
     config: str = "zero2.json"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(ConfigModel):
     """Checkpoints through ``ray.train.report`` (DeepSpeed state + data position + MLflow run id).
 
     Attributes:
@@ -202,17 +179,12 @@ class CheckpointConfig:
             (``hf_model/``), so any checkpoint loads with ``from_pretrained``.
     """
 
-    every_steps: int = 50
-    keep: int = 2
+    every_steps: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
     save_hf_model: bool = True
 
-    def validate(self) -> None:
-        if self.every_steps < 1 or self.keep < 1:
-            raise ValueError(f"every_steps and keep must be >= 1, got {self.every_steps}, {self.keep}")
 
-
-@dataclass
-class MlflowConfig:
+class MlflowConfig(ConfigModel):
     """MLflow tracking (default store: ``sqlite:///<cwd>/mlflow.db`` unless MLFLOW_TRACKING_URI is set).
 
     Attributes:
@@ -225,11 +197,10 @@ class MlflowConfig:
     tracking_uri: str | None = None
     experiment: str = "dpn-train"
     registered_model: str = "dpn"
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
-@dataclass
-class RunConfigSection:
+class RunConfigSection(ConfigModel):
     """Where and how the job runs.
 
     Attributes:
@@ -256,32 +227,32 @@ class RunConfigSection:
     work_dir: str = "work"
     ray_address: str | None = None
     local_num_cpus: int | None = None
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_failures: int = 3
     export_dir: str | None = None
 
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty folder name without '/', got {self.name!r}")
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not name or "/" in name:
+            raise ValueError(f"must be a non-empty folder name without '/', got {name!r}")
+        return name
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(ConfigModel):
     """The whole training job. YAML sections: model, data, optim, train, deepspeed, checkpoint, mlflow, run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    run: RunConfigSection = field(default_factory=RunConfigSection)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    run: RunConfigSection = Field(default_factory=RunConfigSection)
 
 
 def load_train_config(

@@ -357,7 +357,7 @@ def _local_model_dir(spec: dict[str, Any]) -> str:
         from dpn_model.presets import create_checkpoint
 
         return create_checkpoint(init.split(":", 1)[1], path, seed=spec["seed"], **spec["preset_overrides"])
-    from jobs.tracking import resolve_model_dir
+    from tracking import resolve_model_dir
 
     return resolve_model_dir(init, tracking=spec["tracking_uri"])
 
@@ -384,8 +384,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     import ray.train
 
     from dpn_model.configuration import parse_compression
-    from jobs.tracking import StepMetricLogger
     from pipelines.preprocess import Collator
+    from tracking import StepMetricLogger
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -77,7 +77,7 @@ def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> 
     """Local directory of the model training starts from (weights + processor).
 
     ``preset:<name>`` writes a seeded random model of that preset under the work dir (every worker
-    loads the same weights); anything else goes through :func:`jobs.tracking.resolve_model_dir`.
+    loads the same weights); anything else goes through :func:`tracking.resolve_model_dir`.
     """
     init = cfg.model.init
     if init.startswith("preset:"):
@@ -91,7 +91,7 @@ def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> 
             logger.info("creating a random %s model (seed %d) in %s", name, cfg.model.seed, out)
             create_checkpoint(name, str(out), seed=cfg.model.seed, **preset_overrides(cfg))
         return str(out)
-    from jobs.tracking import resolve_model_dir
+    from tracking import resolve_model_dir
 
     model_dir = resolve_model_dir(init, tracking=tracking_uri)
     if "://" not in model_dir:

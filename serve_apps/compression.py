@@ -25,13 +25,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dpn_model.configuration import compression_label, parse_compression
+from dpn_model.configuration import DEFAULT_COMPRESSION_FACTORS, compression_label, parse_compression
 
 Rate = str | int
 """A compression as serving runs it: `"auto"`, a factor, or a schedule's label (`"1-2-4"`)."""
 
 MAX_SCHEDULE_LENGTH = 64  # far more pooling layers than any model has (LLaVA-1.5-7B: 3)
-FORMS = "'auto', a factor (1 = dense, 2, 4) or one factor per pooling layer ([1, 2, 4] or '1,2,4')"
+# the default experts' factors; a model's own are checked on its replica (for_model)
+_FACTORS = ", ".join(str(f) for f in DEFAULT_COMPRESSION_FACTORS)
+FORMS = (
+    f"'auto', a factor ({_FACTORS}; 1 = dense) or one factor per pooling layer "
+    f"([{_FACTORS}] or '{_FACTORS.replace(' ', '')}')"
+)
 
 
 def _check_text(value: Any) -> None:

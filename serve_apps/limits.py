@@ -18,12 +18,13 @@ import base64
 import binascii
 import io
 import re
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import PIL.Image
+from pydantic import Field, field_validator, model_validator
 
+from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.protocol import APIError, invalid_request
 
 _DATA_URL = re.compile(
@@ -32,8 +33,7 @@ _DATA_URL = re.compile(
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s_-]+$")
 
 
-@dataclass
-class Limits:
+class Limits(ConfigModel):
     """Configurable request limits (the `limits` section of the serve config).
 
     Attributes:
@@ -54,62 +54,49 @@ class Limits:
         image_formats: Accepted image formats (PIL names).
     """
 
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    max_image_side: int = 8192
-    max_image_aspect_ratio: float = 20.0
-    max_padded_side: int = 1024
-    max_images_per_request: int = 1
-    max_prompt_tokens: int = 4096
-    max_tokens: int = 512
-    default_max_tokens: int = 64
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_side: int = Field(8192, ge=1)
+    max_image_aspect_ratio: float = Field(20.0, ge=1)
+    max_padded_side: int = Field(1024, ge=1)
+    max_images_per_request: int = Field(1, ge=1)
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(64, ge=1)
     allow_remote_images: bool = False
     remote_timeout_s: float = 10.0
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _upper_case(cls, formats: Any) -> Any:
+        if isinstance(formats, (list, tuple)):
+            return tuple(str(f).upper() for f in formats)
+        return formats
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Limits:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})"
+            )
+        images_b64 = 4 * -(-self.max_image_bytes // 3) * self.max_images_per_request
+        if self.max_body_bytes < images_b64:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) cannot hold {self.max_images_per_request} image(s) "
+                f"of max_image_bytes in base64 ({images_b64} bytes); raise it or lower the image limits"
+            )
+        return self
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> Limits:
-        """Build from a config mapping, refusing unknown keys (a typo would otherwise be silently ignored)."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown limits {unknown}; known limits are {sorted(known)}")
-        if "image_formats" in values:
-            values["image_formats"] = tuple(str(f).upper() for f in values["image_formats"])
-        limits = cls(**values)
-        for name in (
-            "max_body_bytes",
-            "max_image_bytes",
-            "max_image_pixels",
-            "max_image_side",
-            "max_padded_side",
-            "max_images_per_request",
-            "max_prompt_tokens",
-            "max_tokens",
-            "default_max_tokens",
-        ):
-            if getattr(limits, name) < 1:
-                raise ValueError(f"limits.{name} must be >= 1, got {getattr(limits, name)}")
-        if not limits.max_image_aspect_ratio >= 1:
-            raise ValueError(
-                f"limits.max_image_aspect_ratio must be >= 1, got {limits.max_image_aspect_ratio}"
-            )
-        if limits.default_max_tokens > limits.max_tokens:
-            raise ValueError(
-                f"limits.default_max_tokens ({limits.default_max_tokens}) exceeds limits.max_tokens ({limits.max_tokens})"
-            )
-        images_b64 = 4 * -(-limits.max_image_bytes // 3) * limits.max_images_per_request
-        if limits.max_body_bytes < images_b64:
-            raise ValueError(
-                f"limits.max_body_bytes ({limits.max_body_bytes}) cannot hold {limits.max_images_per_request} image(s) "
-                f"of limits.max_image_bytes in base64 ({images_b64} bytes); raise it or lower the image limits"
-            )
-        return limits
+        """Build from the serve config's `limits` mapping, refusing unknown keys (a typo would otherwise be silently
+        ignored); a `pipelines.config_models.ConfigError` (a `ValueError`) names each wrong key."""
+        return validate_config(cls, values or {}, section="limits")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {**self.model_dump(), "image_formats": list(self.image_formats)}
 
 
 def decode_base64(data: str, param: str) -> bytes:

@@ -2,7 +2,7 @@
 
 `model_ref` is a local Hugging Face checkpoint directory (safetensors, as `dpn_model.presets.create_checkpoint`
 or training writes it) or an MLflow model URI (`models:/dpn@champion`, `models:/dpn/3`, `runs:/<id>/model`),
-resolved to a local directory by `jobs.tracking.resolve_model_dir` (imported only for such refs, so serving a
+resolved to a local directory by `tracking.resolve_model_dir` (imported only for such refs, so serving a
 local directory needs no MLflow). `preset:tiny` serves a random model of that preset (seed 0), created in a temporary
 directory: a way to try the endpoint before any training.
 """
@@ -34,13 +34,13 @@ def resolve_model_ref(model_ref: str) -> str:
         )
         return create_checkpoint(name, out_dir, seed=0)
     if model_ref.startswith(_MLFLOW_SCHEMES):
-        from jobs.tracking import resolve_model_dir  # lazy: MLflow only for registry refs
+        from tracking import resolve_model_dir  # lazy: MLflow only for registry refs
 
         return str(resolve_model_dir(model_ref))
     path = os.path.expanduser(model_ref)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         # an MLflow model folder or a training checkpoint (hf_model/ inside): let the tracking module find it
-        from jobs.tracking import resolve_model_dir
+        from tracking import resolve_model_dir
 
         return str(resolve_model_dir(path))
     if not os.path.isdir(path):

@@ -35,7 +35,6 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from ray import serve
@@ -140,7 +139,7 @@ class DPNModelServer:
             "replica": self.replica_id,
             "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""),
-            "batching": asdict(self.batching),
+            "batching": self.batching.model_dump(),
             "waiting": self.scheduler.waiting(),
             "running_batches": len(self.scheduler.running),
             "uptime_s": round(time.time() - self._started, 1),

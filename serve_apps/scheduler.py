@@ -29,19 +29,22 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
+from pydantic import Field
+
+from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.compression import Rate, as_rate, densest
 from serve_apps.generation import BatchRun, Prepared, error_event
 
 logger = logging.getLogger(__name__)
 
-MODES = ("bucketed", "mixed", "dense")
+Mode = Literal["bucketed", "mixed", "dense"]
+MODES = get_args(Mode)
 
 
-@dataclass
-class BatchingConfig:
+class BatchingConfig(ConfigModel):
     """The `batching` section of the serve config.
 
     Attributes:
@@ -55,28 +58,18 @@ class BatchingConfig:
         history: Batches remembered for `GET /v1/dpn/batches`.
     """
 
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_queue_delay_s: float = 0.5
-    max_running_batches: int = 4
-    mode: str = "bucketed"
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_queue_delay_s: float = Field(0.5, ge=0)
+    max_running_batches: int = Field(4, ge=1)
+    mode: Mode = "bucketed"
     history: int = 2048
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> BatchingConfig:
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown batching options {unknown}; known: {sorted(known)}")
-        config = cls(**values)
-        if config.mode not in MODES:
-            raise ValueError(f"batching.mode must be one of {MODES}, got {config.mode!r}")
-        if config.max_batch_size < 1 or config.max_running_batches < 1:
-            raise ValueError("batching.max_batch_size and max_running_batches must be >= 1")
-        if config.batch_wait_timeout_s < 0 or config.max_queue_delay_s < 0:
-            raise ValueError("batching.batch_wait_timeout_s and max_queue_delay_s must be >= 0")
-        return config
+        """Build from the serve config's `batching` mapping; a `pipelines.config_models.ConfigError` (a `ValueError`) names each
+        wrong key."""
+        return validate_config(cls, values or {}, section="batching")
 
 
 def mixed_batch_rate(requested: list[Rate]) -> Rate:

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 import dpn_model  # noqa: F401  (registers the Auto classes)
-from jobs.cli import main as cli
+from dpn_cli import main as cli
 
 WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "shape", "?", "red", "blue"]
 

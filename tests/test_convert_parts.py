@@ -23,8 +23,8 @@ from transformers import (
 )
 
 import dpn_model  # noqa: F401  (registers the Auto classes)
+from dpn_cli import main as cli
 from dpn_model.convert import assemble_llava_from_parts, load_projector
-from jobs.cli import main as cli
 
 WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "shape", "?", "red", "blue"]
 LLM_HIDDEN, CLIP_HIDDEN = 32, 24  # different, so a transposed or swapped projector cannot pass

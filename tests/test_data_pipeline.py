@@ -131,7 +131,7 @@ def test_eval_dataset_has_prompts_answers_and_families(ray_cluster, processor_di
 
 
 def test_inspect_json_output(ray_cluster, bad_llava, capsys):
-    from jobs.cli import main
+    from dpn_cli import main
 
     assert main(["data", "inspect", str(bad_llava), "--split", "train", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -204,7 +204,7 @@ def _inspect_root(root, fmt: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet", "llava_json"])
 def test_inspect_counts_damaged_files_and_names_them(ray_cluster, tmp_path, capsys, fmt):
-    from jobs.cli import main
+    from dpn_cli import main
 
     expected = _inspect_root(tmp_path, fmt)
     assert main(["data", "inspect", str(tmp_path), "--split", "train", "--json"]) == 0

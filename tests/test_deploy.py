@@ -517,5 +517,6 @@ def test_dockerfile_builds_on_the_matching_ray_image_and_installs_the_project():
         "the project must be pip-installed (editable: jobs read configs/)"
     )
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for required in ("pyproject.toml", "configs", "jobs", "serve_apps", "dpn_model", "pipelines"):
+    packages = ("dpn_model", "pipelines", "tracking", "serve_apps", "jobs", "dpn_cli")
+    for required in ("pyproject.toml", "configs", *packages):
         assert required not in ignored, f".dockerignore excludes {required}, which the image needs"

@@ -147,7 +147,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(ray_cluster, workspace):
     cfg = EvalConfig(
-        models=[ModelSpec("tiny", workspace["ckpt"], ["auto", 1, 2, 4])],
+        models=[ModelSpec(label="tiny", uri=workspace["ckpt"], compressions=["auto", 1, 2, 4])],
         data=workspace["data"],
         batch_size=5,  # 12 samples: a ragged last batch
         max_new_tokens=2,
@@ -273,7 +273,7 @@ def test_everything_is_logged_to_mlflow(report, workspace):
 def test_registry_reference_resolves(report, workspace):
     from mlflow.tracking import MlflowClient
 
-    from jobs import tracking
+    import tracking
 
     uri = workspace["tracking"]
     tracking.setup_tracking(uri, "test-registry")
@@ -281,7 +281,7 @@ def test_registry_reference_resolves(report, workspace):
     version = tracking.log_hf_model(run_id, workspace["ckpt"], "tiny-dpn", uri=uri)
     MlflowClient(uri).set_registered_model_alias("tiny-dpn", "champion", version)
     cfg = EvalConfig(
-        models=[ModelSpec("champion", "models:/tiny-dpn@champion", [1])],
+        models=[ModelSpec(label="champion", uri="models:/tiny-dpn@champion", compressions=[1])],
         data=workspace["data"],
         batch_size=6,
         max_new_tokens=2,
@@ -299,7 +299,7 @@ def test_registry_reference_resolves(report, workspace):
 
 @pytest.mark.ray
 def test_cli_on_a_llava_style_eval_jsonl(ray_cluster, workspace, capsys):
-    from jobs.cli import main
+    from dpn_cli import main
     from pipelines.synthetic import generate_samples
 
     folder = workspace["root"] / "jsonl"
@@ -327,10 +327,79 @@ def test_cli_on_a_llava_style_eval_jsonl(ray_cluster, workspace, capsys):
 
 
 def test_cli_usage_errors_exit_2(tmp_path):
-    from jobs.cli import main
+    from dpn_cli import main
 
     assert main(["eval", "--model", "x=/nope", "--data", str(tmp_path), "--compression", "y=1"]) == 2
     assert main(["eval", "--model", "/nope", "--data", str(tmp_path), "--batch-size", "0"]) == 2
+
+
+def _eval_config(argv: list[str]) -> EvalConfig:
+    import argparse
+
+    from jobs.evaluate import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+EVAL_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "eval_tiny.yaml")
+
+
+def test_shipped_eval_config_holds_the_flags_defaults():
+    first = Path(EVAL_TINY).read_text().splitlines()[0]
+    assert first.startswith("# ") and "--config configs/eval_tiny.yaml" in first
+    from_file = _eval_config(["--config", EVAL_TINY])
+    assert from_file == _eval_config(["--model", "dpn=models:/dpn@champion", "--data", "work/data/synthetic"])
+    assert from_file.models == [
+        ModelSpec(label="dpn", uri="models:/dpn@champion", compressions=["auto", 1, 2, 4])
+    ]
+
+
+def test_eval_config_file_then_flags_then_overrides():
+    cfg = _eval_config([
+        "--config", EVAL_TINY, "batch_size=4", "models.0.compressions=[auto, [1, 2, 4]]", "split=null",
+        "--max-samples", "50", "--batch-size", "8", "--no-mlflow",
+    ])  # fmt: skip
+    assert (cfg.batch_size, cfg.max_samples, cfg.split, cfg.mlflow) == (4, 50, None, False)
+    assert cfg.models[0].compressions == ["auto", "1-2-4"] and cfg.data == "work/data/synthetic"
+    # --compression alone sets the file's models' modes; --model replaces them
+    assert _eval_config(["--config", EVAL_TINY, "--compression", "1,4"]).models[0].compressions == [1, 4]
+    models = _eval_config(["--config", EVAL_TINY, "--model", "a=/x", "--compression", "a=2"]).models
+    assert [(m.label, m.uri, m.compressions) for m in models] == [("a", "/x", [2])]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["batch_sise=4"], r"unknown config key batch_sise; valid keys: \[.*'batch_size'"),
+        (["device=tpu"], r"device: must be one of 'auto', 'cpu' or 'cuda', got 'tpu'"),
+        (["--batch-size", "0"], r"batch_size: must be >= 1, got 0"),
+        (["models.0.compressions=auto,fast"], r"models\.0\.compressions: compression mode 'fast' .*a compression is one of"),
+        (["models.1.uri=/x"], r"models\.1: there is no item 1; models has 1 item\(s\)"),
+    ],
+)  # fmt: skip
+def test_eval_config_errors_name_the_key(argv, expected):
+    from jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        _eval_config(["--config", EVAL_TINY, *argv])
+
+
+def test_dpn_eval_cli_takes_a_config_with_overrides_and_prints_it(capsys):
+    import yaml
+
+    from dpn_cli import main
+
+    assert main(["eval", "--config", EVAL_TINY, "max_new_tokens=0"]) == 2
+    assert (
+        main(["eval", "--config", EVAL_TINY, "max_new_tokens=2", "--max-samples", "5", "--print-config"]) == 0
+    )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["max_new_tokens"] == 2 and printed["max_samples"] == 5 and printed["batch_size"] == 16
+    assert printed["models"] == [
+        {"label": "dpn", "uri": "models:/dpn@champion", "compressions": ["auto", 1, 2, 4]}
+    ]
 
 
 def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):

@@ -311,7 +311,7 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(ray_cluster, workspace):
-    from jobs.cli import main
+    from dpn_cli import main
 
     out = workspace["root"] / "report.json"
     stdout = io.StringIO()
@@ -405,7 +405,7 @@ def test_oracle_plot_and_metrics_are_logged_to_mlflow(run, workspace):
 
 @pytest.mark.ray
 def test_a_schedule_that_does_not_fit_the_model_exits_2(ray_cluster, workspace, caplog):
-    from jobs.cli import main
+    from dpn_cli import main
 
     args = ["eval", "--model", workspace["ckpt"], "--data", workspace["data"], "--no-mlflow",
             "--output-dir", str(workspace["root"] / "bad")]  # fmt: skip

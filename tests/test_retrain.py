@@ -76,7 +76,7 @@ def test_shipped_retrain_config_writes_a_missing_data_root_and_a_missing_root_na
 
 
 def test_dpn_data_synth_new_shard_adds_a_shard_the_job_discovers(tmp_path, capsys):
-    from jobs.cli import main
+    from dpn_cli import main
 
     root = tmp_path / "data"
     assert (
@@ -124,7 +124,7 @@ def test_gate_rules():
 def test_promote_moves_previous_then_champion_and_survives_a_crash_between(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from jobs.registry import Registry
+    from tracking import Registry
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_registered_model("m")
@@ -221,7 +221,7 @@ def _client():
 
 
 def _registry():
-    from jobs.registry import Registry
+    from tracking import Registry
 
     return Registry(_client(), "dpn")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from jobs import tracking
+import tracking
 
 
 @pytest.fixture(scope="module")

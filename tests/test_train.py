@@ -180,7 +180,7 @@ class WorkerKiller(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from jobs.tracking import find_job_run
+        from tracking import find_job_run
 
         client = MlflowClient(self.uri)
         while self.kill_steps and not self.stop.is_set():
@@ -220,8 +220,8 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
     from ray.train import TrainingFailedError
 
     from dpn_model import DPNForConditionalGeneration
-    from jobs.tracking import find_job_run, resolve_model_dir
     from jobs.train import train
+    from tracking import find_job_run, resolve_model_dir
 
     uri = cluster["uri"]
     cfg = make_config(cluster, "survivor")

@@ -1,15 +1,18 @@
 """The `dpn` command line: one entry point, one module per subcommand.
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own package's module, which exposes ``add_arguments(parser)`` and
+``run(args) -> int`` (:mod:`pipelines.cli_harness` runs it, here and under ``python -m``).
 Modules are imported only when their subcommand runs, so `dpn info` never pays for importing Ray.
+This package sits on top: it may import every package, and none imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from pipelines.cli_harness import add_log_level, mount, run_parsed
 
 # name -> (module, one-line help). Keep the list sorted by the order a newcomer meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
     "eval": ("jobs.evaluate", "evaluate accuracy against prefill FLOPs per compression mode (Ray Data batch inference)"),
     "retrain": ("jobs.retrain", "scheduled retraining: new shards -> challenger -> gate -> champion alias"),
-}
+}  # fmt: skip
 
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -29,35 +32,22 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
         prog="dpn",
         description="Dynamic Pyramid Network on Ray: data, training, evaluation, serving, retraining.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        # also accepted after the subcommand (`python -m jobs.train --log-level DEBUG ...`)
-        sub_parser.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_log_level(sub_parser, hidden=True)  # also accepted after the subcommand
         if name == command:  # only the chosen subcommand's module is imported
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub_parser)
-            sub_parser.set_defaults(_run=module.run)
+            mount(sub_parser, importlib.import_module(module_name))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    parser = _build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return int(args._run(args) or 0)
+    command = next((a for a in argv if a in COMMANDS), None)  # the first one: `--log-level DEBUG train` too
+    parser = _build_parser(command)
+    return run_parsed(parser.parse_args(argv))
 
 
-def run_subcommand(command: str, argv: list[str] | None = None) -> int:
-    """Entry of `python -m <module>` for a subcommand's module: the same as `dpn <command> ...`."""
-    return main([command, *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["COMMANDS", "main"]

@@ -1,8 +1,8 @@
 """The MLflow pyfunc flavour of a DPN model: a thin wrapper around its Hugging Face checkpoint.
 
-Logged as code (MLflow's "models from code", :func:`jobs.tracking.log_hf_model` passes this file's path), so
+Logged as code (MLflow's "models from code", :func:`tracking.models.log_hf_model` passes this file's path), so
 no pickle of a Python object is stored or loaded: the file runs on load and :func:`mlflow.models.set_model`
-names the model. It therefore imports nothing from ``jobs`` (only ``dpn_model`` travels with the model).
+names the model. It therefore imports nothing from ``tracking`` (only ``dpn_model`` travels with the model).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import mlflow.models
 import mlflow.pyfunc
 
-HF_ARTIFACT = "hf_model"  # = jobs.tracking.HF_ARTIFACT; this file cannot import jobs (see above)
+HF_ARTIFACT = "hf_model"  # = tracking.models.HF_ARTIFACT; this file cannot import tracking (see above)
 
 
 class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
