@@ -59,7 +59,8 @@ EARLIER = [  # the semantics our configs had before the authors' code was read (
     "model.config_overrides.router_bias=true",
     "model.config_overrides.router_token_reduction=last",
 ]
-REINFORCE = ["model.config_overrides.router_estimator=reinforce", "optim.router_lr_scale=30"]
+REFERENCE = ["model.config_overrides.router_estimator=scale", "optim.router_lr_scale=1"]  # the authors' estimator, one lr
+REINFORCE = ["model.config_overrides.router_estimator=reinforce", "optim.router_lr_scale=30"]  # the config's
 # name -> (overrides of configs/train_tiny.yaml, mode evaluated, is a static baseline, routed by a router)
 VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
     "dense": (["model.compression=1"], "1", True, False),
@@ -68,8 +69,8 @@ VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
     "sched-1-2-4": (["model.compression=1,2,4"], "1-2-4", True, False),
     "sched-1-4-4": (["model.compression=1,4,4"], "1-4-4", True, False),
     "random": (["model.compression=random"], "random", False, False),
-    "dpn-ref": (["model.compression=auto"], "auto", False, True),
-    "dpn-earlier": (["model.compression=auto", *EARLIER], "auto", False, True),
+    "dpn-ref": (["model.compression=auto", *REFERENCE], "auto", False, True),
+    "dpn-earlier": (["model.compression=auto", *REFERENCE, *EARLIER], "auto", False, True),
     "dpn-reinforce": (["model.compression=auto", *REINFORCE], "auto", False, True),
 }
 MAX_FLOPS_RATIO = 0.5
