@@ -2,7 +2,8 @@
 
 One worker = one DeepSpeed rank. Ray Train creates the torch process group (gloo on CPU, NCCL on
 GPU); :func:`setup_engine` attaches DeepSpeed to it and wraps the model with a client AdamW and a
-warmup + cosine schedule.
+warmup + cosine schedule. :class:`DPNTrainRecipe` is one worker's run (setup -> train -> cleanup) over
+these builders, configured by a :class:`WorkerSpec` from the driver.
 
 Checkpoints (every ``checkpoint.every_steps`` optimizer steps and at the end) are written through
 ``ray.train.report`` and hold::
@@ -32,11 +33,15 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from dpn_model.configuration import Compression
 
 logger = logging.getLogger(__name__)
 
@@ -216,29 +221,27 @@ def deepspeed_config(
 def setup_engine(
     model: torch.nn.Module,
     ds_config: dict[str, Any],
-    optim: dict[str, Any],
+    optim: OptimSpec | Mapping[str, Any],
     total_steps: int,
     dist_backend: str,
     router_start: int = 0,
 ):
     """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule.
 
-    ``router_start``: optimizer steps before the routers train (the dense warm-up).
+    ``optim``: an :class:`OptimSpec` or a mapping of its fields. ``router_start``: optimizer steps before
+    the routers train (the dense warm-up).
     """
     import deepspeed
 
+    if isinstance(optim, Mapping):
+        optim = OptimSpec(**optim)
     deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
     optimizer = make_optimizer(
-        model,
-        optim["lr"],
-        optim["weight_decay"],
-        optim["betas"],
-        optim["eps"],
-        optim.get("router_lr_scale", 1.0),
+        model, optim.lr, optim.weight_decay, optim.betas, optim.eps, optim.router_lr_scale
     )
-    warmup = int(round(optim["warmup_ratio"] * total_steps))
-    schedule = warmup_cosine(total_steps, warmup, optim["min_lr_ratio"])
-    router_schedule = delayed_start(schedule, router_start, optim["betas"])
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    schedule = warmup_cosine(total_steps, warmup, optim.min_lr_ratio)
+    router_schedule = delayed_start(schedule, router_start, optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [router_schedule if g["router"] else schedule for g in optimizer.param_groups]
     )
@@ -343,23 +346,111 @@ def _fmt_eta(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# What a worker is given
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimSpec:
+    """AdamW and its warmup + cosine schedule (``optim.*`` of the training config)."""
+
+    lr: float
+    weight_decay: float
+    betas: list[float]
+    eps: float
+    warmup_ratio: float
+    min_lr_ratio: float
+    router_lr_scale: float = 1.0
+
+
+@dataclass
+class FreezeSpec:
+    """Which parts of the model stay frozen (True = no gradient)."""
+
+    vision_tower: bool = False
+    projector: bool = False
+    language_model: bool = False
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a Ray Train worker needs, built on the driver by :func:`jobs.trainer.build_loop_spec`.
+
+    Ray hands it to the workers as a plain dict (:meth:`to_config`, rebuilt by :meth:`from_config`).
+
+    Attributes:
+        model_dir: the initial model on the driver's node (weights + processor).
+        init: ``model.init`` (``preset:<name>`` or a model URI), to re-create ``model_dir`` on other nodes.
+        seed: ``model.seed``: the preset's weights and the router sampling.
+        preset_overrides: DPNConfig fields a preset is built with.
+        config_overrides: DPNConfig fields applied when loading ``model_dir``.
+        compression: ``model.compression`` (checked against the model by ``parse_compression``).
+        dense_warmup_steps: optimizer steps trained with compression 1 before the routers train.
+        freeze: the frozen parts.
+        gradient_checkpointing: recompute activations in the backward pass.
+        ds_config: the DeepSpeed config dict (:func:`deepspeed_config`).
+        dist_backend: ``nccl`` (GPU) or ``gloo`` (CPU).
+        optim: optimizer and schedule.
+        micro_batch_size: samples per worker per forward pass.
+        epochs: passes over the data at most.
+        total_steps: optimizer steps of the run (the schedule's length).
+        log_every: optimizer steps between logged metrics.
+        checkpoint_every: optimizer steps between checkpoints.
+        save_hf_model: write the Hugging Face model into every checkpoint (else only the final one).
+        mlflow_run_id: the MLflow run this training writes to.
+        tracking_uri: the MLflow tracking URI.
+    """
+
+    model_dir: str
+    init: str
+    seed: int
+    preset_overrides: dict[str, Any]
+    config_overrides: dict[str, Any]
+    compression: Compression
+    dense_warmup_steps: int
+    freeze: FreezeSpec
+    gradient_checkpointing: bool
+    ds_config: dict[str, Any]
+    dist_backend: str
+    optim: OptimSpec
+    micro_batch_size: int
+    epochs: int
+    total_steps: int
+    log_every: int
+    checkpoint_every: int
+    save_hf_model: bool
+    mlflow_run_id: str
+    tracking_uri: str
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``train_loop_config`` Ray passes to :func:`train_loop_per_worker` (plain, picklable values)."""
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> WorkerSpec:
+        fields = dict(config)
+        fields["freeze"] = FreezeSpec(**fields["freeze"])
+        fields["optim"] = OptimSpec(**fields["optim"])
+        return cls(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 
 
-def _local_model_dir(spec: dict[str, Any]) -> str:
+def _local_model_dir(spec: WorkerSpec) -> str:
     """The initial model directory on this node: the driver's, or re-created here (multi-node)."""
-    path = spec["model_dir"]
-    if os.path.isdir(path):
-        return path
-    init = spec["init"]
-    if init.startswith("preset:"):
+    if os.path.isdir(spec.model_dir):
+        return spec.model_dir
+    if spec.init.startswith("preset:"):
         from dpn_model.presets import create_checkpoint
 
-        return create_checkpoint(init.split(":", 1)[1], path, seed=spec["seed"], **spec["preset_overrides"])
+        name = spec.init.split(":", 1)[1]
+        return create_checkpoint(name, spec.model_dir, seed=spec.seed, **spec.preset_overrides)
     from tracking import resolve_model_dir
 
-    return resolve_model_dir(init, tracking=spec["tracking_uri"])
+    return resolve_model_dir(spec.init, tracking=spec.tracking_uri)
 
 
 def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: bool) -> str:
@@ -374,180 +465,267 @@ def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: boo
     return folder
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> None:
-    """Ray Train worker function. ``spec`` is built by :func:`jobs.train.build_loop_spec`.
+class DPNTrainRecipe:
+    """One worker's training: :meth:`setup`, then :meth:`train`, then :meth:`cleanup`.
 
-    Keys: model_dir, init, seed, preset_overrides, config_overrides, compression, dense_warmup_steps,
-    freeze (dict), gradient_checkpointing, ds_config, dist_backend, optim (dict), micro_batch_size,
-    epochs, total_steps, log_every, checkpoint_every, save_hf_model, mlflow_run_id, tracking_uri.
+    ``setup`` builds the model, the DeepSpeed engine and the data shard and resumes from the last Ray
+    Train checkpoint; ``train`` runs epochs of :meth:`train_step` and writes checkpoints with :meth:`save`.
+    Rank 0 logs the metrics to MLflow and the progress lines to the console.
     """
-    import ray.train
 
-    from dpn_model.configuration import parse_compression
-    from pipelines.preprocess import Collator
-    from tracking import StepMetricLogger
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.state = TrainState(mlflow_run_id=spec.mlflow_run_id)
+        self.resumed = False  # restored from a checkpoint in this attempt
+        self.metric_logger = None
+        self.last_metrics: dict[str, float] = {}
+        self.step_times: list[float] = []
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = spec["dist_backend"] == "nccl"
-    if use_gpu:
-        torch.cuda.set_device(ray.train.torch.get_device())
+    # ---- setup ---------------------------------------------------------------------------------
 
-    model_dir = _local_model_dir(spec)
-    model = load_model(model_dir, spec["config_overrides"])
-    # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
-    routed_compression = parse_compression(spec["compression"], model.config)
-    counts = apply_freezing(model, **spec["freeze"])
-    if spec["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.config.text_config.use_cache = False
-    total_steps = spec["total_steps"]
-    dense_warmup = spec["dense_warmup_steps"]
-    engine = setup_engine(
-        model, spec["ds_config"], spec["optim"], total_steps, spec["dist_backend"], dense_warmup
-    )
-    device = engine.device
-    dtype = next(engine.module.parameters()).dtype
+    def setup(self) -> None:
+        import ray.train
 
-    state = TrainState(mlflow_run_id=spec["mlflow_run_id"])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.spec.dist_backend == "nccl":
+            torch.cuda.set_device(ray.train.torch.get_device())
+        self.model_dir = _local_model_dir(self.spec)
+        model, counts = self._setup_model()
+        self.engine = setup_engine(
+            model,
+            self.spec.ds_config,
+            self.spec.optim,
+            self.spec.total_steps,
+            self.spec.dist_backend,
+            self.spec.dense_warmup_steps,
+        )
+        self.device = self.engine.device
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.resumed = self.resume()
+        # router sampling, resumable
+        torch.manual_seed(self.spec.seed * 1009 + self.rank * 7919 + self.state.step)
+        self._setup_metric_logger()
+        cfg = model.config
+        self.stats = StepStats(len(cfg.pooling_layers), cfg.compression_factors)
+        if self.rank == 0:
+            logger.info(
+                "training %s (%d / %d params trainable) on %d workers, %d steps, global batch %d",
+                self.model_dir, counts["trainable"], counts["total"], self.world, self.spec.total_steps,
+                self.spec.ds_config["train_batch_size"],
+            )  # fmt: skip
+        self._setup_data()
+        # the checkpoint this attempt holds already (-1: none) and whether it has the HF model
+        self.saved_step = self.state.step if self.resumed else -1
+        self.saved_hf = self.spec.save_hf_model
+
+    def _setup_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
+        """The model to train, frozen per ``spec.freeze``; also its trainable and total parameter counts."""
+        from dpn_model.configuration import parse_compression
+
+        spec = self.spec
+        model = load_model(self.model_dir, spec.config_overrides)
+        # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
+        self.routed_compression = parse_compression(spec.compression, model.config)
+        counts = apply_freezing(model, **asdict(spec.freeze))
+        if spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.config.text_config.use_cache = False
+        return model, counts
+
+    def resume(self) -> bool:
+        """Load the engine and :class:`TrainState` from Ray Train's last checkpoint. False if there is none."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
         with checkpoint.as_directory() as ckpt_dir:
-            state = TrainState.load(ckpt_dir)
-            load_path, _ = engine.load_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG)
+            self.state = TrainState.load(ckpt_dir)
+            load_path, _ = self.engine.load_checkpoint(os.path.join(ckpt_dir, DS_DIR), tag=DS_TAG)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no state in checkpoint {ckpt_dir}")
-        if rank == 0:
+        if self.rank == 0:
+            s = self.state
             logger.info(
                 "resumed from checkpoint at step %d (epoch %d, %d batches into it, %d samples seen)",
-                state.step, state.epoch, state.batches_in_epoch, state.samples_seen,
+                s.step, s.epoch, s.batches_in_epoch, s.samples_seen,
             )  # fmt: skip
-    torch.manual_seed(spec["seed"] * 1009 + rank * 7919 + state.step)  # router sampling, resumable
+        return True
 
-    metric_logger = StepMetricLogger(state.mlflow_run_id, uri=spec["tracking_uri"]) if rank == 0 else None
-    # which processes run this attempt (host:pid per rank), for operators chasing a failure
-    where = [None] * world
-    torch.distributed.all_gather_object(where, f"{socket.gethostname()}:{os.getpid()}")
-    if metric_logger is not None:
-        metric_logger.client.set_tag(state.mlflow_run_id, "sys.worker_pids", ",".join(where))
-    if metric_logger is not None and checkpoint is not None:
-        metric_logger.log({"resumed_from_step": state.step}, step=state.step)  # one point per restart
-    cfg = model.config
-    stats = StepStats(len(cfg.pooling_layers), cfg.compression_factors)
-    if rank == 0:
+    def _setup_metric_logger(self) -> None:
+        """MLflow logging on rank 0; tags the run with the processes of this attempt (collective)."""
+        from tracking import StepMetricLogger
+
+        run_id = self.state.mlflow_run_id
+        if self.rank == 0:
+            self.metric_logger = StepMetricLogger(run_id, uri=self.spec.tracking_uri)
+        # which processes run this attempt (host:pid per rank), for operators chasing a failure
+        where = [None] * self.world
+        torch.distributed.all_gather_object(where, f"{socket.gethostname()}:{os.getpid()}")
+        if self.metric_logger is None:
+            return
+        self.metric_logger.client.set_tag(run_id, "sys.worker_pids", ",".join(where))
+        if self.resumed:
+            self.metric_logger.log({"resumed_from_step": self.state.step}, step=self.state.step)  # per restart
+
+    def _setup_data(self) -> None:
+        import ray.train
+
+        from pipelines.preprocess import Collator
+
+        self.shard = ray.train.get_dataset_shard("train")
+        self.collate = Collator(self.model_dir)
+        warmup = self.spec.dense_warmup_steps
+        if self.rank == 0 and self.state.step < warmup:
+            logger.info("dense warm-up: steps 1-%d train with compression 1, routing starts at step %d",
+                        warmup, warmup + 1)  # fmt: skip
+
+    def _epoch_batches(self):
+        """This worker's micro-batches of the current epoch, past those it already trained on."""
+        iterator = iter(
+            self.shard.iter_torch_batches(
+                batch_size=self.spec.micro_batch_size, collate_fn=self.collate, drop_last=True, prefetch_batches=2
+            )
+        )
+        for _ in range(self.state.batches_in_epoch):  # data position on resume
+            if next(iterator, None) is None:
+                break
+        return iterator
+
+    # ---- train ---------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Epochs until ``total_steps`` optimizer steps (or the data runs out), checkpointing on the way."""
+        state, total_steps = self.state, self.spec.total_steps
+        self.engine.train()
+        self.step_start = time.perf_counter()
+        self.run_start, self.run_start_step = self.step_start, state.step
+        done = state.step >= total_steps
+        while not done and state.epoch < self.spec.epochs:
+            done = self._train_epoch()
+            if not done:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        if not done:
+            # the data ran out before total_steps (bad samples dropped, uneven tail): finish here
+            if self.rank == 0:
+                logger.info("data exhausted after %d steps (planned %d)", state.step, total_steps)
+            self.save(True, self.last_metrics)
+        elif self.resumed and state.step == self.run_start_step and self.rank == 0:
+            # restored from the final checkpoint (the job died after training): nothing left to do
+            logger.info("training had already finished at step %d", state.step)
+
+    def _train_epoch(self) -> bool:
+        """Train on the rest of the current epoch. True when the run's last optimizer step is done."""
+        batches = self._epoch_batches()
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(batches, None)
+            self.stats.data_wait += time.perf_counter() - wait_start
+            if batch is None:
+                return False
+            if self.train_step(batch) and self._finish_step():
+                return True
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Forward and backward one micro-batch. True when it completed an optimizer step."""
+        batch.pop("image_mask", None)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        compression = 1 if self.state.step < self.spec.dense_warmup_steps else self.routed_compression
+        out = self.engine(**batch, compression=compression)
+        self.engine.backward(out.loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        self.stats.add(out, int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum()))
+        self.state.batches_in_epoch += 1
+        return boundary
+
+    def _finish_step(self) -> bool:
+        """After an optimizer step: metrics, logs, checkpoint. True when it was the run's last step."""
+        state, stats = self.state, self.stats
+        state.step += 1
+        total = stats.reduce()
+        state.samples_seen += int(total[4].item())
+        now = time.perf_counter()
+        step_time = now - self.step_start
+        self.step_times.append(step_time)
+        metrics = stats.metrics(total, step_time, self.engine.get_lr()[0])
+        metrics["data_wait_fraction"] = stats.data_wait / step_time
+        metrics["epoch"] = state.epoch
+        self.last_metrics = metrics
+        stats.reset()
+        if self.rank == 0 and (state.step % self.spec.log_every == 0 or state.step == self.spec.total_steps):
+            self._log_step(metrics, now)
+        done = state.step >= self.spec.total_steps
+        if done or state.step % self.spec.checkpoint_every == 0:
+            self.save(done, metrics)
+        self.step_start = time.perf_counter()
+        return done
+
+    def _log_step(self, metrics: dict[str, float], now: float) -> None:
+        """The step's metrics to MLflow and a progress line to the console (rank 0)."""
+        step, total_steps = self.state.step, self.spec.total_steps
+        self.metric_logger.log(metrics, step=step)
+        recent = self.step_times[-20:]
+        eta = (total_steps - step) * sum(recent) / len(recent)
+        rate = (step - self.run_start_step) / max(now - self.run_start, 1e-9)
         logger.info(
-            "training %s (%d / %d params trainable) on %d workers, %d steps, global batch %d",
-            model_dir, counts["trainable"], counts["total"], world, total_steps, spec["ds_config"]["train_batch_size"],
+            "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
+            "| %.2f steps/s, data wait %.0f%% | eta %s",
+            step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
+            metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
+            100 * metrics["data_wait_fraction"], _fmt_eta(eta),
         )  # fmt: skip
 
-    shard = ray.train.get_dataset_shard("train")
-    collate = Collator(model_dir)
-    if rank == 0 and state.step < dense_warmup:
-        logger.info("dense warm-up: steps 1-%d train with compression 1, routing starts at step %d",
-                    dense_warmup, dense_warmup + 1)  # fmt: skip
-    engine.train()
-    step_start = time.perf_counter()
-    run_start, run_start_step = step_start, state.step
-    step_times: list[float] = []
-    done = state.step >= total_steps
+    # ---- checkpoint ----------------------------------------------------------------------------
 
-    saved = {"step": state.step if checkpoint is not None else -1, "hf": spec["save_hf_model"]}
+    def save(self, final: bool, metrics: dict[str, float]) -> None:
+        """Checkpoint the current step through ``ray.train.report`` (collective).
 
-    def checkpoint_now(final: bool, metrics: dict[str, float]) -> None:
-        if saved["step"] == state.step and (saved["hf"] or not final):
+        A step that is checkpointed already is skipped, unless this is the final checkpoint and the earlier
+        one lacks the Hugging Face model: then it is written again as ``checkpoint_<step>_final``.
+        """
+        import ray.train
+
+        step, save_hf = self.state.step, self.spec.save_hf_model or final
+        if self.saved_step == step and (self.saved_hf or not final):
             return  # this step is checkpointed already
-        name = f"checkpoint_{state.step:08d}" + ("_final" if saved["step"] == state.step else "")
-        folder = _save_checkpoint(engine, state, model_dir, spec["save_hf_model"] or final)
+        name = f"checkpoint_{step:08d}" + ("_final" if self.saved_step == step else "")
+        folder = _save_checkpoint(self.engine, self.state, self.model_dir, save_hf)
         try:
             ray.train.report(
-                {**metrics, "step": state.step, "epoch": state.epoch},
+                {**metrics, "step": step, "epoch": self.state.epoch},
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=name,
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        saved.update(step=state.step, hf=spec["save_hf_model"] or final)
+        self.saved_step, self.saved_hf = step, save_hf
 
-    last_metrics: dict[str, float] = {}
-    while not done and state.epoch < spec["epochs"]:
-        skip = state.batches_in_epoch
-        iterator = iter(
-            shard.iter_torch_batches(
-                batch_size=spec["micro_batch_size"], collate_fn=collate, drop_last=True, prefetch_batches=2
-            )
-        )
-        for _ in range(skip):  # data position: batches this worker already trained on this epoch
-            if next(iterator, None) is None:
-                break
-        while True:
-            wait_start = time.perf_counter()
-            batch = next(iterator, None)
-            stats.data_wait += time.perf_counter() - wait_start
-            if batch is None:
-                break
-            batch.pop("image_mask", None)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            compression = 1 if state.step < dense_warmup else routed_compression
-            out = engine(**batch, compression=compression)
-            engine.backward(out.loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            stats.add(out, int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum()))
-            state.batches_in_epoch += 1
-            if not boundary:
-                continue
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.flush()
 
-            state.step += 1
-            total = stats.reduce()
-            state.samples_seen += int(total[4].item())
-            now = time.perf_counter()
-            step_time = now - step_start
-            step_times.append(step_time)
-            metrics = stats.metrics(total, step_time, engine.get_lr()[0])
-            metrics["data_wait_fraction"] = stats.data_wait / step_time
-            metrics["epoch"] = state.epoch
-            last_metrics = metrics
-            stats.reset()
-            if rank == 0 and (state.step % spec["log_every"] == 0 or state.step == total_steps):
-                metric_logger.log(metrics, step=state.step)
-                recent = step_times[-20:]
-                eta = (total_steps - state.step) * sum(recent) / len(recent)
-                rate = (state.step - run_start_step) / max(now - run_start, 1e-9)
-                logger.info(
-                    "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
-                    "| %.2f steps/s, data wait %.0f%% | eta %s",
-                    state.step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
-                    metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
-                    100 * metrics["data_wait_fraction"], _fmt_eta(eta),
-                )  # fmt: skip
-            done = state.step >= total_steps
-            if done or state.step % spec["checkpoint_every"] == 0:
-                checkpoint_now(done, metrics)
-            step_start = time.perf_counter()
-            if done:
-                break
-        if not done:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    if not done:
-        # the data ran out before total_steps (bad samples dropped, uneven tail): finish here
-        done = True
-        if rank == 0:
-            logger.info("data exhausted after %d steps (planned %d)", state.step, total_steps)
-        checkpoint_now(True, last_metrics)
-    elif checkpoint is not None and state.step == run_start_step and rank == 0:
-        # restored from the final checkpoint (the job died after training): nothing left to do
-        logger.info("training had already finished at step %d", state.step)
-    if metric_logger is not None:
-        metric_logger.flush()
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function. ``config`` is :meth:`WorkerSpec.to_config` (see ``jobs.trainer.build_trainer``)."""
+    recipe = DPNTrainRecipe(WorkerSpec.from_config(config))
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
 
 
 __all__ = [
+    "DPNTrainRecipe",
+    "FreezeSpec",
+    "OptimSpec",
     "StepStats",
     "TrainState",
+    "WorkerSpec",
     "apply_freezing",
     "deepspeed_config",
     "delayed_start",

@@ -11,10 +11,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.config import ConfigError
 from jobs.train_config import SyntheticConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from jobs.train_loop import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +168,9 @@ def load_deepspeed_json(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_loop_spec(
     cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str
-) -> dict[str, Any]:
-    """Everything a worker needs, as a plain picklable dict (see ``train_loop_per_worker``)."""
-    from jobs.train_loop import deepspeed_config
+) -> WorkerSpec:
+    """Everything a worker needs (see :class:`jobs.train_loop.WorkerSpec`)."""
+    from jobs.train_loop import FreezeSpec, OptimSpec, WorkerSpec, deepspeed_config
 
     precision = resolve_precision(cfg)
     # DeepSpeed's CPU accelerator runs bf16 (ZeRO keeps fp32 master weights): the GPU recipe's precision can be
@@ -185,42 +188,42 @@ def build_loop_spec(
         grad_clip=cfg.optim.grad_clip,
         overrides=cfg.deepspeed.overrides,
     )
-    m = cfg.model
-    return {
-        "model_dir": model_dir,
-        "init": m.init,
-        "seed": m.seed,
-        "preset_overrides": preset_overrides(cfg),
+    m, o = cfg.model, cfg.optim
+    return WorkerSpec(
+        model_dir=model_dir,
+        init=m.init,
+        seed=m.seed,
+        preset_overrides=preset_overrides(cfg),
         # presets were built with the overrides already; loaded checkpoints get them at load time
-        "config_overrides": {} if m.init.startswith("preset:") else dict(m.config_overrides),
-        "compression": m.compression,
-        "dense_warmup_steps": m.dense_warmup_steps,
-        "freeze": {
-            "vision_tower": m.freeze_vision_tower,
-            "projector": m.freeze_projector,
-            "language_model": m.freeze_language_model,
-        },
-        "gradient_checkpointing": m.gradient_checkpointing,
-        "ds_config": ds,
-        "dist_backend": "nccl" if cfg.run.use_gpu else "gloo",
-        "optim": {
-            "lr": cfg.optim.lr,
-            "weight_decay": cfg.optim.weight_decay,
-            "betas": list(cfg.optim.betas),
-            "eps": cfg.optim.eps,
-            "router_lr_scale": cfg.optim.router_lr_scale,
-            "warmup_ratio": cfg.optim.warmup_ratio,
-            "min_lr_ratio": cfg.optim.min_lr_ratio,
-        },
-        "micro_batch_size": cfg.train.micro_batch_size,
-        "epochs": cfg.train.epochs,
-        "total_steps": total_steps,
-        "log_every": cfg.train.log_every,
-        "checkpoint_every": cfg.checkpoint.every_steps,
-        "save_hf_model": cfg.checkpoint.save_hf_model,
-        "mlflow_run_id": run_id,
-        "tracking_uri": tracking_uri,
-    }
+        config_overrides={} if m.init.startswith("preset:") else dict(m.config_overrides),
+        compression=m.compression,
+        dense_warmup_steps=m.dense_warmup_steps,
+        freeze=FreezeSpec(
+            vision_tower=m.freeze_vision_tower,
+            projector=m.freeze_projector,
+            language_model=m.freeze_language_model,
+        ),
+        gradient_checkpointing=m.gradient_checkpointing,
+        ds_config=ds,
+        dist_backend="nccl" if cfg.run.use_gpu else "gloo",
+        optim=OptimSpec(
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=list(o.betas),
+            eps=o.eps,
+            warmup_ratio=o.warmup_ratio,
+            min_lr_ratio=o.min_lr_ratio,
+            router_lr_scale=o.router_lr_scale,
+        ),
+        micro_batch_size=cfg.train.micro_batch_size,
+        epochs=cfg.train.epochs,
+        total_steps=total_steps,
+        log_every=cfg.train.log_every,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        save_hf_model=cfg.checkpoint.save_hf_model,
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri,
+    )
 
 
 def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
@@ -243,7 +246,7 @@ def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
     )
 
 
-def build_trainer(cfg: TrainConfig, spec: dict[str, Any], dataset, storage_path: str):
+def build_trainer(cfg: TrainConfig, spec: WorkerSpec, dataset, storage_path: str):
     """``TorchTrainer`` with scaling, run (name, storage, keep-last-K checkpoints) and failure configs."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -255,8 +258,8 @@ def build_trainer(cfg: TrainConfig, spec: dict[str, Any], dataset, storage_path:
         resources.setdefault("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec,
-        torch_config=TorchConfig(backend=spec["dist_backend"]),
+        train_loop_config=spec.to_config(),  # plain values; the workers rebuild the WorkerSpec
+        torch_config=TorchConfig(backend=spec.dist_backend),
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, resources_per_worker=resources
         ),

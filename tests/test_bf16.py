@@ -382,17 +382,19 @@ def test_cpu_training_config_takes_bf16_and_auto_stays_fp32():
     precision, checkable on CPU); `auto` is fp32 on CPU; fp16 stays GPU-only."""
     from jobs.config import ConfigError, load_config
     from jobs.train_config import TrainConfig
+    from jobs.train_loop import WorkerSpec
     from jobs.trainer import build_loop_spec
 
-    def spec(precision: str) -> dict[str, Any]:
+    def spec(precision: str) -> WorkerSpec:
         data = {"deepspeed": {"precision": precision}, "run": {"use_gpu": False}}
         return build_loop_spec(load_config(TrainConfig, data=data), "model", 2, "", "")
 
     bf16 = spec("bf16")
-    assert bf16["dist_backend"] == "gloo"
-    assert bf16["ds_config"]["bf16"]["enabled"] and not bf16["ds_config"]["fp16"]["enabled"]
-    assert bf16["ds_config"]["zero_optimization"]["stage"] == 2
-    auto = spec("auto")["ds_config"]
+    assert bf16.dist_backend == "gloo"
+    assert bf16.ds_config["bf16"]["enabled"] and not bf16.ds_config["fp16"]["enabled"]
+    assert bf16.ds_config["zero_optimization"]["stage"] == 2
+    assert WorkerSpec.from_config(bf16.to_config()) == bf16  # what Ray hands the workers rebuilds it
+    auto = spec("auto").ds_config
     assert not auto["bf16"]["enabled"] and not auto["fp16"]["enabled"]
     with pytest.raises(ConfigError, match="fp16 needs GPUs"):
         spec("fp16")
