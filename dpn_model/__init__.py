@@ -9,7 +9,8 @@ from transformers import AutoModel, AutoModelForImageTextToText
 
 from dpn_model.cache import DPNCache
 from dpn_model.configuration import DPNConfig
-from dpn_model.image_processing import DPNImageProcessor
+from dpn_model.image_processing import DPNImageProcessor, decode_image
+from dpn_model.loading import load_model_and_processor
 from dpn_model.modeling import DPNCausalLMOutputWithPast, DPNForConditionalGeneration, DPNModel, routing_loss
 from dpn_model.processing import IGNORE_INDEX, DPNProcessor, PromptTooLongError, build_prompt, register
 from dpn_model.tokenization import add_dpn_special_tokens, build_tokenizer
@@ -31,5 +32,7 @@ __all__ = [
     "add_dpn_special_tokens",
     "build_prompt",
     "build_tokenizer",
+    "decode_image",
+    "load_model_and_processor",
     "routing_loss",
 ]

@@ -30,6 +30,59 @@ from transformers.image_utils import (
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor | bytes | str | os.PathLike
 
 
+def open_image(data: bytes | str | os.PathLike, formats: Sequence[str] | None = None) -> PIL.Image.Image:
+    """Open an encoded image (bytes or a file path) lazily: the header only, no pixels decoded yet.
+
+    Raises:
+        `ValueError` for empty data; PIL's errors (`OSError`, `PIL.Image.DecompressionBombError`, ...) for files
+        that are not images of `formats` (default: any format PIL reads).
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if not data:
+            raise ValueError("empty image file")
+        return PIL.Image.open(io.BytesIO(bytes(data)), formats=formats)
+    return PIL.Image.open(data, formats=formats)
+
+
+def decode_image(
+    data: bytes | str | os.PathLike | PIL.Image.Image,
+    formats: Sequence[str] | None = None,
+    max_side: int | None = None,
+) -> PIL.Image.Image:
+    """The one image decoder (data pipeline, serving, pyfunc): decode every pixel, to RGB, or raise.
+
+    Encoded data is first checked with `verify()` (the file's structure), then reopened and fully decoded, which is
+    what catches truncated files. An image already opened with [`open_image`] (serving checks its header against
+    its limits first) is decoded as it is. With `max_side`, the longer side is scaled down to at most `max_side`
+    (aspect kept; JPEG decodes at 1/2, 1/4 or 1/8 scale when it can, as `thumbnail()`).
+
+    Raises:
+        `ValueError` for empty data; PIL's errors (`OSError`, `SyntaxError`, ...) for corrupt or truncated files.
+    """
+    if isinstance(data, PIL.Image.Image):
+        image = data
+    else:
+        with open_image(data, formats) as probe:
+            probe.verify()
+        image = open_image(data, formats)
+    target = image.size if max_side is None else _bounded_size(*image.size, max_side)
+    if target != image.size:
+        image.draft(None, (2 * target[0], 2 * target[1]))
+    image.load()
+    rgb = image.convert("RGB")
+    if rgb.size != target:
+        rgb = rgb.resize(target, PIL.Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return rgb
+
+
+def _bounded_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is at most `side`, aspect kept, no side below 1."""
+    scale = side / max(width, height)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _flatten(images: Any):
     """Yield the images of a possibly nested list (the processor passes one list per sample)."""
     if isinstance(images, (list, tuple)):
@@ -100,10 +153,8 @@ class DPNImageProcessor(BaseImageProcessor):
         """Like the base class, and also decodes encoded image `bytes` (PNG/JPEG as stored in Parquet/WebDataset)."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(x) for x in image_url_or_urls]
-        if isinstance(image_url_or_urls, (bytes, bytearray, memoryview)):
-            return PIL.Image.open(io.BytesIO(image_url_or_urls))
-        if isinstance(image_url_or_urls, os.PathLike):
-            return PIL.Image.open(image_url_or_urls)
+        if isinstance(image_url_or_urls, (bytes, bytearray, memoryview, os.PathLike)):
+            return open_image(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 
     def _to_pil(self, image: ImageLike) -> PIL.Image.Image:
@@ -289,4 +340,4 @@ class DPNImageProcessor(BaseImageProcessor):
         return SizeDict(**get_size_dict(value, default_to_square=False, param_name=name))
 
 
-__all__ = ["DPNImageProcessor"]
+__all__ = ["DPNImageProcessor", "decode_image", "open_image"]

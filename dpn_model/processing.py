@@ -12,6 +12,10 @@ image or not); a processor saved before `router_placement` existed loads with it
 prompts they were trained on. Router tokens are prompt tokens: never labels. The processor expands each `<image>` into
 `image_seq_length` copies (one per visual token), like [`LlavaProcessor`]. Nothing here depends on the tiny
 vocabulary: the same code serves a llava-hf Llama tokenizer extended with [`add_dpn_special_tokens`].
+
+[`DPNProcessor.encode`] is the one conversion of a sample to token ids (`mode="train"`: with labels;
+`mode="generate"`: the prompt): the data pipeline, evaluation, serving and the MLflow pyfunc all call it, and all text
+is written by [`render_turns`] (the chat template renders the same string, for `apply_chat_template` users).
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ ASSISTANT_ROLE = "ASSISTANT"
 IGNORE_INDEX = -100
 IMAGE_PART_TYPES = ("image", "image_url")
 ROUTER_PLACEMENTS = ("every_user_turn", "last_user_turn")
-_ROLE_ALIASES = {
+# The one role table: every spelling a conversation may use -> the processor's role. LLaVA data (pipelines.formats)
+# writes the same roles as `LLAVA_ROLES` names them.
+ROLE_ALIASES: dict[str, str] = {
     "user": "user",
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
     "system": "system",
 }
+LLAVA_ROLES: dict[str, str] = {"user": "human", "assistant": "gpt", "system": "system"}
+ENCODE_MODES = ("train", "generate")
 
 # Same output as `build_prompt` for role/content messages. Variables other than `messages`,
 # `add_generation_prompt` and `eos_token` are filled in by `DPNProcessor.apply_chat_template`.
@@ -134,11 +142,11 @@ def normalize_messages(
     for index, message in enumerate(messages):
         role = message.get("role", message.get("from"))
         content = message.get("content", message.get("value"))
-        if role not in _ROLE_ALIASES or content is None:
+        if role not in ROLE_ALIASES or content is None:
             raise ValueError(
                 f"message {index} must have role user/assistant/system (or from human/gpt) and content, got {message!r}"
             )
-        role = _ROLE_ALIASES[role]
+        role = ROLE_ALIASES[role]
         text = _message_text(content, image_token)
         if role == "system":
             if turns:
@@ -198,6 +206,19 @@ def build_prompt(
     system, turns = normalize_messages(messages, image_token)
     system = system_prompt if system is None else system
     routed = _routed_turns(turns, image_token, router_placement) if add_router_token else set()
+    return render_turns(system, turns, routed, add_generation_prompt, router_token, eos_token)
+
+
+def render_turns(
+    system: str,
+    turns: Sequence[tuple[str, str]],
+    routed: set[int],
+    add_generation_prompt: bool,
+    router_token: str = "<router>",
+    eos_token: str = "</s>",
+) -> str:
+    """The one place the vicuna-v1 text is written: `system`, then `USER: ...` / ` ASSISTANT: ...</s>` turns,
+    `router_token` after the user turns in `routed`, and ` ASSISTANT:` last when `add_generation_prompt`."""
     out = [system + " "] if system else []
     for i, (role, text) in enumerate(turns):
         if role == "user":
@@ -432,7 +453,91 @@ class DPNProcessor(ProcessorMixin):
         rounds = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
         return system, rounds
 
+    def encode(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[Any] | None = None,
+        mode: str = "train",
+        max_length: int | None = None,
+        *,
+        image_first: bool = True,
+    ) -> dict[str, Any]:
+        """Token ids of one sample: the single conversion of a conversation used by training, evaluation, serving
+        and the MLflow pyfunc alike.
+
+        Args:
+            messages (`list[dict]`):
+                LLaVA `{"from", "value"}` or `{"role", "content"}` messages (see [`normalize_messages`]).
+            images (`list`, *optional*):
+                The sample's images, in any form (bytes, PIL, arrays): only how many there are matters here;
+                pixel values come from `self.image_processor` (see [`generation_inputs`]).
+            mode (`str`, *optional*, defaults to `"train"`):
+                `"train"`: the whole conversation with `labels` (only the answers learned, see
+                [`encode_conversation`]). `"generate"`: the prompt up to the trailing ` ASSISTANT:`, no labels.
+            max_length (`int`, *optional*):
+                Longest sequence, image tokens included. Train mode drops trailing rounds / cuts the answer; generate
+                mode raises [`PromptTooLongError`] for a longer prompt.
+            image_first (`bool`, *optional*, defaults to `True`):
+                Generate mode: LLaVA's data rule, `<image>` moved to the start of the first user turn (as training
+                always does). Chat requests (serving, pyfunc) pass `False`: their image parts stay where they are.
+
+        Returns:
+            `dict`: `input_ids` (`list[int]`), plus `labels` and `truncated` in train mode.
+        """
+        has_image = images is not None and len(images) > 0
+        if mode == "train":
+            return self._encode_train(messages, has_image, max_length)
+        if mode != "generate":
+            raise ValueError(f"mode must be one of {ENCODE_MODES}, got {mode!r}")
+        ids = self._prompt_ids(messages, has_image and image_first)
+        if max_length is not None and len(ids) > max_length:
+            raise PromptTooLongError(f"prompt of {len(ids)} tokens > max_length={max_length}")
+        return {"input_ids": ids}
+
+    def _prompt_ids(self, messages: Sequence[Mapping[str, Any]], image_first: bool) -> list[int]:
+        """Generation prompt ids: `<s>`, the rendered prompt, each `<image>` expanded to `image_seq_length` ids."""
+        if not messages:
+            raise ValueError("no question to prompt with")
+        if image_first:  # LLaVA's preprocess_multimodal, on the first turn (as the data pipeline has always done)
+            first = {**messages[0]}
+            key = "value" if "value" in first else "content"
+            text = _message_text(first[key], self.image_token).replace(self.image_token, "").strip()
+            first[key] = f"{self.image_token}\n{text}"
+            messages = [first, *messages[1:]]
+        text = self.build_prompt(messages, add_router_token=True, add_generation_prompt=True)
+        return self._expand_image(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def generation_inputs(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[Any] | None = None,
+        max_length: int | None = None,
+        image_first: bool = False,
+    ) -> BatchFeature:
+        """Model inputs of one chat request for `generate`: [`encode`] (`mode="generate"`) and the images.
+
+        Returns:
+            [`BatchFeature`]: `input_ids` and `attention_mask` `(1, L)`, and `pixel_values` when `images`.
+        """
+        import torch
+
+        ids = self.encode(messages, images, mode="generate", max_length=max_length, image_first=image_first)
+        input_ids = torch.tensor([ids["input_ids"]], dtype=torch.long)
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if images is not None and len(images) > 0:
+            data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        return BatchFeature(data)
+
     def encode_conversation(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        has_image: bool,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """[`encode`] in train mode, for callers that know only whether the sample has an image."""
+        return self._encode_train(conversations, has_image, max_length)
+
+    def _encode_train(
         self,
         conversations: Sequence[Mapping[str, Any]],
         has_image: bool,
@@ -469,12 +574,14 @@ class DPNProcessor(ProcessorMixin):
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         pieces = []  # per round: (prompt ids without router, prompt ids with router, answer ids)
         for index, (question, answer) in enumerate(rounds):
-            head = f"{system} " if index == 0 and system else ""
-            user = f"{head}{USER_ROLE}: {question}"
-            tail = f" {ASSISTANT_ROLE}:"
+            head = system if index == 0 else ""
+            plain_text, routed_text = (
+                render_turns(head, [("user", question)], routes, True, self.router_token)
+                for routes in (set(), {0})
+            )
             # Round 0 starts the text (the tokenizer marks its first word); later rounds follow </s>.
-            plain = self._expand_image(self._encode(user + tail, after_special_token=index > 0))
-            routed = self._expand_image(self._encode(f"{user} {self.router_token}{tail}", index > 0))
+            plain = self._expand_image(self._encode(plain_text, after_special_token=index > 0))
+            routed = self._expand_image(self._encode(routed_text, after_special_token=index > 0))
             pieces.append((plain, routed, self._encode(f" {answer}", after_special_token=True) + eos))
 
         def prompt(index: int, num_rounds: int) -> list[int]:
@@ -526,11 +633,15 @@ def register() -> None:
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
+    "ENCODE_MODES",
     "IGNORE_INDEX",
+    "LLAVA_ROLES",
+    "ROLE_ALIASES",
     "ROUTER_PLACEMENTS",
     "DPNProcessor",
     "PromptTooLongError",
     "build_prompt",
     "normalize_messages",
     "register",
+    "render_turns",
 ]

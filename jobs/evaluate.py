@@ -184,21 +184,15 @@ class Predictor:
         model_uri: str | None = None,
     ):
         import torch
-        from transformers import AutoModelForImageTextToText
 
-        import dpn_model  # noqa: F401 - Auto registration
-        from pipelines.preprocess import load_processor
+        from dpn_model.loading import pick_device
+        from tracking.models import load_model_and_processor
 
         if not Path(model_dir).is_dir():  # another node: resolve the URI here
             model_dir = resolve_model_dir(model_uri or model_dir, tracking)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(pick_device(device))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = (
-            AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        )
-        self.processor = load_processor(model_dir)
+        self.model, self.processor = load_model_and_processor(model_dir, str(self.device), dtype)
         self.config = self.model.config
         from dpn_model.configuration import ROUTING_MODES, compression_schedule, parse_compression
 

@@ -96,6 +96,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from dpn_model.processing import LLAVA_ROLES
+from dpn_model.processing import ROLE_ALIASES as PROCESSOR_ROLE_ALIASES
 from pipelines.accounting import BadReason
 
 if TYPE_CHECKING:
@@ -112,7 +114,10 @@ FORMAT_BY_EXTENSION: dict[str, str] = {
     ".parquet": "parquet",
 }
 KNOWN_SPLITS: tuple[str, ...] = ("train", "eval", "val", "validation", "test")
-ROLE_ALIASES: dict[str, str] = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+# LLaVA's spelling of the processor's one role table (dpn_model.processing.ROLE_ALIASES), system turns excluded
+ROLE_ALIASES: dict[str, str] = {
+    alias: LLAVA_ROLES[role] for alias, role in PROCESSOR_ROLE_ALIASES.items() if role != "system"
+}
 
 ROW_SCHEMA = pa.schema(
     [

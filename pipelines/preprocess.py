@@ -7,8 +7,8 @@ Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
    label), everything but assistant answers masked with -100, truncated to ``max_length`` (trailing rounds
    dropped, the last answer cut); a sample whose first prompt plus one answer token does not fit is
    flagged ``too_long``. (Run before decoding so that over-long samples cost no image work.)
-2. :func:`decode_images`: Pillow ``verify()`` then a full ``load()`` (catches corrupt and truncated
-   files), RGB, LLaVA pad-to-square with the mean colour and resize by
+2. :func:`decode_images`: ``dpn_model.image_processing.decode_image`` (Pillow ``verify()`` then a full
+   ``load()``: catches corrupt and truncated files), RGB, LLaVA pad-to-square with the mean colour and resize by
    ``DPNImageProcessor.to_uint8`` -> ``pixel_uint8`` ``(S, S, 3)`` uint8 per row (zeros for rows
    without an image, with ``has_image=False``). Images stay uint8 until collation.
 
@@ -23,7 +23,6 @@ flagged in ``bad_reason``, for :func:`pipelines.accounting.drop_bad_rows`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +31,7 @@ import numpy as np
 import PIL.Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from dpn_model.image_processing import decode_image
 from pipelines.accounting import BadReason
 
 if TYPE_CHECKING:
@@ -47,21 +47,6 @@ Mode = Literal["train", "eval"]
 # ----------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode encoded image bytes fully, or raise (``OSError``, ``ValueError``, ...) if corrupt.
-
-    ``verify()`` checks the file's structure without decoding pixels; a second open and ``load()``
-    decodes every pixel, which is what catches truncated files.
-    """
-    if not data:
-        raise ValueError("empty image file")
-    with PIL.Image.open(io.BytesIO(data)) as probe:
-        probe.verify()
-    image = PIL.Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
 
 
 def image_shape(image_processor: Any) -> tuple[int, int, int]:
@@ -122,11 +107,12 @@ def tokenize_batch(
     """Tokenise the ``conversations`` column (JSON strings) with the DPN processor.
 
     ``mode="train"`` adds ``input_ids`` and ``labels`` (int32, ragged: one array per row) from
-    ``processor.encode_conversation``: only answers are learned, trailing rounds that do not fit are
+    ``processor.encode(mode="train")``: only answers are learned, trailing rounds that do not fit are
     dropped. A sample whose first prompt plus one answer token does not fit is flagged ``too_long``;
     one the processor rejects (no answer, misplaced ``<image>``) ``bad_conversation``.
 
-    ``mode="eval"`` adds the prompt's ``input_ids`` (up to the generation prompt, no labels) and the
+    ``mode="eval"`` adds the prompt's ``input_ids`` (``processor.encode(mode="generate")``: up to the
+    generation prompt, no labels) and the
     reference ``answer`` and ``question`` strings; a prompt longer than ``max_length`` is ``too_long``.
     The ``conversations`` column is dropped.
     """
@@ -145,16 +131,14 @@ def tokenize_batch(
         if not reasons[i]:
             turns = json.loads(batch["conversations"][i])
             try:
+                images = [batch["image"][i]] if has_image[i] else None  # only their number matters here
                 if mode == "eval":
                     prompt, answer = split_prompt(turns)
                     question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
-                    ids = np.asarray(encode_prompt(processor, prompt, bool(has_image[i])), dtype=np.int32)
-                    if len(ids) > max_length:
-                        raise PromptTooLongError(f"prompt of {len(ids)} tokens > max_length={max_length}")
+                    encoded = processor.encode(prompt, images, mode="generate", max_length=max_length)
+                    ids = np.asarray(encoded["input_ids"], dtype=np.int32)
                 else:
-                    encoded = processor.encode_conversation(
-                        turns, has_image=bool(has_image[i]), max_length=max_length
-                    )
+                    encoded = processor.encode(turns, images, mode="train", max_length=max_length)
                     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
                     labs = np.asarray(encoded["labels"], dtype=np.int32)
             except PromptTooLongError:
@@ -180,23 +164,10 @@ def tokenize_batch(
 
 
 def encode_prompt(processor: Any, turns: list[dict[str, str]], has_image: bool) -> list[int]:
-    """Prompt ids for generation: the chat template up to `` ASSISTANT:`` with the image expanded to
-    ``processor.image_seq_length`` tokens, ``<image>`` first in the first user turn and ``<router>``
-    placed by ``processor.router_placement`` (after every user turn of a sample with an image), as in
-    training."""
-    if not turns:
-        raise ValueError("no question to prompt with")
-    turns = [dict(t) for t in turns]
-    if has_image:
-        first = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
-        turns[0]["value"] = f"{IMAGE_TOKEN}\n{first}"
-    text = processor.build_prompt(turns, add_router_token=True, add_generation_prompt=True)
-    ids: list[int] = []
-    for token_id in processor.tokenizer(text, add_special_tokens=True)["input_ids"]:
-        ids.extend(
-            [token_id] * processor.image_seq_length if token_id == processor.image_token_id else [token_id]
-        )
-    return ids
+    """Prompt ids for generation of a data sample: ``processor.encode(turns, mode="generate")`` (the image
+    first in the first user turn, expanded, ``<router>`` placed as in training)."""
+    images = [None] if has_image else None
+    return processor.encode(turns, images, mode="generate")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def reserved_token_ids(processor: Any, vocab_size: int) -> list[int]:
 
 
 def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> Prepared:
-    """Build the prompt with `processor.build_prompt`, tokenize it and preprocess the image.
+    """The prompt ids of a request (`DPNProcessor.encode`, generate mode) and its images' pixel values.
 
     Args:
         processor: a `DPNProcessor`.
@@ -117,13 +117,11 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
                         param=f"messages.{i}.content",
                         code="reserved_token",
                     )
-    try:
-        prompt = processor.build_prompt(request["messages"])
+    images = request.get("images") or None
+    try:  # a chat request: its image parts stay where the client put them
+        input_ids = processor.encode(request["messages"], images, mode="generate", image_first=False)["input_ids"]
     except ValueError as exc:
         raise PromptError(str(exc), param="messages", code="invalid_messages") from exc
-    images = request.get("images") or None
-    encoded = processor(text=[prompt], images=images, padding=False, return_tensors="pt")
-    input_ids = encoded["input_ids"][0].tolist()
     if len(input_ids) > max_prompt_tokens:
         raise PromptError(
             f"the prompt is {len(input_ids)} tokens (including {processor.image_seq_length} per image), more than "
@@ -134,7 +132,7 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     temperature = 1.0 if request.get("temperature") is None else float(request["temperature"])
     return Prepared(
         input_ids=input_ids,
-        pixel_values=encoded.get("pixel_values") if images else None,
+        pixel_values=processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None,
         max_tokens=int(request["max_tokens"]),
         temperature=temperature,
         top_p=1.0 if request.get("top_p") is None else float(request["top_p"]),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import re
 from typing import Any
 
@@ -24,6 +23,8 @@ import numpy as np
 import PIL.Image
 from pydantic import Field, field_validator, model_validator
 
+from dpn_model.image_processing import decode_image as decode_image_file
+from dpn_model.image_processing import open_image
 from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.protocol import APIError, invalid_request
 
@@ -167,7 +168,7 @@ def _open_image(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
     if not raw:
         raise invalid_request("image data is empty", param=param, code="invalid_image")
     try:
-        image = PIL.Image.open(io.BytesIO(raw), formats=limits.image_formats)
+        image = open_image(raw, limits.image_formats)
     except PIL.Image.DecompressionBombError as exc:  # PIL's own guard fires at open for huge declared sizes
         raise invalid_request(
             f"image declares more than the limit of {limits.max_image_pixels} pixels (limits.max_image_pixels): "
@@ -186,14 +187,6 @@ def _open_image(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
     return image
 
 
-def _bounded_size(width: int, height: int, side: int) -> tuple[int, int]:
-    """(width, height) scaled so the longer side is at most `side`, aspect kept, no side below 1."""
-    scale = side / max(width, height)
-    if scale >= 1:
-        return width, height
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def decode_image(raw: bytes, limits: Limits, param: str) -> np.ndarray:
     """Check and decode an image file once: `(H, W, 3)` uint8 RGB, longer side at most `max_padded_side`.
 
@@ -201,15 +194,8 @@ def decode_image(raw: bytes, limits: Limits, param: str) -> np.ndarray:
         APIError: 400 naming `param` and the limit, for anything unreadable or beyond the limits.
     """
     image = _open_image(raw, limits, param)
-    target = _bounded_size(*image.size, limits.max_padded_side)
-    try:
-        if target != image.size:  # JPEG decodes at 1/2, 1/4 or 1/8 scale when asked (as thumbnail())
-            image.draft(None, (2 * target[0], 2 * target[1]))
-        # decodes now, so a truncated file is a 400 here rather than a failed batch
-        rgb = image.convert("RGB")
-        if rgb.size != target:
-            rgb = rgb.resize(target, PIL.Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return np.asarray(rgb)
+    try:  # decodes now (dpn_model's one decoder), so a truncated file is a 400 here rather than a failed batch
+        return np.asarray(decode_image_file(image, max_side=limits.max_padded_side))
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data; all are the client's
         raise invalid_request(
             f"image file is corrupt or truncated ({type(exc).__name__}: {exc})",

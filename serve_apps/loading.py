@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from dpn_model.loading import pick_device, pick_dtype
+
 logger = logging.getLogger(__name__)
 
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -52,33 +54,6 @@ def resolve_model_ref(model_ref: str) -> str:
     return path
 
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str, device: str) -> Any:
-    """`auto` = bf16 on GPU, fp32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
-    return names[dtype]
-
-
 def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
     """Load a DPN model (eval mode, on `device`, in `dtype`) and its processor from `model_ref`.
 
@@ -90,18 +65,11 @@ def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> tup
     Returns:
         `(DPNForConditionalGeneration, DPNProcessor)`
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import dpn_model  # noqa: F401  (registers dpn_llava with the Auto classes)
+    from dpn_model.loading import load_model_and_processor
 
     path = resolve_model_ref(model_ref)
-    device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
-    logger.info("loading model %s from %s on %s (%s)", model_ref, path, device, torch_dtype)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
-    model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    logger.info("loading model %s from %s", model_ref, path)
+    return load_model_and_processor(path, device=device, dtype=dtype)
 
 
 __all__ = ["load_model", "pick_device", "pick_dtype", "resolve_model_ref"]

@@ -10,7 +10,13 @@ The ground floor under the jobs and serving: it imports ``dpn_model`` and ``pipe
 - :mod:`tracking.pyfunc_model`: the MLflow pyfunc flavour of a DPN model (logged as code, never imported).
 """
 
-from tracking.models import HF_ARTIFACT, MODEL_ARTIFACT_PATH, log_hf_model, resolve_model_dir
+from tracking.models import (
+    HF_ARTIFACT,
+    MODEL_ARTIFACT_PATH,
+    load_model_and_processor,
+    log_hf_model,
+    resolve_model_dir,
+)
 from tracking.registry import Registry
 from tracking.runs import (
     JOB_TAG,
@@ -31,6 +37,7 @@ __all__ = [
     "StepMetricLogger",
     "end_run",
     "find_job_run",
+    "load_model_and_processor",
     "log_hf_model",
     "resolve_model_dir",
     "setup_tracking",

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -161,4 +162,26 @@ def resolve_model_dir(
     return str(_find_hf_dir(target))
 
 
-__all__ = ["HF_ARTIFACT", "MODEL_ARTIFACT_PATH", "log_hf_model", "resolve_model_dir"]
+def load_model_and_processor(
+    ref: str | os.PathLike,
+    device: str | None = None,
+    dtype: Any = None,
+    tracking: str | None = None,
+) -> tuple[Any, Any]:
+    """``(model, processor)`` of a model reference: a local checkpoint, ``runs:/``, ``models:/`` or an MLflow model
+    folder, resolved by :func:`resolve_model_dir`, then loaded by ``dpn_model.load_model_and_processor``.
+
+    Args:
+        ref: see :func:`resolve_model_dir`.
+        device, dtype: see ``dpn_model.loading.load_model_and_processor`` (``auto``: GPU and bf16 when present).
+        tracking: tracking URI for registry and run references.
+    """
+    from dpn_model.loading import load_model_and_processor as load_local
+
+    path = os.path.expanduser(os.fspath(ref))
+    if not _is_hf_dir(Path(path)):
+        path = resolve_model_dir(ref, tracking=tracking)
+    return load_local(path, device=device, dtype=dtype)
+
+
+__all__ = ["HF_ARTIFACT", "MODEL_ARTIFACT_PATH", "load_model_and_processor", "log_hf_model", "resolve_model_dir"]

@@ -24,21 +24,17 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from dpn_model import load_model_and_processor
 
-        import dpn_model  # noqa: F401 - registers the Auto classes
-
-        path = context.artifacts[HF_ARTIFACT]
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        self.model, self.processor = load_model_and_processor(context.artifacts[HF_ARTIFACT])
 
     # no type hints here: MLflow would turn them into a (wrong) input schema
     def predict(self, context, model_input, params=None):
         import base64
-        import io
 
-        import PIL.Image
         import torch
+
+        from dpn_model.image_processing import decode_image
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         params = params or {}
@@ -47,10 +43,10 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
             image = row.get("image")
             if isinstance(image, str):
                 image = base64.b64decode(image)
-            images = [PIL.Image.open(io.BytesIO(image)).convert("RGB")] if image else None
-            content = ("<image>\n" if images else "") + str(row["prompt"])
-            text = self.processor.build_prompt([{"role": "user", "content": content}])
-            inputs = self.processor(text=[text], images=images, return_tensors="pt")
+            images = [decode_image(image)] if image else None
+            content = [{"type": "image"}] if images else []  # the image before the text, as a chat request
+            content.append({"type": "text", "text": str(row["prompt"])})
+            inputs = self.processor.generation_inputs([{"role": "user", "content": content}], images)
             with torch.no_grad():
                 out = self.model.generate(
                     **inputs,
