@@ -59,7 +59,12 @@ def collate(items, processor) -> dict[str, torch.Tensor]:
         labels[i, : len(ids)] = torch.tensor(labs)
         attention_mask[i, : len(ids)] = 1
     pixel_values = processor.image_processor.normalize(np.stack([x[2] for x in items]))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+    }
 
 
 def answer_correct(out, labels: torch.Tensor) -> torch.Tensor:
@@ -113,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     compression = args.compression if args.compression == "auto" else int(args.compression)
 
     start = time.time()
-    train, held_out = generate_splits(args.num_train, args.num_eval, seed=args.seed, families=args.families.split(","))
+    train, held_out = generate_splits(
+        args.num_train, args.num_eval, seed=args.seed, families=args.families.split(",")
+    )
     model, processor = build_model("tiny", seed=args.seed)
     train, held_out = encode(train, processor), encode(held_out, processor)
     print(f"data ready in {time.time() - start:.0f}s: {len(train)} train, {len(held_out)} eval", flush=True)
@@ -122,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     warmup = max(1, int(0.05 * args.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))),
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        ),
     )
     rng = np.random.default_rng(args.seed)
     curve = []
@@ -144,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             curve.append({"step": step, **evaluate(model, held_out, processor, compression)})
             print("EVAL " + json.dumps(curve[-1]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}, indent=1))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "curve": curve}, indent=1)
+        )
 
 
 if __name__ == "__main__":

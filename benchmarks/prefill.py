@@ -37,7 +37,9 @@ def make_batch(processor, batch: int, seed: int = 0):
     side = processor.image_processor.crop_size["height"]
     images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(batch)]
     prompts = [
-        processor.build_prompt([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+        processor.build_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        )
         for q in (QUESTIONS[i % len(QUESTIONS)] for i in range(batch))
     ]
     return processor(text=prompts, images=images, padding_side="left", return_tensors="pt")
@@ -57,10 +59,15 @@ def measure(preset: str, batch: int, repeats: int) -> list[dict]:
             # what the batch really computes: every layer runs at the batch's longest sample
             longest = out.layer_seq_lens.max(0, keepdim=True).values.expand_as(out.layer_seq_lens)
             has_image = out.visual_tokens[:, 0] > 0
-            padded[mode] = float(prefill_flops_batch(
-                model.config, longest, has_image, lm_head_tokens=torch.ones_like(has_image, dtype=torch.long),
-                num_routed_layers=None if mode == "auto" else 0,
-            ).mean())
+            padded[mode] = float(
+                prefill_flops_batch(
+                    model.config,
+                    longest,
+                    has_image,
+                    lm_head_tokens=torch.ones_like(has_image, dtype=torch.long),
+                    num_routed_layers=None if mode == "auto" else 0,
+                ).mean()
+            )
         for _ in range(repeats):
             for mode in MODES:
                 start = time.perf_counter()
@@ -70,13 +77,19 @@ def measure(preset: str, batch: int, repeats: int) -> list[dict]:
     dense_t, dense_f = statistics.median(times[1]), flops[1]
     for mode in MODES:
         t = statistics.median(times[mode])
-        rows.append({
-            "preset": preset, "mode": "dense" if mode == 1 else (f"{mode}x" if mode != "auto" else "auto"),
-            "gflops": flops[mode] / 1e9, "flops_ratio": flops[mode] / dense_f, "ms": t * 1e3,
-            "time_ratio": t / dense_t, "overhead": (t / dense_t) / (flops[mode] / dense_f),
-            "padded_ratio": padded[mode] / padded[1],
-            "padded_overhead": (t / dense_t) / (padded[mode] / padded[1]),
-        })
+        rows.append(
+            {
+                "preset": preset,
+                "mode": "dense" if mode == 1 else (f"{mode}x" if mode != "auto" else "auto"),
+                "gflops": flops[mode] / 1e9,
+                "flops_ratio": flops[mode] / dense_f,
+                "ms": t * 1e3,
+                "time_ratio": t / dense_t,
+                "overhead": (t / dense_t) / (flops[mode] / dense_f),
+                "padded_ratio": padded[mode] / padded[1],
+                "padded_overhead": (t / dense_t) / (padded[mode] / padded[1]),
+            }
+        )
     return rows
 
 
@@ -108,7 +121,9 @@ def write_section(path: Path, title: str, body: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="tiny,mid")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -129,7 +144,8 @@ def main() -> None:
             "median of the repeats, modes interleaved. Target: time ratio / FLOPs ratio <= 1.15.\n"
             "*Padded FLOPs* count what the batch really computes: in `auto` the samples of one batch choose "
             "different experts, so each layer runs at the batch's longest sample; the last column isolates the "
-            "pooling machinery from that padding (which is why the server batches requests by rate).\n\n" + result
+            "pooling machinery from that padding (which is why the server batches requests by rate).\n\n"
+            + result
         )
         write_section(Path(args.write), "Prefill: FLOPs and wall time per mode", body)
 

@@ -59,7 +59,10 @@ EARLIER = [  # the semantics our configs had before the authors' code was read (
     "model.config_overrides.router_bias=true",
     "model.config_overrides.router_token_reduction=last",
 ]
-REFERENCE = ["model.config_overrides.router_estimator=scale", "optim.router_lr_scale=1"]  # the authors' estimator, one lr
+REFERENCE = [
+    "model.config_overrides.router_estimator=scale",
+    "optim.router_lr_scale=1",
+]  # the authors' estimator, one lr
 REINFORCE = ["model.config_overrides.router_estimator=reinforce", "optim.router_lr_scale=30"]  # the config's
 # name -> (overrides of configs/train_tiny.yaml, mode evaluated, is a static baseline, routed by a router)
 VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
@@ -150,7 +153,9 @@ def evaluate(models: dict[str, str], args: argparse.Namespace, run_dir: Path, or
 
 
 def _row(rows: list[dict[str, Any]], label: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["label"] == label and str(r["compression"]) == VARIANTS[label][1]), None)
+    return next(
+        (r for r in rows if r["label"] == label and str(r["compression"]) == VARIANTS[label][1]), None
+    )
 
 
 def _mean_tokens(entry: dict[str, Any]) -> float:
@@ -169,7 +174,9 @@ def static_frontier(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return sorted(points[i] for i in keep)
 
 
-def check_variant(name: str, rows: list[dict[str, Any]], oracle: dict[str, Any] | None) -> list[dict[str, Any]]:
+def check_variant(
+    name: str, rows: list[dict[str, Any]], oracle: dict[str, Any] | None
+) -> list[dict[str, Any]]:
     """The issue's targets for one routed variant, each ``{"target", "passed", "detail"}``."""
     from jobs.oracle import frontier_accuracy_at
 
@@ -271,7 +278,9 @@ def write_results(report: dict[str, Any], oracle_report: dict[str, Any] | None, 
         "",
     ]
     for label, uri in report.get("given_models", {}).items():
-        lines.append(f"- {label}: trained earlier, passed as `--model {label}={uri}` ({' '.join(VARIANTS[label][0])})")
+        lines.append(
+            f"- {label}: trained earlier, passed as `--model {label}={uri}` ({' '.join(VARIANTS[label][0])})"
+        )
     for t in trained:
         extra = [o for o in t["overrides"] if not o.startswith(("run.", "mlflow.", "data.path="))]
         lines.append(f"- {t['name']}: `{' '.join(extra)}` -> {t.get('steps', '?')} steps, "
@@ -322,14 +331,18 @@ def _update_benchmarks_md(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="which variants to train, in this order")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="which variants to train, in this order"
+    )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
                         help="use an already trained model for a variant instead of training it")  # fmt: skip
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra jobs.train override for every variant (e.g. train.max_steps=600)")  # fmt: skip
     parser.add_argument("--oracle-variants", default="dpn-ref,dpn-reinforce",
                         help="routed variants the oracle pass runs all static paths on ('' skips the pass)")  # fmt: skip
-    parser.add_argument("--data", help="the synthetic dataset root (default: the one the training config generates)")
+    parser.add_argument(
+        "--data", help="the synthetic dataset root (default: the one the training config generates)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--experiment", default="dpn-quality")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="suffix of run names")

@@ -39,7 +39,11 @@ import PIL.Image
 
 logger = logging.getLogger("serve_load")
 RATES: list[str | int] = ["auto", 1, 2, 4]
-MODES = {"bucketed": "(a) rate-bucketed queues", "mixed": "(b) one mixed queue", "dense": "(c) everything dense"}
+MODES = {
+    "bucketed": "(a) rate-bucketed queues",
+    "mixed": "(b) one mixed queue",
+    "dense": "(c) everything dense",
+}
 
 
 def _image_url(seed: int) -> str:
@@ -68,11 +72,22 @@ async def _load(base: str, clients: int, total: int, time_limit: float, max_toke
         for i in counter:
             if time.perf_counter() > deadline:
                 return
-            body = {"model": "dpn", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                    "compression": RATES[i % len(RATES)],
-                    "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
-                        {"type": "text", "text": "What colour is the large shape?"}]}]}
+            body = {
+                "model": "dpn",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "compression": RATES[i % len(RATES)],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+                            {"type": "text", "text": "What colour is the large shape?"},
+                        ],
+                    }
+                ],
+            }
             start = time.perf_counter()
             response = await http.post(base + "/v1/chat/completions", json=body)
             if response.status_code == 200:
@@ -86,7 +101,9 @@ async def _load(base: str, clients: int, total: int, time_limit: float, max_toke
     wall = time.perf_counter() - start
     latencies.sort()
     return {
-        "completed": len(latencies), "failed": failures, "wall_s": wall,
+        "completed": len(latencies),
+        "failed": failures,
+        "wall_s": wall,
         "throughput": len(latencies) / wall,
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
@@ -98,21 +115,33 @@ def run_mode(mode: str, model: str, base: str, args: argparse.Namespace) -> dict
 
     from serve_apps.app import build_app
 
-    app = build_app({
-        "model": model, "device": "cpu", "api_key_env": "",
-        "batching": {"mode": mode, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
-        "limits": {"max_tokens": max(args.max_tokens, 64)},
-        "model_options": {"ray_actor_options": {"num_cpus": 1}},
-    })
+    app = build_app(
+        {
+            "model": model,
+            "device": "cpu",
+            "api_key_env": "",
+            "batching": {
+                "mode": mode,
+                "max_batch_size": args.max_batch_size,
+                "batch_wait_timeout_s": args.batch_wait_s,
+            },
+            "limits": {"max_tokens": max(args.max_tokens, 64)},
+            "model_options": {"ray_actor_options": {"num_cpus": 1}},
+        }
+    )
     serve.run(app, name="dpn", route_prefix="/")
     asyncio.run(_load(base, min(4, args.clients), 8, 120, args.max_tokens))  # warm-up, not counted
     stats_before = len(httpx.get(base + "/v1/dpn/batches").json()["data"])
     result = asyncio.run(_load(base, args.clients, args.requests, args.time_limit, args.max_tokens))
     data = httpx.get(base + "/v1/dpn/batches").json()["data"][stats_before:]
     sizes = [b["size"] for b in data]
-    result.update(mode=mode, batches=len(data), mean_batch=statistics.mean(sizes) if sizes else 0.0,
-                  dense_share=sum(b["size"] for b in data if b["rate"] == 1) / max(1, sum(sizes)),
-                  mixed_batches=sum(len(set(b["requested"])) > 1 for b in data))
+    result.update(
+        mode=mode,
+        batches=len(data),
+        mean_batch=statistics.mean(sizes) if sizes else 0.0,
+        dense_share=sum(b["size"] for b in data if b["rate"] == 1) / max(1, sum(sizes)),
+        mixed_batches=sum(len(set(b["requested"])) > 1 for b in data),
+    )
     logger.info("%s: %s", mode, result)
     serve.delete("dpn")
     return result
@@ -128,12 +157,26 @@ def prefill_table(model_dir: str, batch_size: int = 8, repeats: int = 5) -> str:
     torch.set_num_threads(1)  # as in a replica with num_cpus=1
     model, processor = load_model(model_dir, device="cpu")
     image = base64.b64decode(_image_url(0).split(",", 1)[1])
-    request = {"messages": [{"role": "user", "content": [{"type": "image_url"},
-                                                         {"type": "text", "text": "What colour is the large shape?"}]}],
-               "images": [image], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    request = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url"},
+                    {"type": "text", "text": "What colour is the large shape?"},
+                ],
+            }
+        ],
+        "images": [image],
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     items = [prepare(processor, dict(request, compression="auto"), 4096) for _ in range(batch_size)]
-    rows = [f"| rate | prefill of a batch of {batch_size} (s, best of {repeats}) | per request (ms) | vs dense |",
-            "|---|---|---|---|"]
+    rows = [
+        f"| rate | prefill of a batch of {batch_size} (s, best of {repeats}) | per request (ms) | vs dense |",
+        "|---|---|---|---|",
+    ]
     times = {}
     for rate in RATES:
         best = float("inf")
@@ -144,11 +187,16 @@ def prefill_table(model_dir: str, batch_size: int = 8, repeats: int = 5) -> str:
             best = min(best, time.perf_counter() - start)
         times[rate] = best
     for rate in RATES:
-        rows.append(f"| {rate} | {times[rate]:.3f} | {1000 * times[rate] / batch_size:.0f} | "
-                    f"{times[1] / times[rate]:.2f}x |")
+        rows.append(
+            f"| {rate} | {times[rate]:.3f} | {1000 * times[rate] / batch_size:.0f} | "
+            f"{times[1] / times[rate]:.2f}x |"
+        )
     mix = sum(times.values()) / len(times)
-    rows += ["", f"Uniform mix auto/1/2/4 at its own rates vs all dense: {times[1] / mix:.2f}x in prefill time "
-                 "(the most (a) can gain over (c) on this machine)."]
+    rows += [
+        "",
+        f"Uniform mix auto/1/2/4 at its own rates vs all dense: {times[1] / mix:.2f}x in prefill time "
+        "(the most (a) can gain over (c) on this machine).",
+    ]
     return "\n".join(rows)
 
 
@@ -209,7 +257,7 @@ def _write_section(path: str, section: str) -> None:
     start = text.find("## Serving")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as f:
@@ -226,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.05)
     parser.add_argument("--modes", default="bucketed,mixed,dense")
-    parser.add_argument("--prefill-table", action="store_true",
-                        help="also time one batch's prefill per rate in-process (no Ray): the compute ceiling")
+    parser.add_argument(
+        "--prefill-table",
+        action="store_true",
+        help="also time one batch's prefill per rate in-process (no Ray): the compute ceiling",
+    )
     parser.add_argument("--write", default=None, help="replace the Serving section of this markdown file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

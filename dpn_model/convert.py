@@ -47,14 +47,22 @@ logger = logging.getLogger(__name__)
 SUPPORTED_LLM_TYPES = ("llama",)
 # Key prefixes of a stage-1 projector: LLaVA's own training code saves `model.mm_projector.{0,2}.*`
 # (nn.Sequential(Linear, GELU, Linear)); llava-hf names the same layers `multi_modal_projector.linear_{1,2}`.
-_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
+_PROJECTOR_PREFIXES = (
+    "model.mm_projector.",
+    "mm_projector.",
+    "model.multi_modal_projector.",
+    "multi_modal_projector.",
+)
 _PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2", "linear_1": "linear_1", "linear_2": "linear_2"}
 _PROJECTOR_FILES = ("mm_projector.safetensors", "mm_projector.bin")
 
 
 def _image_processor_from(source_dir: Path, image_size: int) -> DPNImageProcessor:
     """DPN image processor with the directory's CLIP mean/std and sizes (defaults when not saved)."""
-    kwargs: dict[str, Any] = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    kwargs: dict[str, Any] = {
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+    }
     path = source_dir / "preprocessor_config.json"
     if path.exists():
         saved = json.loads(path.read_text())
@@ -84,7 +92,9 @@ def _save_dpn(
         llava, router_token_id=router_id if router_id < vocab else None, **dpn_options
     )
     if model.config.router_token_id != router_id:
-        raise ValueError(f"router token id mismatch: tokenizer {router_id}, model {model.config.router_token_id}")
+        raise ValueError(
+            f"router token id mismatch: tokenizer {router_id}, model {model.config.router_token_id}"
+        )
     image_size = model.config.vision_config.image_size
     image_processor = _image_processor_from(image_processor_dir, image_size)
     crop = image_processor.crop_size
@@ -99,7 +109,9 @@ def _save_dpn(
     processor.save_pretrained(out_dir)
     logger.info(
         "wrote DPN checkpoint to %s (router token id %d, pooling after layers %s)",
-        out_dir, router_id, model.config.pooling_layers,
+        out_dir,
+        router_id,
+        model.config.pooling_layers,
     )
     return out_dir
 
@@ -132,7 +144,9 @@ def _projector_file(path: Path) -> Path:
     if path.is_dir():
         found = [path / name for name in _PROJECTOR_FILES if (path / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"{path} holds no stage-1 projector file ({' or '.join(_PROJECTOR_FILES)})")
+            raise FileNotFoundError(
+                f"{path} holds no stage-1 projector file ({' or '.join(_PROJECTOR_FILES)})"
+            )
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"projector file {path} does not exist")
@@ -187,7 +201,7 @@ def load_projector(path: str | Path) -> dict[str, torch.Tensor]:
         name = str(key)
         for prefix in _PROJECTOR_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 break
         layer, _, param = name.rpartition(".")
         if layer not in _PROJECTOR_LAYERS or param not in ("weight", "bias"):
@@ -217,11 +231,15 @@ def _unpickler_reason(err: Exception) -> str:
     if marker in text:
         rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
         if rest:
-            return rest[0].split(". Please use")[0].rstrip(".")  # not torch's allow-listing advice: we never do
+            return (
+                rest[0].split(". Please use")[0].rstrip(".")
+            )  # not torch's allow-listing advice: we never do
     return type(err).__name__
 
 
-def _check_projector(tensors: dict[str, torch.Tensor], vision_hidden: int, llm_hidden: int, source: Path) -> None:
+def _check_projector(
+    tensors: dict[str, torch.Tensor], vision_hidden: int, llm_hidden: int, source: Path
+) -> None:
     expected = {"linear_1.weight": (llm_hidden, vision_hidden), "linear_2.weight": (llm_hidden, llm_hidden)}
     if "linear_1.bias" in tensors:
         expected.update({"linear_1.bias": (llm_hidden,), "linear_2.bias": (llm_hidden,)})
@@ -242,7 +260,9 @@ def _check_projector(tensors: dict[str, torch.Tensor], vision_hidden: int, llm_h
 
 def _vision_config(vision_dir: Path) -> CLIPVisionConfig:
     config = AutoConfig.from_pretrained(vision_dir)
-    if config.model_type == "clip":  # a full CLIPModel directory (openai/clip-vit-large-patch14-336): its vision half
+    if (
+        config.model_type == "clip"
+    ):  # a full CLIPModel directory (openai/clip-vit-large-patch14-336): its vision half
         config = config.vision_config
     if config.model_type != "clip_vision_model":
         raise ValueError(
@@ -305,7 +325,9 @@ def assemble_llava_from_parts(
     vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_config, dtype=torch.float32)
     vocab = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
-        llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=True)
+        llm.resize_token_embeddings(
+            len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=True
+        )
 
     config = LlavaConfig(
         text_config=llm.config.to_dict(),

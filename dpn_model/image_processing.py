@@ -210,7 +210,9 @@ class DPNImageProcessor(BaseImageProcessor):
             return (new_short, new_long) if width <= height else (new_long, new_short)
         if size.height and size.width:
             return size.width, size.height
-        raise ValueError(f"size must be {{'shortest_edge': s}} or {{'height': h, 'width': w}}, got {dict(size)}")
+        raise ValueError(
+            f"size must be {{'shortest_edge': s}} or {{'height': h, 'width': w}}, got {dict(size)}"
+        )
 
     def to_uint8(
         self,
@@ -255,7 +257,9 @@ class DPNImageProcessor(BaseImageProcessor):
             if do_pad:
                 image = self.pad_to_square(image)
             if do_resize:
-                image = image.resize(self._output_size(*image.size, size), resample=PILImageResampling(resample))
+                image = image.resize(
+                    self._output_size(*image.size, size), resample=PILImageResampling(resample)
+                )
             if do_center_crop:
                 left = (image.width - crop_size.width) // 2
                 top = (image.height - crop_size.height) // 2

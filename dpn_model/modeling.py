@@ -711,7 +711,10 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
                 rf_loss = reinforce_loss(
                     out.router_probs,
                     out.router_feasible,
-                    out.expert_choices, sample_loss, cost, self.config.router_cost_weight
+                    out.expert_choices,
+                    sample_loss,
+                    cost,
+                    self.config.router_cost_weight,
                 )
                 loss = loss + self.config.router_reinforce_weight * rf_loss
 

@@ -15,41 +15,78 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision_config": dict(
             # a light tower, so the decoder dominates prefill FLOPs as in LLaVA-1.5-7B (vision ~4% there)
-            model_type="clip_vision_model", image_size=64, patch_size=4, hidden_size=64,
-            intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            model_type="clip_vision_model",
+            image_size=64,
+            patch_size=4,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         "text_config": dict(
-            model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+            model_type="llama",
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
         ),
         "pooling_layers": [1, 2, 3],
     },
     "mid": {
         "vision_config": dict(
-            model_type="clip_vision_model", image_size=224, patch_size=14, hidden_size=384,
-            intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+            model_type="clip_vision_model",
+            image_size=224,
+            patch_size=14,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
         ),
         "text_config": dict(
-            model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+            model_type="llama",
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
         ),
         "pooling_layers": [2, 4, 6],
     },
     "llava-1.5-7b": {
         "vision_config": dict(
-            model_type="clip_vision_model", image_size=336, patch_size=14, hidden_size=1024,
-            intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768,
+            model_type="clip_vision_model",
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            projection_dim=768,
         ),
         "text_config": dict(
-            model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+            model_type="llama",
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
             rms_norm_eps=1e-5,
         ),
         "pooling_layers": [8, 16, 24],
         # llava-hf's vocabulary: 32000 Llama tokens, <image> = 32000, <pad> = 32001, padded to 32064;
         # `dpn convert` appends <router> = 32064.
-        "token_ids": dict(vocab_size=32065, image_token_id=32000, router_token_id=32064, pad_token_id=32001,
-                          bos_token_id=1, eos_token_id=2),
+        "token_ids": dict(
+            vocab_size=32065,
+            image_token_id=32000,
+            router_token_id=32064,
+            pad_token_id=32001,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
     },
 }
 
@@ -77,8 +114,14 @@ def preset_config(
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
     ids = dict(preset.get("token_ids", {}))
-    given = dict(vocab_size=vocab_size, image_token_id=image_token_id, router_token_id=router_token_id,
-                 pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    given = dict(
+        vocab_size=vocab_size,
+        image_token_id=image_token_id,
+        router_token_id=router_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
     ids.update({k: v for k, v in given.items() if v is not None})
     missing = [k for k in ("vocab_size", "image_token_id", "router_token_id") if k not in ids]
     if missing:

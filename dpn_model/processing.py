@@ -498,7 +498,9 @@ class DPNProcessor(ProcessorMixin):
         """Generation prompt ids: `<s>`, the rendered prompt, each `<image>` expanded to `image_seq_length` ids."""
         if not messages:
             raise ValueError("no question to prompt with")
-        if image_first:  # LLaVA's preprocess_multimodal, on the first turn (as the data pipeline has always done)
+        if (
+            image_first
+        ):  # LLaVA's preprocess_multimodal, on the first turn (as the data pipeline has always done)
             first = {**messages[0]}
             key = "value" if "value" in first else "content"
             text = _message_text(first[key], self.image_token).replace(self.image_token, "").strip()

@@ -34,9 +34,23 @@ SHAPES = ("circle", "square", "triangle", "dot", "shape", "shapes", "circles", "
 POSITIONS = ("left", "right", "top", "bottom", "center", "middle", "upper", "lower")
 SIZES = ("large", "small", "big", "tiny", "huge", "little", "medium")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-CORNERS = ("topleft", "topright", "bottomleft", "bottomright", "rising", "falling")  # fine-grained tile answers
+CORNERS = (
+    "topleft",
+    "topright",
+    "bottomleft",
+    "bottomright",
+    "rising",
+    "falling",
+)  # fine-grained tile answers
 ANSWER_WORDS = (
-    COLORS + SHAPES + POSITIONS + CORNERS + SIZES + NUMBER_WORDS + tuple(str(d) for d in range(10)) + ("yes", "no")
+    COLORS
+    + SHAPES
+    + POSITIONS
+    + CORNERS
+    + SIZES
+    + NUMBER_WORDS
+    + tuple(str(d) for d in range(10))
+    + ("yes", "no")
 )
 QUESTION_WORDS = (
     "what", "which", "where", "how", "many", "much", "is", "are", "there", "the", "a", "an", "of", "in",
@@ -70,10 +84,14 @@ def default_corpus() -> list[str]:
         "Which corner of the {size} tile is {color}?",
         "Is the {color} diagonal of the {size} tile rising or falling?",
     )
-    for template, size, shape, color, pos in itertools.product(templates, SIZES[:4], SHAPES[:4], COLORS, POSITIONS[:5]):
+    for template, size, shape, color, pos in itertools.product(
+        templates, SIZES[:4], SHAPES[:4], COLORS, POSITIONS[:5]
+    ):
         question = template.format(size=size, shape=shape, color=color, pos=pos)
         # As the chat template writes it: after "<image>\n" and before " <router> ASSISTANT:".
-        lines.append(f"USER: {IMAGE_TOKEN}\n{question} {ROUTER_TOKEN} ASSISTANT: {color}{EOS_TOKEN}USER: {question}")
+        lines.append(
+            f"USER: {IMAGE_TOKEN}\n{question} {ROUTER_TOKEN} ASSISTANT: {color}{EOS_TOKEN}USER: {question}"
+        )
     lines.append(" ".join(QUESTION_WORDS))
     lines.extend(" ".join(ANSWER_WORDS) for _ in range(20))
     # Answers right after the template's "ASSISTANT:" and words at the very start of a text.
@@ -113,9 +131,13 @@ def build_tokenizer(
     if include_default_corpus:
         corpus.extend(default_corpus())
     if not corpus:
-        raise ValueError("build_tokenizer got no training text: pass texts=... or keep include_default_corpus=True")
+        raise ValueError(
+            "build_tokenizer got no training text: pass texts=... or keep include_default_corpus=True"
+        )
     if vocab_size <= len(SPECIAL_TOKENS) + 100:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it must exceed the special tokens plus ASCII (~106)")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it must exceed the special tokens plus ASCII (~106)"
+        )
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     # Newlines are tokens of their own (as Llama's <0x0A>); Llama-like word markers after that. split=True keeps
@@ -135,7 +157,9 @@ def build_tokenizer(
     )
     # Special tokens are added whole; keep their spelling out of the merges.
     special = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
-    tokenizer.train_from_iterator((piece for line in corpus for piece in special.split(line)), trainer=trainer)
+    tokenizer.train_from_iterator(
+        (piece for line in corpus for piece in special.split(line)), trainer=trainer
+    )
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]

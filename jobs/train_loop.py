@@ -568,7 +568,9 @@ class DPNTrainRecipe:
             return
         self.metric_logger.client.set_tag(run_id, "sys.worker_pids", ",".join(where))
         if self.resumed:
-            self.metric_logger.log({"resumed_from_step": self.state.step}, step=self.state.step)  # per restart
+            self.metric_logger.log(
+                {"resumed_from_step": self.state.step}, step=self.state.step
+            )  # per restart
 
     def _setup_data(self) -> None:
         import ray.train
@@ -586,7 +588,10 @@ class DPNTrainRecipe:
         """This worker's micro-batches of the current epoch, past those it already trained on."""
         iterator = iter(
             self.shard.iter_torch_batches(
-                batch_size=self.spec.micro_batch_size, collate_fn=self.collate, drop_last=True, prefetch_batches=2
+                batch_size=self.spec.micro_batch_size,
+                collate_fn=self.collate,
+                drop_last=True,
+                prefetch_batches=2,
             )
         )
         for _ in range(self.state.batches_in_epoch):  # data position on resume

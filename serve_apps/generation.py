@@ -119,7 +119,9 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
                     )
     images = request.get("images") or None
     try:  # a chat request: its image parts stay where the client put them
-        input_ids = processor.encode(request["messages"], images, mode="generate", image_first=False)["input_ids"]
+        input_ids = processor.encode(request["messages"], images, mode="generate", image_first=False)[
+            "input_ids"
+        ]
     except ValueError as exc:
         raise PromptError(str(exc), param="messages", code="invalid_messages") from exc
     if len(input_ids) > max_prompt_tokens:
@@ -132,7 +134,9 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     temperature = 1.0 if request.get("temperature") is None else float(request["temperature"])
     return Prepared(
         input_ids=input_ids,
-        pixel_values=processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None,
+        pixel_values=processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if images
+        else None,
         max_tokens=int(request["max_tokens"]),
         temperature=temperature,
         top_p=1.0 if request.get("top_p") is None else float(request["top_p"]),

@@ -26,8 +26,9 @@ def llava_style_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({w: i + 5 for i, w in enumerate(WORDS)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tok.add_special_tokens({"extra_special_tokens": ["<image>"]})
     return tok
 
@@ -36,22 +37,56 @@ def test_convert_llava_directory(tmp_path):
     tok = llava_style_tokenizer()
     vocab = len(tok) + 3  # padded vocabulary, as llava-hf pads 32002 -> 32064
     config = LlavaConfig(
-        text_config=dict(model_type="llama", vocab_size=vocab, hidden_size=32, num_hidden_layers=4,
-                         num_attention_heads=4, intermediate_size=64, pad_token_id=4),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, image_size=32, patch_size=8,
-                           num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
-        image_token_id=3, image_seq_length=16,
+        text_config=dict(
+            model_type="llama",
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            pad_token_id=4,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            image_size=32,
+            patch_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        image_token_id=3,
+        image_seq_length=16,
     )
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(config).eval()
     llava.save_pretrained(tmp_path / "llava")
     tok.save_pretrained(tmp_path / "llava")
-    (tmp_path / "llava" / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "crop_size": {"height": 32, "width": 32},
-         "size": {"shortest_edge": 32}}))
+    (tmp_path / "llava" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.25, 0.25, 0.25],
+                "crop_size": {"height": 32, "width": 32},
+                "size": {"shortest_edge": 32},
+            }
+        )
+    )
 
-    assert cli(["convert", "--llava", str(tmp_path / "llava"), "--out", str(tmp_path / "dpn"),
-                "--pooling-layers", "2"]) == 0
+    assert (
+        cli(
+            [
+                "convert",
+                "--llava",
+                str(tmp_path / "llava"),
+                "--out",
+                str(tmp_path / "dpn"),
+                "--pooling-layers",
+                "2",
+            ]
+        )
+        == 0
+    )
 
     files = {p.name for p in (tmp_path / "dpn").iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
@@ -66,8 +101,9 @@ def test_convert_llava_directory(tmp_path):
 
     from PIL import Image
 
-    prompt = processor.build_prompt([{"role": "user", "content": [{"type": "image"},
-                                                                 {"type": "text", "text": "what colour ?"}]}])
+    prompt = processor.build_prompt(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour ?"}]}]
+    )
     inputs = processor(text=[prompt], images=[Image.new("RGB", (40, 20), (200, 10, 10))], return_tensors="pt")
     with torch.no_grad():
         ours = model(**inputs, compression=1).logits
@@ -81,7 +117,7 @@ def test_convert_llava_directory(tmp_path):
     assert routed.expert_choices.shape == (1, 1) and int(routed.expert_choices[0, 0]) in (0, 1, 2)
     # the router's embedding row starts at the mean of the others
     emb = model.get_input_embeddings().weight
-    others = torch.cat([emb[:router_id], emb[router_id + 1:]]).mean(0)
+    others = torch.cat([emb[:router_id], emb[router_id + 1 :]]).mean(0)
     assert torch.allclose(emb[router_id], others, atol=1e-6)
 
 

@@ -28,8 +28,17 @@ def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    args = ["quickstart", "--work-dir", str(tmp_path / "work"), "--max-steps", "4", "--eval-samples", "8",
-            "--port", str(free_port())]
+    args = [
+        "quickstart",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--max-steps",
+        "4",
+        "--eval-samples",
+        "8",
+        "--port",
+        str(free_port()),
+    ]
 
     assert cli(args) == 0
     out = capsys.readouterr().out

@@ -40,11 +40,15 @@ def test_reinforce_prices_visual_tokens():
     z, probs = _probs([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
     feasible = torch.ones(2, 1, 3, dtype=torch.bool)
     choices = torch.tensor([[0], [2]])
-    reinforce_loss(probs, feasible, choices, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.25]), 0.5).backward()
+    reinforce_loss(
+        probs, feasible, choices, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.25]), 0.5
+    ).backward()
     assert z.grad[0, 0, 0] > 0 and z.grad[1, 0, 2] < 0
     # with no price on tokens the same batch carries no signal
     z2, probs2 = _probs([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
-    reinforce_loss(probs2, feasible, choices, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.25]), 0.0).backward()
+    reinforce_loss(
+        probs2, feasible, choices, torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.25]), 0.0
+    ).backward()
     assert torch.allclose(z2.grad, torch.zeros_like(z2.grad))
 
 
@@ -68,9 +72,13 @@ def test_reinforce_ignores_unrouted_samples_and_needs_two_routed():
     )
     loss.backward()
     assert torch.allclose(z.grad[2], torch.zeros(3))
-    two = reinforce_loss(probs[:2], feasible[:2], torch.tensor([[1], [0]]), torch.tensor([0.1, 1.0]), torch.zeros(2), 0)
+    two = reinforce_loss(
+        probs[:2], feasible[:2], torch.tensor([[1], [0]]), torch.tensor([0.1, 1.0]), torch.zeros(2), 0
+    )
     assert loss.item() == pytest.approx(two.item())
-    one = reinforce_loss(probs, feasible, torch.tensor([[1], [-1], [-1]]), torch.zeros(3), torch.zeros(3), 0.0)
+    one = reinforce_loss(
+        probs, feasible, torch.tensor([[1], [-1], [-1]]), torch.zeros(3), torch.zeros(3), 0.0
+    )
     assert one.item() == 0.0 and one.requires_grad
 
 
@@ -95,7 +103,9 @@ def _batch():
 
 def test_model_adds_the_term_in_training_only():
     torch.manual_seed(0)
-    model = DPNForConditionalGeneration(make_config(router_estimator="reinforce", router_reinforce_weight=2.0))
+    model = DPNForConditionalGeneration(
+        make_config(router_estimator="reinforce", router_reinforce_weight=2.0)
+    )
     ids, labels, images = _batch()
     model.train()
     torch.manual_seed(1)

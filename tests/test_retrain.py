@@ -101,7 +101,10 @@ def test_shipped_retrain_config_starts_the_first_champion_from_the_shipped_dense
     cfg = load_retrain_config("configs/retrain_tiny.yaml")
     first, challenger = training_config(cfg, first=True), training_config(cfg)
     assert first.model.compression == challenger.model.compression == "auto"
-    assert first.model.init == "checkpoints/tiny-dense" and (REPO / first.model.init / "model.safetensors").is_file()
+    assert (
+        first.model.init == "checkpoints/tiny-dense"
+        and (REPO / first.model.init / "model.safetensors").is_file()
+    )
     assert first.model.dense_warmup_steps == challenger.model.dense_warmup_steps == 0
     assert first.train.max_steps > challenger.train.max_steps > 0
 

@@ -93,7 +93,10 @@ def _serving_prompt(processor) -> tuple[list[int], dict]:
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTIONS[0]}],
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": QUESTIONS[0]},
+                ],
             },
             {"role": "assistant", "content": ANSWERS[0]},
             {"role": "user", "content": QUESTIONS[1]},
@@ -120,7 +123,9 @@ def test_training_eval_and_serving_give_the_same_prompt_ids(processor, tmp_path)
     assert eval_ids == serve_ids
     assert train_ids[: len(eval_ids)] == eval_ids  # training's sequence starts with the same prompt
     turns = json.loads(_llava_row()["conversations"][0])
-    assert labels == processor.encode(turns, images=[_png()], mode="train")["labels"]  # answers only: see below
+    assert (
+        labels == processor.encode(turns, images=[_png()], mode="train")["labels"]
+    )  # answers only: see below
     assert eval_ids.count(processor.image_token_id) == processor.image_seq_length
     assert eval_ids.count(processor.router_token_id) == 2  # after both user turns of a sample with an image
     # the serving ids are those of the HF processor call serving made before DPNProcessor.encode existed
@@ -140,9 +145,9 @@ def test_train_labels_cover_the_answers_only(processor):
     eos = processor.tokenizer.eos_token_id
     expected = []
     for answer in ANSWERS:
-        expected += processor.tokenizer.encode(f"{processor.tokenizer.eos_token} {answer}", add_special_tokens=False)[
-            1:
-        ] + [eos]
+        expected += processor.tokenizer.encode(
+            f"{processor.tokenizer.eos_token} {answer}", add_special_tokens=False
+        )[1:] + [eos]
     assert learned == expected
     assert all(labels[i] in (IGNORE_INDEX, ids[i]) for i in range(len(ids)))
     for special in (processor.image_token_id, processor.router_token_id):

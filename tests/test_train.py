@@ -225,7 +225,9 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
 
     uri = cluster["uri"]
     cfg = make_config(cluster, "survivor")
-    killer = WorkerKiller(uri, "survivor", kill_steps=[6, 10], run_dir=Path(cfg.run.storage_path) / "survivor")
+    killer = WorkerKiller(
+        uri, "survivor", kill_steps=[6, 10], run_dir=Path(cfg.run.storage_path) / "survivor"
+    )
     killer.start()
     try:
         with pytest.raises(TrainingFailedError):

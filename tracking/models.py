@@ -184,4 +184,10 @@ def load_model_and_processor(
     return load_local(path, device=device, dtype=dtype)
 
 
-__all__ = ["HF_ARTIFACT", "MODEL_ARTIFACT_PATH", "load_model_and_processor", "log_hf_model", "resolve_model_dir"]
+__all__ = [
+    "HF_ARTIFACT",
+    "MODEL_ARTIFACT_PATH",
+    "load_model_and_processor",
+    "log_hf_model",
+    "resolve_model_dir",
+]

@@ -1,7 +1,7 @@
 """`dpn convert`: LLaVA weights to a DPN checkpoint directory.
 
-    dpn convert --llava DIR --out DIR                             # a llava-hf checkpoint (llava-1.5-7b-hf)
-    dpn convert --llm DIR --vision DIR --projector FILE --out DIR  # LLaVA-1.5 stage-1 parts (the paper's start)
+dpn convert --llava DIR --out DIR                             # a llava-hf checkpoint (llava-1.5-7b-hf)
+dpn convert --llm DIR --vision DIR --projector FILE --out DIR  # LLaVA-1.5 stage-1 parts (the paper's start)
 """
 
 from __future__ import annotations
@@ -22,31 +22,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--llava", help="local llava-hf checkpoint directory (weights + tokenizer)")
     source.add_argument(
-        "--llm", help="local Llama/Vicuna directory (LlamaForCausalLM + tokenizer, e.g. vicuna-7b-v1.5): assemble "
-                      "LLaVA-1.5's stage-1 model from parts (needs --vision and --projector)",
+        "--llm",
+        help="local Llama/Vicuna directory (LlamaForCausalLM + tokenizer, e.g. vicuna-7b-v1.5): assemble "
+        "LLaVA-1.5's stage-1 model from parts (needs --vision and --projector)",
     )
     parts = parser.add_argument_group("stage-1 parts (with --llm)")
     parts.add_argument(
-        "--vision", help="local CLIP vision directory (CLIPVisionModel, or a full CLIPModel such as "
-                         "clip-vit-large-patch14-336: its vision half); its preprocessor_config.json sets the images",
+        "--vision",
+        help="local CLIP vision directory (CLIPVisionModel, or a full CLIPModel such as "
+        "clip-vit-large-patch14-336: its vision half); its preprocessor_config.json sets the images",
     )
     parts.add_argument(
-        "--projector", help="stage-1 projector: LLaVA's mm_projector.bin (read with torch.load(weights_only=True), "
-                            "never unpickled in full) or a .safetensors file, or the stage-1 output directory",
+        "--projector",
+        help="stage-1 projector: LLaVA's mm_projector.bin (read with torch.load(weights_only=True), "
+        "never unpickled in full) or a .safetensors file, or the stage-1 output directory",
     )
     parts.add_argument(
-        "--vision-feature-layer", type=int, default=-2,
+        "--vision-feature-layer",
+        type=int,
+        default=-2,
         help="CLIP hidden state that feeds the projector (default -2, the penultimate layer, as LLaVA-1.5)",
     )
     parser.add_argument("--out", required=True, help="output directory for the DPN checkpoint")
     parser.add_argument(
-        "--pooling-layers", type=_int_list, default=None,
+        "--pooling-layers",
+        type=_int_list,
+        default=None,
         help="pool after these decoder layers, e.g. 8,16,24 (default: 1/4, 1/2, 3/4 depth)",
     )
     parser.add_argument(
         "--pooling-type", choices=["max", "avg", "conv"], default=None, help="pooling experts (default: max)"
     )
-    parser.add_argument("--router-temperature", type=float, default=None, help="router softmax temperature (default: 10)")
+    parser.add_argument(
+        "--router-temperature", type=float, default=None, help="router softmax temperature (default: 10)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
         out = convert_llava_checkpoint(args.llava, args.out, **options)
     else:
         out = convert_llava_parts(
-            args.llm, args.vision, args.projector, args.out, vision_feature_layer=args.vision_feature_layer, **options
+            args.llm,
+            args.vision,
+            args.projector,
+            args.out,
+            vision_feature_layer=args.vision_feature_layer,
+            **options,
         )
     print(f"DPN checkpoint written to {out}")
     return 0

@@ -7,7 +7,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default=None, help="a preset name: tiny, mid, llava-1.5-7b (default: tiny)")
+    source.add_argument(
+        "--preset", default=None, help="a preset name: tiny, mid, llava-1.5-7b (default: tiny)"
+    )
     source.add_argument("--model", default=None, help="a local DPN checkpoint directory")
     parser.add_argument("--text-tokens", type=int, default=64, help="non-image tokens of the example prompt")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -46,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for factor in config.compression_factors:
         est = estimate(config, args.text_tokens, factor, lm_head_tokens=1)
-        rows.append({"compression": factor, "prefill_flops": est["total"], "saving": est["saving"],
-                     "visual_tokens_per_layer": est["visual_tokens_per_layer"]})
+        rows.append(
+            {
+                "compression": factor,
+                "prefill_flops": est["total"],
+                "saving": est["saving"],
+                "visual_tokens_per_layer": est["visual_tokens_per_layer"],
+            }
+        )
     report = {
         "model": name,
         "parameters": params,
@@ -62,13 +70,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"DPN {name}: {_human(params)} parameters ({router_params:,} in the routers)")
-    print(f"visual grid {config.vision_grid[0]}x{config.vision_grid[1]}, pooling after decoder layers "
-          f"{config.pooling_layers} of {config.text_config.num_hidden_layers}")
+    print(
+        f"visual grid {config.vision_grid[0]}x{config.vision_grid[1]}, pooling after decoder layers "
+        f"{config.pooling_layers} of {config.text_config.num_hidden_layers}"
+    )
     print(f"prefill of one image + {args.text_tokens} text tokens:")
     print(f"  {'mode':<8}{'FLOPs':>12}{'vs dense':>10}   visual tokens per decoder layer")
     for row in rows:
         label = "dense" if row["compression"] == 1 else f"{row['compression']}x"
         ratio = 1 - row["saving"]
-        print(f"  {label:<8}{_human(row['prefill_flops']):>12}{ratio:>9.0%}   {row['visual_tokens_per_layer']}")
+        print(
+            f"  {label:<8}{_human(row['prefill_flops']):>12}{ratio:>9.0%}   {row['visual_tokens_per_layer']}"
+        )
     print("  auto    the router picks 1x/2x/4x per sample and pooling layer: between the rows above")
     return 0
