@@ -1,10 +1,12 @@
-"""A hand-sized DPN config shared by the model-level tests (no tokenizer, no checkpoint)."""
+"""Hand-sized DPN configs shared by the tests: one for the model-level tests (no tokenizer, no checkpoint) and one
+that matches `build_tokenizer()` for the processor-level tests."""
 
 from __future__ import annotations
 
 from dpn_model import DPNConfig
 
 VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
+IMAGE_SIDE, PATCH = 32, 8  # the processor config: 16 visual tokens
 
 
 def make_config(**overrides) -> DPNConfig:
@@ -25,3 +27,20 @@ def make_config(**overrides) -> DPNConfig:
     )  # fmt: skip
     fields.update(overrides)
     return DPNConfig(**fields)
+
+
+def make_processor_config(tokenizer) -> DPNConfig:
+    """Hidden 32, 2 decoder layers pooling after 1; a 32px image in 8px patches (16 visual tokens); ids from `tokenizer`."""
+    return DPNConfig(
+        text_config=dict(
+            model_type="llama", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, image_size=IMAGE_SIDE, patch_size=PATCH,
+            num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
+        pooling_layers=[1],
+    )  # fmt: skip

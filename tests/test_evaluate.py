@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from eval_workspace import make_eval_workspace
 
 from jobs import eval_report
 from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions, parse_model_specs, split_modes
@@ -130,18 +131,7 @@ def test_load_rows_rejects_non_reports(tmp_path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from dpn_model.presets import create_checkpoint
-    from pipelines.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("eval")
-    ckpt = create_checkpoint("tiny", str(root / "ckpt"), seed=0)
-    write_synthetic_dataset(root / "data", "parquet", num_train=0, num_eval=NUM_EVAL, seed=1)
-    return {
-        "root": root,
-        "ckpt": ckpt,
-        "data": str(root / "data"),
-        "tracking": f"sqlite:///{root / 'mlflow.db'}",
-    }
+    return make_eval_workspace(tmp_path_factory.mktemp("eval"), NUM_EVAL)
 
 
 @pytest.fixture(scope="module")
@@ -402,9 +392,8 @@ def test_dpn_eval_cli_takes_a_config_with_overrides_and_prints_it(capsys):
     ]
 
 
-def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):
-    """Actors on other nodes do not see the driver's download folder: they resolve the URI."""
-    from jobs.evaluate import Predictor
+def _three_sample_batch(ckpt: str) -> dict:
+    """Three synthetic eval samples as data rows, preprocessed for `ckpt` as the eval job's input path does."""
     from pipelines.preprocess import Preprocessor
     from pipelines.synthetic import generate_samples
 
@@ -417,7 +406,14 @@ def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(worksp
         "kind": np.array([s.kind for s in samples]),
         "bad_reason": np.array([""] * 3),
     }
-    batch = Preprocessor(workspace["ckpt"], 2048, "eval")(rows)
+    return Preprocessor(ckpt, 2048, "eval")(rows)
+
+
+def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):
+    """Actors on other nodes do not see the driver's download folder: they resolve the URI."""
+    from jobs.evaluate import Predictor
+
+    batch = _three_sample_batch(workspace["ckpt"])
     predictor = Predictor("/not/on/this/node", ["auto", 1], 2, device="cpu", model_uri=workspace["ckpt"])
     out = predictor(batch)
     assert len(out["id"]) == 6 and list(out["compression"]) == ["auto"] * 3 + ["1"] * 3
@@ -431,19 +427,8 @@ def test_predictor_runs_schedules_and_random_routing_and_generates_shared_paths_
     """`--compression auto,1,1-1-1,1-2-4,random`: each mode is parsed against the model's config; "1" and
     "1-1-1" force the same experts, so they share one generation (the oracle's paths rely on it)."""
     from jobs.evaluate import Predictor
-    from pipelines.preprocess import Preprocessor
-    from pipelines.synthetic import generate_samples
 
-    samples = list(generate_samples(3, seed=7, tag="eval"))
-    rows = {
-        "id": np.array([s.id for s in samples]),
-        "image": np.array([s.png_bytes() for s in samples], dtype=object),
-        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
-        "family": np.array([s.family for s in samples]),
-        "kind": np.array([s.kind for s in samples]),
-        "bad_reason": np.array([""] * 3),
-    }
-    batch = Preprocessor(workspace["ckpt"], 2048, "eval")(rows)
+    batch = _three_sample_batch(workspace["ckpt"])
     modes = ["auto", "1", "1-1-1", "1-2-4", "random"]
     predictor = Predictor(workspace["ckpt"], modes, 2, device="cpu")
     calls = []

@@ -6,43 +6,12 @@ import copy
 
 import pytest
 import torch
+from small_config import IMAGE, PAD, ROUTER, VOCAB, make_config
 from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
 from dpn_model import DPNConfig, DPNForConditionalGeneration, routing_loss
 from dpn_model import flops as flops_lib
 from dpn_model.pooling import DynamicPoolingExperts
-
-VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
-
-
-def make_config(**overrides) -> DPNConfig:
-    fields = dict(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            pad_token_id=PAD,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            image_size=32,
-            patch_size=4,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        image_token_id=IMAGE,
-        router_token_id=ROUTER,
-        pooling_layers=[1, 2, 3],
-        min_visual_tokens=4,
-    )
-    fields.update(overrides)
-    return DPNConfig(**fields)
 
 
 def llava_twin(model: DPNForConditionalGeneration) -> LlavaForConditionalGeneration:

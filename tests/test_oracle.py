@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from eval_workspace import make_eval_workspace
 
 from jobs import oracle
 from jobs.oracle import PathCollector, PathTable
@@ -295,18 +296,7 @@ def test_collector_matches_rows_by_sample_id_across_blocks():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from dpn_model.presets import create_checkpoint
-    from pipelines.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("oracle")
-    ckpt = create_checkpoint("tiny", str(root / "ckpt"), seed=0)
-    write_synthetic_dataset(root / "data", "parquet", num_train=0, num_eval=NUM_EVAL, seed=1)
-    return {
-        "root": root,
-        "ckpt": ckpt,
-        "data": str(root / "data"),
-        "tracking": f"sqlite:///{root / 'mlflow.db'}",
-    }
+    return make_eval_workspace(tmp_path_factory.mktemp("oracle"), NUM_EVAL)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from small_config import IMAGE_SIDE, PATCH, make_processor_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
@@ -23,7 +24,6 @@ from dpn_model.tokenization import ANSWER_WORDS, add_dpn_special_tokens, build_t
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_SIDE, PATCH = 32, 8  # 16 visual tokens
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def config(tokenizer):
-    return DPNConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            image_size=IMAGE_SIDE,
-            patch_size=PATCH,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
-        pooling_layers=[1],
-    )
+    return make_processor_config(tokenizer)
 
 
 @pytest.fixture(scope="module")

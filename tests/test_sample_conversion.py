@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 from fastapi.testclient import TestClient
+from small_config import make_processor_config
 
-from dpn_model.configuration import DPNConfig
 from dpn_model.processing import IGNORE_INDEX, DPNProcessor
 from dpn_model.tokenization import build_tokenizer
 
@@ -21,29 +21,7 @@ ANSWERS = ("red", "two")
 @pytest.fixture(scope="module")
 def processor():
     tokenizer = build_tokenizer()
-    config = DPNConfig(
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            image_size=32,
-            patch_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-        ),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
-        pooling_layers=[1],
-    )
-    return DPNProcessor.from_model_config(config, tokenizer)
+    return DPNProcessor.from_model_config(make_processor_config(tokenizer), tokenizer)
 
 
 def _png() -> bytes:
