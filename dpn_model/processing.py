@@ -26,6 +26,7 @@ from typing import Any
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from dpn_model.image_processing import DPNImageProcessor
+from dpn_model.tokenization import EOS_TOKEN, IMAGE_TOKEN, ROUTER_TOKEN
 
 DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -123,7 +124,7 @@ def _message_text(content: Any, image_token: str) -> str:
 
 
 def normalize_messages(
-    messages: Sequence[Mapping[str, Any]], image_token: str = "<image>"
+    messages: Sequence[Mapping[str, Any]], image_token: str = IMAGE_TOKEN
 ) -> tuple[str | None, list[tuple[str, str]]]:
     """Turn OpenAI/HF (`role`/`content`) or LLaVA (`from`/`value`) messages into `(system, [(role, text)])`.
 
@@ -177,9 +178,9 @@ def build_prompt(
     messages: Sequence[Mapping[str, Any]],
     add_router_token: bool = True,
     add_generation_prompt: bool = True,
-    image_token: str = "<image>",
-    router_token: str = "<router>",
-    eos_token: str = "</s>",
+    image_token: str = IMAGE_TOKEN,
+    router_token: str = ROUTER_TOKEN,
+    eos_token: str = EOS_TOKEN,
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     router_placement: str = "every_user_turn",
 ) -> str:
@@ -214,8 +215,8 @@ def render_turns(
     turns: Sequence[tuple[str, str]],
     routed: set[int],
     add_generation_prompt: bool,
-    router_token: str = "<router>",
-    eos_token: str = "</s>",
+    router_token: str = ROUTER_TOKEN,
+    eos_token: str = EOS_TOKEN,
 ) -> str:
     """The one place the vicuna-v1 text is written: `system`, then `USER: ...` / ` ASSISTANT: ...</s>` turns,
     `router_token` after the user turns in `routed`, and ` ASSISTANT:` last when `add_generation_prompt`."""
@@ -262,8 +263,8 @@ class DPNProcessor(ProcessorMixin):
         tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         image_seq_length: int = 576,
-        image_token: str = "<image>",
-        router_token: str = "<router>",
+        image_token: str = IMAGE_TOKEN,
+        router_token: str = ROUTER_TOKEN,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         router_placement: str = "every_user_turn",
         **kwargs: Any,

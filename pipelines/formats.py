@@ -98,6 +98,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from dpn_model.processing import LLAVA_ROLES
 from dpn_model.processing import ROLE_ALIASES as PROCESSOR_ROLE_ALIASES
+from dpn_model.tokenization import IMAGE_TOKEN
 from pipelines.accounting import BadReason
 
 if TYPE_CHECKING:
@@ -105,7 +106,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 FORMAT_BY_EXTENSION: dict[str, str] = {
     ".json": "llava_json",

@@ -32,6 +32,8 @@ import PIL.Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from dpn_model.image_processing import decode_image
+from dpn_model.processing import IGNORE_INDEX
+from dpn_model.tokenization import IMAGE_TOKEN
 from pipelines.accounting import BadReason
 
 if TYPE_CHECKING:
@@ -39,8 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
 Mode = Literal["train", "eval"]
 
 

@@ -65,12 +65,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dpn_model.tokenization import IMAGE_TOKEN
+
 FORMATS = ("llava", "webdataset", "parquet")
 MANIFEST_NAME = "synthetic.json"
 GENERATOR_VERSION = 2
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_SAMPLES_PER_SHARD = 1000
-IMAGE_TOKEN = "<image>"
 
 BACKGROUND = (128, 128, 128)
 TILE_WHITE = (255, 255, 255)

@@ -21,6 +21,7 @@ from data_samples import (
     write_webdataset,
 )
 
+from dpn_model.processing import IGNORE_INDEX
 from pipelines.accounting import BadDataError, BadReason, BadSampleReport, count_rows, split_bad_rows
 from pipelines.formats import (
     ROW_SCHEMA,
@@ -34,7 +35,6 @@ from pipelines.formats import (
     resolve_source,
 )
 from pipelines.preprocess import (
-    IGNORE_INDEX,
     collate_batch,
     decode_image,
     decode_images,
