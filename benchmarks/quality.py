@@ -166,7 +166,7 @@ def _mean_tokens(entry: dict[str, Any]) -> float:
 
 def static_frontier(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """The accuracy-vs-FLOPs frontier of the trained static baselines (fixed rates and schedules)."""
-    from jobs.oracle import pareto_frontier
+    from jobs.evaluation.oracle import pareto_frontier
 
     points = [(r["flops_ratio"], r["accuracy"]) for name, (_, _, static, _) in VARIANTS.items()
               if static and (r := _row(rows, name)) is not None]  # fmt: skip
@@ -178,7 +178,7 @@ def check_variant(
     name: str, rows: list[dict[str, Any]], oracle: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
     """The issue's targets for one routed variant, each ``{"target", "passed", "detail"}``."""
-    from jobs.oracle import frontier_accuracy_at
+    from jobs.evaluation.oracle import frontier_accuracy_at
 
     dpn, dense = _row(rows, name), _row(rows, "dense")
     if dpn is None:
@@ -247,8 +247,8 @@ def machine() -> str:
 def write_results(report: dict[str, Any], oracle_report: dict[str, Any] | None, trained: list[dict[str, Any]],
                   checks: dict[str, list[dict[str, Any]]], args: argparse.Namespace, run_dir: Path,
                   wall_s: float) -> str:  # fmt: skip
-    from jobs.eval_report import format_family_table, format_table, write_json
-    from jobs.oracle import format_section
+    from jobs.evaluation.oracle import format_section
+    from jobs.evaluation.report import format_family_table, format_table, write_json
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     for old in RESULTS.glob("quality_*.png"):
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = (oracle_report or {}).get("oracle", {})
     checks = {name: check_variant(name, report["rows"], sections.get(name)) for name in routed}
     if args.no_write:
-        from jobs.eval_report import format_table
+        from jobs.evaluation.report import format_table
 
         print(format_table(report["rows"]))
     else:

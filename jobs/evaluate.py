@@ -7,7 +7,7 @@ Launch (embedded local Ray, or ``ray job submit --working-dir . -- python -m job
         --compression dense=1 --compression dpn=auto,1,2,4 --data my_eval.jsonl
     dpn eval --config configs/eval_tiny.yaml batch_size=8 --max-samples 50   # YAML < flags < key=value
 
-The flags and ``configs/eval_*.yaml`` hold the same settings (:class:`jobs.eval_config.EvalConfig`).
+The flags and ``configs/eval_*.yaml`` hold the same settings (:class:`jobs.evaluation.config.EvalConfig`).
 
 Pipeline (one pass over the data per model):
 
@@ -16,17 +16,22 @@ Pipeline (one pass over the data per model):
    ``image``, ``question``/``text``, ``answer``), tokenise prompts, decode images; bad samples are
    skipped and counted (the job fails past ``--max-bad-fraction``).
 2. ``map_batches(Predictor, concurrency=--num-actors, num_gpus=1 per actor when the cluster has
-   GPUs)``: each actor loads the model once (bf16 on GPU, fp32 on CPU), pads prompts on the left and
-   runs greedy ``generate(compression=mode)`` for every requested mode on the same batch, then
-   scores answers by exact match (:mod:`jobs.scoring`). The prefill's own outputs (analytic
+   GPUs)`` (:mod:`jobs.evaluation.predictor`): each actor loads the model once (bf16 on GPU, fp32
+   on CPU), pads prompts on the left and runs greedy ``generate(compression=mode)`` for every
+   requested mode on the same batch, then scores answers with ``--task`` (:mod:`jobs.evaluation.tasks`;
+   default exact match, :mod:`jobs.evaluation.scoring`). The prefill's own outputs (analytic
    ``prefill_flops``, ``expert_choices``, ``visual_tokens``, ``router_probs``) are read with a
    forward hook on the first (prefill) forward call of ``generate`` - no second forward. The dense
    reference FLOPs of each sample come from ``dpn_model.flops`` (compression 1, no routers, the
    lm_head on the one position ``generate`` keeps); at compression 1 both must agree, and the
    report records the largest relative difference.
 3. The driver streams per-sample results into one row per (model, mode) (schema:
-   :mod:`jobs.eval_report`), prints the tables, writes the JSON report, PNG plots and a
-   ``predictions.jsonl``, and logs everything to one MLflow run (params, metrics, artifacts).
+   :mod:`jobs.evaluation.report`), prints the tables, writes the JSON report, PNG plots and a
+   ``predictions.jsonl``, and logs everything to one MLflow run (params, metrics, artifacts;
+   :mod:`jobs.evaluation.mlflow_log`). With ``--oracle``, every static path runs in the same pass
+   (:mod:`jobs.evaluation.oracle`).
+
+This module is the orchestration and the CLI; the parts live in :mod:`jobs.evaluation`.
 
 ``MODEL`` is a local Hugging Face directory, an MLflow run artifact (``runs:/<id>/model``) or a
 registry reference (``models:/dpn@champion``, ``models:/dpn/3``), resolved with
@@ -43,24 +48,26 @@ import json
 import logging
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jobs import eval_report
-from jobs.eval_config import (
+from jobs.evaluation import oracle
+from jobs.evaluation import report as eval_report
+from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compressions: also imported from here
     DEFAULT_COMPRESSIONS,
     DEFAULT_EXPERIMENT,
     EvalConfig,
     ModelSpec,
     load_eval_config,
     parse_compressions,
-    split_modes,  # noqa: F401 - re-exported: the evaluation's mode parser, as before
 )
-from jobs.scoring import exact_match, first_line
+from jobs.evaluation.mlflow_log import log_run
+from jobs.evaluation.predictor import load_model_config, predict, resolve_model_dir
+from jobs.evaluation.resources import init_ray, use_gpus
+from jobs.evaluation.tasks import task_names
 from pipelines.cli_harness import run_module
 
 logger = logging.getLogger(__name__)
@@ -124,278 +131,6 @@ def set_compressions(specs: list[ModelSpec], compressions: Sequence[str] | None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model resolution and tracking
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(uri: str, tracking: str | None = None) -> str:
-    """Local Hugging Face directory of a model: a path, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>``
-    (``tracking.resolve_model_dir``: downloads once into a local cache)."""
-    from tracking import resolve_model_dir as resolve
-
-    return resolve(uri, tracking=tracking)
-
-
-def _load_config(model_dir: str) -> Any:
-    from transformers import AutoConfig
-
-    import dpn_model  # noqa: F401 - registers dpn_llava with the Auto classes
-
-    config = AutoConfig.from_pretrained(model_dir)
-    if not hasattr(config, "compression_factors"):
-        raise ValueError(f"{model_dir} holds a {config.model_type!r} model, not a DPN model (dpn_llava)")
-    return config
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray Data batch inference
-# ----------------------------------------------------------------------------------------------
-
-
-class Predictor:
-    """``map_batches`` class: load the model once per actor; per batch, generate greedily in every
-    compression mode and score the answers.
-
-    Args:
-        model_dir: the driver's local model directory (used when this node sees it too).
-        compressions: modes to run on every batch: ``"auto"``, ``"random"``, factors or schedule labels
-            (``"1-2-4"``), each parsed with ``parse_compression`` against the model's config; modes that
-            force the same experts (``"2"`` and ``"2-2-2"``) are generated once and reported under each label.
-        max_new_tokens: generation budget (answers are short).
-        device: ``"auto"`` (CUDA if visible), ``"cuda"`` or ``"cpu"``.
-        tracking: MLflow tracking URI to resolve ``model_uri`` against.
-        model_uri: the model's URI, resolved (downloaded) on this node when ``model_dir`` is not
-            here (actors on other nodes of a cluster).
-
-    Returns per batch ``B * len(compressions)`` rows: ``id``, ``family``, ``kind``, ``question``,
-    ``answer``, ``prediction``, ``correct``, ``compression`` (str), ``prefill_flops``,
-    ``dense_flops``, ``image_flops`` (vision tower + projector, part of both), ``latency_s`` (the mode's batch generation time divided by ``B``),
-    ``expert_choices`` ``(P,)``, ``visual_tokens`` ``(P+1,)``, ``router_probs`` ``(P, E)`` (NaN for
-    forced modes), with ``P`` pooling layers and ``E`` experts.
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        compressions: Sequence[str | int],
-        max_new_tokens: int,
-        device: str = "auto",
-        tracking: str | None = None,
-        model_uri: str | None = None,
-    ):
-        import torch
-
-        from dpn_model.loading import pick_device
-        from tracking.models import load_model_and_processor
-
-        if not Path(model_dir).is_dir():  # another node: resolve the URI here
-            model_dir = resolve_model_dir(model_uri or model_dir, tracking)
-        self.device = torch.device(pick_device(device))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.processor = load_model_and_processor(model_dir, str(self.device), dtype)
-        self.config = self.model.config
-        from dpn_model.configuration import ROUTING_MODES, compression_schedule, parse_compression
-
-        self.compressions = [str(c) for c in compressions]
-        # Each mode label ("auto", "2", "1-2-4") parsed once; modes that force the same expert at every
-        # pooling layer ("2" and "2-2-2": the oracle's paths and the requested modes) generate only once.
-        self._parsed = {mode: parse_compression(mode, self.config) for mode in self.compressions}
-        self._keys = {
-            mode: value if value in ROUTING_MODES else tuple(compression_schedule(value, self.config))
-            for mode, value in self._parsed.items()
-        }
-        self.max_new_tokens = max_new_tokens
-        self.num_layers = len(self.config.pooling_layers)
-        self.num_experts = len(self.config.compression_factors)
-        self._prefill: dict[str, Any] | None = None
-        # generate() returns token ids only; the prefill's FLOPs and routing are read from the first
-        # forward call it makes (the prefill) with a standard PyTorch forward hook.
-        self.model.register_forward_hook(self._capture_prefill)
-        self._dense_cache: dict[tuple[int, bool], float] = {}
-        from dpn_model import flops
-
-        grid = self.config.vision_grid
-        self.image_flops = float(
-            flops.vision_tower_flops(self.config.vision_config)
-            + flops.projector_flops(self.config, grid[0] * grid[1])
-        )
-        logger.info("predictor loaded %s on %s (%s)", model_dir, self.device, dtype)
-
-    def _capture_prefill(self, module: Any, args: Any, output: Any) -> None:
-        if self._prefill is None and getattr(output, "prefill_flops", None) is not None:
-            self._prefill = {
-                "prefill_flops": output.prefill_flops.detach().double().cpu().numpy(),
-                "expert_choices": output.expert_choices.detach().cpu().numpy(),
-                "visual_tokens": output.visual_tokens.detach().cpu().numpy(),
-                "router_probs": None
-                if output.router_probs is None
-                else output.router_probs.detach().float().cpu().numpy(),
-            }
-
-    def dense_flops(self, text_len: int, has_image: bool) -> float:
-        """Prefill FLOPs of a sample through the dense model (compression 1, no routers), with the
-        lm_head on the single position ``generate`` computes logits for."""
-        from dpn_model import flops
-
-        key = (text_len, has_image)
-        if key not in self._dense_cache:
-            if has_image:
-                lens = flops.layer_seq_lens_for(self.config, text_len, 1)
-            else:
-                lens = [text_len] * self.config.text_config.num_hidden_layers
-            self._dense_cache[key] = float(
-                flops.prefill_flops(
-                    self.config, lens, num_images=int(has_image), lm_head_tokens=1, num_routed_layers=0
-                )
-            )
-        return self._dense_cache[key]
-
-    def _generate(self, inputs: dict[str, Any], compression: Any, answers: list[str]) -> dict[str, Any]:
-        """Greedy answers of one batch in one compression, scored, with the prefill's FLOPs and routing."""
-        import torch
-
-        tokenizer = self.processor.tokenizer
-        size, prompt_len = inputs["input_ids"].shape
-        self._prefill = None
-        start = time.perf_counter()
-        with torch.inference_mode():
-            generated = self.model.generate(
-                **inputs, compression=compression, do_sample=False,
-                max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # generation time, not launch time
-        elapsed = time.perf_counter() - start
-        if self._prefill is None:
-            raise RuntimeError(
-                "generate() made no prefill forward call with prefill_flops; is this a DPN model?"
-            )
-        texts = tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True)
-        predictions = [first_line(t).strip() for t in texts]
-        probs = self._prefill["router_probs"]
-        if probs is None:
-            probs = np.full((size, self.num_layers, self.num_experts), np.nan, dtype=np.float32)
-        return {
-            "prediction": predictions,
-            "correct": [exact_match(p, a) for p, a in zip(predictions, answers)],
-            "prefill_flops": self._prefill["prefill_flops"],
-            "latency_s": [elapsed / size] * size,
-            "expert_choices": self._prefill["expert_choices"],
-            "visual_tokens": self._prefill["visual_tokens"],
-            "router_probs": probs,
-        }
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.preprocess import collate_batch
-
-        tokenizer = self.processor.tokenizer
-        inputs = collate_batch(batch, tokenizer.pad_token_id, "left", self.processor.image_processor)
-        image_mask = inputs.pop("image_mask").numpy()
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        size = inputs["input_ids"].shape[0]
-        text_lens = inputs["attention_mask"].sum(-1) - (
-            inputs["input_ids"] == self.config.image_token_id
-        ).sum(-1)
-        dense = np.array([self.dense_flops(int(t), bool(h)) for t, h in zip(text_lens.tolist(), image_mask)])
-        image = np.where(image_mask, self.image_flops, 0.0)  # vision tower + projector: same in every mode
-        answers = [str(a) for a in batch["answer"]]
-        results: dict[Any, dict[str, Any]] = {}  # one generation per distinct computation
-        out: dict[str, list[Any]] = defaultdict(list)
-        for mode in self.compressions:
-            key = self._keys[mode]
-            if key not in results:
-                results[key] = self._generate(inputs, self._parsed[mode], answers)
-            for name, value in results[key].items():
-                out[name].append(value)
-            out["compression"] += [mode] * size
-        repeat = len(self.compressions)
-        return {
-            "id": np.tile(np.asarray(batch["id"]).astype(str), repeat),
-            "family": np.tile(np.asarray(batch["family"]).astype(str), repeat),
-            "kind": np.tile(np.asarray(batch["kind"]).astype(str), repeat),
-            "question": np.tile(np.asarray(batch["question"]).astype(str), repeat),
-            "answer": np.tile(np.asarray(answers, dtype=str), repeat),
-            "prediction": np.concatenate(out["prediction"]).astype(str),
-            "correct": np.concatenate(out["correct"]).astype(bool),
-            "compression": np.asarray(out["compression"], dtype=str),
-            "prefill_flops": np.concatenate(out["prefill_flops"]).astype(np.float64),
-            "dense_flops": np.tile(dense, repeat),
-            "image_flops": np.tile(image, repeat),
-            "latency_s": np.concatenate(out["latency_s"]).astype(np.float64),
-            "expert_choices": np.concatenate(out["expert_choices"]).astype(np.int64),
-            "visual_tokens": np.concatenate(out["visual_tokens"]).astype(np.int64),
-            "router_probs": np.concatenate(out["router_probs"]).astype(np.float32),
-        }
-
-
-def _use_gpus(device: str) -> bool:
-    import ray
-
-    if device == "cpu":
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if device == "cuda" and not gpus:
-        raise RuntimeError("--device cuda but the Ray cluster has no GPUs; use --device auto or cpu")
-    return gpus
-
-
-def _cpu_budget(cfg: EvalConfig, gpus: bool) -> tuple[float, float]:
-    """CPUs per inference actor and for the preprocessing actor.
-
-    Ray Data also needs one CPU for its read tasks; on a small CPU-only cluster (a laptop, 2 cores)
-    whole-CPU actors would take every CPU and the read would never be scheduled. Without an explicit
-    ``--cpus-per-actor``, the CPUs left after one for reading are shared by the actors (at most one
-    each).
-    """
-    import ray
-
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    share = min(1.0, max(total - 1.0, 0.25) / (cfg.num_actors + 1))
-    if gpus:
-        return (cfg.cpus_per_actor or 1.0), 1.0 if total >= 3 else share
-    return (cfg.cpus_per_actor or share), share
-
-
-def predict(
-    spec: ModelSpec, model_dir: str, cfg: EvalConfig, modes: Sequence[str | int] | None = None
-) -> Any:
-    """The lazy Ray Dataset of per-sample, per-mode results for one model, and its bad-sample
-    accountant (``(dataset, accountant)``). ``modes``: what every actor runs on each batch (default the
-    model's modes; ``--oracle`` adds the static paths, so all of them share one pass over the data)."""
-    from pipelines.accounting import BadSampleAccountant
-    from pipelines.datasets import build_eval_dataset
-
-    gpus = _use_gpus(cfg.device)
-    actor_cpus, preprocess_cpus = _cpu_budget(cfg, gpus)
-    accountant = BadSampleAccountant(max_bad_fraction=cfg.max_bad_fraction)
-    ds = build_eval_dataset(
-        cfg.data, model_dir, cfg.split, max_length=cfg.max_length, accountant=accountant,
-        image_folder=cfg.image_folder, batch_size=max(cfg.batch_size, 16), num_cpus=preprocess_cpus,
-    )  # fmt: skip
-    if cfg.max_samples:
-        ds = ds.limit(cfg.max_samples)
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "model_uri": spec.uri,
-            "compressions": list(spec.compressions if modes is None else modes),
-            "max_new_tokens": cfg.max_new_tokens,
-            "device": "cuda" if gpus else "cpu",
-            "tracking": cfg.tracking_uri,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        concurrency=cfg.num_actors,
-        num_gpus=1 if gpus else 0,
-        num_cpus=actor_cpus,
-    )
-    return ds, accountant
-
-
-# ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
 
@@ -419,8 +154,6 @@ def _predictions_record(batch: dict[str, np.ndarray], i: int, label: str) -> dic
 def _model_modes(spec: ModelSpec, config: Any, cfg: EvalConfig) -> list[str | int]:
     """Validate the model's modes against its config; returns every mode to run: the requested ones, then
     the oracle's static paths that are not among them (``--oracle``)."""
-    from jobs import oracle
-
     try:
         spec.compressions = parse_compressions(",".join(str(c) for c in spec.compressions), config)
     except ValueError as err:
@@ -462,12 +195,10 @@ def evaluate_model(
 
     Returns:
         ``(rows, info, table)``: one report row per requested mode, facts about the model (directory,
-        counts), and the oracle's :class:`jobs.oracle.PathTable` (None without ``--oracle``).
+        counts), and the oracle's :class:`jobs.evaluation.oracle.PathTable` (None without ``--oracle``).
     """
-    from jobs import oracle
-
     model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
-    config = _load_config(model_dir)
+    config = load_model_config(model_dir)
     run_modes = _model_modes(spec, config, cfg)
     accumulators = {
         str(mode): eval_report.ModeAccumulator(
@@ -508,62 +239,15 @@ def evaluate_model(
     return rows, info, collector.table() if collector else None
 
 
-def _init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)  # RAY_ADDRESS / `ray job submit` connect to a cluster
-
-
 def _output_dir(cfg: EvalConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     return Path("runs") / "eval" / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _log_mlflow(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> str:
-    import mlflow
-
-    from tracking import setup_tracking
-
-    setup_tracking(cfg.tracking_uri, cfg.experiment)
-    with mlflow.start_run(run_name=cfg.run_name) as run:
-        params = {
-            "data": cfg.data, "split": cfg.split, "batch_size": cfg.batch_size, "num_actors": cfg.num_actors,
-            "max_new_tokens": cfg.max_new_tokens, "max_samples": cfg.max_samples, "device": report["meta"]["device"],
-        }  # fmt: skip
-        for spec in cfg.models:
-            params[f"model.{spec.label}"] = spec.uri
-            params[f"compression.{spec.label}"] = ",".join(str(c) for c in spec.compressions)
-        mlflow.set_tags({"job": "evaluate", **{f"model.{s.label}": s.uri for s in cfg.models}})
-        metrics: dict[str, float] = {}
-        for row in report["rows"]:
-            if row.get("baseline"):
-                continue
-            prefix = f"{row['label']}/{row['compression']}"
-            for key in ("accuracy", "flops_ratio", "mean_prefill_flops", "latency_ms_per_sample"):
-                if row.get(key) is not None:
-                    metrics[f"{prefix}/{key}"] = float(row[key])
-            for name, entry in {**row["per_family"], **row["per_kind"]}.items():
-                metrics[f"{prefix}/accuracy/{name}"] = float(entry["accuracy"])
-            for i, tokens in enumerate(row["visual_tokens_per_layer"]):
-                metrics[f"{prefix}/visual_tokens/{i}"] = float(tokens)
-        if report.get("oracle"):
-            from jobs import oracle
-
-            params["oracle"] = True
-            for label, section in report["oracle"].items():
-                metrics.update(oracle.mlflow_metrics(label, section))
-        mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
-        for path in artifacts:
-            mlflow.log_artifact(str(path))
-        return run.info.run_id
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation job; returns the report (``{"version", "meta", "rows"}``, and ``"oracle"``:
-    ``{label: section}`` with ``cfg.oracle``, see :mod:`jobs.oracle`)."""
+    ``{label: section}`` with ``cfg.oracle``, see :mod:`jobs.evaluation.oracle`)."""
     import ray
 
     from tracking import tracking_uri
@@ -571,7 +255,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     uri = cfg.tracking_uri = tracking_uri(cfg.tracking_uri)  # also what models:/ and runs:/ resolve against
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _init_ray()
+    init_ray()
     baseline_rows = [{**r, "baseline": True} for r in eval_report.load_rows(cfg.baselines)]
     rows: list[dict[str, Any]] = []
     infos = []
@@ -585,8 +269,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             rows += model_rows
             infos.append(info)
             if path_table is not None:
-                from jobs import oracle
-
                 oracles[spec.label] = oracle.analyse(path_table, model_rows)
                 path_tables[spec.label] = path_table
     meta = {
@@ -594,7 +276,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "split": cfg.split,
         "models": infos,
         "config": cfg.model_dump(exclude={"models"}),
-        "device": "cuda" if _use_gpus(cfg.device) else "cpu",
+        "device": "cuda" if use_gpus(cfg.device) else "cpu",
         "ray_version": ray.__version__,
         "wall_s": time.perf_counter() - start,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -607,8 +289,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     text = f"{table}\n\naccuracy per question family (%; routed modes: accuracy/visual tokens kept)\n{families}\n"
     plots = eval_report.write_plots(all_rows, out_dir / "plots", cfg.title)
     if oracles:
-        from jobs import oracle
-
         report["oracle"] = oracles
         text += "".join(f"\n{oracle.format_section(label, s)}\n" for label, s in oracles.items())
         plots += oracle.write_outputs(oracles, path_tables, out_dir, cfg.title)
@@ -616,7 +296,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     (out_dir / "table.txt").write_text(text)
     json_path = eval_report.write_json(report, out_dir / "eval.json")
     if cfg.mlflow:
-        run_id = _log_mlflow(cfg, report, [json_path, out_dir / "table.txt", predictions_path, *plots])
+        run_id = log_run(cfg, report, [json_path, out_dir / "table.txt", predictions_path, *plots])
         report["meta"]["mlflow_run_id"] = run_id
         logger.info("logged to MLflow run %s (%s)", run_id, uri)
         eval_report.write_json(report, json_path)
@@ -656,7 +336,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", action="store_true",
                         help="also evaluate every static path (one expert per pooling layer: 27 by default) in "
                         "the same pass and report the oracle router (per sample the cheapest correct path), the "
-                        "paths' Pareto frontier and each mode's regret (jobs/oracle.py)")  # fmt: skip
+                        "paths' Pareto frontier and each mode's regret (jobs/evaluation/oracle.py)")  # fmt: skip
+    parser.add_argument("--task",
+                        help=f"how answers are scored: one of {', '.join(task_names())} (jobs/evaluation/tasks.py; "
+                        "default exact_match)")  # fmt: skip
     parser.add_argument("--json", dest="json_path", help="write the JSON report here")
     parser.add_argument("--baseline", action="append", metavar="REPORT.json",
                         help="add the rows of an earlier report to the table and plots")  # fmt: skip
@@ -694,7 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_KEYS = (
     "data", "split", "json_path", "batch_size", "num_actors", "max_new_tokens", "max_samples", "max_length",
     "max_bad_fraction", "image_folder", "device", "cpus_per_actor", "output_dir", "experiment", "run_name",
-    "tracking_uri", "title",
+    "tracking_uri", "title", "task",
 )  # fmt: skip
 
 

@@ -96,7 +96,7 @@ class RetrainEvalConfig(ConfigModel):
     @field_validator("compression")
     @classmethod
     def _one_mode(cls, value: str) -> str:
-        from jobs.eval_config import parse_compressions
+        from jobs.evaluation.config import parse_compressions
 
         try:
             one = len(parse_compressions(value)) == 1  # the evaluation's parser: parse_compression per mode

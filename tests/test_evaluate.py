@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from eval_workspace import make_eval_workspace
 
-from jobs import eval_report
-from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions, parse_model_specs, split_modes
+from jobs.evaluate import evaluate, parse_model_specs
+from jobs.evaluation import report as eval_report
+from jobs.evaluation.config import EvalConfig, ModelSpec, parse_compressions, split_modes
 
 NUM_EVAL = 12
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -411,7 +412,7 @@ def _three_sample_batch(ckpt: str) -> dict:
 
 def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):
     """Actors on other nodes do not see the driver's download folder: they resolve the URI."""
-    from jobs.evaluate import Predictor
+    from jobs.evaluation.predictor import Predictor
 
     batch = _three_sample_batch(workspace["ckpt"])
     predictor = Predictor("/not/on/this/node", ["auto", 1], 2, device="cpu", model_uri=workspace["ckpt"])
@@ -426,7 +427,7 @@ def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(worksp
 def test_predictor_runs_schedules_and_random_routing_and_generates_shared_paths_once(workspace):
     """`--compression auto,1,1-1-1,1-2-4,random`: each mode is parsed against the model's config; "1" and
     "1-1-1" force the same experts, so they share one generation (the oracle's paths rely on it)."""
-    from jobs.evaluate import Predictor
+    from jobs.evaluation.predictor import Predictor
 
     batch = _three_sample_batch(workspace["ckpt"])
     modes = ["auto", "1", "1-1-1", "1-2-4", "random"]

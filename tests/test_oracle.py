@@ -1,4 +1,4 @@
-"""The oracle router (jobs/oracle.py): every static path, the frontier, budgets and regret.
+"""The oracle router (jobs/evaluation/oracle.py): every static path, the frontier, budgets and regret.
 
 Unit tests on hand-made tables check each definition against numbers worked out by hand, and random
 tables check the properties that must hold for any data (the oracle is never worse than a path, the
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from eval_workspace import make_eval_workspace
 
-from jobs import oracle
-from jobs.oracle import PathCollector, PathTable
+from jobs.evaluation import oracle
+from jobs.evaluation.oracle import PathCollector, PathTable
 
 NUM_EVAL = 6
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

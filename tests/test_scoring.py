@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.scoring import exact_match, first_line, normalize_answer
+from jobs.evaluation.scoring import exact_match, first_line, normalize_answer
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from jobs.config import ConfigModel, load_config
+from jobs.evaluation.tasks import DEFAULT_TASK, get_task
 
 DEFAULT_COMPRESSIONS = "auto,1,2,4"
 DEFAULT_EXPERIMENT = "dpn-eval"
@@ -128,7 +129,8 @@ class EvalConfig(ConfigModel):
         tracking_uri: MLflow tracking URI (``null``: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``).
         mlflow: log the run to MLflow (``--no-mlflow``: false).
         title: title of the accuracy-vs-FLOPs plot.
-        oracle: also evaluate every static path and report the oracle router (``jobs/oracle.py``).
+        oracle: also evaluate every static path and report the oracle router (``jobs/evaluation/oracle.py``).
+        task: how answers are scored, a task registered in ``jobs/evaluation/tasks.py`` (default ``exact_match``).
     """
 
     models: list[ModelSpec] = Field(min_length=1)
@@ -152,6 +154,12 @@ class EvalConfig(ConfigModel):
     mlflow: bool = True
     title: str = ""
     oracle: bool = False
+    task: str = DEFAULT_TASK
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return get_task(value).name
 
 
 def load_eval_config(

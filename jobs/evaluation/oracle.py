@@ -3,7 +3,7 @@
 A learned router can only be as good as the best per-sample routing the model itself allows. ``dpn eval
 --oracle`` evaluates every **static path** (one expert per pooling layer: ``len(expert_strides) **
 len(pooling_layers)`` paths, 27 for the default three experts and three pooling layers) on the same samples,
-through the same Ray Data actor pool as every mode (:class:`jobs.evaluate.Predictor` runs all paths on each
+through the same Ray Data actor pool as every mode (:class:`jobs.evaluation.predictor.Predictor` runs all paths on each
 batch it holds). That gives, per sample and path, whether the greedy answer is right and the sample's prefill
 FLOPs. Everything below is computed from that table by the pure functions of this module (no Ray, no model),
 so each definition is unit-tested on hand-made tables.
@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.eval_report import ROUTED_MODES, UNLABELLED
+from jobs.evaluation.report import ROUTED_MODES, UNLABELLED
 
 # ----------------------------------------------------------------------------------------------
 # Paths
@@ -175,7 +175,7 @@ class PathCollector:
         return self._index[sample_id]
 
     def add(self, batch: Mapping[str, Any]) -> None:
-        """Add result rows (the columns :class:`jobs.evaluate.Predictor` returns; rows of other modes are skipped)."""
+        """Add result rows (the columns :class:`jobs.evaluation.predictor.Predictor` returns; rows of other modes are skipped)."""
         modes = np.asarray(batch["compression"]).astype(str)
         for i in np.flatnonzero(np.isin(modes, self.paths)):
             column = self._column[str(modes[i])]

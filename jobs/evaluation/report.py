@@ -7,7 +7,8 @@ A **row** (one per evaluated model and compression mode; the JSON report's ``row
 ``compression``                ``"auto"``, ``"random"``, the forced factor (``1`` dense, ``2``, ``4``;
                                an ``int``) or a schedule's label (``"1-2-4"``: one factor per
                                pooling layer)
-``num_samples``, ``correct``   scored samples and exact matches
+``num_samples``, ``correct``   scored samples and right answers (scored by ``--task``; exact match
+                               by default, :mod:`jobs.evaluation.tasks`)
 ``accuracy``                   ``correct / num_samples`` as a fraction in [0, 1]
 ``mean_prefill_flops``         mean analytic prefill FLOPs per sample in this mode (the model's
                                ``prefill_flops`` output)
@@ -34,7 +35,7 @@ Plots (PNG, matplotlib's Agg canvas, no display needed): accuracy against prefil
 point per row (baselines from other reports included), and per routed row (auto, random) the choice
 distribution per question family for every pooling layer plus the visual tokens each family keeps.
 
-With ``dpn eval --oracle`` the report also has an ``oracle`` section per model (:mod:`jobs.oracle`).
+With ``dpn eval --oracle`` the report also has an ``oracle`` section per model (:mod:`jobs.evaluation.oracle`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class ModeAccumulator:
         return table[name]
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
-        """Add a batch of per-sample results (the columns :class:`jobs.evaluate.Predictor` returns)."""
+        """Add a batch of per-sample results (the columns :class:`jobs.evaluation.predictor.Predictor` returns)."""
         correct = np.asarray(batch["correct"], dtype=bool)
         flops = np.asarray(batch["prefill_flops"], dtype=np.float64)
         dense = np.asarray(batch["dense_flops"], dtype=np.float64)
