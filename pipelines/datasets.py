@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,58 +70,11 @@ def _actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrateg
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def _build(
-    path: str,
-    processor_dir: str,
-    split: str | None,
-    mode: str,
-    max_length: int,
-    max_bad_fraction: float,
-    accountant: BadSampleAccountant | None,
-    image_folder: str | None,
-    filesystem: pafs.FileSystem | None,
-    batch_size: int,
-    concurrency: int | tuple[int, int],
-    num_cpus: float,
-    columns: tuple[str, ...],
-) -> ray.data.Dataset:
-    if accountant is None:
-        accountant = BadSampleAccountant(max_bad_fraction=max_bad_fraction)
-        logger.info("counting bad samples in actor %s", accountant.name)
-    ds = read_rows(path, split, filesystem=filesystem, image_folder=image_folder)
-    ds = ds.map_batches(
-        Preprocessor,
-        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length, "mode": mode},
-        batch_format="numpy",
-        batch_size=batch_size,
-        compute=_actor_pool(concurrency),
-        num_cpus=num_cpus,
-    )
-    ds = ds.map_batches(drop_bad_rows, fn_kwargs={"accountant": accountant}, batch_format="numpy")
-    return ds.select_columns(list(columns))
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The keyword options of :func:`build_dataset` and :func:`build_eval_dataset` (one list for both).
 
-
-def build_dataset(
-    path: str,
-    processor_dir: str,
-    split: str | None = "train",
-    *,
-    max_length: int = 2048,
-    max_bad_fraction: float = 0.01,
-    accountant: BadSampleAccountant | None = None,
-    image_folder: str | None = None,
-    filesystem: pafs.FileSystem | None = None,
-    batch_size: int = 64,
-    concurrency: int | tuple[int, int] = 1,
-    num_cpus: float = 1.0,
-) -> ray.data.Dataset:
-    """Streaming dataset of model-ready training rows: ``input_ids``, ``labels`` (int32, ragged),
-    ``pixel_uint8`` ``(S, S, 3)`` uint8 and ``has_image``. Bad samples are skipped and counted.
-
-    Args:
-        path: file, folder of shards, glob or dataset root; local or URI (``s3://``, ``gs://``).
-        processor_dir: local directory of a saved ``DPNProcessor`` (tokenizer + image processor).
-        split: split of a dataset root (``None``: all files under ``path``).
+    Attributes:
         max_length: longest token sequence; samples with no answer token inside are ``too_long``.
         max_bad_fraction: fail with ``BadDataError`` past this bad fraction (ignored if ``accountant``
             is given: its own threshold applies).
@@ -131,38 +85,70 @@ def build_dataset(
         batch_size: rows per preprocessing batch.
         concurrency: preprocessing actors (int, or ``(min, max)`` to autoscale).
         num_cpus: CPUs reserved per preprocessing actor.
+    """
+
+    max_length: int = 2048
+    max_bad_fraction: float = 0.01
+    accountant: BadSampleAccountant | None = None
+    image_folder: str | None = None
+    filesystem: pafs.FileSystem | None = None
+    batch_size: int = 64
+    concurrency: int | tuple[int, int] = 1
+    num_cpus: float = 1.0
+
+
+def _build(
+    path: str,
+    processor_dir: str,
+    split: str | None,
+    mode: str,
+    columns: tuple[str, ...],
+    options: dict[str, Any],
+) -> ray.data.Dataset:
+    opts = DatasetOptions(**options)  # an unknown keyword is a TypeError, as for any function
+    accountant = opts.accountant
+    if accountant is None:
+        accountant = BadSampleAccountant(max_bad_fraction=opts.max_bad_fraction)
+        logger.info("counting bad samples in actor %s", accountant.name)
+    ds = read_rows(path, split, filesystem=opts.filesystem, image_folder=opts.image_folder)
+    ds = ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": opts.max_length, "mode": mode},
+        batch_format="numpy",
+        batch_size=opts.batch_size,
+        compute=_actor_pool(opts.concurrency),
+        num_cpus=opts.num_cpus,
+    )
+    ds = ds.map_batches(drop_bad_rows, fn_kwargs={"accountant": accountant}, batch_format="numpy")
+    return ds.select_columns(list(columns))
+
+
+def build_dataset(
+    path: str, processor_dir: str, split: str | None = "train", **options: Any
+) -> ray.data.Dataset:
+    """Streaming dataset of model-ready training rows: ``input_ids``, ``labels`` (int32, ragged),
+    ``pixel_uint8`` ``(S, S, 3)`` uint8 and ``has_image``. Bad samples are skipped and counted.
+
+    Args:
+        path: file, folder of shards, glob or dataset root; local or URI (``s3://``, ``gs://``).
+        processor_dir: local directory of a saved ``DPNProcessor`` (tokenizer + image processor).
+        split: split of a dataset root (``None``: all files under ``path``).
+        **options: keyword only: the fields of :class:`DatasetOptions` (``max_length``, ``accountant``, ...).
 
     Returns:
         ``ray.data.Dataset``; iterate with ``iter_torch_batches(collate_fn=Collator(processor_dir))``.
     """
-    return _build(
-        path, processor_dir, split, "train", max_length, max_bad_fraction, accountant, image_folder,
-        filesystem, batch_size, concurrency, num_cpus, TRAIN_COLUMNS,
-    )  # fmt: skip
+    return _build(path, processor_dir, split, "train", TRAIN_COLUMNS, options)
 
 
 def build_eval_dataset(
-    path: str,
-    processor_dir: str,
-    split: str | None = "eval",
-    *,
-    max_length: int = 2048,
-    max_bad_fraction: float = 0.01,
-    accountant: BadSampleAccountant | None = None,
-    image_folder: str | None = None,
-    filesystem: pafs.FileSystem | None = None,
-    batch_size: int = 64,
-    concurrency: int | tuple[int, int] = 1,
-    num_cpus: float = 1.0,
+    path: str, processor_dir: str, split: str | None = "eval", **options: Any
 ) -> ray.data.Dataset:
     """Streaming dataset for batch generation: prompt ``input_ids`` (chat template up to the
     assistant turn, no labels), ``pixel_uint8``, ``has_image``, and ``id``, ``question``, reference
-    ``answer``, ``family``, ``kind``. Arguments as :func:`build_dataset`; pad prompts on the left
-    (``collate_batch(batch, pad_id, padding_side="left")``)."""
-    return _build(
-        path, processor_dir, split, "eval", max_length, max_bad_fraction, accountant, image_folder,
-        filesystem, batch_size, concurrency, num_cpus, EVAL_COLUMNS,
-    )  # fmt: skip
+    ``answer``, ``family``, ``kind``. Arguments as :func:`build_dataset` (options: :class:`DatasetOptions`);
+    pad prompts on the left (``collate_batch(batch, pad_id, padding_side="left")``)."""
+    return _build(path, processor_dir, split, "eval", EVAL_COLUMNS, options)
 
 
 # ----------------------------------------------------------------------------------------------

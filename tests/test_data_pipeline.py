@@ -22,9 +22,10 @@ from data_samples import (
     write_webdataset,
 )
 
+from dpn_model.processing import IGNORE_INDEX
 from pipelines.accounting import BadDataError, BadReason, BadSampleAccountant, find_bad_data_error
 from pipelines.datasets import build_dataset, build_eval_dataset
-from pipelines.preprocess import IGNORE_INDEX, Collator
+from pipelines.preprocess import Collator
 
 pytestmark = pytest.mark.ray
 
@@ -128,6 +129,19 @@ def test_eval_dataset_has_prompts_answers_and_families(ray_cluster, processor_di
     assert (out["q1"]["answer"], out["q1"]["family"], out["q1"]["kind"]) == ("red", "big_color", "coarse")
     assert out["q1"]["has_image"] and not out["q2"]["has_image"]
     assert "labels" not in out["q1"] and out["q2"]["question"] == "Is it text only?"
+
+
+def test_both_builders_take_the_one_option_list(tmp_path):
+    """``build_dataset`` and ``build_eval_dataset`` share their keyword options (``DatasetOptions``): a misspelt
+    one fails at once, before anything is read."""
+    from pipelines.datasets import DatasetOptions
+
+    for build in (build_dataset, build_eval_dataset):
+        with pytest.raises(TypeError, match="max_lenght"):
+            build(str(tmp_path), str(tmp_path), max_lenght=128)
+        with pytest.raises(TypeError):
+            build(str(tmp_path), str(tmp_path), "train", 128)  # options are keyword only
+    assert DatasetOptions().max_length == 2048 and DatasetOptions().concurrency == 1
 
 
 def test_inspect_json_output(ray_cluster, bad_llava, capsys):
