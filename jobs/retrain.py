@@ -74,6 +74,7 @@ from jobs.config import ConfigError, dump_config, flatten, load_config
 from jobs.retrain_config import RetrainConfig, load_retrain_config
 from jobs.train_config import TrainConfig
 from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
+from pipelines.config_models import merge_dicts
 from tracking import registry as reg_lib
 from tracking.registry import Registry
 
@@ -152,17 +153,6 @@ def training_config(
     ``training.initial_overrides`` when ``first``) + ``extra``."""
     data = merge_dicts(dict(cfg.training.overrides), cfg.training.initial_overrides if first else {})
     return load_config(TrainConfig, cfg.training.config, data=merge_dicts(data, extra or {}))
-
-
-def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Nested merge: mappings merge key by key, anything else in ``extra`` replaces."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def retrain_key(model_name: str, init: str, new: list[shard_lib.Shard]) -> str:

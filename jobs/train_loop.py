@@ -197,14 +197,9 @@ def deepspeed_config(
 
     ``precision`` is bf16 / fp16 / fp32 (``auto`` must be resolved by the caller).
     """
+    from pipelines.config_models import merge_dicts
 
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    cfg = merge(base, {
+    cfg = merge_dicts(base, {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
@@ -215,7 +210,7 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     })  # fmt: skip
-    return merge(cfg, overrides or {})
+    return merge_dicts(cfg, overrides or {})
 
 
 def setup_engine(

@@ -168,4 +168,17 @@ def validate_config(cls: type[M], data: Any, section: str = "") -> M:
         raise ConfigError(format_errors(err, cls, section)) from None
 
 
-__all__ = ["ConfigError", "ConfigModel", "format_errors", "validate_config"]
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` merged over ``base``, nested: dicts merge key by key, anything else in ``extra`` replaces.
+    Returns a new dict; neither argument changes. (Config files and overrides: ``jobs.config.load_config``,
+    which also merges list items under numeric keys.)"""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+__all__ = ["ConfigError", "ConfigModel", "format_errors", "merge_dicts", "validate_config"]
