@@ -38,8 +38,10 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "router_token_reduction": "last",
 }
 
-# A `compression` value after parsing: "auto", "random", one factor for every pooling layer, or a schedule.
-Compression = str | int | tuple[int, ...]
+# A `compression` value: "auto", "random", one factor for every pooling layer, or a schedule (one factor per
+# pooling layer). The model's `forward`/`generate` take any sequence for a schedule; `parse_compression` returns a
+# tuple.
+Compression = str | int | Sequence[int]
 
 
 class DPNConfig(LlavaConfig):

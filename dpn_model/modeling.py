@@ -11,7 +11,7 @@ contiguous positions and a fresh padding mask. Samples that choose different exp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,14 @@ from transformers.models.llava.modeling_llava import (
 
 from dpn_model import flops as flops_lib
 from dpn_model.cache import DPNCache
-from dpn_model.configuration import ROUTING_MODES, DPNConfig, compression_schedule, parse_compression
+from dpn_model.configuration import (
+    ROUTING_MODES,
+    Compression,
+    DPNConfig,
+    compression_schedule,
+    parse_compression,
+)
 from dpn_model.pooling import DynamicPoolingExperts, pooled_grid, router_input
-
-# "auto", "random", one factor for every pooling layer, or one factor per pooling layer (see parse_compression)
-Compression = str | int | Sequence[int]
 
 
 @dataclass
@@ -232,6 +235,35 @@ def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()
 
 
+@dataclass(frozen=True)
+class PrefillState:
+    """What the prefill loop carries from segment to segment; each pooling stage returns a new, shorter one.
+
+    `B` is the batch, `L` the current padded sequence length (the input length before the first pooling
+    stage, shorter after each one that pooled), `D` the hidden size.
+
+    Args:
+        hidden (`torch.FloatTensor` of shape `(B, L, D)`): hidden states (the embeddings before the first layer).
+        mask (`torch.LongTensor` of shape `(B, L)`): 1 for real tokens, 0 for padding.
+        positions (`torch.LongTensor` of shape `(B, L)`): rotary position ids; the given `position_ids` (or
+            positions from the mask) before the first pooling stage, contiguous over real tokens after one.
+        is_visual (`torch.BoolTensor` of shape `(B, L)`): the sample's (possibly pooled) visual tokens.
+        is_router (`torch.BoolTensor` of shape `(B, L)`): real `<router>` tokens.
+        src (`torch.LongTensor` of shape `(B, L)`): index in the input sequence of each position; -1 for pooled
+            visual tokens and padding (the output's `token_positions`).
+        rows, cols (`torch.LongTensor` of shape `(B,)`): the sample's current visual grid; 0 without an image.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    is_visual: torch.Tensor
+    is_router: torch.Tensor
+    src: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
 class DPNPreTrainedModel(LlavaPreTrainedModel):
     config_class = DPNConfig
     config: DPNConfig
@@ -313,7 +345,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             raise ValueError("pixel_values were given but input_ids contain no image tokens")
         return embeds, is_visual
 
-    def _route(self, stage: DynamicPoolingExperts, state: dict, mode: str, forced: int | None):
+    def _route(self, stage: DynamicPoolingExperts, state: PrefillState, mode: str, forced: int | None):
         """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran), the
         router probabilities `(B, E)` and the experts the token floor allowed `(B, E)` (auto only; else None).
 
@@ -321,40 +353,39 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         the feasible ones, as the reference's re-sampling; otherwise the feasible argmax). The gate is the
         chosen expert's probability under the full distribution, as in the reference.
         """
-        hidden = state["hidden"]
+        hidden = state.hidden
         batch = hidden.shape[0]
         if forced is not None:
             return torch.full((batch,), forced, dtype=torch.long, device=hidden.device), None, None, None
         cfg = self.config
         floor = cfg.train_token_floor if self.training else cfg.inference_token_floor
-        feasible = stage.feasible_experts(state["rows"], state["cols"], floor)  # (B, E)
+        feasible = stage.feasible_experts(state.rows, state.cols, floor)  # (B, E)
         if mode == "random":
             return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None
-        probs = stage.router(
-            router_input(hidden, state["is_router"], cfg.router_token_reduction)
-        )  # (B, E) f32
+        probs = stage.router(router_input(hidden, state.is_router, cfg.router_token_reduction))  # (B, E) f32
         allowed = probs.detach() * feasible
         choice = torch.multinomial(allowed, 1).squeeze(-1) if self.training else allowed.argmax(-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         return choice, gate, probs, feasible
 
-    def _pool_stage(self, s: int, state: dict, mode: str, schedule: list[int] | None):
-        """Route and pool the visual tokens after pooling layer `s`, updating `state` in place.
+    def _pool_stage(self, s: int, state: PrefillState, mode: str, schedule: list[int] | None):
+        """Route and pool the visual tokens after pooling layer `s`.
 
         Returns:
-            `(choices, probs, feasible)`: expert per sample `(B,)`, -1 where nothing was pooled (no image, or
-            fewer than `min_visual_tokens` left), the router probabilities `(B, E)` and the experts the token
-            floor allowed `(B, E)`, both None when no router ran.
+            `(state, choices, probs, feasible)`: the state on the shortened sequence (`state` itself when nothing
+            was pooled), expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
+            `min_visual_tokens` left), the router probabilities `(B, E)` and the experts the token floor allowed
+            `(B, E)`, both None when no router ran.
         """
         stage = self.pyramid[s]
-        n_visual = state["rows"] * state["cols"]
+        n_visual = state.rows * state.cols
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
         forced = schedule[s] if schedule is not None else None
         choice, gate, probs, feasible = self._route(stage, state, mode, forced)
         identity = forced is not None and stage.strides[forced] == (1, 1)
         if eligible.any() and not identity:
-            self._pool_and_rebuild(stage, state, choice, gate, eligible)
-        return torch.where(eligible, choice, -1), probs, feasible
+            state = self._pool_and_rebuild(stage, state, choice, gate, eligible)
+        return state, torch.where(eligible, choice, -1), probs, feasible
 
     def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DPNCache | None:
         """The given `DPNCache`, a fresh one in place of an empty cache of another kind, or a new one if asked."""
@@ -368,12 +399,31 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             cache = DPNCache(config=self.config.text_config)
         return cache
 
-    def _decode_step(self, hidden, attention_mask, position_ids, cache: DPNCache, output_hidden_states: bool):
-        """Run new tokens `(B, q, D)` against the cache: each segment attends to its own cached length, and the
+    def _run_layers(self, segment: range, hidden, mask4d, positions, cache, use_cache: bool, all_hidden):
+        """Run the decoder layers of one segment on `hidden` `(B, q, D)` with one mask and one set of positions.
+
+        Returns:
+            `(hidden, all_hidden)`: the segment's output and `all_hidden` with each layer's output appended
+            (None stays None).
+        """
+        layers = self.language_model.layers
+        pos_emb = self.language_model.rotary_emb(hidden, positions)
+        for i in segment:
+            hidden = layers[i](
+                hidden, attention_mask=mask4d, position_ids=positions, cache=cache,
+                use_cache=use_cache, position_embeddings=pos_emb,
+            )  # fmt: skip
+            if all_hidden is not None:
+                all_hidden += (hidden,)
+        return hidden, all_hidden
+
+    def _decode(self, input_ids, attention_mask, position_ids, cache: DPNCache, output_hidden_states: bool):
+        """Run new tokens `(B, q)` against the cache: each segment attends to its own cached length, and the
         rotary position is that segment's count of real cached tokens (as the paper decodes)."""
+        # generated ids are text, even an <image> id a model emits (as in HF LLaVA)
+        hidden = self.get_input_embeddings()(input_ids)
         batch, q_len = hidden.shape[:2]
         device = hidden.device
-        layers, rotary = self.language_model.layers, self.language_model.rotary_emb
         all_hidden = (hidden,) if output_hidden_states else None
         new_mask = attention_mask[:, -q_len:]
         for s, segment in enumerate(self._segments()):
@@ -383,14 +433,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             if s == 0 and position_ids is not None:
                 positions = position_ids[:, -q_len:]
             mask4d = _additive_mask(key_mask, q_len, hidden.dtype)
-            pos_emb = rotary(hidden, positions)
-            for i in segment:
-                hidden = layers[i](
-                    hidden, attention_mask=mask4d, position_ids=positions, cache=cache,
-                    use_cache=True, position_embeddings=pos_emb,
-                )  # fmt: skip
-                if output_hidden_states:
-                    all_hidden += (hidden,)
+            hidden, all_hidden = self._run_layers(segment, hidden, mask4d, positions, cache, True, all_hidden)
             cache.segment_masks[s] = key_mask
         return DPNModelOutput(
             last_hidden_state=self.language_model.norm(hidden),
@@ -402,8 +445,10 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             hidden_states=all_hidden,
         )
 
-    def _prefill_state(self, input_ids, embeds, is_visual, attention_mask, position_ids, mode: str) -> dict:
-        """The `(B, L)` and `(B,)` tensors the prefill loop carries and rebuilds after each pooling stage."""
+    def _prefill_state(
+        self, input_ids, embeds, is_visual, attention_mask, position_ids, mode: str
+    ) -> PrefillState:
+        """The state the prefill loop starts from: the embedded input, its mask, positions and tokens' kinds."""
         cfg = self.config
         is_router = input_ids == cfg.router_token_id
         has_image = is_visual.any(-1)
@@ -417,30 +462,28 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         device = input_ids.device
         rows0, cols0 = cfg.vision_grid
         positions = position_ids if position_ids is not None else _positions_from_mask(attention_mask)
-        return {
-            "hidden": embeds,
-            "mask": attention_mask,
-            "is_visual": is_visual,
-            "is_router": is_router & attention_mask.bool(),
-            "src": torch.where(
-                attention_mask.bool(), torch.arange(input_ids.shape[1], device=device)[None], -1
-            ),
-            "rows": torch.where(has_image, rows0, 0).to(device),
-            "cols": torch.where(has_image, cols0, 0).to(device),
-            "positions": positions,
-        }
+        return PrefillState(
+            hidden=embeds,
+            mask=attention_mask,
+            is_visual=is_visual,
+            is_router=is_router & attention_mask.bool(),
+            src=torch.where(attention_mask.bool(), torch.arange(input_ids.shape[1], device=device)[None], -1),
+            rows=torch.where(has_image, rows0, 0).to(device),
+            cols=torch.where(has_image, cols0, 0).to(device),
+            positions=positions,
+        )
 
-    def _pool_and_rebuild(self, stage, state: dict, choice, gate, eligible):
+    def _pool_and_rebuild(self, stage, state: PrefillState, choice, gate, eligible) -> PrefillState:
         """Pool each sample's visual block with its expert and rebuild the shortened batch.
 
-        `state` holds `(B, L)` tensors: hidden, mask, is_visual, is_router, src (input position) and `(B,)`
-        tensors rows, cols. Everything is rebuilt with one scatter; the only Python loop runs over the
-        few distinct (grid, expert) groups.
+        Returns the [`PrefillState`] on the new sequence (every field rebuilt); `state` is left as it was.
+        Everything is rebuilt with one scatter; the only Python loop runs over the few distinct (grid, expert)
+        groups.
         """
-        hidden, mask = state["hidden"], state["mask"]
+        hidden, mask = state.hidden, state.mask
         batch, length, dim = hidden.shape
         device = hidden.device
-        rows, cols = state["rows"], state["cols"]
+        rows, cols = state.rows, state.cols
         n_old = rows * cols
         strides = torch.tensor(stage.strides, device=device)  # (E, 2)
         chosen = torch.where(eligible, choice, 0)  # expert 0 for the rest: replaced by identity below
@@ -451,7 +494,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
 
         # Gather each sample's visual block: (B, N, D).
         has_image = n_old > 0
-        vis_start = state["is_visual"].int().argmax(-1)
+        vis_start = state.is_visual.int().argmax(-1)
         n_max = int(n_old.max())
         offsets = torch.arange(max(n_max, 1), device=device)
         gather_idx = (vis_start[:, None] + offsets[None]).clamp(max=length - 1)
@@ -484,7 +527,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         left_padded = bool((~real[:, -1]).sum() == 0 and (~real).any())
         pad_offset = (new_len - new_real) if left_padded else torch.zeros_like(new_real)
 
-        keep_text = real & ~state["is_visual"]
+        keep_text = real & ~state.is_visual
         dest_text = torch.where(keep_text, pad_offset[:, None] + new_rank, new_len)
         pool_slots = torch.arange(n_new_max, device=device)
         pool_valid = pool_slots[None] < n_new[:, None]
@@ -500,13 +543,16 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             return torch.full(shape, fill, dtype=src.dtype, device=device).scatter(1, index, src)[:, :new_len]
 
         new_mask = scatter(keep_text.long(), pool_valid.long(), 0)
-        state["hidden"] = scatter(hidden, pooled, 0.0)
-        state["mask"] = new_mask
-        state["is_visual"] = scatter(torch.zeros_like(keep_text), pool_valid, False)
-        state["is_router"] = scatter(state["is_router"] & keep_text, torch.zeros_like(pool_valid), False)
-        state["src"] = scatter(state["src"], torch.full_like(pool_slots[None].expand(batch, -1), -1), -1)
-        state["rows"], state["cols"] = new_rows, new_cols
-        state["positions"] = _positions_from_mask(new_mask)
+        return PrefillState(
+            hidden=scatter(hidden, pooled, 0.0),
+            mask=new_mask,
+            is_visual=scatter(torch.zeros_like(keep_text), pool_valid, False),
+            is_router=scatter(state.is_router & keep_text, torch.zeros_like(pool_valid), False),
+            src=scatter(state.src, torch.full_like(pool_slots[None].expand(batch, -1), -1), -1),
+            rows=new_rows,
+            cols=new_cols,
+            positions=_positions_from_mask(new_mask),
+        )
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -524,7 +570,8 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> DPNModelOutput:
-        """Run the pyramid decoder.
+        """Run the pyramid decoder: [`_prefill`] on a prompt (no cache, or an empty one), [`_decode`] on new
+        tokens against a filled `DPNCache`.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): token ids; each image is a block of
@@ -558,56 +605,70 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         attention_mask = attention_mask.long()
 
         cache = self._resolve_cache(cache, use_cache)
-        decoding = cache is not None and cache.get_seq_length() > 0
-
-        if decoding:
+        if cache is not None and cache.get_seq_length() > 0:
             if pixel_values is not None:
                 raise ValueError("images can only be given with the prompt, not while decoding from a cache")
-            # generated ids are text, even an <image> id a model emits (as in HF LLaVA)
-            embeds = self.get_input_embeddings()(input_ids)
-            return self._decode_step(embeds, attention_mask, position_ids, cache, output_hidden_states)
+            return self._decode(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+        return self._prefill(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            position_ids,
+            cache,
+            use_cache=use_cache,
+            mode=mode,
+            schedule=schedule,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def _prefill(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
+        attention_mask: torch.LongTensor,
+        position_ids: torch.LongTensor | None,
+        cache: DPNCache | None,
+        use_cache: bool,
+        mode: str,
+        schedule: list[int] | None,
+        vision_feature_layer: int | None,
+        vision_feature_select_strategy: str | None,
+        output_hidden_states: bool,
+    ) -> DPNModelOutput:
+        """Run the prompt through the pyramid: each segment's layers on the current [`PrefillState`], then its
+        pooling stage (route, pool, rebuild) on the way to the next segment; fills `cache` if given."""
+        cfg = self.config
+        batch = input_ids.shape[0]
         embeds, is_visual = self._embed(
             input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy
         )
-        layers = self.language_model.layers
-        rotary = self.language_model.rotary_emb
         all_hidden = (embeds,) if output_hidden_states else None
-
-        # ---- prefill -------------------------------------------------------------------------------
         state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
         n_stages = len(self.pyramid)
-        choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=device)
+        choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=input_ids.device)
         probs_all, feasible_all = [], []
-        visual_counts = [state["rows"] * state["cols"]]
+        visual_counts = [state.rows * state.cols]
         seq_lens = []
         segment_masks = []
         for s, segment in enumerate(self._segments()):
-            mask = state["mask"]
+            mask = state.mask
             padded = not bool(mask.all())
-            mask4d = _additive_mask(mask, mask.shape[1], state["hidden"].dtype) if padded else None
-            pos_emb = rotary(state["hidden"], state["positions"])
-            hidden = state["hidden"]
-            for i in segment:
-                hidden = layers[i](
-                    hidden,
-                    attention_mask=mask4d,
-                    position_ids=state["positions"],
-                    cache=cache,
-                    use_cache=use_cache,
-                    position_embeddings=pos_emb,
-                )
-                if output_hidden_states:
-                    all_hidden += (hidden,)
-            state["hidden"] = hidden
+            mask4d = _additive_mask(mask, mask.shape[1], state.hidden.dtype) if padded else None
+            hidden, all_hidden = self._run_layers(
+                segment, state.hidden, mask4d, state.positions, cache, use_cache, all_hidden
+            )
+            state = replace(state, hidden=hidden)
             seq_lens += [mask.sum(-1)] * len(segment)
             segment_masks.append(mask)
             if s == n_stages:
                 break
-            choices[:, s], probs, feasible = self._pool_stage(s, state, mode, schedule)
+            state, choices[:, s], probs, feasible = self._pool_stage(s, state, mode, schedule)
             if probs is not None:
                 probs_all.append(probs)
                 feasible_all.append(feasible)
-            visual_counts.append(state["rows"] * state["cols"])
+            visual_counts.append(state.rows * state.cols)
 
         if cache is not None:
             cache.segment_masks = segment_masks
@@ -624,10 +685,10 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 reduction=cfg.routing_loss_reduction,
             )
         return DPNModelOutput(
-            last_hidden_state=self.language_model.norm(state["hidden"]),
+            last_hidden_state=self.language_model.norm(state.hidden),
             cache=cache,
-            attention_mask=state["mask"],
-            token_positions=state["src"],
+            attention_mask=state.mask,
+            token_positions=state.src,
             expert_choices=choices,
             router_probs=router_probs,
             router_feasible=torch.stack(feasible_all, dim=1) if feasible_all else None,

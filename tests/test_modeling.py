@@ -242,6 +242,26 @@ def test_cached_decoding_equals_recomputing(model, images, compression):
     assert torch.equal(m.generate(**kwargs, use_cache=True), m.generate(**kwargs, use_cache=False))
 
 
+@pytest.mark.parametrize("compression", ["auto", 4, [1, 2, 4]])
+def test_prefill_then_decode_logits_equal_full_forward(model, images, compression):
+    """The logits behind the test above: a prefill, then cached decode steps of one and two tokens, give the
+    logits that one forward over the whole sequence gives at those positions."""
+    m = sharp_router(model)
+    ids, mask = pad_batch([prompt(64, 3, 4), prompt(64, 1, 2)])
+    new = torch.tensor([[40, 41, 42], [43, 44, 45]])
+    full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    kwargs = dict(compression=compression)
+    with torch.no_grad():
+        full = m(input_ids=full_ids, attention_mask=full_mask, pixel_values=images[:2], **kwargs)
+        pre = m(input_ids=ids, attention_mask=mask, pixel_values=images[:2], use_cache=True, **kwargs)
+        one = m(input_ids=new[:, :1], attention_mask=full_mask[:, :-2], cache=pre.cache, **kwargs)
+        two = m(input_ids=new[:, 1:], attention_mask=full_mask, cache=one.cache, **kwargs)
+    assert torch.equal(full.expert_choices, pre.expert_choices)
+    assert one.logits.shape[1] == 1 and two.logits.shape[1] == 2
+    decoded = torch.cat([pre.logits[:, -1:], one.logits, two.logits], dim=1)
+    assert torch.allclose(full.logits[:, -4:], decoded, atol=1e-5)
+
+
 def test_right_padding_matches_unpadded(model, images):
     samples = [prompt(64, 3, 4), prompt(64, 1, 2)]
     ids, mask = pad_batch(samples, side="right")
