@@ -39,8 +39,11 @@ To abandon a stuck retrain run, set its tag ``dpn.retrain.state`` to ``abandoned
 Only one retrain job may run at a time against one registry: the cron line uses ``flock`` and the
 Kubernetes CronJob ``concurrencyPolicy: Forbid`` (deploy/schedule, deploy/k8s).
 
-Crash injection for tests: ``DPN_RETRAIN_CRASH_AFTER=<step>`` (``plan``, ``mix``, ``train``,
-``evaluate``, ``alias``: between the two alias moves) raises :class:`InjectedCrash` after that step.
+**Step boundaries** (an observability hook): after each step the job raises the standard-library audit
+event ``dpn.retrain.step`` (:data:`STEP_EVENT`) with the step's name, one of :data:`STEPS`: ``plan``,
+``mix``, ``train``, ``evaluate``, ``alias`` (between the two alias moves). A hook installed with
+:func:`sys.addaudithook` sees it (progress, tracing; the tests inject crashes there: an exception the hook
+raises propagates from that boundary). With no hook installed the event costs next to nothing.
 
 **Serving the new champion.** Aliases are resolved when a replica loads, so a running Ray Serve app
 keeps its model until told to reload. After a promotion (the job logs the new version), set the model
@@ -57,7 +60,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -80,8 +82,8 @@ from tracking.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-CRASH_ENV = "DPN_RETRAIN_CRASH_AFTER"
-CRASH_POINTS = ("plan", "mix", "train", "evaluate", "alias")
+STEP_EVENT = "dpn.retrain.step"  # audit event at each step boundary: sys.audit(STEP_EVENT, step)
+STEPS = ("plan", "mix", "train", "evaluate", "alias")  # its argument, in the order the steps end
 
 # retrain-run tags
 ROLE_TAG = "dpn.retrain.role"  # retrain | train
@@ -92,24 +94,12 @@ PLAN_ARTIFACT = "plan.json"
 NO_CHAMPION = "none"
 
 
-class InjectedCrash(RuntimeError):
-    """Raised at a crash point named in $DPN_RETRAIN_CRASH_AFTER (tests of crash recovery)."""
+def step_done(step: str) -> None:
+    """Announce the end of ``step`` (one of :data:`STEPS`) as the audit event :data:`STEP_EVENT`.
 
-
-def _crash_points() -> set[str]:
-    wanted = {s.strip() for s in os.environ.get(CRASH_ENV, "").split(",") if s.strip()}
-    unknown = wanted - set(CRASH_POINTS)
-    if unknown:
-        raise ValueError(
-            f"{CRASH_ENV} names unknown steps {sorted(unknown)}; choose from {list(CRASH_POINTS)}"
-        )
-    return wanted
-
-
-def crash_point(step: str) -> None:
-    """Raise :class:`InjectedCrash` if $DPN_RETRAIN_CRASH_AFTER names ``step``."""
-    if step in _crash_points():
-        raise InjectedCrash(f"injected crash after step {step!r} ({CRASH_ENV})")
+    An exception raised by an audit hook propagates from here (how the tests crash the job at a step).
+    """
+    sys.audit(STEP_EVENT, step)
 
 
 @dataclass
@@ -280,7 +270,7 @@ def train_challenger(
             shard_lib.shards_from_json(plan["earlier"]),
             cfg.replay.fraction, cfg.replay.max_samples, cfg.replay.seed, cfg.data.image_folder,
         )  # fmt: skip
-        crash_point("mix")
+        step_done("mix")
         train_cfg = training_config(cfg, first=plan["parent"] == NO_CHAMPION, extra={
             "model": {"init": plan["init"]},
             "data": {"path": mix["path"], "split": None, "synthetic": None, "image_folder": None,
@@ -449,9 +439,7 @@ def _finish(
                      "dpn.eval.mean_prefill_flops": rows["challenger"].get("mean_prefill_flops")}  # fmt: skip
     previous = ""
     if decision.promote:
-        previous = (
-            registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: crash_point("alias")) or ""
-        )
+        previous = registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: step_done("alias")) or ""
         registry.tag(challenger, {reg_lib.DECISION_TAG: reg_lib.PROMOTED, reg_lib.REASON_TAG: decision.reason,
                                   **eval_tags})  # fmt: skip
     else:
@@ -467,7 +455,6 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
     """Run one retraining cycle (see the module docstring). Safe to call again after any failure."""
     from jobs import trainer as builders
 
-    _crash_points()  # a misspelt step name fails now, not after hours of training
     uri = tracking.setup_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     client = MlflowClient(uri)
     registry = Registry(client, cfg.mlflow.model_name, cfg.mlflow.champion_alias, cfg.mlflow.previous_alias)
@@ -495,13 +482,13 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
                 return RetrainResult("no_new_data", reason, new_samples=plan["new_samples"],
                                      champion=registry.champion_version() or "")  # fmt: skip
             run_id = open_retrain_run(client, cfg, plan, uri)
-        crash_point("plan")
+        step_done("plan")
 
         challenger, trained = train_challenger(cfg, registry, plan, run_id, uri)
         if client.get_run(run_id).data.tags.get(STATE_TAG) == "planned":
             client.set_tag(run_id, CHALLENGER_TAG, challenger)
             client.set_tag(run_id, STATE_TAG, "trained")
-        crash_point("train")
+        step_done("train")
 
         current_version = registry.champion_version()
         recorded = _recorded_decision(client, run_id)
@@ -517,7 +504,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
             decision = gate_lib.decide(rows["challenger"], rows.get("champion"), cfg.gate)
             record_decision(client, run_id, rows, decision, challenger, current_version)
         logger.info("gate: %s", gate_lib.comparison_table(rows, decision))
-        crash_point("evaluate")
+        step_done("evaluate")
 
         champion, previous = _finish(cfg, registry, run_id, plan, challenger, decision, rows, uri)
         if decision.promote:

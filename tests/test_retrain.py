@@ -9,7 +9,8 @@ a tiny synthetic dataset, a few training steps) run one scenario in order agains
 3. no new data -> no-op, exit 0;
 4. a shard whose answers are all one word outside the answer set (a broken labelling job) ->
    the challenger answers that word everywhere (accuracy 0) -> rejected with the reason, champion kept;
-5. a crash injected after training -> the re-run promotes without training again.
+5. a crash injected after training (an audit hook at the job's step boundaries, ``tests/retrain_crash.py``)
+   -> the re-run promotes without training again.
 """
 
 from __future__ import annotations
@@ -151,6 +152,25 @@ def test_promote_moves_previous_then_champion_and_survives_a_crash_between(tmp_p
     assert str(reg.alias("previous").version) == "1"
 
 
+def test_crash_hook_raises_at_the_named_step_boundary_only_inside_its_block():
+    from retrain_crash import InjectedCrash, crash_after
+
+    from jobs.retrain import STEPS, step_done
+
+    step_done("plan")  # no switch set: the audit event passes
+    with crash_after("mix", "alias") as seen:
+        step_done("plan")
+        with pytest.raises(InjectedCrash, match="'mix'"):
+            step_done("mix")
+        with pytest.raises(InjectedCrash, match="'alias'"):
+            step_done("alias")
+    assert seen == ["plan", "mix", "alias"]
+    step_done("mix")  # the hook stays installed, switched off
+    with pytest.raises(ValueError, match="unknown retrain steps"), crash_after("trian"):
+        pass
+    assert STEPS == ("plan", "mix", "train", "evaluate", "alias")
+
+
 # ----------------------------------------------------------------------------------------------
 # Integration: the retrain job on a local Ray cluster
 # ----------------------------------------------------------------------------------------------
@@ -190,12 +210,9 @@ def world(tmp_path_factory):
     }  # fmt: skip
     config_path = base / "retrain.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    saved = {
-        k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DPN_MODEL_CACHE", "DPN_RETRAIN_CRASH_AFTER")
-    }
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DPN_MODEL_CACHE")}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
     os.environ["DPN_MODEL_CACHE"] = str(base / "model-cache")
-    os.environ.pop("DPN_RETRAIN_CRASH_AFTER", None)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                                        "DPN_MODEL_CACHE": os.environ["DPN_MODEL_CACHE"], "HF_HUB_OFFLINE": "1"}})  # fmt: skip
@@ -337,21 +354,23 @@ def test_worse_challenger_is_rejected_and_the_champion_kept(world):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_crash_after_training_then_rerun_promotes_without_training(world, monkeypatch):
-    from jobs.retrain import InjectedCrash
+def test_crash_after_training_then_rerun_promotes_without_training(world):
+    from retrain_crash import InjectedCrash, crash_after
+
     from pipelines.synthetic import write_synthetic_shard
 
     write_synthetic_shard(world["root"], "day3", 32, seed=4)
-    monkeypatch.setenv("DPN_RETRAIN_CRASH_AFTER", "train")
-    with pytest.raises(InjectedCrash):
+    with crash_after("train") as seen, pytest.raises(InjectedCrash):
         _run(world)
+    assert seen == ["plan", "mix", "train"]
     reg = _registry()
     versions, runs = len(reg.versions()), _training_runs()
     assert versions == 4 and reg.champion_version() == "2"  # trained and registered, not promoted
     assert "dpn.retrain.decision" not in reg.get("4").tags
 
-    monkeypatch.delenv("DPN_RETRAIN_CRASH_AFTER")
-    result = _run(world)
+    with crash_after() as seen:  # no crash: record the step boundaries of the re-run
+        result = _run(world)
+    assert seen == ["plan", "train", "evaluate", "alias"]  # no mix: nothing to train
     assert result.status == "promoted", result.reason
     assert not result.trained and result.challenger == "4"
     assert len(reg.versions()) == versions and _training_runs() == runs  # nothing trained twice
