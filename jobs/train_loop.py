@@ -95,18 +95,19 @@ def load_model(
 
 
 def apply_freezing(
-    model: torch.nn.Module, vision_tower: bool, projector: bool, language_model: bool
+    model: torch.nn.Module, freeze_vision_tower: bool, freeze_projector: bool, freeze_language_model: bool
 ) -> dict[str, int]:
-    """Set ``requires_grad`` per part. Returns trainable and total parameter counts."""
-    parts = {
-        "vision_tower": (model.model.vision_tower, vision_tower),
-        "projector": (model.model.multi_modal_projector, projector),
-        "language_model": (model.model.language_model, language_model),
-    }
-    for module, frozen in parts.values():
+    """Set ``requires_grad`` per part: a part whose ``freeze_*`` is True is frozen, the others train (the
+    language model's freeze covers the lm head). Returns trainable and total parameter counts."""
+    parts = (
+        (model.model.vision_tower, freeze_vision_tower),
+        (model.model.multi_modal_projector, freeze_projector),
+        (model.model.language_model, freeze_language_model),
+    )
+    for module, frozen in parts:
         for p in module.parameters():
             p.requires_grad_(not frozen)
-    if language_model:
+    if freeze_language_model:
         model.lm_head.weight.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
@@ -522,7 +523,13 @@ class DPNTrainRecipe:
         model = load_model(self.model_dir, spec.config_overrides)
         # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
         self.routed_compression = parse_compression(spec.compression, model.config)
-        counts = apply_freezing(model, **asdict(spec.freeze))
+        freeze = spec.freeze
+        counts = apply_freezing(
+            model,
+            freeze_vision_tower=freeze.vision_tower,
+            freeze_projector=freeze.projector,
+            freeze_language_model=freeze.language_model,
+        )
         if spec.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

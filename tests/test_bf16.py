@@ -322,7 +322,7 @@ def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
     }.items():
         monkeypatch.setenv(key, value)
     model = load_model(fitted["random"])  # the plain random tiny model, fp32 as the loop loads it
-    apply_freezing(model, vision_tower=False, projector=False, language_model=False)
+    apply_freezing(model, freeze_vision_tower=False, freeze_projector=False, freeze_language_model=False)
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     inputs = _inputs(fitted, torch.float32)
