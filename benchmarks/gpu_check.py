@@ -262,7 +262,7 @@ def serve_one(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         serve.run(app, name="dpn", route_prefix="/")
         log(f"deployed {args.model} ({args.device}, {args.dtype}) in {time.perf_counter() - start:.1f} s")
-        info = serve.get_deployment_handle("DPNModel", app_name="dpn").info.remote().result(timeout_s=60)
+        info = serve.get_deployment_handle("DPNServer", app_name="dpn").info.remote().result(timeout_s=60)
         log(f"replica: device {info['device']}, dtype {info['dtype']}")
         headers = (
             {"Authorization": f"Bearer {os.environ['DPN_API_KEY']}"} if os.environ.get("DPN_API_KEY") else {}

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent, StartEvent
 from serve_apps.limits import Limits, check_body_size, check_max_tokens, load_image_url
 from serve_apps.protocol import (
     APIError,
@@ -48,8 +49,9 @@ logger = logging.getLogger(__name__)
 class Backend(Protocol):
     """What the API needs from the model side."""
 
-    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events for one request: `start`, `delta`s, `final`; or a single `error`."""
+    def generate(self, request: dict[str, Any]) -> AsyncIterator[Event]:
+        """Events for one request (serve_apps.events): a `StartEvent`, `DeltaEvent`s, a `FinalEvent`; or a single
+        `ErrorEvent`."""
 
     async def info(self) -> dict[str, Any]:
         """Model ref, version, compression factors, batching settings."""
@@ -108,39 +110,13 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        try:
-            info = await _model_info(backend, settings.health_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-            return APIError(
-                503,
-                f"model backend unavailable: {exc}",
-                "server_error",
-                code="unhealthy",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ).response()
-        return JSONResponse({"status": "ok", "model": info.get("model"), "version": info.get("version")})
+        return await _health(backend, settings)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _check_auth(request, api_key)
         info = await _model_info(backend, settings.health_timeout_s)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": settings.served_model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "dpn",
-                        "root": info.get("model"),
-                        "version": info.get("version"),
-                        "compression": ["auto", *info.get("compression_factors", [])],
-                        **_schedule_length(info),
-                    }
-                ],
-            }
-        )
+        return JSONResponse(_model_list(info, settings.served_model_name))
 
     @app.get("/v1/dpn/batches")
     async def batches(request: Request, limit: int = Query(0, ge=0, le=1_000_000)) -> JSONResponse:
@@ -164,6 +140,40 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
         return await _chat_completion(req, backend, settings)
 
     return app
+
+
+async def _health(backend: Backend, settings: Settings) -> JSONResponse:
+    """`GET /health`: the served model and version, or a 503 + Retry-After when the backend does not answer."""
+    try:
+        info = await _model_info(backend, settings.health_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        return APIError(
+            503,
+            f"model backend unavailable: {exc}",
+            "server_error",
+            code="unhealthy",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        ).response()
+    return JSONResponse({"status": "ok", "model": info.get("model"), "version": info.get("version")})
+
+
+def _model_list(info: dict[str, Any], served_model_name: str) -> dict[str, Any]:
+    """The body of `GET /v1/models`: the one served model, with its version and the compressions it serves."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": served_model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "dpn",
+                "root": info.get("model"),
+                "version": info.get("version"),
+                "compression": ["auto", *info.get("compression_factors", [])],
+                **_schedule_length(info),
+            }
+        ],
+    }
 
 
 def _schedule_length(info: dict[str, Any]) -> dict[str, int]:
@@ -265,35 +275,49 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
     first = await _first_event(events, settings.retry_after_s)
     name = settings.served_model_name
     rid, created = backend_request["request_id"], int(time.time())
-    fingerprint = first.get("fingerprint")
+    fingerprint = first.fingerprint if isinstance(first, StartEvent) else None
     if req.stream:
         return StreamingResponse(
             _stream(events, rid, name, created, fingerprint),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, final = [], None
-    async for event in events:
-        if event["type"] == "error":
-            raise _event_error(event, settings.retry_after_s)
-        text.append(event.get("text", ""))
-        if event["type"] == "final":
-            final = event
-    if final is None:
-        raise APIError(500, "generation ended without a result", "server_error", code="no_result")
+    text, final = await _collect(events, settings.retry_after_s)
     body_out = chat_completion(
         rid,
         name,
-        "".join(text),
-        final["finish_reason"],
-        final["usage"],
-        final.get("fingerprint", fingerprint),
-        final.get("batch"),
+        text,
+        final.finish_reason,
+        final.usage,
+        _fingerprint(final, fingerprint),
+        final.batch,
         created,
     )
-    batch = final.get("batch") or {}
+    batch = final.batch or {}
     headers = {"x-dpn-batch-id": str(batch.get("id", "")), "x-dpn-batch-rate": str(batch.get("rate", ""))}
     return JSONResponse(body_out, headers=headers)
+
+
+async def _collect(events: AsyncIterator[Event], retry_after_s: int) -> tuple[str, FinalEvent]:
+    """The whole text of a non-streaming request and its `FinalEvent`; an `ErrorEvent` is raised as an `APIError`."""
+    text, final = [], None
+    async for event in events:
+        match event:
+            case ErrorEvent():
+                raise _event_error(event, retry_after_s)
+            case DeltaEvent(text=delta):
+                text.append(delta)
+            case FinalEvent(text=delta):
+                text.append(delta)
+                final = event
+    if final is None:
+        raise APIError(500, "generation ended without a result", "server_error", code="no_result")
+    return "".join(text), final
+
+
+def _fingerprint(final: FinalEvent, start_fingerprint: str | None) -> str | None:
+    """The model version that answered: the final event's (set by the replica's scheduler), else the start's."""
+    return final.fingerprint if final.fingerprint is not None else start_fingerprint
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -381,97 +405,76 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
     }
 
 
-def _event_error(event: dict[str, Any], retry_after_s: int) -> APIError:
-    """The `APIError` of a backend `error` event (400 for prompt problems, 503 + Retry-After when unavailable)."""
-    status = int(event.get("status", 500))
+def _event_error(event: ErrorEvent, retry_after_s: int) -> APIError:
+    """The `APIError` of a backend `ErrorEvent` (400 for prompt problems, 503 + Retry-After when unavailable)."""
+    status = int(event.status)
     kind = "invalid_request_error" if status < 500 else "server_error"
     headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
-    return APIError(
-        status,
-        event.get("message", "generation failed"),
-        kind,
-        param=event.get("param"),
-        code=event.get("code"),
-        headers=headers,
-    )
+    return APIError(status, event.message, kind, param=event.param, code=event.code, headers=headers)
 
 
-async def _first_event(events: AsyncIterator[dict[str, Any]], retry_after_s: int) -> dict[str, Any]:
-    """The backend's first event: `start`, or the error it reports (raised as an `APIError`)."""
+async def _first_event(events: AsyncIterator[Event], retry_after_s: int) -> Event:
+    """The backend's first event: a `StartEvent`, or the `ErrorEvent` it reports (raised as an `APIError`)."""
     try:
         first = await events.__anext__()
     except StopAsyncIteration as exc:
         raise APIError(500, "the model backend returned nothing", "server_error", code="no_result") from exc
-    if first["type"] == "error":
+    if isinstance(first, ErrorEvent):
         raise _event_error(first, retry_after_s)
     return first
 
 
+def _stream_error(message: str, code: str | None) -> bytes:
+    """An error reported inside a stream (its status line is already sent), in OpenAI's shape."""
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+
+
+def _event_chunks(
+    event: DeltaEvent | FinalEvent, rid: str, model: str, created: int, fingerprint: str | None
+) -> list[bytes]:
+    """The server-sent events of one backend event: its text (a `FinalEvent`'s when not empty), and for a
+    `FinalEvent` the closing chunk."""
+    chunks = []
+    if isinstance(event, DeltaEvent) or event.text:
+        chunks.append(_sse(chat_chunk(rid, model, created, {"content": event.text}, fingerprint=fingerprint)))
+    if isinstance(event, FinalEvent):
+        chunks.append(
+            _sse(
+                chat_chunk(
+                    rid,
+                    model,
+                    created,
+                    {},
+                    finish_reason=event.finish_reason,
+                    usage=event.usage,
+                    fingerprint=_fingerprint(event, fingerprint),
+                    batch=event.batch,
+                )
+            )
+        )
+    return chunks
+
+
 async def _stream(
-    events: AsyncIterator[dict[str, Any]], rid: str, model: str, created: int, fingerprint: str | None
+    events: AsyncIterator[Event], rid: str, model: str, created: int, fingerprint: str | None
 ) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
     yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
     try:
         async for event in events:
-            if event["type"] == "error":
-                yield _sse(
-                    {
-                        "error": {
-                            "message": event["message"],
-                            "type": "server_error",
-                            "param": None,
-                            "code": event.get("code"),
-                        }
-                    }
-                )
+            if isinstance(event, ErrorEvent):
+                yield _stream_error(event.message, event.code)
                 break
-            if event["type"] == "delta":
-                yield _sse(
-                    chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint)
-                )
-            elif event["type"] == "final":
-                if event.get("text"):
-                    yield _sse(
-                        chat_chunk(rid, model, created, {"content": event["text"]}, fingerprint=fingerprint)
-                    )
-                yield _sse(
-                    chat_chunk(
-                        rid,
-                        model,
-                        created,
-                        {},
-                        finish_reason=event["finish_reason"],
-                        usage=event["usage"],
-                        fingerprint=event.get("fingerprint", fingerprint),
-                        batch=event.get("batch"),
-                    )
-                )
+            if isinstance(event, DeltaEvent | FinalEvent):
+                for chunk in _event_chunks(event, rid, model, created, fingerprint):
+                    yield chunk
     except (
         Unavailable
     ) as exc:  # the replica died mid-stream: the status line is already sent; report in-stream
-        yield _sse(
-            {
-                "error": {
-                    "message": f"the model is unavailable ({exc}); retry",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "model_unavailable",
-                }
-            }
-        )
+        yield _stream_error(f"the model is unavailable ({exc}); retry", "model_unavailable")
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-stream
         logger.exception("stream %s failed", rid)
-        yield _sse(
-            {
-                "error": {
-                    "message": f"generation failed: {exc}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "generation_failed",
-                }
-            }
-        )
+        yield _stream_error(f"generation failed: {exc}", "generation_failed")
     yield _sse("[DONE]")
 
 

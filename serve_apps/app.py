@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.api import Overloaded, Settings, Unavailable, create_api
 from serve_apps.limits import Limits
 from serve_apps.model import BatchingConfig, ModelDeployment
-from serve_apps.protocol import Compression
+from serve_apps.protocol import CompressionField
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class AppArgs(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     api_key_env: str = "DPN_API_KEY"
     retry_after_s: int = 1
-    default_compression: Compression = "auto"
+    default_compression: CompressionField = "auto"
     health_timeout_s: float = Field(default=2.0, gt=0)
     model_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -139,7 +139,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve app builder (`import_path: serve_apps.app:build_app`): validate `args`, bind the deployments.
 
     Deployment options (replicas, autoscaling, resources, queue bounds) come from the config's `deployments`
-    section (names `DPNModel` and `OpenAIIngress`) and override the defaults set here.
+    section (names `DPNServer` and `OpenAIIngress`) and override the defaults set here.
     """
     parsed = AppArgs.model_validate(dict(args))
     batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options

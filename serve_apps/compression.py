@@ -25,16 +25,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dpn_model.configuration import DEFAULT_COMPRESSION_FACTORS, compression_label, parse_compression
+from dpn_model.configuration import (
+    DEFAULT_COMPRESSION_FACTORS,
+    ROUTING_MODES,
+    compression_label,
+    parse_compression,
+)
 
 Rate = str | int
 """A compression as serving runs it: `"auto"`, a factor, or a schedule's label (`"1-2-4"`)."""
+
+REFUSED_MODES = ("random",)
+"""The model's routing modes serving refuses (see above)."""
+SERVED_MODES = tuple(mode for mode in ROUTING_MODES if mode not in REFUSED_MODES)
+"""The model's routing modes (`dpn_model.configuration.ROUTING_MODES`) a request may ask for: `("auto",)`."""
 
 MAX_SCHEDULE_LENGTH = 64  # far more pooling layers than any model has (LLaVA-1.5-7B: 3)
 # the default experts' factors; a model's own are checked on its replica (for_model)
 _FACTORS = ", ".join(str(f) for f in DEFAULT_COMPRESSION_FACTORS)
 FORMS = (
-    f"'auto', a factor ({_FACTORS}; 1 = dense) or one factor per pooling layer "
+    f"{' or '.join(repr(mode) for mode in SERVED_MODES)}, a factor ({_FACTORS}; 1 = dense) or one factor per pooling layer "
     f"([{_FACTORS}] or '{_FACTORS.replace(' ', '')}')"
 )
 
@@ -45,7 +55,7 @@ def _check_text(value: Any) -> None:
     for item in items:
         if isinstance(item, str) and not item.isascii():
             raise ValueError(f"compression {value!r} is not understood: give {FORMS} in ASCII digits")
-    if isinstance(value, str) and value.strip().lower() == "random":
+    if isinstance(value, str) and value.strip().lower() in REFUSED_MODES:
         raise ValueError(
             "compression 'random' (random routing) is a training ablation and is not served: its expert draws "
             f"would make answers irreproducible; give {FORMS}"
@@ -139,6 +149,8 @@ def densest(rates: Sequence[Rate]) -> Rate:
 __all__ = [
     "FORMS",
     "MAX_SCHEDULE_LENGTH",
+    "REFUSED_MODES",
+    "SERVED_MODES",
     "Rate",
     "allowed",
     "as_rate",

@@ -4,8 +4,8 @@ No Ray here. A [`BatchRun`] takes requests that share one compression rate (`"au
 as `"1-2-4"`: see serve_apps.compression), left-pads them into one batch, runs
 the prefill once (where DPN pools the visual tokens) and then decodes one token per step for every unfinished
 request. Each request keeps its own `max_tokens`, `temperature`, `top_p`, `seed` and `stop` strings, which
-`generate()` cannot do in one batch. Each step returns one event per request (a text delta, the final event with
-the finish reason and usage, or an error), so the caller can stream.
+`generate()` cannot do in one batch. Each step returns one event per request (serve_apps.events: a `DeltaEvent`,
+the `FinalEvent` with the finish reason and usage, or an `ErrorEvent`), so the caller can stream.
 
 One request never fails another: sampling is numerically safe for any valid temperature and top_p, reserved
 tokens (`<image>`, `<router>`, padding, every special token but end-of-sequence, ids past the tokenizer) are never
@@ -24,6 +24,7 @@ import torch
 
 from dpn_model import flops as flops_lib
 from serve_apps.compression import Rate, as_rate
+from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ class _RowState:
 
 GREEDY_BELOW = 1e-4
 """Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
-
-
-def error_event(
-    message: str, status: int = 500, param: str | None = None, code: str = "generation_failed"
-) -> dict[str, Any]:
-    """The `error` event that ends one request: 400 for its prompt, 503 to retry, 500 for a fault (its input was
-    validated, so a failing row is the server's fault, and the one place it shows is that row's answer)."""
-    return {"type": "error", "status": status, "param": param, "message": message, "code": code}
 
 
 def reserved_token_ids(processor: Any, vocab_size: int) -> list[int]:
@@ -252,7 +245,7 @@ class BatchRun:
     # -- steps ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self) -> list[dict[str, Any] | None]:
+    def prefill(self) -> list[Event | None]:
         """Run the prompt through the model (pooling happens here) and pick each request's first token."""
         device = self.model.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -277,10 +270,10 @@ class BatchRun:
         self._mask = mask.to(device)
         self._usage = self._prefill_usage(out, mask)
         events = self._advance(out.logits[:, -1].float())
-        return [error_event(row.error) if row.error else event for row, event in zip(self.rows, events)]
+        return [ErrorEvent(row.error) if row.error else event for row, event in zip(self.rows, events)]
 
     @torch.inference_mode()
-    def step(self) -> list[dict[str, Any] | None]:
+    def step(self) -> list[Event | None]:
         """Decode one token for every request (finished ones are fed padding and ignored)."""
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         last = [row.generated[-1] if row.generated and not row.finished else pad_id for row in self.rows]
@@ -345,7 +338,7 @@ class BatchRun:
             )
         return usage
 
-    def _advance(self, logits: torch.Tensor) -> list[dict[str, Any] | None]:
+    def _advance(self, logits: torch.Tensor) -> list[Event | None]:
         """One event per row from the step's logits `(B, V)`: a failing row ends alone with an error event."""
         if self._reserved is None:
             self._reserved = torch.tensor(
@@ -353,7 +346,7 @@ class BatchRun:
             )
         # reserved tokens are never emitted, greedy or sampled
         logits = logits.cpu().float().index_fill(1, self._reserved, float("-inf"))
-        events: list[dict[str, Any] | None] = []
+        events: list[Event | None] = []
         for i, (row, req) in enumerate(zip(self.rows, self.requests)):
             if row.finished:
                 events.append(None)
@@ -363,10 +356,10 @@ class BatchRun:
             except Exception as exc:  # noqa: BLE001 - this row's failure must not end its batch-mates
                 logger.exception("batch %s: request %s failed", self.batch_id, req.request_id)
                 row.finished = True
-                events.append(error_event(f"generation failed: {exc}"))
+                events.append(ErrorEvent(f"generation failed: {exc}"))
         return events
 
-    def _advance_row(self, i: int, logits: torch.Tensor) -> dict[str, Any] | None:
+    def _advance_row(self, i: int, logits: torch.Tensor) -> DeltaEvent | FinalEvent | None:
         """Sample row `i`'s next token; its text delta, its final event, or None (text held back)."""
         row, req = self.rows[i], self.requests[i]
         token = sample_token(logits, req.temperature, req.top_p, self.generators[i])
@@ -390,27 +383,19 @@ class BatchRun:
                 safe = min(safe, len(text) - 1)
             delta = text[row.emitted : max(safe, row.emitted)]
             row.emitted = max(safe, row.emitted)
-            return {"type": "delta", "text": delta} if delta else None
+            return DeltaEvent(delta) if delta else None
         row.finished = True
         delta = text[row.emitted :]
         row.emitted = len(text)
         usage = dict(self._usage[i], completion_tokens=len(row.generated))
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {
-            "type": "final",
-            "text": delta,
-            "full_text": text,
-            "finish_reason": finish,
-            "usage": usage,
-            "batch": self.info,
-        }
+        return FinalEvent(text=delta, full_text=text, finish_reason=finish, usage=usage, batch=self.info)
 
 
 __all__ = [
     "BatchRun",
     "Prepared",
     "PromptError",
-    "error_event",
     "prepare",
     "reserved_token_ids",
     "sample_token",

@@ -1,4 +1,4 @@
-"""The model deployment: one DPN model per replica, one batch queue per compression rate.
+"""The model deployment (`DPNServer`): one DPN model per replica, one batch queue per compression rate.
 
 Each request's `compression` is checked against the model's config on arrival (factors its experts have, one per
 pooling layer for a schedule: a 400 naming `compression` otherwise, listing what the model serves; see
@@ -21,7 +21,7 @@ Every batch is recorded (id, queue, rate run, rates requested, size) in a bounde
 and each response carries its batch's record, so anyone can check that a batch never mixes rates.
 
 Moving to a new model version without downtime: the model comes from the deployment's `user_config = {"model":
-REF, "version": V}` (set from the app args). Redeploying with a changed `user_config` in the config's `DPNModel`
+REF, "version": V}` (set from the app args). Redeploying with a changed `user_config` in the config's `DPNServer`
 deployment section (`serve deploy`) is a lightweight update: Serve calls `reconfigure` on the running replicas,
 each loads the new weights in a background thread while it keeps serving with the old ones, then swaps atomically;
 batches already running finish on the model they started with. (Changing `args` or calling `serve.run` again from
@@ -40,14 +40,15 @@ from typing import Any
 from ray import serve
 
 from serve_apps import compression, loading
-from serve_apps.generation import Prepared, PromptError, error_event, prepare
+from serve_apps.events import ErrorEvent, Event, StartEvent
+from serve_apps.generation import Prepared, PromptError, prepare
 from serve_apps.limits import Limits
 from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
 
 logger = logging.getLogger(__name__)
 
 
-class DPNModelServer:
+class DPNServer:
     """A replica: the model, its processor, per-rate batch queues and a record of the batches run.
 
     Args:
@@ -153,23 +154,24 @@ class DPNModelServer:
     def check_health(self) -> None:
         self._require_model()
 
-    async def _prepare(self, processor: Any, request: dict[str, Any]) -> Prepared | dict[str, Any]:
-        """The tokenized request, or the error event that answers it (prepare runs off the event loop)."""
+    async def _prepare(self, processor: Any, request: dict[str, Any]) -> Prepared | ErrorEvent:
+        """The tokenized request, or the `ErrorEvent` that answers it (prepare runs off the event loop)."""
         try:
             return await asyncio.to_thread(prepare, processor, request, self.limits.max_prompt_tokens)
         except PromptError as exc:
-            return error_event(str(exc), 400, exc.param, exc.code)
+            return ErrorEvent(str(exc), 400, exc.param, exc.code)
         # the processor's complaints about the input (placeholders, text it cannot encode) are the client's
         except (ValueError, TypeError, UnicodeError) as exc:
-            return error_event(f"cannot tokenize the request: {exc}", 400, "messages", "invalid_prompt")
+            return ErrorEvent(f"cannot tokenize the request: {exc}", 400, "messages", "invalid_prompt")
         except Exception as exc:  # noqa: BLE001 - a fault preparing one request must not escape to the caller
             logger.exception("request %s: prepare failed", request.get("request_id"))
-            return error_event(f"preparing the request failed: {exc}")
+            return ErrorEvent(f"preparing the request failed: {exc}")
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream events for one request: `start`, then `delta`s and one `final` (or one `error`).
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[Event]:
+        """Stream events for one request (serve_apps.events): a `StartEvent`, then `DeltaEvent`s and one
+        `FinalEvent` (or one `ErrorEvent`).
 
-        Never raises for a request: problems with it are `error` events (400 for the prompt, 503 before a model is
+        Never raises for a request: problems with it are `ErrorEvent`s (400 for the prompt, 503 before a model is
         loaded, 500 for a fault), so the ingress answers in OpenAI's shape and no other request is touched.
 
         Args:
@@ -177,29 +179,29 @@ class DPNModelServer:
                 `seed`, `stop`, `compression`, `request_id` (already validated by the ingress).
         """
         if self._current is None:
-            yield error_event("no model is loaded yet; retry shortly", 503, code="model_loading")
+            yield ErrorEvent("no model is loaded yet; retry shortly", 503, code="model_loading")
             return
         model, processor, _, version = self._current
         try:
             rate = compression.for_model(request.get("compression", "auto"), model.config)
         except ValueError as exc:
-            yield error_event(str(exc), 400, "compression", "invalid_value")
+            yield ErrorEvent(str(exc), 400, "compression", "invalid_value")
             return
         prepared = await self._prepare(processor, {**request, "compression": rate})
-        if isinstance(prepared, dict):
+        if isinstance(prepared, ErrorEvent):
             yield prepared
             return
-        yield {"type": "start", "prompt_tokens": len(prepared.input_ids), "fingerprint": version}
+        yield StartEvent(prompt_tokens=len(prepared.input_ids), fingerprint=version)
         async for event in self.scheduler.submit(prepared):
             yield event
 
 
 ModelDeployment = serve.deployment(
-    DPNModelServer,
-    name="DPNModel",
+    DPNServer,
+    name="DPNServer",
     max_ongoing_requests=64,
     max_queued_requests=128,
     health_check_period_s=10,
 )
 
-__all__ = ["BatchingConfig", "DPNModelServer", "MODES", "ModelDeployment", "mixed_batch_rate"]
+__all__ = ["BatchingConfig", "DPNServer", "MODES", "ModelDeployment", "mixed_batch_rate"]

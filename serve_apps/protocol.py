@@ -31,15 +31,18 @@ from pydantic import (
     ValidationError,
 )
 
-from serve_apps.compression import FORMS, check_form
+from serve_apps.compression import FORMS, SERVED_MODES, check_form
 
-Compression = Annotated[
-    Literal["auto"] | StrictInt | list[StrictInt],
+CompressionField = Annotated[
+    Literal[SERVED_MODES] | StrictInt | list[StrictInt],
     BeforeValidator(check_form, json_schema_input_type=str | int | list[int]),
     Field(description=f"{FORMS}; the model's factors and pooling layers are checked on the replica"),
 ]
-"""A `compression` checked for form (serve_apps.compression.check_form): `"auto"`, a factor, or a schedule as a
-list of factors. Whether the model has those factors and that many pooling layers is checked on the replica."""
+"""The type of a request's `compression` field, checked for form (serve_apps.compression.check_form, over the
+model's own parser `dpn_model.configuration.parse_compression`): `"auto"` (the model's routing modes but random
+routing, `SERVED_MODES`), a factor, or a schedule as a list of factors. Whether the model has those factors and that
+many pooling layers is checked on the replica. (The parsed value's plain type is
+`dpn_model.configuration.Compression`.)"""
 
 
 class APIError(Exception):
@@ -182,7 +185,7 @@ class ChatCompletionRequest(_Strict):
     stream: StrictBool = False
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     user: Text | None = None
-    compression: Compression = "auto"
+    compression: CompressionField = "auto"
     ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
 
     def stop_list(self) -> list[str]:
@@ -301,8 +304,8 @@ def chat_chunk(
 
 __all__ = [
     "APIError",
-    "Compression",
     "ChatCompletionRequest",
+    "CompressionField",
     "ChatMessage",
     "chat_chunk",
     "chat_completion",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -36,7 +37,8 @@ from pydantic import Field
 
 from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.compression import Rate, as_rate, densest
-from serve_apps.generation import BatchRun, Prepared, error_event
+from serve_apps.events import ErrorEvent, Event, FinalEvent
+from serve_apps.generation import BatchRun, Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +130,8 @@ class Scheduler:
     def waiting(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
-    async def submit(self, item: Prepared) -> AsyncIterator[dict[str, Any]]:
-        """Queue `item`; yield its events (`delta`s, then `final` or `error`)."""
+    async def submit(self, item: Prepared) -> AsyncIterator[Event]:
+        """Queue `item`; yield its events (`DeltaEvent`s, then a `FinalEvent` or an `ErrorEvent`)."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         waiter = _Waiter(item, time.monotonic())
@@ -193,7 +195,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - e.g. no model loaded: the requests get an error, the loop goes on
             logger.exception("cannot start a batch of %d requests", len(waiters))
             for waiter in waiters:
-                _finish(waiter, error_event(f"generation failed: {exc}"))
+                _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
             return
         self.running.append(_Running(run, waiters))
 
@@ -215,15 +217,15 @@ class Scheduler:
         else:
             for i in unfinished:
                 run.rows[i].finished = True
-                _finish(entry.waiters[i], error_event(f"generation failed: {exc}"))
+                _finish(entry.waiters[i], ErrorEvent(f"generation failed: {exc}"))
 
-    def _deliver(self, entry: _Running, events: list[dict[str, Any] | None]) -> None:
+    def _deliver(self, entry: _Running, events: list[Event | None]) -> None:
         for waiter, event in zip(entry.waiters, events):
             if event is None:
                 continue
-            if event["type"] == "final":
-                event["fingerprint"] = entry.run.info.get("fingerprint")
-            if event["type"] in ("final", "error"):
+            if isinstance(event, FinalEvent):
+                event = dataclasses.replace(event, fingerprint=entry.run.info.get("fingerprint"))
+            if isinstance(event, FinalEvent | ErrorEvent):
                 _finish(waiter, event)
             else:
                 waiter.events.put_nowait(event)
@@ -274,8 +276,8 @@ class Scheduler:
                 self._start_batch(key)
 
 
-def _finish(waiter: _Waiter, event: dict[str, Any]) -> None:
-    """Send a request its last event (`final` or `error`) and close its stream."""
+def _finish(waiter: _Waiter, event: FinalEvent | ErrorEvent) -> None:
+    """Send a request its last event (a `FinalEvent` or an `ErrorEvent`) and close its stream."""
     waiter.events.put_nowait(event)
     waiter.events.put_nowait(None)
 

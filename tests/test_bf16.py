@@ -253,19 +253,19 @@ def test_bf16_generate_gives_fp32_greedy_tokens(models, fitted, compression):
 # ---------------------------------------------------------------------------------------------------- serving
 
 
-def _serve(path: str, dtype: str, compressions: list[str | int]) -> tuple[dict[str, Any], list[list[dict]]]:
-    """Every test prompt at every rate through one replica (`DPNModelServer` without Ray Serve): its info and
+def _serve(path: str, dtype: str, compressions: list[str | int]) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Every test prompt at every rate through one replica (`DPNServer` without Ray Serve): its info and
     each request's events."""
-    from serve_apps.model import DPNModelServer
+    from serve_apps.model import DPNServer
 
-    server = DPNModelServer(
+    server = DPNServer(
         batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.05}, device="cpu", dtype=dtype, model=path
     )
 
-    async def one(req: dict[str, Any]) -> list[dict[str, Any]]:
+    async def one(req: dict[str, Any]) -> list[Any]:
         return [event async for event in server.generate(req)]
 
-    async def main() -> list[list[dict[str, Any]]]:
+    async def main() -> list[list[Any]]:
         reqs = [request(i, c) for c in compressions for i in range(len(QUESTIONS))]
         return await asyncio.gather(*(one(r) for r in reqs))
 
@@ -273,6 +273,8 @@ def _serve(path: str, dtype: str, compressions: list[str | int]) -> tuple[dict[s
 
 
 def test_serving_bf16_answers_as_fp32(fitted):
+    from serve_apps.events import FinalEvent
+
     tokenizer = fitted["tokenizer"]
     expected = [tokenizer.decode(row[:-1].tolist(), skip_special_tokens=True) for row in fitted["answers"]]
     texts = {}
@@ -281,13 +283,13 @@ def test_serving_bf16_answers_as_fp32(fitted):
         assert info["dtype"] == dtype and info["device"] == "cpu"
         finals = []
         for events in results:
-            assert events[-1]["type"] == "final", events[-1]
+            assert isinstance(events[-1], FinalEvent), events[-1]
             finals.append(events[-1])
         for final in finals:  # every batch held one rate
-            assert set(final["batch"]["requested"]) == {final["usage"]["compression_requested"]}
-        texts[dtype] = [f["full_text"] for f in finals]
+            assert set(final.batch["requested"]) == {final.usage["compression_requested"]}
+        texts[dtype] = [f.full_text for f in finals]
         # each answer ended at its end-of-sequence token, not at max_tokens
-        assert all(f["finish_reason"] == "stop" for f in finals)
+        assert all(f.finish_reason == "stop" for f in finals)
         assert texts[dtype] == expected * len(MODES)
     assert texts["bfloat16"] == texts["float32"]
 

@@ -49,6 +49,7 @@ def _llava_row() -> dict[str, np.ndarray]:
 def _serving_prompt(processor) -> tuple[list[int], dict]:
     """The OpenAI request through the ingress (FastAPI, no Ray) and the replica's `prepare`."""
     from serve_apps.api import Settings, create_api
+    from serve_apps.events import ErrorEvent
     from serve_apps.generation import prepare
     from serve_apps.limits import Limits
 
@@ -57,7 +58,7 @@ def _serving_prompt(processor) -> tuple[list[int], dict]:
     class Recorder:
         async def generate(self, request):
             received.append(request)
-            yield {"type": "error", "status": 400, "message": "recorded", "param": None, "code": "recorded"}
+            yield ErrorEvent(status=400, message="recorded", param=None, code="recorded")
 
         async def info(self):
             return {"model": "/ckpt", "version": "v1", "compression_factors": [1, 2, 4]}

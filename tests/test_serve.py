@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serve_apps.api import Overloaded, Settings, create_api
+from serve_apps.events import DeltaEvent, ErrorEvent, FinalEvent, StartEvent
 from serve_apps.limits import Limits
 from serve_apps.model import BatchingConfig, mixed_batch_rate
 
@@ -75,26 +76,22 @@ class FakeBackend:
         if self.mode == "overloaded":
             raise Overloaded("num_queued_requests=2, max_queued_requests=2")
         if self.mode == "prompt_error":
-            yield {
-                "type": "error",
-                "status": 400,
-                "message": "the prompt is 999 tokens",
-                "param": "messages",
-                "code": "prompt_too_long",
-            }
+            yield ErrorEvent(
+                status=400, message="the prompt is 999 tokens", param="messages", code="prompt_too_long"
+            )
             return
-        yield {"type": "start", "prompt_tokens": 10, "fingerprint": "v1"}
-        yield {"type": "delta", "text": "a red "}
+        yield StartEvent(prompt_tokens=10, fingerprint="v1")
+        yield DeltaEvent(text="a red ")
         usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prefill_flops_saved": 0.4}
         batch = {"id": 7, "queue": "4", "rate": 4, "size": 1, "requested": [4]}
-        yield {
-            "type": "final",
-            "text": "circle",
-            "finish_reason": "stop",
-            "usage": usage,
-            "batch": batch,
-            "fingerprint": "v1",
-        }
+        yield FinalEvent(
+            text="circle",
+            full_text="a red circle",
+            finish_reason="stop",
+            usage=usage,
+            batch=batch,
+            fingerprint="v1",
+        )
 
     async def info(self):
         return {"model": "/ckpt", "version": "v1", "compression_factors": [1, 2, 4]}
@@ -400,7 +397,7 @@ def test_serve_configs_are_valid(name):
     args = AppArgs.model_validate(app["args"])
     Limits.from_dict(args.limits), BatchingConfig.from_dict(args.batching)
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"DPNModel", "OpenAIIngress"}
+    assert set(deployments) == {"DPNServer", "OpenAIIngress"}
     for deployment in deployments.values():
         assert {
             "min_replicas",
@@ -410,7 +407,7 @@ def test_serve_configs_are_valid(name):
             "downscale_delay_s",
         } <= set(deployment["autoscaling_config"])
     if "7b" in name:
-        assert deployments["DPNModel"]["ray_actor_options"]["num_gpus"] == 1 and args.dtype == "bfloat16"
+        assert deployments["DPNServer"]["ray_actor_options"]["num_gpus"] == 1 and args.dtype == "bfloat16"
 
 
 # ----------------------------------------------------------------------------------------------- generation engine
@@ -456,7 +453,7 @@ def _run(model, processor, items, rate):
     for events in [run.prefill()] + [None] * 64:
         events = events if events is not None else (run.step() if not run.done else [])
         for i, event in enumerate(events):
-            if event is not None and event["type"] == "final":
+            if isinstance(event, FinalEvent):
                 finals[i] = event
         if run.done:
             break
@@ -483,7 +480,7 @@ def test_batched_left_padded_generation_matches_generate(tiny):
             row.generated
             == [t for t in expected if t != processor.tokenizer.eos_token_id][: len(row.generated)]
         )
-    usage = finals[0]["usage"]
+    usage = finals[0].usage
     assert usage["compression_per_pooling_layer"] == [2, 2, 2]
     assert usage["visual_tokens_per_layer"] == [256, 128, 64, 32]
     assert 0.2 < usage["prefill_flops_saved"] < 0.5
@@ -492,17 +489,17 @@ def test_batched_left_padded_generation_matches_generate(tiny):
 def test_sampling_params_stop_and_seed(tiny):
     model, processor = tiny
     greedy = _run(model, processor, [prepared_request(processor, "Colour?", max_tokens=8)], 1)[1][0]
-    assert greedy["finish_reason"] in ("length", "stop") and greedy["usage"]["compression_run"] == 1
-    if len(greedy["full_text"]) > 2:
-        stop = greedy["full_text"][1:3]
+    assert greedy.finish_reason in ("length", "stop") and greedy.usage["compression_run"] == 1
+    if len(greedy.full_text) > 2:
+        stop = greedy.full_text[1:3]
         stopped = _run(
             model, processor, [prepared_request(processor, "Colour?", max_tokens=8, stop=[stop])], 1
         )[1][0]
-        assert stopped["finish_reason"] == "stop" and stop not in stopped["full_text"]
-        assert greedy["full_text"].startswith(stopped["full_text"])
+        assert stopped.finish_reason == "stop" and stop not in stopped.full_text
+        assert greedy.full_text.startswith(stopped.full_text)
     sampled = [prepared_request(processor, "Colour?", temperature=1.0, top_p=0.9, seed=11) for _ in range(2)]
     a, b = _run(model, processor, sampled, 4)[1]
-    assert a["full_text"] == b["full_text"]  # same seed, same text, even in one batch
+    assert a.full_text == b.full_text  # same seed, same text, even in one batch
 
 
 def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
@@ -549,7 +546,7 @@ def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
     outputs = asyncio.run(main())
     for item, events in zip(items, outputs):
         final = events[-1]
-        assert final["type"] == "final" and final["usage"]["compression_requested"] == item.compression
+        assert isinstance(final, FinalEvent) and final.usage["compression_requested"] == item.compression
     return records
 
 
@@ -617,7 +614,7 @@ def test_default_compression_and_cli_flag_take_a_schedule(backend, capsys):
 
 
 class LocalBackend:
-    """`serve_apps.api.Backend` over a `DPNModelServer` in this process: the replica's own checks and batches."""
+    """`serve_apps.api.Backend` over a `DPNServer` in this process: the replica's own checks and batches."""
 
     def __init__(self, server):
         self.server = server
@@ -635,9 +632,9 @@ class LocalBackend:
 @pytest.fixture(scope="module")
 def local(checkpoints):
     """The API over a replica of the tiny model, without Ray."""
-    from serve_apps.model import DPNModelServer
+    from serve_apps.model import DPNServer
 
-    server = DPNModelServer(
+    server = DPNServer(
         batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
         device="cpu",
         dtype="float32",
@@ -707,10 +704,10 @@ def test_replica_serves_after_refused_schedules(local):
 
 
 def test_default_compression_the_model_cannot_run_fails_its_load(checkpoints):
-    from serve_apps.model import DPNModelServer
+    from serve_apps.model import DPNServer
 
     with pytest.raises(ValueError, match=r"default_compression \[1, 2\].*This model serves"):
-        DPNModelServer(device="cpu", model=checkpoints[0], default_compression=[1, 2])
+        DPNServer(device="cpu", model=checkpoints[0], default_compression=[1, 2])
 
 
 def test_one_schedule_one_queue_whatever_its_form(tiny):
@@ -890,8 +887,8 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
     thread.start()
     try:
         time.sleep(1.0)
-        # what `serve deploy` does for a changed user_config of DPNModel: reconfigure() on the running replica
-        handle = serve.get_deployment_handle("DPNModel", app_name="dpn")
+        # what `serve deploy` does for a changed user_config of DPNServer: reconfigure() on the running replica
+        handle = serve.get_deployment_handle("DPNServer", app_name="dpn")
         handle.reconfigure.remote({"model": checkpoints[1], "version": "v2"}).result(timeout_s=120)
         deadline = time.time() + 60
         while time.time() < deadline and httpx.get(served + "/health").json().get("version") != "v2":

@@ -333,10 +333,10 @@ def test_fuzz_fake_backend_never_5xx(fake_client, body):
 @pytest.fixture(scope="module")
 def model_client(tmp_path_factory):
     from dpn_model.presets import create_checkpoint
-    from serve_apps.model import DPNModelServer
+    from serve_apps.model import DPNServer
 
     checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("fuzz") / "ckpt"), seed=0)
-    server = DPNModelServer(
+    server = DPNServer(
         batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
         limits=LIMITS.to_dict(),
         device="cpu",

@@ -62,7 +62,7 @@ def _kill_model_replica() -> None:
     replicas = [
         a
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if "SERVE_REPLICA" in a["name"] and "DPNModel" in a["name"]
+        if "SERVE_REPLICA" in a["name"] and "DPNServer" in a["name"]
     ]
     assert len(replicas) == 1, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)

@@ -33,6 +33,7 @@ from test_serve import (
 )
 
 from serve_apps.api import Settings, Unavailable, create_api
+from serve_apps.events import ErrorEvent, FinalEvent, StartEvent
 from serve_apps.generation import BatchRun, reserved_token_ids, sample_token
 from serve_apps.limits import Limits
 from serve_apps.scheduler import BatchingConfig, Scheduler
@@ -325,7 +326,7 @@ class FlakyBackend(FakeBackend):
         if self.mode == "crash":
             raise RuntimeError("a bug in the backend")
         if self.mode == "unavailable_mid":
-            yield {"type": "start", "prompt_tokens": 3, "fingerprint": "v1"}
+            yield StartEvent(prompt_tokens=3, fingerprint="v1")
             raise Unavailable("model replica unavailable: ActorDiedError")
         async for event in super().generate(request):
             yield event
@@ -384,7 +385,7 @@ def test_handle_backend_maps_a_dead_replica_to_unavailable():
 
         def remote(self, request):
             async def events():
-                yield {"type": "start"}
+                yield StartEvent(prompt_tokens=0)
                 raise ActorDiedError()
 
             return events()
@@ -444,14 +445,14 @@ def test_reserved_tokens_are_never_emitted_even_when_most_likely(tiny):
         logits[:, reserved] = 1e4  # the model's favourites
         logits[:, eos] = -1e4
         events = run._advance(logits)
-        assert all(event is None or event["type"] != "error" for event in events), events
+        assert all(not isinstance(event, ErrorEvent) for event in events), events
     for row in run.rows:
         assert row.generated and not set(row.generated) & set(reserved)
     logits = torch.zeros(len(items), model.config.text_config.vocab_size)
     logits[:, reserved] = 1e4
     logits[:, eos] = 50.0  # end-of-sequence stays allowed
     events = run._advance(logits)
-    assert [e["finish_reason"] for e in events] == ["stop"] * 3
+    assert [e.finish_reason for e in events] == ["stop"] * 3
 
 
 def test_sampling_at_temperature_one_never_emits_reserved_tokens(tiny):
@@ -466,7 +467,7 @@ def test_sampling_at_temperature_one_never_emits_reserved_tokens(tiny):
     run = BatchRun(model, processor, items, 2, "test")
     events = run.prefill()
     while not run.done:
-        assert all(event is None or event["type"] != "error" for event in events), events
+        assert all(not isinstance(event, ErrorEvent) for event in events), events
         events = run.step()
     reserved = set(reserved_token_ids(processor, model.config.text_config.vocab_size))
     for row in run.rows:
@@ -501,8 +502,8 @@ def run_scheduler(
     return asyncio.run(main())
 
 
-def _outcome(events: list[dict[str, Any]]) -> str:
-    return events[-1]["type"]
+def _outcome(events: list[Any]) -> str:
+    return {FinalEvent: "final", ErrorEvent: "error"}[type(events[-1])]
 
 
 @pytest.fixture()
@@ -552,7 +553,7 @@ def test_a_poisoned_row_fails_alone_and_its_batch_mates_succeed(tiny, poison, st
     (first, after) = run_scheduler(tiny, [wave, [prepared_request(processor, request_id="later")]], records)
     assert [_outcome(events) for events in first] == ["final", "error", "final"]
     error = first[1][-1]
-    assert error["status"] == 500 and error["code"] == "generation_failed"
+    assert error.status == 500 and error.code == "generation_failed"
     assert records[0]["size"] == 3  # really batched together
     assert _outcome(after[0]) == "final"
 
@@ -572,9 +573,9 @@ def test_a_failing_decode_step_fails_only_the_request_at_fault(tiny, poison):
     first, after = run_scheduler(tiny, [wave, [prepared_request(processor, request_id="later")]], records)
     assert [_outcome(events) for events in first] == ["final", "error"]
     good = first[0][-1]
-    assert good["full_text"] == clean[-1]["full_text"] and good["usage"]["completion_tokens"] == 5
-    assert good["usage"]["prompt_tokens"] == clean[-1]["usage"]["prompt_tokens"]
-    assert "".join(e.get("text", "") for e in first[0]) == good["full_text"]  # nothing sent twice
+    assert good.full_text == clean[-1].full_text and good.usage["completion_tokens"] == 5
+    assert good.usage["prompt_tokens"] == clean[-1].usage["prompt_tokens"]
+    assert "".join(e.text for e in first[0]) == good.full_text  # nothing sent twice
     assert (
         records[0]["size"] == 2 and "failed" in records[0] and records[1]["resumed_from"] == records[0]["id"]
     )
@@ -594,21 +595,21 @@ def test_a_batch_that_cannot_start_answers_its_requests(tiny):
     first, after = run_scheduler(
         tiny, [[prepared_request(processor)], [prepared_request(processor)]], current_model=current_model
     )
-    assert _outcome(first[0]) == "error" and "no model loaded" in first[0][-1]["message"]
+    assert _outcome(first[0]) == "error" and "no model loaded" in first[0][-1].message
     assert _outcome(after[0]) == "final"
 
 
 def test_model_server_turns_prepare_faults_into_error_events(tiny, monkeypatch):
     import serve_apps.model as model_module
 
-    server = model_module.DPNModelServer()
+    server = model_module.DPNServer()
 
     async def collect(request):
         return [event async for event in server.generate(request)]
 
     request = {"messages": HI, "images": [], "max_tokens": 2, "temperature": 0, "compression": "auto"}
     (loading,) = asyncio.run(collect(request))
-    assert loading["status"] == 503  # no model yet: retry
+    assert loading.status == 503  # no model yet: retry
     server._swap("tiny", "v", *tiny)
     for exc, status in ((TypeError("cannot encode"), 400), (KeyError("bug"), 500)):
 
@@ -617,4 +618,4 @@ def test_model_server_turns_prepare_faults_into_error_events(tiny, monkeypatch):
 
         monkeypatch.setattr(model_module, "prepare", failing_prepare)
         (event,) = asyncio.run(collect(request))
-        assert event["type"] == "error" and event["status"] == status
+        assert isinstance(event, ErrorEvent) and event.status == status
