@@ -21,6 +21,7 @@ ROUTING_LOSS_EXPERTS = ("argmax", "sampled")
 ROUTING_LOSS_REDUCTIONS = ("global", "per_layer")
 ROUTER_TOKEN_REDUCTIONS = ("mean", "last")
 ROUTER_ESTIMATORS = ("scale", "reinforce")
+ROUTER_BASELINES = ("batch", "critic")
 ROUTING_MODES = ("auto", "random")
 DPN_CONFIG_VERSION = 2
 DEFAULT_EXPERT_STRIDES = ((1, 1), (1, 2), (2, 2))
@@ -98,12 +99,25 @@ class DPNConfig(LlavaConfig):
             rewarding each sample's path with `-(its LM loss + router_cost_weight * its visual-token cost)`
             against the leave-one-out mean of the batch, so an expert that loses a sample's answer is
             penalised for that sample. The pooling, the scaling and inference are unchanged.
+        router_baseline (`str`):
+            Baseline of the REINFORCE term (`"reinforce"` only). `"batch"`: the leave-one-out mean reward of the
+            batch. `"critic"`: that mean plus a learned per-sample correction, a linear head on each router's
+            (detached, normalised) input that predicts how much better or worse than its batch-mates a sample
+            scores; it removes the question's own difficulty from the advantage, so the router is rewarded for
+            its choice, not for the question it was given. The head adds `hidden_size + 1` parameters per
+            pooling layer and is used in training only.
         router_reinforce_weight (`float`):
             Weight of the REINFORCE term in the loss (`router_estimator="reinforce"` only).
         router_cost_weight (`float`):
             Price, in nats of LM loss, of a sample's visual-token cost: the mean over the pooling layers of the
             fraction of its visual tokens still kept (1 for the dense path, ~0.17 for 4x, 2x, 1x after the
             token floor on a 16x16 grid) (`"reinforce"` only).
+        router_explore (`float`):
+            Exploration in training (`"reinforce"` only): each expert is sampled from
+            `(1 - router_explore) * q + router_explore * uniform`, `q` the router's distribution over the experts
+            the token floor allows, and the REINFORCE term scores that mixture. Without it a router that commits
+            early to one path leaves the decoder untrained on every other, so no other path can win later (the
+            tiny router locks into one path for every question at 0). Inference takes the router's argmax.
         dpn_config_version (`int`):
             Version of these semantics; `config.json` files without it are read with [`LEGACY_DEFAULTS`].
     """
@@ -126,8 +140,10 @@ class DPNConfig(LlavaConfig):
     router_bias: bool = False
     router_token_reduction: str = "mean"
     router_estimator: str = "scale"
+    router_baseline: str = "batch"
     router_reinforce_weight: float = 1.0
     router_cost_weight: float = 0.5
+    router_explore: float = 0.0
     dpn_config_version: int = DPN_CONFIG_VERSION
 
     @classmethod
@@ -193,9 +209,12 @@ class DPNConfig(LlavaConfig):
         self._check_choice("routing_loss_reduction", ROUTING_LOSS_REDUCTIONS)
         self._check_choice("router_token_reduction", ROUTER_TOKEN_REDUCTIONS)
         self._check_choice("router_estimator", ROUTER_ESTIMATORS)
+        self._check_choice("router_baseline", ROUTER_BASELINES)
         for name in ("router_reinforce_weight", "router_cost_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.router_explore <= 1.0:
+            raise ValueError(f"router_explore must be in [0, 1], got {self.router_explore!r}")
         for name in ("train_token_floor", "inference_token_floor"):
             floor = getattr(self, name)
             if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int) or floor < 0):

@@ -34,7 +34,7 @@ from dpn_model.configuration import (
     compression_schedule,
     parse_compression,
 )
-from dpn_model.pooling import DynamicPoolingExperts, pooled_grid, router_input
+from dpn_model.pooling import DynamicPoolingExperts, RouterCritic, pooled_grid, router_input
 
 
 @dataclass
@@ -55,6 +55,8 @@ class DPNModelOutput(ModelOutput):
             Router probabilities (`compression="auto"` only).
         router_feasible (`torch.BoolTensor` of shape `(batch, num_pooling_layers, num_experts)`, *optional*):
             Experts the token floor allowed (`compression="auto"` only).
+        router_values (`torch.FloatTensor` of shape `(batch, num_pooling_layers)`, *optional*):
+            The REINFORCE critic's predictions (training with `router_baseline="critic"` only).
         visual_tokens (`torch.LongTensor` of shape `(batch, num_pooling_layers + 1)`):
             Visual tokens per sample before the first pooling layer and after each one.
         layer_seq_lens (`torch.LongTensor` of shape `(batch, num_decoder_layers)`):
@@ -70,6 +72,7 @@ class DPNModelOutput(ModelOutput):
     expert_choices: torch.LongTensor | None = None
     router_probs: torch.FloatTensor | None = None
     router_feasible: torch.BoolTensor | None = None
+    router_values: torch.FloatTensor | None = None
     visual_tokens: torch.LongTensor | None = None
     layer_seq_lens: torch.LongTensor | None = None
     routing_loss: torch.FloatTensor | None = None
@@ -174,6 +177,14 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (token_loss * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def exploring(q: torch.Tensor, feasible: torch.Tensor, explore: float) -> torch.Tensor:
+    """`(1 - explore) * q + explore * uniform over the feasible experts` (`router_explore`), `(..., experts)`."""
+    if not explore:
+        return q
+    uniform = feasible.float() / feasible.float().sum(-1, keepdim=True).clamp(min=1)
+    return (1.0 - explore) * q + explore * uniform
+
+
 def reinforce_loss(
     probs: torch.Tensor,
     feasible: torch.Tensor,
@@ -181,6 +192,8 @@ def reinforce_loss(
     sample_loss: torch.Tensor,
     cost: torch.Tensor,
     cost_weight: float,
+    values: torch.Tensor | None = None,
+    explore: float = 0.0,
 ) -> torch.Tensor:
     """REINFORCE term for the routers (`router_estimator="reinforce"`; ours, not the authors').
 
@@ -197,6 +210,11 @@ def reinforce_loss(
         sample_loss (`torch.Tensor` of shape `(batch,)`): each sample's LM loss (no gradient is taken through it).
         cost (`torch.Tensor` of shape `(batch,)`): each sample's visual-token cost (same).
         cost_weight (`float`): nats of LM loss one unit of cost is worth.
+        values (`torch.Tensor` of shape `(batch, layers)`, *optional*): the critic's prediction, per sample and
+            layer, of the sample's reward minus the leave-one-out baseline (`router_baseline="critic"`). The
+            baseline becomes the batch's plus this prediction, and the term adds the critic's squared error.
+        explore (`float`): the uniform share of the distribution the experts were sampled from
+            (`router_explore`); the term scores that mixture.
 
     Returns:
         `torch.Tensor`: scalar; 0 (with a graph) when fewer than two samples were routed.
@@ -207,13 +225,19 @@ def reinforce_loss(
     if n < 2:
         return probs.sum() * 0.0
     allowed = probs * feasible
-    q = allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12)
+    q = exploring(allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12), feasible, explore)
     chosen = q.gather(-1, choices.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     log_p = (torch.log(chosen.clamp(min=1e-12)) * routed).sum(-1)  # (B,)
     reward = -(sample_loss.float() + cost_weight * cost.float()).detach() * has
     baseline = (reward.sum() - reward) / (n - 1)
     advantage = (reward - baseline) * has
-    return -(advantage * log_p).sum() / n
+    if values is None:
+        return -(advantage * log_p).sum() / n
+    # per layer: the critic removes what the sample's own question explains of its advantage
+    log_q = torch.log(chosen.clamp(min=1e-12)) * routed  # (B, L)
+    corrected = (advantage[:, None] - values.detach()) * routed
+    critic_loss = ((values - advantage[:, None]) ** 2 * routed).sum() / routed.sum()
+    return -(corrected * log_q).sum() / n + critic_loss
 
 
 def _additive_mask(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -278,6 +302,9 @@ class DPNPreTrainedModel(LlavaPreTrainedModel):
         if isinstance(module, DynamicPoolingExperts) and module.pooling_type == "conv":
             for conv, (sh, sw) in zip(module.convs, module.strides):
                 nn.init.constant_(conv.weight, 1.0 / (sh * sw))  # start as average pooling
+        if isinstance(module, RouterCritic):
+            nn.init.zeros_(module.weight)  # start as the batch baseline
+            nn.init.zeros_(module.bias)
 
 
 class DPNModel(LlavaModel, DPNPreTrainedModel):
@@ -347,7 +374,8 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
 
     def _route(self, stage: DynamicPoolingExperts, state: PrefillState, mode: str, forced: int | None):
         """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran), the
-        router probabilities `(B, E)` and the experts the token floor allowed `(B, E)` (auto only; else None).
+        router probabilities `(B, E)` and the experts the token floor allowed `(B, E)` (auto only; else None),
+        and the critic's value `(B,)` (training with `router_baseline="critic"` only; else None).
 
         The router and random routing choose among the experts the token floor allows (training: sampled from
         the feasible ones, as the reference's re-sampling; otherwise the feasible argmax). The gate is the
@@ -356,36 +384,53 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         hidden = state.hidden
         batch = hidden.shape[0]
         if forced is not None:
-            return torch.full((batch,), forced, dtype=torch.long, device=hidden.device), None, None, None
+            return (
+                torch.full((batch,), forced, dtype=torch.long, device=hidden.device),
+                None,
+                None,
+                None,
+                None,
+            )
         cfg = self.config
         floor = cfg.train_token_floor if self.training else cfg.inference_token_floor
         feasible = stage.feasible_experts(state.rows, state.cols, floor)  # (B, E)
         if mode == "random":
-            return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None
-        probs = stage.router(router_input(hidden, state.is_router, cfg.router_token_reduction))  # (B, E) f32
+            return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None, None
+        features = router_input(hidden, state.is_router, cfg.router_token_reduction)
+        probs = stage.router(features)  # (B, E) f32
+        value = stage.router.value(features) if self.training else None
         allowed = probs.detach() * feasible
-        choice = torch.multinomial(allowed, 1).squeeze(-1) if self.training else allowed.argmax(-1)
+        if self.training:
+            explore = cfg.router_explore if cfg.router_estimator == "reinforce" else 0.0
+            sampling = allowed
+            if explore:
+                sampling = exploring(
+                    allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12), feasible, explore
+                )
+            choice = torch.multinomial(sampling, 1).squeeze(-1)
+        else:
+            choice = allowed.argmax(-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-        return choice, gate, probs, feasible
+        return choice, gate, probs, feasible, value
 
     def _pool_stage(self, s: int, state: PrefillState, mode: str, schedule: list[int] | None):
         """Route and pool the visual tokens after pooling layer `s`.
 
         Returns:
-            `(state, choices, probs, feasible)`: the state on the shortened sequence (`state` itself when nothing
-            was pooled), expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
+            `(state, choices, probs, feasible, value)`: the state on the shortened sequence (`state` itself when
+            nothing was pooled), expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
             `min_visual_tokens` left), the router probabilities `(B, E)` and the experts the token floor allowed
-            `(B, E)`, both None when no router ran.
+            `(B, E)`, both None when no router ran, and the critic's value `(B,)` or None.
         """
         stage = self.pyramid[s]
         n_visual = state.rows * state.cols
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
         forced = schedule[s] if schedule is not None else None
-        choice, gate, probs, feasible = self._route(stage, state, mode, forced)
+        choice, gate, probs, feasible, value = self._route(stage, state, mode, forced)
         identity = forced is not None and stage.strides[forced] == (1, 1)
         if eligible.any() and not identity:
             state = self._pool_and_rebuild(stage, state, choice, gate, eligible)
-        return state, torch.where(eligible, choice, -1), probs, feasible
+        return state, torch.where(eligible, choice, -1), probs, feasible, value
 
     def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DPNCache | None:
         """The given `DPNCache`, a fresh one in place of an empty cache of another kind, or a new one if asked."""
@@ -648,7 +693,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
         n_stages = len(self.pyramid)
         choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=input_ids.device)
-        probs_all, feasible_all = [], []
+        probs_all, feasible_all, values_all = [], [], []
         visual_counts = [state.rows * state.cols]
         seq_lens = []
         segment_masks = []
@@ -664,10 +709,12 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             segment_masks.append(mask)
             if s == n_stages:
                 break
-            state, choices[:, s], probs, feasible = self._pool_stage(s, state, mode, schedule)
+            state, choices[:, s], probs, feasible, value = self._pool_stage(s, state, mode, schedule)
             if probs is not None:
                 probs_all.append(probs)
                 feasible_all.append(feasible)
+            if value is not None:
+                values_all.append(value)
             visual_counts.append(state.rows * state.cols)
 
         if cache is not None:
@@ -692,6 +739,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             expert_choices=choices,
             router_probs=router_probs,
             router_feasible=torch.stack(feasible_all, dim=1) if feasible_all else None,
+            router_values=torch.stack(values_all, dim=1) if values_all else None,
             visual_tokens=torch.stack(visual_counts, dim=1),
             layer_seq_lens=torch.stack(seq_lens, dim=1),
             routing_loss=r_loss,
@@ -776,6 +824,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
                     sample_loss,
                     cost,
                     self.config.router_cost_weight,
+                    out.router_values,
+                    self.config.router_explore,
                 )
                 loss = loss + self.config.router_reinforce_weight * rf_loss
 

@@ -57,16 +57,24 @@ def router_input(hidden: torch.Tensor, is_router: torch.Tensor, reduction: str =
     return (total / counts.clamp(min=1).unsqueeze(-1)).to(hidden.dtype)
 
 
+class RouterCritic(nn.Linear):
+    """The REINFORCE critic of one router (`router_baseline="critic"`): `Linear(hidden, 1)`, initialised to 0."""
+
+
 class DPNRouter(nn.Module):
     """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts, bias optional); logits / temperature."""
 
-    def __init__(self, hidden_size: int, num_experts: int, temperature: float, bias: bool = False):
+    def __init__(
+        self, hidden_size: int, num_experts: int, temperature: float, bias: bool = False, critic: bool = False
+    ):
         super().__init__()
         self.temperature = temperature
         self.norm = nn.LayerNorm(hidden_size)
         self.down = nn.Linear(hidden_size, max(hidden_size // 4, 1), bias=False)
         self.act = nn.GELU()
         self.out = nn.Linear(max(hidden_size // 4, 1), num_experts, bias=bias)
+        # REINFORCE baseline correction (`router_baseline="critic"`); starts at 0, i.e. the batch baseline
+        self.critic = RouterCritic(hidden_size, 1) if critic else None
 
     def forward(self, router_hidden: torch.Tensor) -> torch.Tensor:
         """Args:
@@ -78,6 +86,16 @@ class DPNRouter(nn.Module):
         logits = self.out(self.act(self.down(self.norm(router_hidden))))
         return torch.softmax(logits.float() / self.temperature, dim=-1)
 
+    def value(self, router_hidden: torch.Tensor) -> torch.Tensor | None:
+        """The critic's predicted reward advantage over the batch, `(batch,)` float32 (None without a critic).
+
+        It reads the normalised router input without a gradient to it: the critic never changes what the
+        router or the decoder compute.
+        """
+        if self.critic is None:
+            return None
+        return self.critic(self.norm(router_hidden).detach()).squeeze(-1).float()
+
 
 class DynamicPoolingExperts(nn.Module):
     """One pooling stage of the pyramid: a router and the pooling experts of one decoder depth."""
@@ -87,7 +105,13 @@ class DynamicPoolingExperts(nn.Module):
         hidden = config.text_config.hidden_size
         self.strides = [tuple(s) for s in config.expert_strides]
         self.pooling_type = config.pooling_type
-        self.router = DPNRouter(hidden, len(self.strides), config.router_temperature, bias=config.router_bias)
+        self.router = DPNRouter(
+            hidden,
+            len(self.strides),
+            config.router_temperature,
+            bias=config.router_bias,
+            critic=config.router_estimator == "reinforce" and config.router_baseline == "critic",
+        )
         if self.pooling_type == "conv":
             # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.
             self.convs = nn.ModuleList(

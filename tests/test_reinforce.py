@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from small_config import IMAGE, ROUTER, make_config
 
 from dpn_model import DPNForConditionalGeneration
-from dpn_model.modeling import per_sample_lm_loss, reinforce_loss
+from dpn_model.modeling import exploring, per_sample_lm_loss, reinforce_loss
 
 
 def _probs(logits: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +126,114 @@ def test_model_adds_the_term_in_training_only():
     assert model(input_ids=ids, pixel_values=images, labels=labels).reinforce_loss is None
 
 
+def test_critic_removes_what_the_question_explains():
+    # sample 0 has the easy question (low loss whatever it picks), sample 1 the hard one. With the batch baseline
+    # sample 0's choice is raised and sample 1's lowered; a critic that predicts exactly these advantages leaves
+    # no policy gradient (the choices were no better or worse than the questions' expectation)
+    feasible = torch.ones(2, 1, 3, dtype=torch.bool)
+    choices = torch.tensor([[0], [2]])
+    losses, cost = torch.tensor([0.1, 2.0]), torch.zeros(2)
+    z, probs = _probs([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    reinforce_loss(probs, feasible, choices, losses, cost, 0.0).backward()
+    assert z.grad[0, 0, 0] < 0 and z.grad[1, 0, 2] > 0
+    z, probs = _probs([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    exact = torch.tensor([[1.9], [-1.9]], requires_grad=True)  # reward - leave-one-out baseline
+    loss = reinforce_loss(probs, feasible, choices, losses, cost, 0.0, values=exact)
+    loss.backward()
+    assert torch.allclose(z.grad, torch.zeros_like(z.grad), atol=1e-6)
+    assert torch.allclose(exact.grad, torch.zeros(2, 1), atol=1e-6)  # and the critic's error is 0
+    # a critic that predicts nothing yet is the batch baseline, and it learns towards the advantage
+    z, probs = _probs([[[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    zero = torch.zeros(2, 1, requires_grad=True)
+    loss = reinforce_loss(probs, feasible, choices, losses, cost, 0.0, values=zero)
+    loss.backward()
+    assert z.grad[0, 0, 0] < 0 and z.grad[1, 0, 2] > 0
+    assert zero.grad[0, 0] < 0 and zero.grad[1, 0] > 0  # descent raises sample 0's value, lowers sample 1's
+
+
+def test_model_critic_starts_at_the_batch_baseline_and_trains_only_itself():
+    config = make_config(router_estimator="reinforce", router_baseline="critic")
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(config)
+    critic = model.model.pyramid[0].router.critic
+    assert critic is not None and critic.weight.abs().sum() == 0 and critic.bias.abs().sum() == 0
+    assert (
+        DPNForConditionalGeneration(make_config(router_estimator="reinforce")).model.pyramid[0].router.critic
+        is None
+    )
+    ids, labels, images = _batch()
+    model.train()
+    torch.manual_seed(1)
+    out = model(input_ids=ids, pixel_values=images, labels=labels)
+    # at zero the critic changes nothing the router learns: the same policy gradient as the batch baseline
+    batch_model = DPNForConditionalGeneration(make_config(router_estimator="reinforce"))
+    batch_model.load_state_dict(model.state_dict(), strict=False)
+    batch_model.train()
+    torch.manual_seed(1)
+    same = batch_model(input_ids=ids, pixel_values=images, labels=labels)
+    assert same.reinforce_loss is not None
+    out.reinforce_loss.backward()
+    same.reinforce_loss.backward()
+    router, batch_router = model.model.pyramid[0].router, batch_model.model.pyramid[0].router
+    assert torch.allclose(router.out.weight.grad, batch_router.out.weight.grad, atol=1e-7)
+    assert critic.weight.grad.abs().sum() > 0 and critic.bias.grad.abs().sum() > 0
+    assert router.norm.weight.grad is None or torch.allclose(
+        router.norm.weight.grad, batch_router.norm.weight.grad
+    )
+    model.eval()
+    assert model.model(input_ids=ids, pixel_values=images).router_values is None
+
+
+def test_exploration_mixes_in_the_uniform_over_feasible_experts_and_is_scored():
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    feasible = torch.tensor([[True, True, True], [True, True, False]])
+    mixed = exploring(q, feasible, 0.3)
+    assert torch.allclose(mixed, torch.tensor([[0.8, 0.1, 0.1], [0.5, 0.5, 0.0]]))
+    assert exploring(q, feasible, 0.0) is q
+    # the term scores the mixture the expert was drawn from: a router sure of expert 0 that was overruled by
+    # exploration (expert 2) still gets a finite gradient, and a better-than-batch result raises expert 2
+    z, probs = _probs([[[9.0, 0.0, 0.0]], [[9.0, 0.0, 0.0]]])
+    feasible = torch.ones(2, 1, 3, dtype=torch.bool)
+    loss = reinforce_loss(
+        probs, feasible, torch.tensor([[2], [0]]), torch.tensor([0.1, 2.0]), torch.zeros(2), 0.0, explore=0.3
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and z.grad[0, 0, 2] < 0
+
+
+def _sure_of_expert_0(model: DPNForConditionalGeneration) -> None:
+    with torch.no_grad():  # constant router input -> a huge logit for expert 0, whatever the sample
+        for stage in model.model.pyramid:
+            stage.router.norm.weight.zero_()
+            stage.router.norm.bias.fill_(1.0)
+            stage.router.down.weight.fill_(1.0 / stage.router.down.weight.shape[1])
+            stage.router.out.weight.zero_()
+            stage.router.out.weight[0] = 100.0
+
+
+@pytest.mark.parametrize("explore", [0.0, 1.0])
+def test_model_explores_in_training_only(explore):
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(make_config(router_estimator="reinforce", router_explore=explore))
+    _sure_of_expert_0(model)
+    ids, labels, images = _batch()
+    model.train()
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        seen |= set(model.model(input_ids=ids, pixel_values=images).expert_choices[:, 0].tolist())
+    # without exploration the sure router always gets its way; with it, experts are drawn whatever it says
+    assert (len(seen - {-1}) > 1) == (explore > 0)
+    model.eval()
+    assert set(model.model(input_ids=ids, pixel_values=images).expert_choices[:, 0].tolist()) - {-1} == {0}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"router_estimator": "gumbel"}, "router_estimator must be one of"),
+        ({"router_baseline": "ema"}, "router_baseline must be one of"),
+        ({"router_explore": 1.5}, r"router_explore must be in \[0, 1\]"),
         ({"router_cost_weight": -1.0}, "router_cost_weight must be >= 0"),
         ({"router_reinforce_weight": float("nan")}, "router_reinforce_weight must be >= 0"),
     ],
