@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent, StartEvent
-from serve_apps.limits import Limits, check_body_size, check_max_tokens, load_image_url
+from serve_apps.limits import Limits, check_body_size, load_image_url, request_max_tokens
 from serve_apps.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -395,7 +395,7 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
         "request_id": completion_id(),
         "messages": messages,
         "images": images,
-        "max_tokens": check_max_tokens(req.max_completion_tokens or req.max_tokens, limits),
+        "max_tokens": request_max_tokens(req.max_tokens, req.max_completion_tokens, limits),
         "temperature": req.temperature,
         "top_p": req.top_p,
         "seed": req.seed,

@@ -276,17 +276,32 @@ async def load_image_url(url: str, limits: Limits, param: str) -> np.ndarray:
     return await asyncio.to_thread(decode_image, raw, limits, param)  # CPU work: off the event loop
 
 
-def check_max_tokens(requested: int | None, limits: Limits) -> int:
-    """The request's `max_tokens` (or the default), or a 400 when above the limit."""
+def check_max_tokens(requested: int | None, limits: Limits, param: str = "max_tokens") -> int:
+    """The request's `max_tokens` (or the default), or a 400 naming `param` when above the limit."""
     if requested is None:
         return limits.default_max_tokens
     if requested > limits.max_tokens:
         raise invalid_request(
-            f"max_tokens={requested} is more than this server's limit of {limits.max_tokens}",
-            param="max_tokens",
+            f"{param}={requested} is more than this server's limit of {limits.max_tokens}",
+            param=param,
             code="max_tokens_too_large",
         )
     return requested
+
+
+def request_max_tokens(max_tokens: int | None, max_completion_tokens: int | None, limits: Limits) -> int:
+    """The completion budget of a request from `max_completion_tokens` (newer OpenAI clients) or `max_tokens`
+    (the older name), same limit for both; both given and different is a 400 naming both."""
+    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
+        raise invalid_request(
+            f"max_tokens={max_tokens} and max_completion_tokens={max_completion_tokens} disagree: "
+            "send one of them (max_completion_tokens is the newer name of max_tokens)",
+            param="max_completion_tokens",
+            code="conflicting_max_tokens",
+        )
+    if max_completion_tokens is not None:
+        return check_max_tokens(max_completion_tokens, limits, "max_completion_tokens")
+    return check_max_tokens(max_tokens, limits)
 
 
 __all__ = [
@@ -294,6 +309,7 @@ __all__ = [
     "Limits",
     "check_body_size",
     "check_max_tokens",
+    "request_max_tokens",
     "decode_base64",
     "decode_image",
     "load_image_url",

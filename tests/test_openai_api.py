@@ -1,0 +1,105 @@
+"""OpenAI chat-completions coverage: `max_completion_tokens`, unsupported fields (400 naming them),
+`stream_options.include_usage`, `n`. The ingress runs in-process over a fake backend (no Ray); the official
+`openai` client talks to it through the TestClient's transport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_apps.api import Settings, create_api
+from serve_apps.events import DeltaEvent, FinalEvent, StartEvent
+from serve_apps.limits import Limits
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class EchoBackend:
+    """Answers `choice seed=<seed>` in two deltas; records every request that reached it."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        yield StartEvent(prompt_tokens=10, fingerprint="v1")
+        yield DeltaEvent(text="choice ")
+        text = f"seed={request['seed']}"
+        usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prefill_flops_saved": 0.4}
+        yield FinalEvent(
+            text=text,
+            full_text="choice " + text,
+            finish_reason="length",
+            usage=usage,
+            batch={"id": 1, "rate": 4},
+        )
+
+    async def info(self):
+        return {"model": "/ckpt", "version": "v1", "compression_factors": [1, 2, 4]}
+
+    async def batches(self, limit):
+        return []
+
+
+@pytest.fixture()
+def backend() -> EchoBackend:
+    return EchoBackend()
+
+
+@pytest.fixture()
+def client(backend) -> TestClient:
+    limits = Limits(max_tokens=32, default_max_tokens=8)
+    return TestClient(create_api(backend, Settings(limits=limits, api_key_env="DPN_TEST_UNSET_KEY")))
+
+
+@pytest.fixture()
+def oai(client):
+    from openai import OpenAI
+
+    return OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+
+
+def post(client: TestClient, **body: Any) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={"messages": HI, **body})
+
+
+def error_of(response: httpx.Response, param: str, *needles: str) -> dict[str, Any]:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    for needle in (param, *needles):
+        assert needle in error["message"], error["message"]
+    return error
+
+
+# ------------------------------------------------------------------------------------- max_completion_tokens
+
+
+def test_max_completion_tokens_is_the_budget(oai, backend):
+    oai.chat.completions.create(model="dpn", messages=HI, max_completion_tokens=5)
+    oai.chat.completions.create(model="dpn", messages=HI, max_tokens=6)
+    oai.chat.completions.create(model="dpn", messages=HI, max_tokens=7, max_completion_tokens=7)
+    assert [r["max_tokens"] for r in backend.requests] == [5, 6, 7]
+
+
+def test_max_completion_tokens_limits_and_conflicts(client, backend):
+    error_of(post(client, max_completion_tokens=33), "max_completion_tokens", "limit of 32")
+    error_of(post(client, max_completion_tokens=0), "max_completion_tokens")
+    error_of(post(client, max_completion_tokens="4"), "max_completion_tokens")
+    error = error_of(
+        post(client, max_tokens=4, max_completion_tokens=5), "max_completion_tokens", "max_tokens"
+    )
+    assert error["code"] == "conflicting_max_tokens"
+    assert backend.requests == []
+
+
+def test_max_completion_tokens_conflict_with_the_openai_client(oai):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="dpn", messages=HI, max_tokens=4, max_completion_tokens=5)
+    assert "max_completion_tokens" in info.value.message and "max_tokens" in info.value.message
