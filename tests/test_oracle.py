@@ -175,7 +175,12 @@ def test_analyse_worked_example():
     assert (b["accuracy"], b["flops_ratio"]) == (0.5, pytest.approx(13 / 20))
     assert a["flops_ratio_at_dense_accuracy"] == pytest.approx(9 / 20)  # coarse: dense accuracy at 45%
     assert set(section["per_kind"]) == {"coarse", "fine"}
+    # family router: family a -> its best path 1-2 (both right, cost 6 each); b -> 1-1 (s2 right, cost 10 each)
+    fam = section["family_router"]
+    assert fam["paths"] == {"a": "1-2", "b": "1-1"}
+    assert (fam["accuracy"], fam["flops_ratio"]) == (pytest.approx(0.75), pytest.approx(32 / 40))
     text = oracle.format_section("m", section)
+    assert "family router" in text
     assert "* 2-2" in text and "oracle" in text and "gap closed" in text and "75.0" in text
     metrics = oracle.mlflow_metrics("m", section)
     assert metrics["m/oracle/accuracy"] == pytest.approx(0.75)
@@ -236,6 +241,12 @@ def test_oracle_properties_on_random_tables(seed):
     points = [(paths[i]["flops_ratio"], paths[i]["accuracy"]) for i in
               sorted(front, key=lambda i: paths[i]["flops_ratio"])]  # fmt: skip
     assert all(b[1] > a[1] and b[0] > a[0] for a, b in zip(points, points[1:]))
+    # the family router (one family here): the best single path, never above the oracle
+    fam = section["family_router"]
+    assert fam["accuracy"] == pytest.approx(accuracy.max()) and fam["accuracy"] <= o["accuracy"] + 1e-12
+    assert (
+        oracle.family_router(_table([[1, 0]], [[2, 1]], [2], family=[""])) is None
+    )  # no families: undefined
     # the oracle's budget curve lies on or above the frontier everywhere
     for x in np.linspace(flops.min(), 1.2, 25):
         assert oracle.oracle_accuracy_at(table, x) >= oracle.frontier_accuracy_at(points, x) - 1e-9

@@ -48,6 +48,11 @@ routers, as the report rows use):
 - **per family / kind**: the oracle restricted to a question family or kind: accuracy, FLOPs ratio, the FLOPs
   the oracle needs there for the dense path's accuracy (how much dynamic routing could save on that family at
   no accuracy loss), the factor it picks at each pooling layer and the visual tokens it keeps.
+- **family router**: every question family sent through its own most accurate single path (the cheapest of
+  equals): what a router that knew each question's family, and nothing about the sample, could reach. Unlike
+  the oracle it chooses before seeing which path happens to answer a sample, so it carries no selection luck
+  (with 27 tries a sample is often answered right by some path by chance); the oracle's margin over it is
+  that luck plus what per-sample routing within a family could add. Defined when the data has families.
 """
 
 from __future__ import annotations
@@ -449,6 +454,25 @@ def _groups(table: PathTable, column: np.ndarray, with_kind: bool) -> dict[str, 
     return out
 
 
+def family_router(table: PathTable) -> dict[str, Any] | None:
+    """The family router (module docstring): ``accuracy``, ``flops_ratio`` and ``paths`` (family -> path), or
+    None when the samples carry no family."""
+    families = sorted({str(v) for v in table.family})
+    if table.num_samples == 0 or families == [""]:
+        return None
+    correct = np.zeros(table.num_samples, dtype=bool)
+    flops = np.zeros(table.num_samples)
+    chosen = {}
+    for name in families:
+        rows = table.family == name
+        sub = table.subset(rows)
+        best = oracle_summary(sub)["best_path"]
+        p = table.paths.index(best)
+        correct[rows], flops[rows] = sub.correct[:, p], sub.flops[:, p]
+        chosen[name or UNLABELLED] = best
+    return {"accuracy": float(correct.mean()), "flops_ratio": _ratio(flops, table.dense), "paths": chosen}
+
+
 def analyse(table: PathTable, modes: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The report's oracle section for one model.
 
@@ -479,6 +503,7 @@ def analyse(table: PathTable, modes: Iterable[Mapping[str, Any]] = ()) -> dict[s
         "frontier": [paths[i]["path"] for i in frontier_idx],
         "dense_path": dense_path(table.paths),
         "oracle": oracle_summary(table, dense_path(table.paths)),
+        "family_router": family_router(table),
         "regret": regrets,
         "per_family": _groups(table, table.family, with_kind=True),
         "per_kind": {k: v for k, v in _groups(table, table.kind, with_kind=False).items() if k != UNLABELLED},
@@ -538,7 +563,10 @@ def format_section(label: str, section: Mapping[str, Any]) -> str:
             for p in paths]  # fmt: skip
     oracle = section["oracle"]
     body.append(["oracle", _pct(oracle.get("accuracy")), _num(oracle.get("flops_ratio"))])
-    parts = [f"{label}: static paths (* Pareto frontier) and the oracle",
+    family = section.get("family_router")
+    if family:
+        body.append(["family router", _pct(family["accuracy"]), _num(family["flops_ratio"])])
+    parts = [f"{label}: static paths (* Pareto frontier), the oracle and the family router",
              _render(["path", "accuracy %", "x dense"], body)]  # fmt: skip
     if oracle.get("flops_ratio_at_dense_accuracy") is not None:
         parts.append(
@@ -575,6 +603,8 @@ def mlflow_metrics(label: str, section: Mapping[str, Any]) -> dict[str, float]:
     oracle = section["oracle"]
     for key in ("accuracy", "flops_ratio", "dense_accuracy", "flops_ratio_at_dense_accuracy"):
         put(f"{label}/oracle/{key}", oracle.get(key))
+    for key in ("accuracy", "flops_ratio"):
+        put(f"{label}/family_router/{key}", (section.get("family_router") or {}).get(key))
     for p in section["paths"]:
         put(f"{label}/path/{p['path']}/accuracy", p["accuracy"])
         put(f"{label}/path/{p['path']}/flops_ratio", p["flops_ratio"])
