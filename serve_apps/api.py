@@ -37,6 +37,7 @@ from serve_apps.protocol import (
     ChatCompletionRequest,
     chat_chunk,
     chat_completion,
+    check_unsupported,
     completion_id,
     invalid_request,
     parse_json_object,
@@ -351,6 +352,7 @@ async def _read_body(request: Request, limits: Limits) -> bytes:
 def _parse_request(body: bytes) -> ChatCompletionRequest:
     """The validated request, or a 400 in OpenAI's shape naming the field at fault."""
     payload = parse_json_object(body)
+    check_unsupported(payload)
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:

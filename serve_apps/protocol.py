@@ -2,9 +2,12 @@
 
 The request schema is OpenAI's `POST /v1/chat/completions` body (the fields DPN supports) plus one extra field,
 `compression`: `"auto"` (the router decides, default), a forced factor (1 = dense, 2, 4), or one factor per pooling
-layer (`[1, 2, 4]`, `"1,2,4"`, `"1-2-4"`); see serve_apps.compression. Unknown fields are
-ignored, as OpenAI-compatible servers do, so clients that send extra options keep working. Validation failures
-become `400` errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422.
+layer (`[1, 2, 4]`, `"1,2,4"`, `"1-2-4"`); see serve_apps.compression. OpenAI fields DPN does not implement
+(`UNSUPPORTED_FIELDS`: tools, structured output, audio, logit bias, penalties, ...) are a 400 naming them when they
+ask for something (a value other than their no-op default), so a client never gets an answer that silently ignored
+what it asked; fields with no effect on the answer (`user`, `metadata`, `store`, `service_tier`) and fields OpenAI
+does not know are ignored, so clients that send extra options keep working. Validation failures become `400`
+errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422.
 
 The schema is the one validation layer: every value is checked for type and range here (strings must be valid
 Unicode, numbers finite, seeds within int64), so nothing malformed reaches the tokenizer, the sampler or torch.
@@ -171,6 +174,66 @@ class ChatMessage(_Strict):
     name: Text | None = None
 
 
+def _is_text_format(value: Any) -> bool:
+    return value == {"type": "text"}
+
+
+def _is_text_only(value: Any) -> bool:
+    return value == ["text"]
+
+
+def _is_zero(value: Any) -> bool:
+    return value == 0
+
+
+def _is_no_tool(value: Any) -> bool:
+    return value == "none"
+
+
+def _is_empty(value: Any) -> bool:
+    return value in ([], {})
+
+
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
+    # field: (the values that ask for nothing, besides null; what the field is)
+    "tools": (_is_empty, "tool calling"),
+    "tool_choice": (_is_no_tool, "tool calling"),
+    "parallel_tool_calls": (None, "tool calling"),
+    "functions": (_is_empty, "function calling"),
+    "function_call": (_is_no_tool, "function calling"),
+    "response_format": (_is_text_format, "structured output (only {'type': 'text'} is served)"),
+    "audio": (None, "audio output"),
+    "modalities": (_is_text_only, "output modalities other than ['text']"),
+    "prediction": (None, "predicted outputs"),
+    "logit_bias": (_is_empty, "logit bias"),
+    "presence_penalty": (_is_zero, "presence penalty"),
+    "frequency_penalty": (_is_zero, "frequency penalty"),
+    "reasoning_effort": (None, "reasoning effort"),
+    "web_search_options": (None, "web search"),
+    "logprobs": (lambda value: value is False, "log probabilities"),
+    "top_logprobs": (None, "log probabilities"),
+}
+"""OpenAI chat-completion fields DPN does not implement: a request that sets one to anything but null or its no-op
+value is a 400 naming it (`check_unsupported`)."""
+
+
+def check_unsupported(payload: dict[str, Any]) -> None:
+    """A 400 naming every field of `payload` that asks for an OpenAI feature DPN does not serve."""
+    asked = []
+    for name, (harmless, _) in UNSUPPORTED_FIELDS.items():
+        value = payload.get(name)
+        if value is None or (harmless is not None and harmless(value)):
+            continue
+        asked.append(name)
+    if asked:
+        what = "; ".join(f"{name!r} ({UNSUPPORTED_FIELDS[name][1]})" for name in asked)
+        raise invalid_request(
+            f"unsupported field(s): {what}; this server does not implement them, remove them from the request",
+            param=asked[0],
+            code="unsupported_parameter",
+        )
+
+
 class ChatCompletionRequest(_Strict):
     """The body of `POST /v1/chat/completions`."""
 
@@ -307,6 +370,8 @@ __all__ = [
     "ChatCompletionRequest",
     "CompressionField",
     "ChatMessage",
+    "UNSUPPORTED_FIELDS",
+    "check_unsupported",
     "chat_chunk",
     "chat_completion",
     "completion_id",

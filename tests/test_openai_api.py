@@ -103,3 +103,89 @@ def test_max_completion_tokens_conflict_with_the_openai_client(oai):
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model="dpn", messages=HI, max_tokens=4, max_completion_tokens=5)
     assert "max_completion_tokens" in info.value.message and "max_tokens" in info.value.message
+
+
+# ------------------------------------------------------------------------------------- unsupported fields
+
+UNSUPPORTED = [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("function_call", "auto"),
+    ("parallel_tool_calls", True),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("logit_bias", {"50256": -100}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1),
+    ("reasoning_effort", "low"),
+    ("web_search_options", {}),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), UNSUPPORTED, ids=[f"{f}-{i}" for i, (f, _) in enumerate(UNSUPPORTED)]
+)
+def test_unsupported_field_is_a_400_naming_it(client, backend, field, value):
+    error = error_of(post(client, **{field: value}), field, "unsupported")
+    assert error["code"] == "unsupported_parameter"
+    assert backend.requests == []
+
+
+def test_unsupported_fields_are_all_named(client):
+    error = error_of(
+        post(client, tools=[{"type": "function"}], response_format={"type": "json_object"}), "tools"
+    )
+    assert "response_format" in error["message"]
+
+
+HARMLESS = {
+    "user": "u1",
+    "metadata": {"k": "v"},
+    "store": False,
+    "service_tier": "auto",
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "response_format": {"type": "text"},
+    "modalities": ["text"],
+    "logit_bias": {},
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "logprobs": False,
+    "audio": None,
+    "prediction": None,
+    "parallel_tool_calls": None,
+    "top_logprobs": None,
+    "some_future_field": {"x": 1},
+}
+
+
+def test_harmless_and_no_op_values_are_accepted(client, backend):
+    response = post(client, **HARMLESS)
+    assert response.status_code == 200, response.text
+    assert len(backend.requests) == 1
+
+
+def test_unsupported_field_with_the_openai_client(oai):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model="dpn",
+            messages=HI,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        )
+    assert "tools" in info.value.message and info.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model="dpn", messages=HI, response_format={"type": "json_object"})
+    assert "response_format" in info.value.message
+    out = oai.chat.completions.create(model="dpn", messages=HI, user="u", store=False, metadata={"a": "b"})
+    assert out.choices[0].message.content == "choice seed=None"
