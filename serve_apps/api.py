@@ -41,6 +41,7 @@ from serve_apps.protocol import (
     completion_id,
     invalid_request,
     parse_json_object,
+    usage_chunk,
     validation_error_to_api_error,
 )
 
@@ -271,6 +272,10 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
         )
     if "compression" not in req.model_fields_set:
         req.compression = settings.default_compression
+    if req.stream_options is not None and not req.stream:
+        raise invalid_request(
+            "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
+        )
     backend_request = await _backend_request(req, settings.limits)
     events = backend.generate(backend_request)
     first = await _first_event(events, settings.retry_after_s)
@@ -279,7 +284,7 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
     fingerprint = first.fingerprint if isinstance(first, StartEvent) else None
     if req.stream:
         return StreamingResponse(
-            _stream(events, rid, name, created, fingerprint),
+            _stream(events, _StreamIds(rid, name, created, fingerprint), _include_usage(req)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -431,51 +436,69 @@ def _stream_error(message: str, code: str | None) -> bytes:
     return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
-def _event_chunks(
-    event: DeltaEvent | FinalEvent, rid: str, model: str, created: int, fingerprint: str | None
-) -> list[bytes]:
+@dataclass(frozen=True)
+class _StreamIds:
+    """What every chunk of one stream repeats."""
+
+    rid: str
+    model: str
+    created: int
+    fingerprint: str | None
+
+
+def _include_usage(req: ChatCompletionRequest) -> bool:
+    return req.stream_options is not None and req.stream_options.include_usage
+
+
+def _event_chunks(event: DeltaEvent | FinalEvent, ids: _StreamIds, include_usage: bool) -> list[bytes]:
     """The server-sent events of one backend event: its text (a `FinalEvent`'s when not empty), and for a
-    `FinalEvent` the closing chunk."""
+    `FinalEvent` the closing chunk, then with `include_usage` the usage chunk (`choices: []`, OpenAI's shape;
+    without it the closing chunk carries `usage`, as before)."""
+    rid, model, created = ids.rid, ids.model, ids.created
     chunks = []
     if isinstance(event, DeltaEvent) or event.text:
-        chunks.append(_sse(chat_chunk(rid, model, created, {"content": event.text}, fingerprint=fingerprint)))
-    if isinstance(event, FinalEvent):
         chunks.append(
-            _sse(
-                chat_chunk(
-                    rid,
-                    model,
-                    created,
-                    {},
-                    finish_reason=event.finish_reason,
-                    usage=event.usage,
-                    fingerprint=_fingerprint(event, fingerprint),
-                    batch=event.batch,
-                )
-            )
+            _sse(chat_chunk(rid, model, created, {"content": event.text}, fingerprint=ids.fingerprint))
         )
+    if isinstance(event, FinalEvent):
+        fingerprint = _fingerprint(event, ids.fingerprint)
+        closing = chat_chunk(
+            rid,
+            model,
+            created,
+            {},
+            finish_reason=event.finish_reason,
+            usage=None if include_usage else event.usage,
+            fingerprint=fingerprint,
+            batch=event.batch,
+        )
+        chunks.append(_sse(closing))
+        if include_usage:
+            chunks.append(_sse(usage_chunk(rid, model, created, event.usage, fingerprint)))
     return chunks
 
 
-async def _stream(
-    events: AsyncIterator[Event], rid: str, model: str, created: int, fingerprint: str | None
-) -> AsyncIterator[bytes]:
+async def _stream(events: AsyncIterator[Event], ids: _StreamIds, include_usage: bool) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
-    yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, fingerprint=fingerprint))
+    yield _sse(
+        chat_chunk(
+            ids.rid, ids.model, ids.created, {"role": "assistant", "content": ""}, fingerprint=ids.fingerprint
+        )
+    )
     try:
         async for event in events:
             if isinstance(event, ErrorEvent):
                 yield _stream_error(event.message, event.code)
                 break
             if isinstance(event, DeltaEvent | FinalEvent):
-                for chunk in _event_chunks(event, rid, model, created, fingerprint):
+                for chunk in _event_chunks(event, ids, include_usage):
                     yield chunk
     except (
         Unavailable
     ) as exc:  # the replica died mid-stream: the status line is already sent; report in-stream
         yield _stream_error(f"the model is unavailable ({exc}); retry", "model_unavailable")
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-stream
-        logger.exception("stream %s failed", rid)
+        logger.exception("stream %s failed", ids.rid)
         yield _stream_error(f"generation failed: {exc}", "generation_failed")
     yield _sse("[DONE]")
 

@@ -174,6 +174,12 @@ class ChatMessage(_Strict):
     name: Text | None = None
 
 
+class StreamOptions(_Strict):
+    """`stream_options` (only with `stream`): `include_usage` adds a last chunk with `choices: []` and `usage`."""
+
+    include_usage: StrictBool = False
+
+
 def _is_text_format(value: Any) -> bool:
     return value == {"type": "text"}
 
@@ -246,6 +252,7 @@ class ChatCompletionRequest(_Strict):
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None  # OpenAI: up to 4 sequences
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64 (OpenAI's; torch's too)
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(default=None, ge=1, le=1)
     user: Text | None = None
     compression: CompressionField = "auto"
@@ -339,6 +346,21 @@ def chat_completion(
     }
 
 
+def usage_chunk(
+    request_id: str, model: str, created: int, usage: dict[str, Any], fingerprint: str | None = None
+) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's `usage`."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [],
+        "usage": usage,
+    }
+
+
 def chat_chunk(
     request_id: str,
     model: str,
@@ -370,6 +392,7 @@ __all__ = [
     "ChatCompletionRequest",
     "CompressionField",
     "ChatMessage",
+    "StreamOptions",
     "UNSUPPORTED_FIELDS",
     "check_unsupported",
     "chat_chunk",
@@ -377,5 +400,6 @@ __all__ = [
     "completion_id",
     "invalid_request",
     "parse_json_object",
+    "usage_chunk",
     "validation_error_to_api_error",
 ]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -189,3 +190,66 @@ def test_unsupported_field_with_the_openai_client(oai):
     assert "response_format" in info.value.message
     out = oai.chat.completions.create(model="dpn", messages=HI, user="u", store=False, metadata={"a": "b"})
     assert out.choices[0].message.content == "choice seed=None"
+
+
+# ------------------------------------------------------------------------------------- stream_options
+
+
+def sse_chunks(client: TestClient, **body: Any) -> list[dict[str, Any]]:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"messages": HI, "stream": True, **body}
+    ) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def test_include_usage_adds_a_last_chunk_without_choices(client):
+    chunks = sse_chunks(client, stream_options={"include_usage": True})
+    last, closing = chunks[-1], chunks[-2]
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk" and last["id"] == closing["id"]
+    assert last["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "total_tokens": 13,
+        "prefill_flops_saved": 0.4,
+    }
+    assert closing["choices"][0]["finish_reason"] == "length" and "usage" not in closing
+    assert all("usage" not in c for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("options", [None, {"include_usage": False}, {}])
+def test_without_include_usage_no_usage_chunk(client, options):
+    chunks = sse_chunks(client, **({} if options is None else {"stream_options": options}))
+    assert all(c["choices"] for c in chunks)  # no choices-less usage chunk
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "choice seed=None"
+
+
+def test_stream_options_errors_name_it(client):
+    error_of(post(client, stream_options={"include_usage": True}), "stream_options", "stream")
+    error_of(
+        post(client, stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"
+    )
+    error_of(post(client, stream=True, stream_options=[]), "stream_options")
+
+
+def test_include_usage_with_the_openai_client(oai):
+    chunks = list(
+        oai.chat.completions.create(
+            model="dpn",
+            messages=HI,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=3,
+        )
+    )
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == 3
+        and chunks[-1].usage.total_tokens == 13
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "choice seed=None"
+    plain = list(oai.chat.completions.create(model="dpn", messages=HI, stream=True))
+    assert all(c.choices for c in plain)
