@@ -63,7 +63,12 @@ REFERENCE = [
     "model.config_overrides.router_estimator=scale",
     "optim.router_lr_scale=1",
 ]  # the authors' estimator, one lr
-REINFORCE = ["model.config_overrides.router_estimator=reinforce", "optim.router_lr_scale=30"]  # the config's
+REINFORCE = [  # the config's (configs/train_tiny.yaml), spelt out so the variant stays what it was measured as
+    "model.config_overrides.router_estimator=reinforce",
+    "model.config_overrides.router_baseline=critic",
+    "model.config_overrides.router_explore=0.3",
+    "optim.router_lr_scale=30",
+]
 # name -> (overrides of configs/train_tiny.yaml, mode evaluated, is a static baseline, routed by a router)
 VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
     "dense": (["model.compression=1"], "1", True, False),

@@ -265,3 +265,17 @@ def test_dpn_train_cli_reports_config_errors_and_prints_the_resolved_config(caps
     assert main(["train", "--config", tiny, "optim.lr=0.5", "run.name=exp2", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.5 and printed["run"]["name"] == "exp2"
+
+
+def test_the_quickstart_config_is_the_benchmarks_dpn():
+    # issue 14: the config a user runs must train the same DPN as benchmarks/quality.py's dpn-reinforce variant
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    tiny = ROOT / "configs" / "train_tiny.yaml"
+    plain = load_train_config(tiny, [])
+    variant = load_train_config(tiny, list(quality.VARIANTS["dpn-reinforce"][0]))
+    assert variant == plain
+    assert plain.model.config_overrides["router_estimator"] == "reinforce"
