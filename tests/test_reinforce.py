@@ -245,3 +245,13 @@ def test_estimator_fields_are_validated(overrides, message):
 
 def test_reference_estimator_is_the_default():
     assert make_config().router_estimator == "scale"
+
+
+def test_checkpoint_without_critic_starts_one_at_zero(tmp_path):
+    # the quickstart turns the critic on over a dense checkpoint that has none: it must start as the batch baseline
+    DPNForConditionalGeneration(make_config()).save_pretrained(tmp_path)
+    model = DPNForConditionalGeneration.from_pretrained(
+        tmp_path, router_estimator="reinforce", router_baseline="critic"
+    )
+    for stage in model.model.pyramid:
+        assert stage.router.critic.weight.abs().sum() == 0 and stage.router.critic.bias.abs().sum() == 0
