@@ -276,32 +276,97 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
         raise invalid_request(
             "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
         )
-    backend_request = await _backend_request(req, settings.limits)
-    events = backend.generate(backend_request)
-    first = await _first_event(events, settings.retry_after_s)
-    name = settings.served_model_name
-    rid, created = backend_request["request_id"], int(time.time())
-    fingerprint = first.fingerprint if isinstance(first, StartEvent) else None
-    if req.stream:
-        return StreamingResponse(
-            _stream(events, _StreamIds(rid, name, created, fingerprint), _include_usage(req)),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    if req.stream and (req.n or 1) > 1:
+        raise invalid_request(
+            f"n={req.n} is not supported with stream: true (streamed requests have one choice); "
+            "send n without stream, or stream n separate requests",
+            param="n",
+            code="unsupported_parameter",
         )
-    text, final = await _collect(events, settings.retry_after_s)
-    body_out = chat_completion(
-        rid,
-        name,
-        text,
-        final.finish_reason,
-        final.usage,
-        _fingerprint(final, fingerprint),
-        final.batch,
-        created,
-    )
-    batch = final.batch or {}
+    backend_request = await _backend_request(req, settings.limits)
+    if req.stream:
+        return await _streaming_response(req, backend_request, backend, settings)
+    requests = _choice_requests(backend_request, req.n or 1)
+    answers = await _answers(backend, requests, settings.retry_after_s)
+    rid, name = backend_request["request_id"], settings.served_model_name
+    text0, final0, fingerprint = answers[0]
+    usage = final0.usage if len(answers) == 1 else _merged_usage([final.usage for _, final, _ in answers])
+    choices = [(text, final.finish_reason) for text, final, _ in answers]
+    body_out = chat_completion(rid, name, choices, usage, fingerprint, final0.batch, int(time.time()))
+    batch = final0.batch or {}
     headers = {"x-dpn-batch-id": str(batch.get("id", "")), "x-dpn-batch-rate": str(batch.get("rate", ""))}
     return JSONResponse(body_out, headers=headers)
+
+
+async def _streaming_response(
+    req: ChatCompletionRequest, backend_request: dict[str, Any], backend: Backend, settings: Settings
+) -> StreamingResponse:
+    """The stream of chunks of a one-choice request (its first event awaited first, so a refusal is an error
+    status, not an in-stream error)."""
+    events = backend.generate(backend_request)
+    first = await _first_event(events, settings.retry_after_s)
+    fingerprint = first.fingerprint if isinstance(first, StartEvent) else None
+    ids = _StreamIds(backend_request["request_id"], settings.served_model_name, int(time.time()), fingerprint)
+    return StreamingResponse(
+        _stream(events, ids, _include_usage(req)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's plus the index, wrapped into int64 (so seeded choices differ when
+    sampling, and a seeded request is reproducible choice by choice); None stays None."""
+    if seed is None:
+        return None
+    return (seed + index + 2**63) % 2**64 - 2**63
+
+
+def _choice_requests(request: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The backend requests of the `n` choices of one request: itself when `n` is 1, else copies with their own
+    request id (`<id>-<index>`) and seed (`_choice_seed`); the decoded images are shared, not copied."""
+    if n == 1:
+        return [request]
+    rid = request["request_id"]
+    return [
+        {**request, "request_id": f"{rid}-{i}", "seed": _choice_seed(request.get("seed"), i)}
+        for i in range(n)
+    ]
+
+
+async def _answer(
+    backend: Backend, request: dict[str, Any], retry_after_s: int
+) -> tuple[str, FinalEvent, str | None]:
+    """One backend request's text, `FinalEvent` and answering model version; an `ErrorEvent` raises."""
+    events = backend.generate(request)
+    first = await _first_event(events, retry_after_s)
+    text, final = await _collect(events, retry_after_s)
+    return text, final, _fingerprint(final, first.fingerprint if isinstance(first, StartEvent) else None)
+
+
+async def _answers(
+    backend: Backend, requests: list[dict[str, Any]], retry_after_s: int
+) -> list[tuple[str, FinalEvent, str | None]]:
+    """The answers of the choices' requests, run concurrently; the first failure cancels the others and is
+    raised (a request with n choices succeeds or fails as a whole)."""
+    if len(requests) == 1:
+        return [await _answer(backend, requests[0], retry_after_s)]
+    tasks = [asyncio.ensure_future(_answer(backend, request, retry_after_s)) for request in requests]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _merged_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `usage` of a request with several choices: the prompt counted once, every choice's completion tokens
+    summed; DPN's prefill fields (visual tokens, compression, FLOPs) are the first choice's."""
+    usage = dict(usages[0])
+    completion = sum(int(u.get("completion_tokens", 0)) for u in usages)
+    usage["completion_tokens"] = completion
+    usage["total_tokens"] = int(usage.get("prompt_tokens", 0)) + completion
+    return usage
 
 
 async def _collect(events: AsyncIterator[Event], retry_after_s: int) -> tuple[str, FinalEvent]:

@@ -180,6 +180,10 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+MAX_N = 8
+"""Largest `n` (choices of one request); each choice is generated as a request of its own on the replicas."""
+
+
 def _is_text_format(value: Any) -> bool:
     return value == {"type": "text"}
 
@@ -253,7 +257,7 @@ class ChatCompletionRequest(_Strict):
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64 (OpenAI's; torch's too)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(default=None, ge=1, le=1)
+    n: StrictInt | None = Field(default=None, ge=1, le=MAX_N)
     user: Text | None = None
     compression: CompressionField = "auto"
     ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
@@ -319,14 +323,13 @@ def completion_id() -> str:
 def chat_completion(
     request_id: str,
     model: str,
-    text: str,
-    finish_reason: str,
+    choices: list[tuple[str, str]],
     usage: dict[str, Any],
     fingerprint: str | None,
     batch: dict[str, Any] | None,
     created: int | None = None,
 ) -> dict[str, Any]:
-    """A `chat.completion` object (non-streaming response)."""
+    """A `chat.completion` object (non-streaming response); `choices` are `(text, finish_reason)`, index order."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -335,11 +338,12 @@ def chat_completion(
         "system_fingerprint": fingerprint,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
+            for index, (text, finish_reason) in enumerate(choices)
         ],
         "usage": usage,
         "dpn_batch": batch,
@@ -392,6 +396,7 @@ __all__ = [
     "ChatCompletionRequest",
     "CompressionField",
     "ChatMessage",
+    "MAX_N",
     "StreamOptions",
     "UNSUPPORTED_FIELDS",
     "check_unsupported",

@@ -253,3 +253,58 @@ def test_include_usage_with_the_openai_client(oai):
     assert text == "choice seed=None"
     plain = list(oai.chat.completions.create(model="dpn", messages=HI, stream=True))
     assert all(c.choices for c in plain)
+
+
+# ------------------------------------------------------------------------------------- n
+
+
+def test_n_choices_with_the_openai_client(oai, backend):
+    out = oai.chat.completions.create(model="dpn", messages=HI, n=3, seed=5, max_completion_tokens=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.message.content for c in out.choices] == ["choice seed=5", "choice seed=6", "choice seed=7"]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.prompt_tokens == 10 and out.usage.completion_tokens == 9 and out.usage.total_tokens == 19
+    assert out.usage.model_extra["prefill_flops_saved"] == 0.4
+    ids = [r["request_id"] for r in backend.requests]
+    assert len(set(ids)) == 3 and all(i.startswith(out.id) for i in ids)
+    assert all(r["max_tokens"] == 3 for r in backend.requests)
+
+
+def test_n_one_and_unseeded(client, backend):
+    out = post(client, n=1).json()
+    assert len(out["choices"]) == 1 and out["usage"]["total_tokens"] == 13
+    assert backend.requests[0]["request_id"] == out["id"]
+    out = post(client, n=2).json()
+    assert [c["message"]["content"] for c in out["choices"]] == ["choice seed=None"] * 2
+    assert out["usage"]["completion_tokens"] == 6
+
+
+def test_choice_seeds_wrap_in_int64(client, backend):
+    post(client, n=2, seed=2**63 - 1)
+    assert [r["seed"] for r in backend.requests] == [2**63 - 1, -(2**63)]
+
+
+def test_n_errors_name_it(client, backend):
+    error_of(post(client, n=9), "n")
+    error_of(post(client, n=0), "n")
+    error_of(post(client, n="2"), "n")
+    error_of(post(client, n=2, stream=True), "n", "stream")
+    assert backend.requests == []
+
+
+def test_n_failure_fails_the_request(client, backend):
+    calls = []
+    generate = backend.generate
+
+    async def second_fails(request):
+        calls.append(request)
+        if len(calls) == 2:
+            from serve_apps.api import Overloaded
+
+            raise Overloaded("full")
+        async for event in generate(request):
+            yield event
+
+    backend.generate = second_fails
+    response = post(client, n=3)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"

@@ -207,7 +207,7 @@ valid_request = st.fixed_dictionaries(
         "seed": st.integers(-(2**63), 2**63 - 1),
         "stop": st.one_of(valid_text, st.lists(valid_text, max_size=4)),
         "stream": st.booleans(),
-        "n": st.just(1),
+        "n": st.integers(1, 2),
         "compression": st.sampled_from(
             ["auto", 1, 2, 4, "1", "2", "4", [1, 2, 4], [4, 2, 1], [2, 2, 2], "1,2,4", "1-2-4", "[4, 2, 1]"]
         ),
