@@ -279,6 +279,9 @@ def save_hf_model(engine, processor_dir: str, out_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+OFFSET = 7  # StepStats.values: the scalars before the per-layer compression sums
+
+
 class StepStats:
     """Sums over the micro-batches of one optimizer step, reduced over workers before logging."""
 
@@ -288,8 +291,8 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        # loss, lm_loss, routing_loss, micro-batches, samples, tokens, comp_sum[L], comp_count[L]
-        self.values = torch.zeros(6 + 2 * self.n_layers, dtype=torch.float64)
+        # loss, lm_loss, routing_loss, micro-batches, samples, tokens, reinforce_loss, comp_sum[L], comp_count[L]
+        self.values = torch.zeros(OFFSET + 2 * self.n_layers, dtype=torch.float64)
         self.data_wait = 0.0
 
     def add(self, out, batch_size: int, tokens: int) -> None:
@@ -300,12 +303,13 @@ class StepStats:
         v[3] += 1
         v[4] += batch_size
         v[5] += tokens
+        v[6] += float(out.reinforce_loss.detach()) if out.reinforce_loss is not None else 0.0
         if out.expert_choices is not None:
             choices = out.expert_choices.detach().cpu()  # (B, L); -1 = not pooled
             pooled = choices >= 0
             factor = self.factors[choices.clamp(min=0)]
-            v[6 : 6 + self.n_layers] += (factor * pooled).sum(0)
-            v[6 + self.n_layers :] += pooled.sum(0)
+            v[OFFSET : OFFSET + self.n_layers] += (factor * pooled).sum(0)
+            v[OFFSET + self.n_layers :] += pooled.sum(0)
 
     def reduce(self) -> torch.Tensor:
         """Sum over workers (collective)."""
@@ -320,12 +324,13 @@ class StepStats:
             "loss": total[0].item() / n,
             "lm_loss": total[1].item() / n,
             "routing_loss": total[2].item() / n,
+            "reinforce_loss": total[6].item() / n,  # router_estimator="reinforce" only (0 otherwise)
             "samples_per_s": total[4].item() / step_time,
             "tokens_per_s": total[5].item() / step_time,
             "lr": lr,
             "step_time_s": step_time,
         }
-        sums, counts = total[6 : 6 + self.n_layers], total[6 + self.n_layers :]
+        sums, counts = total[OFFSET : OFFSET + self.n_layers], total[OFFSET + self.n_layers :]
         for i in range(self.n_layers):
             if counts[i] > 0:
                 out[f"compression_layer{i}"] = (sums[i] / counts[i]).item()
@@ -681,9 +686,9 @@ class DPNTrainRecipe:
         eta = (total_steps - step) * sum(recent) / len(recent)
         rate = (step - self.run_start_step) / max(now - self.run_start, 1e-9)
         logger.info(
-            "step %d/%d loss %.4f (lm %.4f, routing %.4f) lr %.2e | %.1f samples/s %.0f tokens/s "
-            "| %.2f steps/s, data wait %.0f%% | eta %s",
-            step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"],
+            "step %d/%d loss %.4f (lm %.4f, routing %.4f, reinforce %.4f) lr %.2e | %.1f samples/s "
+            "%.0f tokens/s | %.2f steps/s, data wait %.0f%% | eta %s",
+            step, total_steps, metrics["loss"], metrics["lm_loss"], metrics["routing_loss"], metrics["reinforce_loss"],
             metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"], rate,
             100 * metrics["data_wait_fraction"], _fmt_eta(eta),
         )  # fmt: skip

@@ -111,11 +111,16 @@ def test_step_stats_maps_experts_to_compression_per_layer():
     stats = StepStats(num_pool_layers=2, factors=[1, 2, 4])
     choices = torch.tensor([[0, 2], [1, -1], [2, 2]])  # -1: not pooled (e.g. too few tokens)
     one = torch.tensor(1.0)
-    stats.add(SimpleNamespace(loss=one, lm_loss=one, routing_loss=one, expert_choices=choices), 3, 30)
+    out = SimpleNamespace(
+        loss=one, lm_loss=one, routing_loss=one, reinforce_loss=None, expert_choices=choices
+    )
+    stats.add(out, 3, 30)
+    stats.add(SimpleNamespace(**{**vars(out), "reinforce_loss": torch.tensor(0.5)}), 3, 30)
     metrics = stats.metrics(stats.reduce(), step_time=2.0, lr=0.1)
+    assert metrics["reinforce_loss"] == pytest.approx(0.25)  # mean over the two micro-batches
     assert metrics["compression_layer0"] == pytest.approx((1 + 2 + 4) / 3)
     assert metrics["compression_layer1"] == pytest.approx(4.0)
-    assert metrics["samples_per_s"] == 1.5 and metrics["tokens_per_s"] == 15.0
+    assert metrics["samples_per_s"] == 3.0 and metrics["tokens_per_s"] == 30.0
 
 
 # ----------------------------------------------------------------------------------------------
