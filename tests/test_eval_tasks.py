@@ -8,11 +8,10 @@ from the registry and from the config. No Ray.
 
 from __future__ import annotations
 
-import json
 import math
 
-import numpy as np
 import pytest
+from eval_workspace import preprocessed_eval_batch
 
 from jobs.evaluation import tasks
 from jobs.evaluation.config import EvalConfig, ModelSpec, load_eval_config
@@ -113,27 +112,11 @@ def ckpt(tmp_path_factory):
     return create_checkpoint("tiny", str(tmp_path_factory.mktemp("tasks") / "ckpt"), seed=0)
 
 
-def _batch(ckpt: str) -> dict:
-    from pipelines.preprocess import Preprocessor
-    from pipelines.synthetic import generate_samples
-
-    samples = list(generate_samples(3, seed=7, tag="eval"))
-    rows = {
-        "id": np.array([s.id for s in samples]),
-        "image": np.array([s.png_bytes() for s in samples], dtype=object),
-        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
-        "family": np.array([s.family for s in samples]),
-        "kind": np.array([s.kind for s in samples]),
-        "bad_reason": np.array([""] * 3),
-    }
-    return Preprocessor(ckpt, 2048, "eval")(rows)
-
-
 def test_the_predictor_scores_with_the_registered_task(ckpt, recording_task):
     from jobs.evaluation.predictor import Predictor
 
     task, calls = recording_task
-    batch = _batch(ckpt)
+    batch = preprocessed_eval_batch(ckpt)
     exact = Predictor(ckpt, [1], 2, device="cpu")(batch)  # a random model: (almost) nothing right
     out = Predictor(ckpt, [1, 4], 2, device="cpu", task="everything_right")(batch)
     assert out["correct"].all() and len(out["correct"]) == 6

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from eval_workspace import make_eval_workspace
+from eval_workspace import make_eval_workspace, preprocessed_eval_batch
 
 from jobs.evaluate import evaluate, parse_model_specs
 from jobs.evaluation import report as eval_report
@@ -393,28 +393,11 @@ def test_dpn_eval_cli_takes_a_config_with_overrides_and_prints_it(capsys):
     ]
 
 
-def _three_sample_batch(ckpt: str) -> dict:
-    """Three synthetic eval samples as data rows, preprocessed for `ckpt` as the eval job's input path does."""
-    from pipelines.preprocess import Preprocessor
-    from pipelines.synthetic import generate_samples
-
-    samples = list(generate_samples(3, seed=7, tag="eval"))
-    rows = {
-        "id": np.array([s.id for s in samples]),
-        "image": np.array([s.png_bytes() for s in samples], dtype=object),
-        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
-        "family": np.array([s.family for s in samples]),
-        "kind": np.array([s.kind for s in samples]),
-        "bad_reason": np.array([""] * 3),
-    }
-    return Preprocessor(ckpt, 2048, "eval")(rows)
-
-
 def test_predictor_resolves_the_uri_where_the_driver_directory_is_missing(workspace):
     """Actors on other nodes do not see the driver's download folder: they resolve the URI."""
     from jobs.evaluation.predictor import Predictor
 
-    batch = _three_sample_batch(workspace["ckpt"])
+    batch = preprocessed_eval_batch(workspace["ckpt"])
     predictor = Predictor("/not/on/this/node", ["auto", 1], 2, device="cpu", model_uri=workspace["ckpt"])
     out = predictor(batch)
     assert len(out["id"]) == 6 and list(out["compression"]) == ["auto"] * 3 + ["1"] * 3
@@ -429,7 +412,7 @@ def test_predictor_runs_schedules_and_random_routing_and_generates_shared_paths_
     "1-1-1" force the same experts, so they share one generation (the oracle's paths rely on it)."""
     from jobs.evaluation.predictor import Predictor
 
-    batch = _three_sample_batch(workspace["ckpt"])
+    batch = preprocessed_eval_batch(workspace["ckpt"])
     modes = ["auto", "1", "1-1-1", "1-2-4", "random"]
     predictor = Predictor(workspace["ckpt"], modes, 2, device="cpu")
     calls = []
