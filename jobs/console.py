@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+from pipelines.cli_harness import LOG_FORMAT
 
 
 def _writes_to_std_fd(stream: TextIO) -> bool:

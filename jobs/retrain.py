@@ -48,8 +48,8 @@ raises propagates from that boundary). With no hook installed the event costs ne
 **Serving the new champion.** Aliases are resolved when a replica loads, so a running Ray Serve app
 keeps its model until told to reload. After a promotion (the job logs the new version), set the model
 deployment's ``user_config: {model: models:/dpn@champion, version: champion-<N>}`` in the serve config
-(configs/serve_*.yaml, ``DPNModel`` deployment section) and ``serve deploy`` it again: this is a lightweight
-update, Serve calls ``DPNModel.reconfigure`` on the running replicas, each loads the new weights in the
+(configs/serve_*.yaml, ``DPNServer`` deployment section) and ``serve deploy`` it again: this is a lightweight
+update, Serve calls ``DPNServer.reconfigure`` on the running replicas, each loads the new weights in the
 background while serving with the old ones and then swaps (serve_apps/model.py). Roll back the same way
 after moving ``champion`` back to the ``previous`` version.
 """
@@ -323,7 +323,7 @@ def evaluate_pair(
     """Evaluate champion (if any) and challenger on the held-out set in one evaluation run.
 
     Returns:
-        ``{"champion": row, "challenger": row}`` (report rows of :mod:`jobs.eval_report`).
+        ``{"champion": row, "challenger": row}`` (report rows of :mod:`jobs.evaluation.report`).
     """
     from jobs.evaluate import EvalConfig, ModelSpec, evaluate, parse_compressions
 
@@ -509,7 +509,7 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
         champion, previous = _finish(cfg, registry, run_id, plan, challenger, decision, rows, uri)
         if decision.promote:
             logger.info(
-                "%s version %s is the new %s. Serving: set the DPNModel deployment's user_config "
+                "%s version %s is the new %s. Serving: set the DPNServer deployment's user_config "
                 "{model: models:/%s@%s, version: champion-%s} and `serve deploy` again (replicas reload in place)",
                 registry.name, challenger, registry.champion_alias, registry.name, registry.champion_alias, challenger,
             )  # fmt: skip

@@ -50,7 +50,7 @@ def run_module(module_name: str, argv: Sequence[str] | None = None) -> int:
     """`python -m <module_name> ...`: the module's command on its own, with the flags of its `dpn` subcommand.
 
     The module is imported by its name rather than used as ``__main__``, so that what it hands to Ray
-    (e.g. ``jobs.evaluate.Predictor``) pickles by its importable name, as under `dpn`.
+    (e.g. ``jobs.evaluation.predictor.Predictor``) pickles by its importable name, as under `dpn`.
     """
     module = importlib.import_module(module_name)
     summary = (module.__doc__ or "").strip().split("\n", 1)[0]

@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.evaluation.report import ROUTED_MODES, UNLABELLED
+from jobs.evaluation.report import ROUTED_MODES, UNLABELLED, file_safe, pct, render_table
 
 # ----------------------------------------------------------------------------------------------
 # Paths
@@ -540,54 +540,43 @@ def sample_records(table: PathTable, label: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.1f}"
-
-
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _render(headers: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return "\n".join(lines)
 
 
 def format_section(label: str, section: Mapping[str, Any]) -> str:
     """The oracle section as text: paths (``*`` on the frontier) in increasing FLOPs, the oracle, every mode's
     regret, and the oracle per family."""
     paths = sorted(section["paths"], key=lambda p: (p["flops_ratio"], -p["accuracy"]))
-    body = [[("* " if p["on_frontier"] else "  ") + p["path"], _pct(p["accuracy"]), _num(p["flops_ratio"])]
+    body = [[("* " if p["on_frontier"] else "  ") + p["path"], pct(p["accuracy"]), _num(p["flops_ratio"])]
             for p in paths]  # fmt: skip
     oracle = section["oracle"]
-    body.append(["oracle", _pct(oracle.get("accuracy")), _num(oracle.get("flops_ratio"))])
+    body.append(["oracle", pct(oracle.get("accuracy")), _num(oracle.get("flops_ratio"))])
     family = section.get("family_router")
     if family:
-        body.append(["family router", _pct(family["accuracy"]), _num(family["flops_ratio"])])
+        body.append(["family router", pct(family["accuracy"]), _num(family["flops_ratio"])])
     parts = [f"{label}: static paths (* Pareto frontier), the oracle and the family router",
-             _render(["path", "accuracy %", "x dense"], body)]  # fmt: skip
+             render_table(["path", "accuracy %", "x dense"], body)]  # fmt: skip
     if oracle.get("flops_ratio_at_dense_accuracy") is not None:
         parts.append(
-            f"oracle at dense accuracy ({_pct(oracle['dense_accuracy'])}%): "
+            f"oracle at dense accuracy ({pct(oracle['dense_accuracy'])}%): "
             f"{_num(oracle['flops_ratio_at_dense_accuracy'])} x dense"
         )
     if section["regret"]:
         keys = ["accuracy_lost_vs_frontier", "accuracy_lost_vs_oracle", "flops_wasted_vs_frontier",
                 "flops_wasted_vs_oracle", "gap_closed"]  # fmt: skip
-        rows = [[mode, _pct(r["accuracy"]), _num(r["flops_ratio"]),
-                 *(_pct(r[k]) if "accuracy" in k else _num(r[k]) for k in keys)]
+        rows = [[mode, pct(r["accuracy"]), _num(r["flops_ratio"]),
+                 *(pct(r[k]) if "accuracy" in k else _num(r[k]) for k in keys)]
                 for mode, r in section["regret"].items()]  # fmt: skip
         heads = ["mode", "accuracy %", "x dense", "acc lost vs frontier (pt)", "acc lost vs oracle (pt)",
                  "FLOPs wasted vs frontier", "FLOPs wasted vs oracle", "gap closed"]  # fmt: skip
-        parts += ["regret (accuracy in points, FLOPs as a ratio of dense)", _render(heads, rows)]
-    fam = [[name, e.get("kind", ""), str(e["num_samples"]), _pct(e.get("accuracy")), _num(e.get("flops_ratio")),
-            _pct(e.get("dense_accuracy")), _num(e.get("flops_ratio_at_dense_accuracy")), str(e.get("best_path"))]
+        parts += ["regret (accuracy in points, FLOPs as a ratio of dense)", render_table(heads, rows)]
+    fam = [[name, e.get("kind", ""), str(e["num_samples"]), pct(e.get("accuracy")), _num(e.get("flops_ratio")),
+            pct(e.get("dense_accuracy")), _num(e.get("flops_ratio_at_dense_accuracy")), str(e.get("best_path"))]
            for name, e in {**section["per_family"], **section["per_kind"]}.items()]  # fmt: skip
     heads = ["family/kind", "kind", "samples", "oracle acc %", "oracle x dense", "dense acc %",
              "oracle x dense at dense acc", "best path"]  # fmt: skip
-    parts += ["oracle per question family and kind", _render(heads, fam)]
+    parts += ["oracle per question family and kind", render_table(heads, fam)]
     return "\n".join(parts)
 
 
@@ -669,10 +658,6 @@ def plot_section(
     return path
 
 
-def _file_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
-
-
 def write_outputs(
     sections: Mapping[str, Mapping[str, Any]],
     tables: Mapping[str, PathTable],
@@ -688,7 +673,7 @@ def write_outputs(
     for label, section in sections.items():
         curve = budget_curve(tables[label]) if label in tables else ()
         paths.append(
-            plot_section(label, section, out / "plots" / f"oracle_{_file_safe(label)}.png", curve, title)
+            plot_section(label, section, out / "plots" / f"oracle_{file_safe(label)}.png", curve, title)
         )
     samples = out / "oracle_samples.jsonl"
     with samples.open("w") as f:

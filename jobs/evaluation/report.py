@@ -269,7 +269,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any) -> str:
+    """A fraction as a percentage with one decimal; ``-`` for None."""
     return "-" if value is None else f"{100.0 * float(value):.1f}"
 
 
@@ -277,7 +278,8 @@ def _tokens(row: Mapping[str, Any]) -> str:
     return ">".join(f"{v:.0f}" for v in row.get("visual_tokens_per_layer") or [])
 
 
-def _render(headers: list[str], body: list[list[str]], markdown: bool) -> str:
+def render_table(headers: list[str], body: list[list[str]], markdown: bool = False) -> str:
+    """A table as aligned text (header, dashes, rows) or, with ``markdown``, as a Markdown table."""
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -303,8 +305,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
                 str(r.get("label", "")),
                 str(r["compression"]),
                 str(r.get("num_samples", "")),
-                _pct(r["accuracy"]),
-                *[_pct(per_kind[k]["accuracy"]) if k in per_kind else "-" for k in kinds],
+                pct(r["accuracy"]),
+                *[pct(per_kind[k]["accuracy"]) if k in per_kind else "-" for k in kinds],
                 f"{float(r['mean_prefill_flops']) / 1e9:.3f}",
                 "-" if r.get("flops_ratio") is None else f"{float(r['flops_ratio']):.3f}",
                 "-" if r.get("llm_flops_ratio") is None else f"{float(r['llm_flops_ratio']):.3f}",
@@ -312,7 +314,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
                 f"{float(r.get('latency_ms_per_sample') or 0.0):.1f}",
             ]
         )
-    return _render(headers, body, markdown)
+    return render_table(headers, body, markdown)
 
 
 def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
@@ -328,11 +330,11 @@ def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = Fals
             if entry is None:
                 cells.append("-")
             elif str(r["compression"]) in ROUTED_MODES:
-                cells.append(f"{_pct(entry['accuracy'])}/{entry['visual_tokens_per_layer'][-1]:.0f}")
+                cells.append(f"{pct(entry['accuracy'])}/{entry['visual_tokens_per_layer'][-1]:.0f}")
             else:
-                cells.append(_pct(entry["accuracy"]))
+                cells.append(pct(entry["accuracy"]))
         body.append([str(r.get("label", "")), str(r["compression"]), *cells])
-    return _render(headers, body, markdown)
+    return render_table(headers, body, markdown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,16 +433,17 @@ def write_plots(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title: s
     seen: dict[str, int] = defaultdict(int)
     for r in rows:
         if r.get("routing") is not None and r.get("per_family"):
-            label = _file_safe(str(r.get("label", "model")))
+            label = file_safe(str(r.get("label", "model")))
             if str(r["compression"]) != "auto":
-                label += f"_{_file_safe(str(r['compression']))}"
+                label += f"_{file_safe(str(r['compression']))}"
             seen[label] += 1
             suffix = "" if seen[label] == 1 else f"_{seen[label]}"
             paths.append(plot_routing(r, out / f"routing_{label}{suffix}.png"))
     return paths
 
 
-def _file_safe(name: str) -> str:
+def file_safe(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` (for file names)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
 
 
