@@ -146,10 +146,12 @@ __all__ = ["PRESETS", "build_model", "create_checkpoint", "preset_config", "toke
 
 def token_ids(tokenizer: Any) -> dict[str, int]:
     """The config fields a tokenizer decides: the vocabulary size and the special token ids."""
+    from dpn_model.tokenization import IMAGE_TOKEN, ROUTER_TOKEN
+
     return dict(
         vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        router_token_id=tokenizer.convert_tokens_to_ids(ROUTER_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
