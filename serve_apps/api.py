@@ -283,6 +283,7 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
             param="n",
             code="unsupported_parameter",
         )
+    _check_logprobs(req)
     backend_request = await _backend_request(req, settings.limits)
     if req.stream:
         return await _streaming_response(req, backend_request, backend, settings)
@@ -291,11 +292,23 @@ async def _chat_completion(req: ChatCompletionRequest, backend: Backend, setting
     rid, name = backend_request["request_id"], settings.served_model_name
     text0, final0, fingerprint = answers[0]
     usage = final0.usage if len(answers) == 1 else _merged_usage([final.usage for _, final, _ in answers])
-    choices = [(text, final.finish_reason) for text, final, _ in answers]
+    choices = [(text, final.finish_reason, final.logprobs) for text, final, _ in answers]
     body_out = chat_completion(rid, name, choices, usage, fingerprint, final0.batch, int(time.time()))
     batch = final0.batch or {}
     headers = {"x-dpn-batch-id": str(batch.get("id", "")), "x-dpn-batch-rate": str(batch.get("rate", ""))}
     return JSONResponse(body_out, headers=headers)
+
+
+def _check_logprobs(req: ChatCompletionRequest) -> None:
+    """`top_logprobs` needs `logprobs: true`, and logprobs are served without `stream` only (400s naming them)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid_request("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if req.logprobs and req.stream:
+        raise invalid_request(
+            "logprobs is not supported with stream: true on this server; send it without stream",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
 
 
 async def _streaming_response(
@@ -474,6 +487,8 @@ async def _backend_request(req: ChatCompletionRequest, limits: Limits) -> dict[s
         "stop": req.stop_list(),
         "compression": req.compression,
         "ignore_eos": req.ignore_eos,
+        "logprobs": bool(req.logprobs),
+        "top_logprobs": req.top_logprobs or 0,
     }
 
 

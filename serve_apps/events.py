@@ -44,6 +44,8 @@ class FinalEvent:
         usage: Token counts, visual tokens per layer, compression requested and run, prefill FLOPs.
         batch: The record of the batch that ran it (id, queue, rate, requested rates, size, ...).
         fingerprint: The model version that answered; set by the scheduler from its batch.
+        logprobs: When the request asked for them, one entry per generated token in OpenAI's
+            `choices[i].logprobs.content` shape (`token`, `logprob`, `bytes`, `top_logprobs`); else None.
     """
 
     text: str
@@ -52,6 +54,7 @@ class FinalEvent:
     usage: dict[str, Any]
     batch: dict[str, Any] | None = None
     fingerprint: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,14 @@ class Prepared:
     compression: Rate  # what the request asked for: "auto", a factor, or a schedule's label ("1-2-4")
     request_id: str = ""
     ignore_eos: bool = False
+    logprobs: bool = False  # report each generated token's logprob (OpenAI's `logprobs`)
+    top_logprobs: int = 0  # and this many most likely alternatives (0..20)
 
 
 @dataclass
 class _RowState:
     generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one entry per generated token, when asked
     emitted: int = 0  # characters of the decoded text already sent
     finished: bool = False
     error: str | None = None  # why the row failed before its first token (seed), reported at prefill
@@ -138,7 +141,32 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         compression=as_rate(request.get("compression", "auto")),
         request_id=request.get("request_id", ""),
         ignore_eos=bool(request.get("ignore_eos", False)),
+        logprobs=bool(request.get("logprobs", False)),
+        top_logprobs=int(request.get("top_logprobs") or 0),
     )
+
+
+LOGPROB_FLOOR = -9999.0
+"""The logprob reported for a token the model gives no probability (OpenAI's value; JSON has no -inf)."""
+
+
+def _logprob_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    value = logprob if logprob == logprob and logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN, -inf
+    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", "backslashreplace"))}
+
+
+def token_logprobs(tokenizer: Any, logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+    """OpenAI's `logprobs.content` entry of `token` from one row's logits `(V,)` (reserved ids at -inf): the
+    model's log-softmax over the tokens it may emit, before temperature and top_p (what OpenAI reports), and the
+    `top` most likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    entry = _logprob_entry(tokenizer, token, float(logprobs[token]))
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1])) if top else (logprobs[:0], logprobs[:0])
+    entry["top_logprobs"] = [
+        _logprob_entry(tokenizer, int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())
+    ]
+    return entry
 
 
 def sample_token(
@@ -368,6 +396,8 @@ class BatchRun:
             finish = "stop"
         else:
             row.generated.append(token)
+            if req.logprobs:
+                row.logprobs.append(token_logprobs(self.tokenizer, logits, token, req.top_logprobs))
             if len(row.generated) >= req.max_tokens:
                 finish = "length"
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
@@ -389,7 +419,14 @@ class BatchRun:
         row.emitted = len(text)
         usage = dict(self._usage[i], completion_tokens=len(row.generated))
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return FinalEvent(text=delta, full_text=text, finish_reason=finish, usage=usage, batch=self.info)
+        return FinalEvent(
+            text=delta,
+            full_text=text,
+            finish_reason=finish,
+            usage=usage,
+            batch=self.info,
+            logprobs=row.logprobs if req.logprobs else None,
+        )
 
 
 __all__ = [
@@ -399,4 +436,5 @@ __all__ = [
     "prepare",
     "reserved_token_ids",
     "sample_token",
+    "token_logprobs",
 ]

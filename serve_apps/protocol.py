@@ -220,8 +220,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, str]] = {
     "frequency_penalty": (_is_zero, "frequency penalty"),
     "reasoning_effort": (None, "reasoning effort"),
     "web_search_options": (None, "web search"),
-    "logprobs": (lambda value: value is False, "log probabilities"),
-    "top_logprobs": (None, "log probabilities"),
 }
 """OpenAI chat-completion fields DPN does not implement: a request that sets one to anything but null or its no-op
 value is a 400 naming it (`check_unsupported`)."""
@@ -258,6 +256,8 @@ class ChatCompletionRequest(_Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(default=None, ge=1, le=MAX_N)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)  # OpenAI: 0..20, needs logprobs: true
     user: Text | None = None
     compression: CompressionField = "auto"
     ignore_eos: StrictBool = False  # extension (as vLLM's): generate exactly max_tokens, for load tests
@@ -323,13 +323,14 @@ def completion_id() -> str:
 def chat_completion(
     request_id: str,
     model: str,
-    choices: list[tuple[str, str]],
+    choices: list[tuple[str, str, list[dict[str, Any]] | None]],
     usage: dict[str, Any],
     fingerprint: str | None,
     batch: dict[str, Any] | None,
     created: int | None = None,
 ) -> dict[str, Any]:
-    """A `chat.completion` object (non-streaming response); `choices` are `(text, finish_reason)`, index order."""
+    """A `chat.completion` object (non-streaming response); `choices` are `(text, finish_reason, logprobs)` in
+    index order, `logprobs` the per-token entries (`choices[i].logprobs.content`) or None."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -340,10 +341,10 @@ def chat_completion(
             {
                 "index": index,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 "finish_reason": finish_reason,
             }
-            for index, (text, finish_reason) in enumerate(choices)
+            for index, (text, finish_reason, logprobs) in enumerate(choices)
         ],
         "usage": usage,
         "dpn_batch": batch,

@@ -30,12 +30,17 @@ class EchoBackend:
         yield DeltaEvent(text="choice ")
         text = f"seed={request['seed']}"
         usage = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prefill_flops_saved": 0.4}
+        logprobs = None
+        if request.get("logprobs"):
+            top = [{"token": "b", "logprob": -2.0, "bytes": [98]}][: request["top_logprobs"]]
+            logprobs = [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": top}]
         yield FinalEvent(
             text=text,
             full_text="choice " + text,
             finish_reason="length",
             usage=usage,
             batch={"id": 1, "rate": 4},
+            logprobs=logprobs,
         )
 
     async def info(self):
@@ -125,8 +130,6 @@ UNSUPPORTED = [
     ("frequency_penalty", -1),
     ("reasoning_effort", "low"),
     ("web_search_options", {}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
 ]
 
 
@@ -308,3 +311,27 @@ def test_n_failure_fails_the_request(client, backend):
     backend.generate = second_fails
     response = post(client, n=3)
     assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+
+
+# ------------------------------------------------------------------------------------- logprobs
+
+
+def test_logprobs_with_the_openai_client(oai, backend):
+    out = oai.chat.completions.create(model="dpn", messages=HI, logprobs=True, top_logprobs=1, n=2)
+    assert backend.requests[0]["logprobs"] is True and backend.requests[0]["top_logprobs"] == 1
+    for choice in out.choices:
+        (entry,) = choice.logprobs.content
+        assert entry.token == "a" and entry.logprob == -0.5 and entry.bytes == [97]
+        assert [t.token for t in entry.top_logprobs] == ["b"]
+    plain = oai.chat.completions.create(model="dpn", messages=HI)
+    assert plain.choices[0].logprobs is None and backend.requests[-1]["logprobs"] is False
+
+
+def test_logprobs_errors_name_them(client, backend):
+    error_of(post(client, top_logprobs=2), "top_logprobs", "logprobs")
+    error_of(post(client, logprobs=False, top_logprobs=2), "top_logprobs")
+    error_of(post(client, logprobs=True, top_logprobs=21), "top_logprobs")
+    error_of(post(client, logprobs=True, top_logprobs=-1), "top_logprobs")
+    error_of(post(client, logprobs="yes"), "logprobs")
+    error_of(post(client, logprobs=True, stream=True), "logprobs", "stream")
+    assert backend.requests == []

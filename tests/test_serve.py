@@ -486,6 +486,28 @@ def test_batched_left_padded_generation_matches_generate(tiny):
     assert 0.2 < usage["prefill_flops_saved"] < 0.5
 
 
+def test_logprobs_are_the_models_log_softmax(tiny):
+    import math
+
+    model, processor = tiny
+    item = prepared_request(processor, "Colour?", max_tokens=4, logprobs=True, top_logprobs=3)
+    run, (final,) = _run(model, processor, [item], 1)
+    entries = final.logprobs
+    assert len(entries) == len(run.rows[0].generated) >= 1
+    for token, entry in zip(run.rows[0].generated, entries):
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted(
+            (t["logprob"] for t in top), reverse=True
+        )
+        assert entry["logprob"] == top[0]["logprob"] <= 0  # greedy: the chosen token is the most likely
+        assert entry["token"] == processor.tokenizer.decode([token]) and entry["bytes"] == list(
+            entry["token"].encode()
+        )
+        assert sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-5
+    plain = _run(model, processor, [prepared_request(processor, "Colour?", max_tokens=4)], 1)[1][0]
+    assert plain.logprobs is None and plain.full_text == final.full_text
+
+
 def test_sampling_params_stop_and_seed(tiny):
     model, processor = tiny
     greedy = _run(model, processor, [prepared_request(processor, "Colour?", max_tokens=8)], 1)[1][0]
