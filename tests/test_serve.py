@@ -803,6 +803,33 @@ def _auth() -> dict[str, str]:
 
 
 @pytest.mark.ray
+def test_ray_openai_client_new_fields(served):
+    """n, max_completion_tokens, logprobs, stream_options.include_usage and an unsupported field, end to end."""
+    import openai
+
+    oai = _openai(served)
+    messages = image_message(data_url(png_bytes()))
+    common = {"model": "dpn", "messages": messages, "temperature": 0, "max_completion_tokens": 4}
+    out = oai.chat.completions.create(n=2, logprobs=True, top_logprobs=2, **common)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content  # temperature 0: identical
+    completion = sum(len(c.logprobs.content) for c in out.choices)
+    assert 1 <= out.usage.completion_tokens <= 8 and out.usage.completion_tokens == completion
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    entry = out.choices[0].logprobs.content[0]
+    assert len(entry.top_logprobs) == 2 and entry.logprob == entry.top_logprobs[0].logprob
+    chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **common))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens // 2
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == out.choices[0].message.content
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(response_format={"type": "json_object"}, **common)
+    assert "response_format" in info.value.message
+
+
+@pytest.mark.ray
 def test_ray_openai_client_completion_and_stream(served):
     oai = _openai(served)
     messages = image_message(data_url(png_bytes()))
