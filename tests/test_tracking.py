@@ -115,3 +115,32 @@ def test_resolve_model_dir_errors_say_what_to_give(mlflow_uri, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no Hugging Face checkpoint"):
         tracking.resolve_model_dir(tmp_path / "empty")
+
+
+def test_a_recreated_registry_does_not_get_the_old_versions_download(tmp_path, tiny_model_dir, monkeypatch):
+    # a registry recreated at the same tracking URI (mlflow.db deleted, or the registered model deleted) numbers
+    # its versions from 1 again: "models:/dpn/1" is then another model, and must not come from the old download
+    from dpn_model import DPNForConditionalGeneration
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DPN_MODEL_CACHE", str(tmp_path / "cache"))
+    run_id, _ = tracking.start_or_resume_run("exp", "first")
+    tracking.log_hf_model(run_id, tiny_model_dir, registered_model="dpn")
+    first = Path(tracking.resolve_model_dir("models:/dpn/1"))
+    MlflowClient(uri).delete_registered_model("dpn")
+
+    other = DPNForConditionalGeneration.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    other_dir = tmp_path / "other"
+    other.save_pretrained(other_dir)
+    for name in Path(tiny_model_dir).iterdir():  # the processor files
+        if name.name not in {"config.json", "model.safetensors"} and name.is_file():
+            (other_dir / name.name).write_bytes(name.read_bytes())
+    run_id, _ = tracking.start_or_resume_run("exp", "second")
+    tracking.log_hf_model(run_id, str(other_dir), registered_model="dpn")
+    second = Path(tracking.resolve_model_dir("models:/dpn/1"))
+    assert second != first
+    loaded = DPNForConditionalGeneration.from_pretrained(second)
+    assert torch.equal(loaded.lm_head.weight, other.lm_head.weight)

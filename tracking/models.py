@@ -123,27 +123,29 @@ def resolve_model_dir(
         raise ValueError(f"unsupported model URI {text!r}: use a local directory, runs:/... or models:/...")
     uri_in_effect = tracking_uri(tracking)
     client = MlflowClient(uri_in_effect)
-    key = text
+    key = identity = text
     if text.startswith("models:/"):
-        # Resolve aliases / versions to a fixed version, so the cache never serves a moved alias.
+        # Resolve aliases / versions to a fixed version, so the cache never serves a moved alias, and key it by
+        # the run the version was made from too: a registry recreated at the same URI reuses version numbers.
         ref = text[len("models:/") :].strip("/")
         name, _, rest = ref.partition("@") if "@" in ref else (ref.split("/")[0], "", "")
         try:
             if "@" in ref:
-                version = client.get_model_version_by_alias(name, rest).version
+                found = client.get_model_version_by_alias(name, rest)
             else:
                 parts = ref.split("/")
                 if len(parts) != 2:
                     raise ValueError(
                         f"model URI {text!r} must be models:/<name>@<alias> or models:/<name>/<version>"
                     )
-                version = client.get_model_version(name, parts[1]).version
+                found = client.get_model_version(name, parts[1])
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(
                 f"model {text!r} not found in the registry at {uri_in_effect}: {err}"
             ) from err
-        key = f"models:/{name}/{version}"
-    digest = hashlib.sha256(f"{uri_in_effect}|{key}".encode()).hexdigest()[:16]
+        key = f"models:/{name}/{found.version}"
+        identity = f"{key}|{found.run_id}|{found.source}"
+    digest = hashlib.sha256(f"{uri_in_effect}|{identity}".encode()).hexdigest()[:16]
     target = (Path(cache_dir) if cache_dir else _cache_root()) / digest
     done = target / ".complete"
     if not done.exists():
@@ -158,7 +160,7 @@ def resolve_model_dir(
         except mlflow.exceptions.MlflowException as err:
             shutil.rmtree(target, ignore_errors=True)
             raise FileNotFoundError(f"could not download {text!r} from {uri_in_effect}: {err}") from err
-        done.write_text(key + "\n")
+        done.write_text(identity + "\n")
     return str(_find_hf_dir(target))
 
 
