@@ -194,6 +194,11 @@ class DPNConfig(LlavaConfig):
         if self.min_visual_tokens < 1:
             raise ValueError(f"min_visual_tokens must be >= 1, got {self.min_visual_tokens}")
 
+    @property
+    def uses_router_critic(self) -> bool:
+        """Whether the routers carry a REINFORCE critic (`router_estimator="reinforce"`, `router_baseline="critic"`)."""
+        return self.router_estimator == "reinforce" and self.router_baseline == "critic"
+
     def _check_routing(self) -> None:
         """Router, token floors and routing loss."""
         if not self.router_temperature > 0:

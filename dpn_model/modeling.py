@@ -398,7 +398,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None, None
         features = router_input(hidden, state.is_router, cfg.router_token_reduction)
         probs = stage.router(features)  # (B, E) f32
-        value = stage.router.value(features) if self.training else None
+        value = stage.router.value(features) if self.training and cfg.uses_router_critic else None
         allowed = probs.detach() * feasible
         if self.training:
             explore = cfg.router_explore if cfg.router_estimator == "reinforce" else 0.0

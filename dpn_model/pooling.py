@@ -110,7 +110,7 @@ class DynamicPoolingExperts(nn.Module):
             len(self.strides),
             config.router_temperature,
             bias=config.router_bias,
-            critic=config.router_estimator == "reinforce" and config.router_baseline == "critic",
+            critic=config.uses_router_critic,
         )
         if self.pooling_type == "conv":
             # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.

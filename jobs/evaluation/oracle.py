@@ -555,7 +555,7 @@ def format_section(label: str, section: Mapping[str, Any]) -> str:
     family = section.get("family_router")
     if family:
         body.append(["family router", pct(family["accuracy"]), _num(family["flops_ratio"])])
-    parts = [f"{label}: static paths (* Pareto frontier), the oracle and the family router",
+    parts = [f"{label}: static paths (* Pareto frontier) and the oracle (and the family router)",
              render_table(["path", "accuracy %", "x dense"], body)]  # fmt: skip
     if oracle.get("flops_ratio_at_dense_accuracy") is not None:
         parts.append(
