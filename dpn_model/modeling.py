@@ -177,6 +177,12 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (token_loss * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def feasible_distribution(probs: torch.Tensor, feasible: torch.Tensor) -> torch.Tensor:
+    """The router's probabilities renormalised over the experts the token floor allowed, `(..., experts)`."""
+    allowed = probs * feasible
+    return allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
 def exploring(q: torch.Tensor, feasible: torch.Tensor, explore: float) -> torch.Tensor:
     """`(1 - explore) * q + explore * uniform over the feasible experts` (`router_explore`), `(..., experts)`."""
     if not explore:
@@ -224,17 +230,15 @@ def reinforce_loss(
     n = int(has.sum())
     if n < 2:
         return probs.sum() * 0.0
-    allowed = probs * feasible
-    q = exploring(allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12), feasible, explore)
+    q = exploring(feasible_distribution(probs, feasible), feasible, explore)
     chosen = q.gather(-1, choices.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    log_p = (torch.log(chosen.clamp(min=1e-12)) * routed).sum(-1)  # (B,)
+    log_q = torch.log(chosen.clamp(min=1e-12)) * routed  # (B, L)
     reward = -(sample_loss.float() + cost_weight * cost.float()).detach() * has
     baseline = (reward.sum() - reward) / (n - 1)
     advantage = (reward - baseline) * has
     if values is None:
-        return -(advantage * log_p).sum() / n
+        return -(advantage * log_q.sum(-1)).sum() / n
     # per layer: the critic removes what the sample's own question explains of its advantage
-    log_q = torch.log(chosen.clamp(min=1e-12)) * routed  # (B, L)
     corrected = (advantage[:, None] - values.detach()) * routed
     critic_loss = ((values - advantage[:, None]) ** 2 * routed).sum() / routed.sum()
     return -(corrected * log_q).sum() / n + critic_loss
@@ -404,9 +408,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             explore = cfg.router_explore if cfg.router_estimator == "reinforce" else 0.0
             sampling = allowed
             if explore:
-                sampling = exploring(
-                    allowed / allowed.sum(-1, keepdim=True).clamp(min=1e-12), feasible, explore
-                )
+                sampling = exploring(feasible_distribution(probs.detach(), feasible), feasible, explore)
             choice = torch.multinomial(sampling, 1).squeeze(-1)
         else:
             choice = allowed.argmax(-1)

@@ -401,6 +401,14 @@ def _choice_per_layer(paths: Sequence[str], choice: np.ndarray) -> list[dict[str
     return shares
 
 
+def _best_path(table: PathTable) -> tuple[int, np.ndarray, np.ndarray]:
+    """Index of the most accurate single path (the cheapest of equals), and every path's accuracy and FLOPs ratio."""
+    accuracies = table.correct.mean(axis=0)
+    ratios = np.array([_ratio(table.flops[:, p], table.dense) for p in range(len(table.paths))])
+    best = min(range(len(table.paths)), key=lambda p: (-accuracies[p], ratios[p], p))
+    return best, accuracies, ratios
+
+
 def oracle_summary(table: PathTable, dense_path: str | None = None) -> dict[str, Any]:
     """The oracle on ``table``: ``num_samples``, ``correct``, ``accuracy``, ``mean_prefill_flops``,
     ``flops_ratio``, ``dense_accuracy`` and ``flops_ratio_at_dense_accuracy`` (when the dense path is there),
@@ -412,9 +420,7 @@ def oracle_summary(table: PathTable, dense_path: str | None = None) -> dict[str,
         return {"num_samples": 0}
     choice, right = oracle_choice(table.correct, table.flops)
     chosen = table.flops[np.arange(n), choice]
-    accuracies = table.correct.mean(axis=0)
-    ratios = np.array([_ratio(table.flops[:, p], table.dense) for p in range(len(table.paths))])
-    best = min(range(len(table.paths)), key=lambda p: (-accuracies[p], ratios[p], p))
+    best, accuracies, ratios = _best_path(table)
     summary: dict[str, Any] = {
         "num_samples": n,
         "correct": int(right.sum()),
@@ -466,10 +472,9 @@ def family_router(table: PathTable) -> dict[str, Any] | None:
     for name in families:
         rows = table.family == name
         sub = table.subset(rows)
-        best = oracle_summary(sub)["best_path"]
-        p = table.paths.index(best)
+        p = _best_path(sub)[0]
         correct[rows], flops[rows] = sub.correct[:, p], sub.flops[:, p]
-        chosen[name or UNLABELLED] = best
+        chosen[name or UNLABELLED] = table.paths[p]
     return {"accuracy": float(correct.mean()), "flops_ratio": _ratio(flops, table.dense), "paths": chosen}
 
 
