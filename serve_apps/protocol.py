@@ -351,19 +351,25 @@ def chat_completion(
     }
 
 
-def usage_chunk(
-    request_id: str, model: str, created: int, usage: dict[str, Any], fingerprint: str | None = None
+def _chunk(
+    request_id: str, model: str, created: int, fingerprint: str | None, choices: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's `usage`."""
+    """The envelope every `chat.completion.chunk` shares."""
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint,
-        "choices": [],
-        "usage": usage,
+        "choices": choices,
     }
+
+
+def usage_chunk(
+    request_id: str, model: str, created: int, usage: dict[str, Any], fingerprint: str | None = None
+) -> dict[str, Any]:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's `usage`."""
+    return {**_chunk(request_id, model, created, fingerprint, []), "usage": usage}
 
 
 def chat_chunk(
@@ -377,14 +383,8 @@ def chat_chunk(
     batch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A `chat.completion.chunk` object (one server-sent event of a stream)."""
-    chunk: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    chunk = _chunk(request_id, model, created, fingerprint, [choice])
     if usage is not None:
         chunk["usage"] = usage
     if batch is not None:
