@@ -9,6 +9,10 @@ for anything unexpected (a bug, logged with its traceback).
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /v1/dpn/batches` (recent batches with
 the rate each ran at and the rates its requests asked for: `"auto"`, a factor, or a schedule's label `"1-2-4"`).
+
+Every chat request, answered or refused, is recorded when it ends in the `MetricsSink` given to `create_api`
+(serve_apps.metrics: the Serve ingress passes its Ray metrics, Prometheus' `ray_dpn_*`), through a
+`RequestObservation` that sees the request's backend events.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent, StartEvent
 from serve_apps.limits import Limits, check_body_size, load_image_url, request_max_tokens
+from serve_apps.metrics import MetricsSink, RequestObservation
 from serve_apps.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -102,8 +107,11 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving the OpenAI-compatible API over `backend`."""
+def create_api(
+    backend: Backend, settings: Settings | None = None, metrics: MetricsSink | None = None
+) -> FastAPI:
+    """The FastAPI app serving the OpenAI-compatible API over `backend`; each chat request is recorded in
+    `metrics` when it ends (None: not recorded)."""
     settings = settings or Settings()
     api_key = settings.api_key()
     app = FastAPI(title="DPN OpenAI-compatible API", docs_url=None, redoc_url=None)
@@ -137,9 +145,20 @@ def create_api(backend: Backend, settings: Settings | None = None) -> FastAPI:
         },
     )
     async def chat_completions(request: Request) -> Response:
-        _check_auth(request, api_key)
-        req = _parse_request(await _read_body(request, settings.limits))
-        return await _chat_completion(req, backend, settings)
+        observation = RequestObservation(metrics)
+        try:
+            _check_auth(request, api_key)
+            req = _parse_request(await _read_body(request, settings.limits))
+            response = await _chat_completion(req, _ObservedBackend(backend, observation), settings)
+        except asyncio.CancelledError:
+            observation.finish(499, "abort")  # the client went away before the answer
+            raise
+        except Exception as exc:
+            observation.finish(*_error_status(exc))
+            raise
+        if not isinstance(response, StreamingResponse):
+            observation.finish(200)
+        return response  # a stream's end is recorded by _stream
 
     return app
 
@@ -206,24 +225,7 @@ def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_: Request, exc: Unavailable) -> JSONResponse:
-        retry = {"Retry-After": str(retry_after_s)}
-        if isinstance(exc, Overloaded):
-            error = APIError(
-                503,
-                f"the server is overloaded ({exc}); retry after {retry_after_s} s",
-                "server_overloaded",
-                code="overloaded",
-                headers=retry,
-            )
-        else:
-            error = APIError(
-                503,
-                f"the model is unavailable ({exc}); retry after {retry_after_s} s",
-                "server_error",
-                code="model_unavailable",
-                headers=retry,
-            )
-        return error.response()
+        return _unavailable_error(exc, retry_after_s).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -234,6 +236,55 @@ def _add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
             "server_error",
             code="internal_error",
         ).response()
+
+
+def _unavailable_error(exc: Unavailable, retry_after_s: int) -> APIError:
+    """The 503 + Retry-After of an `Unavailable` (code `overloaded` for a full queue, else `model_unavailable`)."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, Overloaded):
+        return APIError(
+            503,
+            f"the server is overloaded ({exc}); retry after {retry_after_s} s",
+            "server_overloaded",
+            code="overloaded",
+            headers=retry,
+        )
+    return APIError(
+        503,
+        f"the model is unavailable ({exc}); retry after {retry_after_s} s",
+        "server_error",
+        code="model_unavailable",
+        headers=retry,
+    )
+
+
+def _error_status(exc: Exception) -> tuple[int, str]:
+    """The HTTP status and error code the error handlers answer `exc` with (for the metrics)."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.code or "error"
+    if isinstance(exc, Unavailable):
+        error = _unavailable_error(exc, 0)
+        return error.status, error.code or "error"
+    return 500, "internal_error"
+
+
+class _ObservedBackend:
+    """A `Backend` that shows every event of every `generate` call to one request's `RequestObservation`."""
+
+    def __init__(self, backend: Backend, observation: RequestObservation):
+        self.backend = backend
+        self.observation = observation
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[Event]:
+        async for event in self.backend.generate(request):
+            self.observation.event(event)
+            yield event
+
+    async def info(self) -> dict[str, Any]:
+        return await self.backend.info()
+
+    async def batches(self, limit: int) -> list[dict[str, Any]]:
+        return await self.backend.batches(limit)
 
 
 def _check_auth(request: Request, api_key: str | None) -> None:
@@ -260,7 +311,9 @@ async def _model_info(backend: Backend, timeout_s: float) -> dict[str, Any]:
         raise Unavailable(f"no answer from the model within {timeout_s} s") from exc
 
 
-async def _chat_completion(req: ChatCompletionRequest, backend: Backend, settings: Settings) -> Response:
+async def _chat_completion(
+    req: ChatCompletionRequest, backend: _ObservedBackend, settings: Settings
+) -> Response:
     """Run a validated request on the backend: a `chat.completion`, or a stream of chunks when `stream`."""
     if req.model is not None and req.model != settings.served_model_name:
         raise APIError(
@@ -312,7 +365,7 @@ def _check_logprobs(req: ChatCompletionRequest) -> None:
 
 
 async def _streaming_response(
-    req: ChatCompletionRequest, backend_request: dict[str, Any], backend: Backend, settings: Settings
+    req: ChatCompletionRequest, backend_request: dict[str, Any], backend: _ObservedBackend, settings: Settings
 ) -> StreamingResponse:
     """The stream of chunks of a one-choice request (its first event awaited first, so a refusal is an error
     status, not an in-stream error)."""
@@ -321,7 +374,7 @@ async def _streaming_response(
     fingerprint = first.fingerprint if isinstance(first, StartEvent) else None
     ids = _StreamIds(backend_request["request_id"], settings.served_model_name, int(time.time()), fingerprint)
     return StreamingResponse(
-        _stream(events, ids, _include_usage(req)),
+        _stream(events, ids, _include_usage(req), backend.observation),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -558,29 +611,54 @@ def _event_chunks(event: DeltaEvent | FinalEvent, ids: _StreamIds, include_usage
     return chunks
 
 
-async def _stream(events: AsyncIterator[Event], ids: _StreamIds, include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`."""
-    yield _sse(
-        chat_chunk(
-            ids.rid, ids.model, ids.created, {"role": "assistant", "content": ""}, fingerprint=ids.fingerprint
+async def _stream(
+    events: AsyncIterator[Event], ids: _StreamIds, include_usage: bool, observation: RequestObservation
+) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's `chat.completion.chunk` format, ending with `data: [DONE]`; the request's
+    end is recorded in `observation` (status 200: the status line is sent; outcome the finish reason, the
+    in-stream error's code, or `abort` when the client goes away first)."""
+    try:
+        yield _sse(
+            chat_chunk(
+                ids.rid,
+                ids.model,
+                ids.created,
+                {"role": "assistant", "content": ""},
+                fingerprint=ids.fingerprint,
+            )
         )
-    )
+        async for chunk in _stream_events(events, ids, include_usage, observation):
+            yield chunk
+        yield _sse("[DONE]")
+    finally:
+        observation.finish(200, "abort")  # a no-op when the stream ended (or failed) first
+
+
+async def _stream_events(
+    events: AsyncIterator[Event], ids: _StreamIds, include_usage: bool, observation: RequestObservation
+) -> AsyncIterator[bytes]:
+    """The chunks of the backend's events, or the in-stream error that ends them."""
     try:
         async for event in events:
             if isinstance(event, ErrorEvent):
+                observation.finish(200, event.code)
                 yield _stream_error(event.message, event.code)
-                break
+                return
             if isinstance(event, DeltaEvent | FinalEvent):
                 for chunk in _event_chunks(event, ids, include_usage):
                     yield chunk
     except (
         Unavailable
     ) as exc:  # the replica died mid-stream: the status line is already sent; report in-stream
+        observation.finish(200, "model_unavailable")
         yield _stream_error(f"the model is unavailable ({exc}); retry", "model_unavailable")
+        return
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-stream
         logger.exception("stream %s failed", ids.rid)
+        observation.finish(200, "generation_failed")
         yield _stream_error(f"generation failed: {exc}", "generation_failed")
-    yield _sse("[DONE]")
+        return
+    observation.finish(200)
 
 
 __all__ = ["Backend", "Overloaded", "Settings", "Unavailable", "create_api"]

@@ -11,6 +11,9 @@ when the model deployment's caller-side queue is full (`max_queued_requests`), R
 and the ingress answers an OpenAI-style 503 with `Retry-After`. When a model replica dies, the requests it was
 serving fail with Ray's actor errors: those become 503 + `Retry-After` too (Serve starts a replacement; a retry
 lands on a live replica).
+
+The ingress records every chat request in Ray's metrics (serve_apps.metrics: `ray_dpn_*` on each node's metrics
+agent, `ray start --metrics-export-port=...`), the model replicas their engine steps.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_apps.api import Overloaded, Settings, Unavailable, create_api
 from serve_apps.limits import Limits
+from serve_apps.metrics import serve_metrics
 from serve_apps.model import BatchingConfig, ModelDeployment
 from serve_apps.protocol import CompressionField
 
@@ -117,7 +121,8 @@ class HandleBackend:
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
 @serve.ingress()
 class OpenAIIngress:
-    """HTTP ingress: the OpenAI-compatible FastAPI app over the model deployment."""
+    """HTTP ingress: the OpenAI-compatible FastAPI app over the model deployment, recording its requests in
+    Ray's metrics."""
 
     def __init__(self, model_handle: DeploymentHandle, settings: dict[str, Any]):
         limits = Limits.from_dict(settings.get("limits"))
@@ -132,7 +137,9 @@ class OpenAIIngress:
         self.backend = HandleBackend(model_handle)
 
     def __serve_build_asgi_app__(self):
-        return create_api(self.backend, self.settings)
+        return create_api(
+            self.backend, self.settings, serve_metrics()
+        )  # built in the replica: Serve's labels
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
