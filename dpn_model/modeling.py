@@ -5,13 +5,15 @@ layers, RMSNorm and rotary embedding); only the decoder loop is ours. The loop r
 *segments*: after the last layer of a segment (the configured `pooling_layers`) the visual tokens of each
 sample are pooled by the expert its router chose, and the batch is rebuilt on a shorter sequence with
 contiguous positions and a fresh padding mask. Samples that choose different experts are grouped by
-(grid, expert), never looped over one by one.
+(grid, expert), never looped over one by one; with `ragged=True` (the default) each such group then runs the
+rest of the prefill at its own length, so no sample pays for another's longer path, and the outputs (and the
+cache) are reassembled in batch order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from dpn_model.configuration import (
     compression_schedule,
     parse_compression,
 )
+from dpn_model.encoder_cache import EncoderCache
 from dpn_model.pooling import DynamicPoolingExperts, RouterCritic, pooled_grid, router_input
 
 
@@ -292,6 +295,61 @@ class PrefillState:
     cols: torch.Tensor
 
 
+def _select_rows(state: PrefillState, rows: torch.Tensor) -> PrefillState:
+    """The [`PrefillState`] of some samples of a batch (`rows`, indices into it)."""
+    return PrefillState(**{f.name: getattr(state, f.name)[rows] for f in fields(state)})
+
+
+def _merge_rows(parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+    """Reassemble per-group tensors `(G, ...)` in batch order; `rows` None: the whole batch, in order.
+
+    The groups' rows partition the batch. Differentiable (a concatenation and a gather).
+    """
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    order = torch.cat([rows for rows, _ in parts]).argsort()
+    return torch.cat([value for _, value in parts])[order]
+
+
+def _merge_padded(
+    parts: list[tuple[torch.Tensor | None, torch.Tensor]], dim: int, left: bool, fill: float = 0
+) -> torch.Tensor:
+    """[`_merge_rows`] for tensors whose dimension `dim` (a sequence) differs between groups: each is padded
+    with `fill` to the longest, on the left (`left`) or the right."""
+    if len(parts) > 1:
+        longest = max(value.shape[dim] for _, value in parts)
+        padded = []
+        for rows, value in parts:
+            short = longest - value.shape[dim]
+            if short:
+                shape = list(value.shape)
+                shape[dim] = short
+                pad = value.new_full(shape, fill)
+                value = torch.cat([pad, value] if left else [value, pad], dim=dim)
+            padded.append((rows, value))
+        parts = padded
+    return _merge_rows(parts)
+
+
+def _reassemble_cache(
+    cache: DPNCache, runs: list, segments: list[range], left: bool, use_cache: bool
+) -> None:
+    """Fill `cache` from a ragged prefill: per segment, the keys and values of the groups that ran it (each in its
+    own cache once the batch split) and their masks, padded to a common length in batch order.
+
+    Args:
+        runs: per segment, `[(rows, mask, cache, hidden states)]` of the groups that ran it.
+    """
+    for seg_runs, segment in zip(runs, segments):
+        if seg_runs[0][2] is cache or not use_cache:  # the batch ran this segment as one group, into `cache`
+            continue
+        for i in segment:
+            keys = _merge_padded([(r, c.layers[i].keys) for r, _, c, _ in seg_runs], 2, left)
+            values = _merge_padded([(r, c.layers[i].values) for r, _, c, _ in seg_runs], 2, left)
+            cache.update(keys, values, i)
+    cache.segment_masks = [_merge_padded([(r, m) for r, m, _, _ in seg_runs], 1, left) for seg_runs in runs]
+
+
 class DPNPreTrainedModel(LlavaPreTrainedModel):
     config_class = DPNConfig
     config: DPNConfig
@@ -325,6 +383,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.pyramid = nn.ModuleList(DynamicPoolingExperts(config) for _ in config.pooling_layers)
+        self._encoder_cache: EncoderCache | None = None  # see set_encoder_cache
         self.post_init()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -364,17 +423,55 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 raise ValueError(
                     f"got {pixel_values.shape[0]} images for {int((n_visual > 0).sum())} samples with image tokens"
                 )
-            features = self.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                return_dict=True,
-            ).pooler_output
-            features = torch.cat(features, dim=0).to(embeds.device, embeds.dtype)
+            features = self._image_features(
+                pixel_values, vision_feature_layer, vision_feature_select_strategy
+            ).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(is_visual.unsqueeze(-1), features)
         elif pixel_values is not None:
             raise ValueError("pixel_values were given but input_ids contain no image tokens")
         return embeds, is_visual
+
+    def _tower(self, pixel_values, vision_feature_layer, vision_feature_select_strategy) -> torch.Tensor:
+        """Vision tower + projector on `(n, 3, H, W)` images: `(n * num_visual_tokens, D)`."""
+        features = self.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        return torch.cat(list(features), dim=0)
+
+    def _image_features(
+        self, pixel_values, vision_feature_layer, vision_feature_select_strategy
+    ) -> torch.Tensor:
+        """Features of every image, `(n * num_visual_tokens, D)`, through the attached [`EncoderCache`] when
+        there is one and this is inference (eval mode, no gradients): the tower runs on the images it misses."""
+        cache = self.encoder_cache
+        if cache is None or not cache.enabled or self.training or torch.is_grad_enabled():
+            return self._tower(pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        options = (vision_feature_layer, vision_feature_select_strategy)
+        keys = [cache.key(image, *options) for image in pixel_values]
+        found = {key: cache.get(key) for key in dict.fromkeys(keys)}  # an image twice in a batch runs once
+        missing = [key for key, features in found.items() if features is None]
+        if missing:
+            first = [keys.index(key) for key in missing]
+            computed = self._tower(pixel_values[first], *options)
+            for key, features in zip(missing, computed.view(len(missing), -1, computed.shape[-1])):
+                found[key] = features
+                cache.put(key, features)
+        return torch.cat([found[key].to(pixel_values.device) for key in keys], dim=0)
+
+    @property
+    def encoder_cache(self) -> EncoderCache | None:
+        """The attached [`EncoderCache`] (None: every image runs through the vision tower)."""
+        return self._encoder_cache
+
+    def set_encoder_cache(self, cache: EncoderCache | None) -> None:
+        """Attach a vision-encoder cache (or detach it with None): at inference, identical images (by content)
+        then reuse the vision tower + projector output instead of running them again. See [`EncoderCache`]."""
+        if cache is not None and not isinstance(cache, EncoderCache):
+            raise TypeError(f"set_encoder_cache takes an EncoderCache or None, got {type(cache).__name__}")
+        self._encoder_cache = cache
 
     def _route(self, stage: DynamicPoolingExperts, state: PrefillState, mode: str, forced: int | None):
         """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran), the
@@ -415,24 +512,46 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         return choice, gate, probs, feasible, value
 
-    def _pool_stage(self, s: int, state: PrefillState, mode: str, schedule: list[int] | None):
+    def _pool_stage(self, s: int, state: PrefillState, mode: str, schedule: list[int] | None, ragged: bool):
         """Route and pool the visual tokens after pooling layer `s`.
 
+        With `ragged`, samples that took different experts here are split into groups (one per expert, plus
+        one for the samples that were not pooled), each rebuilt on its own length, so that no sample is
+        padded to another's path in the layers that follow.
+
         Returns:
-            `(state, choices, probs, feasible, value)`: the state on the shortened sequence (`state` itself when
-            nothing was pooled), expert per sample `(B,)`, -1 where nothing was pooled (no image, or fewer than
-            `min_visual_tokens` left), the router probabilities `(B, E)` and the experts the token floor allowed
-            `(B, E)`, both None when no router ran, and the critic's value `(B,)` or None.
+            `(parts, choices, probs, feasible, value)`: `parts`, a list of `(rows, state)`, the states on the
+            shortened sequences and the rows of `state` each one holds (`rows` None: all of them, in order; the
+            one part is `state` itself when nothing was pooled); expert per sample `(B,)`, -1 where nothing was
+            pooled (no image, or fewer than `min_visual_tokens` left); the router probabilities `(B, E)` and the
+            experts the token floor allowed `(B, E)`, both None when no router ran, and the critic's value
+            `(B,)` or None.
         """
         stage = self.pyramid[s]
         n_visual = state.rows * state.cols
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
         forced = schedule[s] if schedule is not None else None
         choice, gate, probs, feasible, value = self._route(stage, state, mode, forced)
+        chosen = torch.where(eligible, choice, -1)
         identity = forced is not None and stage.strides[forced] == (1, 1)
-        if eligible.any() and not identity:
-            state = self._pool_and_rebuild(stage, state, choice, gate, eligible)
-        return state, torch.where(eligible, choice, -1), probs, feasible, value
+        if not eligible.any() or identity:
+            return [(None, state)], chosen, probs, feasible, value
+        paths = torch.unique(chosen) if ragged else chosen[:1]
+        if len(paths) == 1:
+            return (
+                [(None, self._pool_and_rebuild(stage, state, choice, gate, eligible))],
+                chosen,
+                probs,
+                feasible,
+                value,
+            )
+        parts = []
+        for path in paths:
+            rows = (chosen == path).nonzero().squeeze(-1)
+            sub = _select_rows(state, rows)
+            sub_gate = gate[rows] if gate is not None else None
+            parts.append((rows, self._pool_and_rebuild(stage, sub, choice[rows], sub_gate, eligible[rows])))
+        return parts, chosen, probs, feasible, value
 
     def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DPNCache | None:
         """The given `DPNCache`, a fresh one in place of an empty cache of another kind, or a new one if asked."""
@@ -571,7 +690,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         new_rank = torch.where(after, rank - (n_old - n_new)[:, None], rank)
         new_real = real.sum(-1) - n_old + n_new
         new_len = int(new_real.max())
-        left_padded = bool((~real[:, -1]).sum() == 0 and (~real).any())
+        left_padded = bool(
+            real[:, -1].all()
+        )  # unless right padded: the last position is real for every sample
         pad_offset = (new_len - new_real) if left_padded else torch.zeros_like(new_real)
 
         keep_text = real & ~state.is_visual
@@ -615,6 +736,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
         output_hidden_states: bool | None = None,
+        ragged: bool = True,
         **kwargs,
     ) -> DPNModelOutput:
         """Run the pyramid decoder: [`_prefill`] on a prompt (no cache, or an empty one), [`_decode`] on new
@@ -636,6 +758,10 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 per sample and pooling layer, no router); an expert's factor (1, 2, 4 by default) forced at every
                 pooling layer (1 is dense); or a schedule, one factor per pooling layer (`[1, 2, 4]`, `"1,2,4"`).
                 Parsed by [`parse_compression`]; invalid values raise `ValueError`.
+            ragged (`bool`): after a pooling stage whose samples took different experts, run the rest of the
+                prefill per expert path, each group at its own length, instead of padding every sample to the
+                batch's longest path (same outputs, within float rounding; the cache decodes the whole batch as
+                before). Differentiable, so it applies in training too. A batch splits where its samples' paths differ: `auto` or `random` choices, or samples that are not pooled (no image, too few tokens) beside ones that are.
         """
         cfg = self.config
         use_cache = cfg.text_config.use_cache if use_cache is None else use_cache
@@ -668,6 +794,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             output_hidden_states=output_hidden_states,
+            ragged=ragged,
         )
 
     def _prefill(
@@ -683,44 +810,89 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         vision_feature_layer: int | None,
         vision_feature_select_strategy: str | None,
         output_hidden_states: bool,
+        ragged: bool = True,
     ) -> DPNModelOutput:
         """Run the prompt through the pyramid: each segment's layers on the current [`PrefillState`], then its
-        pooling stage (route, pool, rebuild) on the way to the next segment; fills `cache` if given."""
+        pooling stage (route, pool, rebuild) on the way to the next segment; fills `cache` if given.
+
+        With `ragged`, a pooling stage whose samples took different experts splits the batch into groups by the
+        path taken so far ([`_pool_stage`]); each group runs the rest of the prefill at its own length (its own
+        `DPNCache` for those layers), and the outputs are reassembled in batch order at the end, padded to a
+        common length on the input's padding side (left unless the input is right padded): hidden states,
+        masks, token positions, the cache's keys, values and per-segment masks, so a later decode of the whole
+        batch works as after an unragged prefill.
+        """
         cfg = self.config
         batch = input_ids.shape[0]
+        device = input_ids.device
         embeds, is_visual = self._embed(
             input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy
         )
-        all_hidden = (embeds,) if output_hidden_states else None
         state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
+        left = bool(attention_mask[:, -1].all())  # pad outputs on the left unless the input is right padded
         n_stages = len(self.pyramid)
-        choices = torch.full((batch, n_stages), -1, dtype=torch.long, device=input_ids.device)
-        probs_all, feasible_all, values_all = [], [], []
+        segments = self._segments()
+        # the groups alive: (rows of the batch, state, cache); one group (the batch, in order) until a split
+        groups: list[tuple[torch.Tensor | None, PrefillState, DPNCache | None]] = [(None, state, cache)]
+        runs = []  # per segment: [(rows, mask, cache, hidden states of its layers)] of the groups that ran it
+        stage_out = []  # per pooling stage: [(rows, choices, probs, feasible, value)]
         visual_counts = [state.rows * state.cols]
-        seq_lens = []
-        segment_masks = []
-        for s, segment in enumerate(self._segments()):
-            mask = state.mask
-            padded = not bool(mask.all())
-            mask4d = _additive_mask(mask, mask.shape[1], state.hidden.dtype) if padded else None
-            hidden, all_hidden = self._run_layers(
-                segment, state.hidden, mask4d, state.positions, cache, use_cache, all_hidden
-            )
-            state = replace(state, hidden=hidden)
-            seq_lens += [mask.sum(-1)] * len(segment)
-            segment_masks.append(mask)
-            if s == n_stages:
-                break
-            state, choices[:, s], probs, feasible, value = self._pool_stage(s, state, mode, schedule)
-            if probs is not None:
-                probs_all.append(probs)
-                feasible_all.append(feasible)
-            if value is not None:
-                values_all.append(value)
-            visual_counts.append(state.rows * state.cols)
+        for s, segment in enumerate(segments):
+            seg_runs, next_groups, seg_stage = [], [], []
+            for rows, g_state, g_cache in groups:
+                mask = g_state.mask
+                mask4d = (
+                    _additive_mask(mask, mask.shape[1], g_state.hidden.dtype)
+                    if not bool(mask.all())
+                    else None
+                )
+                layer_hidden = () if output_hidden_states else None
+                hidden, layer_hidden = self._run_layers(
+                    segment, g_state.hidden, mask4d, g_state.positions, g_cache, use_cache, layer_hidden
+                )
+                g_state = replace(g_state, hidden=hidden)
+                seg_runs.append((rows, mask, g_cache, layer_hidden))
+                if s == n_stages:
+                    next_groups.append((rows, g_state, g_cache))
+                    continue
+                parts, chosen, probs, feasible, value = self._pool_stage(s, g_state, mode, schedule, ragged)
+                seg_stage.append((rows, chosen, probs, feasible, value))
+                for sub_rows, sub_state in parts:
+                    if sub_rows is None:
+                        next_groups.append((rows, sub_state, g_cache))
+                        continue
+                    sub_cache = DPNCache(config=cfg.text_config) if g_cache is not None else None
+                    next_groups.append((sub_rows if rows is None else rows[sub_rows], sub_state, sub_cache))
+            runs.append(seg_runs)
+            groups = next_groups
+            if s < n_stages:
+                stage_out.append(seg_stage)
+                visual_counts.append(_merge_rows([(r, st.rows * st.cols) for r, st, _ in groups]))
 
+        choices = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+        if stage_out:
+            choices = torch.stack([_merge_rows([(r, c) for r, c, *_ in out]) for out in stage_out], dim=1)
+        probs_all = [
+            _merge_rows([(r, p) for r, _, p, _, _ in out]) for out in stage_out if out[0][2] is not None
+        ]
+        feasible_all = [
+            _merge_rows([(r, f) for r, _, _, f, _ in out]) for out in stage_out if out[0][3] is not None
+        ]
+        values_all = [_merge_rows([(r, v) for r, *_, v in out]) for out in stage_out if out[0][4] is not None]
+        seq_lens = [
+            _merge_rows([(r, m.sum(-1)) for r, m, _, _ in seg_runs])
+            for seg_runs, seg in zip(runs, segments)
+            for _ in seg
+        ]
+        all_hidden = None
+        if output_hidden_states:
+            all_hidden = (embeds,)
+            for seg_runs, segment in zip(runs, segments):
+                for k in range(len(segment)):
+                    all_hidden += (_merge_padded([(r, h[k]) for r, _, _, h in seg_runs], 1, left),)
         if cache is not None:
-            cache.segment_masks = segment_masks
+            _reassemble_cache(cache, runs, segments, left, use_cache)
+        final = [(r, st) for r, st, _ in groups]
         router_probs = torch.stack(probs_all, dim=1) if probs_all else None
         r_loss = None
         if router_probs is not None:
@@ -734,10 +906,12 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 reduction=cfg.routing_loss_reduction,
             )
         return DPNModelOutput(
-            last_hidden_state=self.language_model.norm(state.hidden),
+            last_hidden_state=self.language_model.norm(
+                _merge_padded([(r, st.hidden) for r, st in final], 1, left)
+            ),
             cache=cache,
-            attention_mask=state.mask,
-            token_positions=state.src,
+            attention_mask=_merge_padded([(r, st.mask) for r, st in final], 1, left),
+            token_positions=_merge_padded([(r, st.src) for r, st in final], 1, left, fill=-1),
             expert_choices=choices,
             router_probs=router_probs,
             router_feasible=torch.stack(feasible_all, dim=1) if feasible_all else None,
@@ -763,6 +937,17 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    @property
+    def encoder_cache(self) -> EncoderCache | None:
+        """The vision-encoder cache attached with [`set_encoder_cache`], or None."""
+        return self.model.encoder_cache
+
+    def set_encoder_cache(self, cache: EncoderCache | None) -> None:
+        """Attach (or, with None, detach) an [`EncoderCache`]: at inference (eval mode, no gradients) identical
+        images reuse the vision tower + projector output, so a multi-turn chat about one image runs the tower
+        once. `model.set_encoder_cache(EncoderCache(max_bytes=256 * 2**20))`."""
+        self.model.set_encoder_cache(cache)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -776,6 +961,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        ragged: bool = True,
         **kwargs,
     ) -> DPNCausalLMOutputWithPast:
         """Forward pass; see [`DPNModel.forward`] for the inputs.
@@ -785,6 +971,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
                 `input_ids` (not shifted), -100 where no loss is taken. They follow their tokens through
                 the pooling, so the loss is the usual next-token loss over the text.
             logits_to_keep (`int`): compute logits for the last this many positions only (0 = all).
+            ragged (`bool`): run the prefill per expert path after a pooling stage (see [`DPNModel.forward`]).
         """
         out = self.model(
             input_ids=input_ids,
@@ -795,6 +982,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             compression=compression,
             output_hidden_states=output_hidden_states,
+            ragged=ragged,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:
