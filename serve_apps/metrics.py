@@ -5,7 +5,9 @@ Ray collects the metrics of every process of a node in its metrics agent, which 
 `ray.init(_metrics_export_port=8080)`); Ray puts `ray_` before each name and Prometheus' `_total` after a counter's,
 and adds the `deployment`, `replica` and `application` labels of the Serve replica that recorded it. So the counter
 `dpn_requests` below is scraped as `ray_dpn_requests_total{status="200", outcome="stop", deployment=..., ...}`.
-`RAY_metrics_report_interval_ms` (default 10 s) sets how often a process reports to the agent.
+`RAY_metrics_report_interval_ms` (default 10 s) sets how often a process reports to the agent. Ray aggregates a
+histogram by bucket and exports each observation at its bucket's midpoint: a histogram's buckets and `_count` are
+exact, its `_sum` approximate (the FLOPs counters are the exact totals).
 
 Two producers record:
 
