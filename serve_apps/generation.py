@@ -242,6 +242,10 @@ class BatchRun:
         # ids never emitted, built at the first logits (they give the vocabulary size)
         self._reserved: torch.Tensor | None = None
         self.eos_id = self.tokenizer.eos_token_id
+        # per row: the record of the batch it was prefilled in, and the rate it ran at (rows of other batches
+        # join a running one with `absorb`)
+        self.row_info = [self.info] * len(requests)
+        self.row_rates = [self.compression] * len(requests)
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._usage: list[dict[str, Any]] = []
@@ -263,12 +267,52 @@ class BatchRun:
             self.model,
             self.processor,
             [self.requests[i]],
-            self.compression,
-            self.info["queue"],
+            self.row_rates[i],
+            self.row_info[i]["queue"],
             resume=[(self.rows[i], self.generators[i])],
         )
-        run.info.update(fingerprint=self.info.get("fingerprint"), resumed_from=self.batch_id)
+        run.info.update(fingerprint=self.row_info[i].get("fingerprint"), resumed_from=self.row_info[i]["id"])
         return run
+
+    # -- continuous batching --------------------------------------------------------------------------------
+
+    def absorb(self, other: BatchRun) -> None:
+        """Take in the rows of `other`, a batch prefilled on the same model (at any rate), so that they decode
+        together from the next `step` on; each row keeps its own request, sampling state and batch record."""
+        if other.model is not self.model:
+            raise ValueError("rows of batches on different models cannot decode together")
+        self.requests = self.requests + other.requests
+        self.rows = self.rows + other.rows
+        self.generators = self.generators + other.generators
+        self.row_info = self.row_info + other.row_info
+        self.row_rates = self.row_rates + other.row_rates
+        self._usage = self._usage + other._usage
+        self._cache.append_rows(other._cache)
+        width = max(self._mask.shape[1], other._mask.shape[1])
+        self._mask = torch.cat(
+            [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (self._mask, other._mask)]
+        )
+
+    def remove_finished(self) -> list[int]:
+        """Drop the finished rows (their KV cache freed at once); the indices they had, in order."""
+        gone = [i for i, row in enumerate(self.rows) if row.finished]
+        if not gone:
+            return gone
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        for name in ("requests", "rows", "generators", "row_info", "row_rates", "_usage"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
+        if self._cache is not None and keep:
+            index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+            self._cache.batch_select_indices(index)
+            self._mask = self._mask[index]
+            config = self.model.config
+            bounds = [0, *config.pooling_layers, config.text_config.num_hidden_layers]
+            self._cache.drop_leading_padding([range(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+            self._mask = self._mask[:, int(self._mask.any(0).nonzero()[0, 0]) :]
+        elif not keep:
+            self._cache, self._mask = None, None
+        return gone
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -424,7 +468,7 @@ class BatchRun:
             full_text=text,
             finish_reason=finish,
             usage=usage,
-            batch=self.info,
+            batch=self.row_info[i],
             logprobs=row.logprobs if req.logprobs else None,
         )
 

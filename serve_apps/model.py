@@ -1,4 +1,10 @@
-"""The model deployment (`DPNServer`): one DPN model per replica, one batch queue per compression rate.
+"""The model deployment (`DPNServer`): one DPN model per replica, an engine that batches requests continuously.
+
+The default engine (`batching.engine: continuous`, serve_apps.scheduler) works in steps: each step decodes one
+token for every running request (rows of every rate in one batch: after its prefill a row's rate only shows in its
+per-segment cache lengths), and prefills the requests that may join, grouped by rate, within `max_num_seqs` and
+`max_prefill_tokens`; a finished or cancelled request leaves at once. `engine: static` keeps the former
+behaviour described below, where a batch's rows stay together until its last one finishes.
 
 Each request's `compression` is checked against the model's config on arrival (factors its experts have, one per
 pooling layer for a schedule: a 400 naming `compression` otherwise, listing what the model serves; see
@@ -143,6 +149,7 @@ class DPNServer:
             "batching": self.batching.model_dump(),
             "waiting": self.scheduler.waiting(),
             "running_batches": len(self.scheduler.running),
+            "running": self.scheduler.running_requests(),
             "uptime_s": round(time.time() - self._started, 1),
         }
 

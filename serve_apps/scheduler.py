@@ -1,4 +1,16 @@
-"""Per-rate request queues and the compute loop that turns them into single-rate batches. No Ray here.
+"""Per-rate request queues and the engine loop that serves them. No Ray here.
+
+Two engines (`BatchingConfig.engine`). `continuous` (default) batches per iteration: each step first drops the
+rows whose client went away, then prefills the waiting requests that fit (oldest first, at most `max_num_seqs`
+running in all and `max_prefill_tokens` prompt tokens per step), one prefill per queue (so per rate when
+bucketed: never padding one rate to another), delivers their first tokens and merges them into the running batch
+(`BatchRun.absorb`, `DPNCache.append_rows`), then decodes one token for every running request; finished rows
+leave at once, freeing their slot and KV cache. One running batch per model: after a reconfigure, running
+requests finish on their model while new ones decode in a batch on the new one. When idle, the first request
+waits `batch_wait_timeout_s` for company. A failed prefill of several requests is retried one request at a time;
+after a failed decode step each unfinished request re-reads what it generated and decodes alone.
+
+`static`, the former engine, is kept to measure what continuous batching buys (benchmarks/serve_load.py):
 
 Each request waits in the queue of the rate it runs at: `auto`, a factor (1, 2, 4), or a schedule, one factor per
 pooling layer, keyed by its label (`1-2-4`; serve_apps.compression). A batch is taken from one queue only, so it
@@ -44,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["bucketed", "mixed", "dense"]
 MODES = get_args(Mode)
+Engine = Literal["continuous", "static"]
+ENGINES = get_args(Engine)
 
 
 class BatchingConfig(ConfigModel):
@@ -55,8 +69,16 @@ class BatchingConfig(ConfigModel):
         max_queue_delay_s: While batches run, how long a queue's oldest request waits before its (partial) batch
             is started anyway.
         max_running_batches: Batches advanced together (each holds its KV cache).
-        mode: `bucketed` (one queue per rate), `mixed` (one queue) or `dense` (one queue, all dense); the last two
-            exist to measure what bucketing buys (benchmarks/serve_load.py).
+        mode: `bucketed` (one queue per rate; with the continuous engine, one prefill per rate inside each step),
+            `mixed` (one queue; a prefill batch runs at the densest rate its requests may need) or `dense` (one
+            queue, all dense); the last two exist to measure what bucketing buys (benchmarks/serve_load.py).
+        engine: `continuous` (iteration-level batching: every step decodes one token for each running request,
+            new requests are prefilled and join the running batch at the next step, a finished one leaves at
+            once) or `static` (the batch's rows stay until its last one finishes; `max_batch_size`,
+            `max_queue_delay_s` and `max_running_batches` apply to it only).
+        max_num_seqs: Continuous engine: most requests running (decoding or being prefilled) at once.
+        max_prefill_tokens: Continuous engine: prompt tokens (image tokens included) prefilled in one step; a
+            longer prompt is prefilled alone. Bounds how long one step holds back the running requests' tokens.
         history: Batches remembered for `GET /v1/dpn/batches`.
     """
 
@@ -65,6 +87,9 @@ class BatchingConfig(ConfigModel):
     max_queue_delay_s: float = Field(0.5, ge=0)
     max_running_batches: int = Field(4, ge=1)
     mode: Mode = "bucketed"
+    engine: Engine = "continuous"
+    max_num_seqs: int = Field(32, ge=1)
+    max_prefill_tokens: int = Field(8192, ge=1)
     history: int = 2048
 
     @classmethod
@@ -90,6 +115,7 @@ class _Waiter:
     item: Prepared
     arrived: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # its client went away: its row is dropped at the next step
 
 
 @dataclass
@@ -97,6 +123,7 @@ class _Running:
     run: BatchRun
     waiters: list[_Waiter]
     started: bool = False  # its prefill has run (or been tried)
+    isolated: bool = False  # continuous engine: decodes on its own (resumed after a failed decode step)
 
 
 class Scheduler:
@@ -120,6 +147,7 @@ class Scheduler:
         self.on_batch = on_batch
         self.queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self.running: list[_Running] = []
+        self._pending: list[_Running] = []
         self._wake = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._task: asyncio.Task | None = None
@@ -135,13 +163,43 @@ class Scheduler:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         waiter = _Waiter(item, time.monotonic())
-        self.queues[self.queue_key(item.compression)].append(waiter)
+        queue = self.queues[self.queue_key(item.compression)]
+        queue.append(waiter)
         self._wake.set()
-        while True:
-            event = await waiter.events.get()
-            if event is None:
-                return
-            yield event
+        done = False
+        try:
+            while True:
+                event = await waiter.events.get()
+                if event is None:
+                    done = True
+                    return
+                yield event
+        finally:
+            if not done:  # the caller stopped listening (client disconnect): free its slot
+                waiter.cancelled = True
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+
+    def running_requests(self) -> int:
+        """Requests being generated now."""
+        return sum(sum(not row.finished for row in entry.run.rows) for entry in self.running)
+
+    def waiting_by_rate(self) -> dict[str, int]:
+        """Requests waiting for their prefill, by requested rate (e.g. for metrics)."""
+        counts: dict[str, int] = collections.Counter()
+        for queue in self.queues.values():
+            for waiter in queue:
+                counts[str(waiter.item.compression)] += 1
+        return dict(counts)
+
+    def running_by_rate(self) -> dict[str, int]:
+        """Requests being generated now, by requested rate (e.g. for metrics)."""
+        counts: dict[str, int] = collections.Counter()
+        for entry in self.running:
+            for row, req in zip(entry.run.rows, entry.run.requests):
+                if not row.finished:
+                    counts[str(req.compression)] += 1
+        return dict(counts)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -220,22 +278,24 @@ class Scheduler:
                 _finish(entry.waiters[i], ErrorEvent(f"generation failed: {exc}"))
 
     def _deliver(self, entry: _Running, events: list[Event | None]) -> None:
-        for waiter, event in zip(entry.waiters, events):
+        for waiter, event, info in zip(entry.waiters, events, entry.run.row_info):
             if event is None:
                 continue
             if isinstance(event, FinalEvent):
-                event = dataclasses.replace(event, fingerprint=entry.run.info.get("fingerprint"))
+                event = dataclasses.replace(event, fingerprint=info.get("fingerprint"))
             if isinstance(event, FinalEvent | ErrorEvent):
                 _finish(waiter, event)
             else:
                 waiter.events.put_nowait(event)
-        if entry.run.done:
+        if entry.run.done and entry in self.running:
             self.running.remove(entry)
 
     async def _advance(self, entry: _Running) -> None:
         """One step of one running batch on the compute thread: its prefill first, then one token per step."""
         prefill = not entry.started
         entry.started = True
+        for row, waiter in zip(entry.run.rows, entry.waiters):
+            row.finished = row.finished or waiter.cancelled  # its client went away: it stops here
         try:
             events = await asyncio.get_running_loop().run_in_executor(
                 self._compute, entry.run.prefill if prefill else entry.run.step
@@ -246,9 +306,10 @@ class Scheduler:
         self._deliver(entry, events)
 
     async def _loop(self) -> None:
+        tick = self._tick_continuous if self.config.engine == "continuous" else self._tick
         while True:
             try:
-                await self._tick()
+                await tick()
             except Exception:  # noqa: BLE001 - last line of defence: a bug here must not stop the replica's serving
                 logger.exception("scheduler tick failed; ending the running batches")
                 for entry in list(self.running):
@@ -274,6 +335,168 @@ class Scheduler:
             key = self._ready_queue(time.monotonic())
             if key is not None and len(self.running) < self.config.max_running_batches:
                 self._start_batch(key)
+
+    # -- the continuous engine ---------------------------------------------------------------------------------
+    # `self.running` holds one decoding batch per model (more than one only while a reconfigure drains the old
+    # model); `self._pending` the batches to prefill at the next step (new groups, or rows resumed after a
+    # failed decode step).
+
+    def _admit(self) -> list[tuple[str, list[_Waiter]]]:
+        """Take the requests to prefill this step, oldest first, within `max_num_seqs` and `max_prefill_tokens`
+        (a prompt over the budget is taken alone); grouped by queue (one group per rate when bucketed)."""
+        room = self.config.max_num_seqs - self.running_requests() - sum(len(e.waiters) for e in self._pending)
+        if room <= 0:
+            return []
+        heads = sorted((w.arrived, key) for key, q in self.queues.items() for w in list(q)[:room])
+        groups: dict[str, list[_Waiter]] = {}
+        budget = self.config.max_prefill_tokens
+        for taken, (_, key) in enumerate(heads):
+            if taken >= room:
+                break
+            waiter = self.queues[key][0]
+            cost = len(waiter.item.input_ids)
+            if taken and cost > budget:
+                break
+            self.queues[key].popleft()
+            groups.setdefault(key, []).append(waiter)
+            budget -= cost
+        return list(groups.items())
+
+    def _group_rate(self, waiters: list[_Waiter]) -> Rate:
+        requested = [w.item.compression for w in waiters]
+        if self.config.mode == "bucketed":
+            return requested[0]
+        return 1 if self.config.mode == "dense" else mixed_batch_rate(requested)
+
+    def _drop_cancelled(self) -> None:
+        for entry in self.running:
+            for row, waiter in zip(entry.run.rows, entry.waiters):
+                if waiter.cancelled and not row.finished:
+                    row.finished = True
+        self._compact()
+
+    def _compact(self) -> None:
+        """Remove finished rows from the decoding batches (their slots and KV cache freed)."""
+        for entry in list(self.running):
+            gone = set(entry.run.remove_finished())
+            if gone:
+                entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
+            if not entry.run.rows:
+                self.running.remove(entry)
+
+    async def _compute_call(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+
+    async def _prefill_group(self, entry: _Running) -> None:
+        """Prefill one batch, deliver its first tokens, and merge its unfinished rows into its model's decoding
+        batch; a failed prefill of several requests is retried one request at a time (only the one at fault
+        fails)."""
+        try:
+            events = await self._compute_call(entry.run.prefill)
+        except Exception as exc:  # noqa: BLE001 - a failed prefill answers its members instead of hanging them
+            logger.error("batch %s: prefill failed", entry.run.batch_id, exc_info=exc)
+            entry.run.info["failed"] = f"{type(exc).__name__}: {exc}"
+            if len(entry.waiters) > 1:
+                for waiter in entry.waiters:
+                    self._queue_prefill([waiter], entry.run.compression, entry.run.info["queue"])
+            else:
+                for row, waiter in zip(entry.run.rows, entry.waiters):
+                    if not row.finished:
+                        _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
+            return
+        self._deliver(entry, events)
+        for row, waiter in zip(entry.run.rows, entry.waiters):
+            row.finished = row.finished or waiter.cancelled
+        gone = set(entry.run.remove_finished())
+        entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
+        if not entry.run.rows:
+            return
+        target = None
+        if not entry.isolated:  # a row resumed after a failed decode step stays alone, so it fails alone
+            target = next(
+                (e for e in self.running if e.run.model is entry.run.model and not e.isolated), None
+            )
+        if target is None:
+            entry.started = True
+            self.running.append(entry)
+        else:
+            target.run.absorb(entry.run)
+            target.waiters.extend(entry.waiters)
+
+    def _queue_prefill(self, waiters: list[_Waiter], rate: Rate, key: str) -> None:
+        def build() -> BatchRun:
+            model, processor, version = self.current_model()
+            run = BatchRun(model, processor, [w.item for w in waiters], rate, key)
+            run.info["fingerprint"] = version
+            return run
+
+        self._build_pending(waiters, build)
+
+    def _build_pending(
+        self, waiters: list[_Waiter], build: Callable[[], BatchRun], isolated: bool = False
+    ) -> None:
+        try:
+            run = build()
+            run.info["started"] = round(time.time(), 3)
+            run.info["running"] = self.running_requests()
+            self.on_batch(run.info)
+        except Exception as exc:  # noqa: BLE001 - e.g. no model loaded: the requests get an error, the loop goes on
+            logger.exception("cannot start a batch of %d requests", len(waiters))
+            for waiter in waiters:
+                _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
+            return
+        self._pending.append(_Running(run, waiters, isolated=isolated))
+
+    async def _decode_step(self, entry: _Running) -> None:
+        try:
+            events = await self._compute_call(entry.run.step)
+        except Exception as exc:  # noqa: BLE001 - each unfinished row goes on alone, re-reading what it generated
+            logger.error("decode step of %d requests failed", len(entry.waiters), exc_info=exc)
+            self.running.remove(entry)
+            run = entry.run
+            for info in {id(info): info for info in run.row_info}.values():  # the batches its rows came from
+                info["failed"] = f"{type(exc).__name__}: {exc}"
+            unfinished = [i for i, row in enumerate(run.rows) if not row.finished]
+            if len(unfinished) > 1:
+                for i in unfinished:
+                    self._build_pending(
+                        [entry.waiters[i]], functools.partial(run.split_row, i), isolated=True
+                    )
+            else:
+                for i in unfinished:
+                    run.rows[i].finished = True
+                    _finish(entry.waiters[i], ErrorEvent(f"generation failed: {exc}"))
+            return
+        self._deliver(entry, events)
+
+    async def _tick_continuous(self) -> None:
+        """One engine step: drop cancelled rows, prefill what may join (one batch per group), then decode one
+        token for every running request."""
+        self._drop_cancelled()
+        if not self.running and not self._pending:
+            heads = [q[0].arrived for q in self.queues.values() if q]
+            waiting = self.waiting()
+            now = time.monotonic()
+            if not heads or (
+                waiting < self.config.max_num_seqs and now - min(heads) < self.config.batch_wait_timeout_s
+            ):
+                # idle: wait for a request, and give the first one `batch_wait_timeout_s` to find company
+                self._wake.clear()
+                timeout = max(0.0, min(heads) + self.config.batch_wait_timeout_s - now) if heads else None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                return
+        for key, waiters in self._admit():
+            self._queue_prefill(waiters, self._group_rate(waiters), key)
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            await self._prefill_group(entry)
+            await asyncio.sleep(0)
+        for entry in list(self.running):
+            if entry.started and entry in self.running:
+                await self._decode_step(entry)
+        self._compact()
+        await asyncio.sleep(0)  # let new arrivals queue between steps
 
 
 def _finish(waiter: _Waiter, event: FinalEvent | ErrorEvent) -> None:
