@@ -332,6 +332,19 @@ def generate_samples(
         yield sample
 
 
+def data_rows(samples: Sequence[SyntheticSample]) -> dict[str, np.ndarray]:
+    """`samples` as one numpy batch of the rows the data pipeline reads (image bytes, conversations as JSON,
+    family, kind, no bad reason), ready for `pipelines.preprocess.Preprocessor`."""
+    return {
+        "id": np.array([s.id for s in samples]),
+        "image": np.array([s.png_bytes() for s in samples], dtype=object),
+        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
+        "family": np.array([s.family for s in samples]),
+        "kind": np.array([s.kind for s in samples]),
+        "bad_reason": np.array([""] * len(samples)),
+    }
+
+
 def generate_splits(
     num_train: int,
     num_eval: int,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import numpy as np
 
 
 def make_eval_workspace(root: Path, num_eval: int) -> dict:
@@ -27,15 +24,6 @@ def make_eval_workspace(root: Path, num_eval: int) -> dict:
 def preprocessed_eval_batch(ckpt: str, n: int = 3) -> dict:
     """`n` synthetic eval samples as data rows, preprocessed for `ckpt` as the eval job's input path does."""
     from pipelines.preprocess import Preprocessor
-    from pipelines.synthetic import generate_samples
+    from pipelines.synthetic import data_rows, generate_samples
 
-    samples = list(generate_samples(n, seed=7, tag="eval"))
-    rows = {
-        "id": np.array([s.id for s in samples]),
-        "image": np.array([s.png_bytes() for s in samples], dtype=object),
-        "conversations": np.array([json.dumps(s.conversations()) for s in samples]),
-        "family": np.array([s.family for s in samples]),
-        "kind": np.array([s.kind for s in samples]),
-        "bad_reason": np.array([""] * n),
-    }
-    return Preprocessor(ckpt, 2048, "eval")(rows)
+    return Preprocessor(ckpt, 2048, "eval")(data_rows(list(generate_samples(n, seed=7, tag="eval"))))
