@@ -54,6 +54,8 @@ class AppArgs(BaseModel):
         default_compression: Compression of requests that do not set `compression`: `auto`, a factor, or a schedule
             (`[1, 2, 4]`, `"1,2,4"`); checked for form here, against each model the replicas load there.
         health_timeout_s: Longest wait for the model deployment on `/health` and `/v1/models` before a 503.
+        encoder_cache_bytes: Bytes of each replica's vision-encoder cache (identical images reuse the vision tower +
+            projector output, least recently used evicted); 0 (default) disables it.
         model_options: Serve deployment options of the model deployment (`autoscaling_config`,
             `ray_actor_options`, `max_queued_requests`, ...), for builds without a config file (`dpn serve`);
             a config file's `deployments` section overrides them.
@@ -72,6 +74,7 @@ class AppArgs(BaseModel):
     retry_after_s: int = 1
     default_compression: CompressionField = "auto"
     health_timeout_s: float = Field(default=2.0, gt=0)
+    encoder_cache_bytes: int = Field(default=0, ge=0)
     model_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -152,8 +155,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options
     limits = Limits.from_dict(parsed.limits)
     options = {
-        # every rate queue can fill a batch while the others run
-        "max_ongoing_requests": max(64, 5 * batching.max_batch_size),
+        # room for a full engine (BatchingConfig.capacity) and as many again queued on the replica
+        "max_ongoing_requests": max(64, 2 * batching.capacity),
         **parsed.model_options,
         "user_config": {"model": parsed.model, "version": parsed.version or parsed.model},
     }
@@ -163,6 +166,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         device=parsed.device,
         dtype=parsed.dtype,
         default_compression=parsed.default_compression,
+        encoder_cache_bytes=parsed.encoder_cache_bytes,
     )
     settings = {
         "served_model_name": parsed.served_model_name,

@@ -54,13 +54,17 @@ def resolve_model_ref(model_ref: str) -> str:
     return path
 
 
-def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+def load_model(
+    model_ref: str, device: str = "auto", dtype: str = "auto", encoder_cache_bytes: int = 0
+) -> tuple[Any, Any]:
     """Load a DPN model (eval mode, on `device`, in `dtype`) and its processor from `model_ref`.
 
     Args:
         model_ref: local checkpoint directory or MLflow model URI.
         device: `auto` (GPU when present), `cpu`, `cuda`, `cuda:1`, ...
         dtype: `auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`.
+        encoder_cache_bytes: bytes of the vision-encoder cache attached to the model (`dpn_model.EncoderCache`:
+            repeated images skip the vision tower); 0 attaches none.
 
     Returns:
         `(DPNForConditionalGeneration, DPNProcessor)`
@@ -69,7 +73,12 @@ def load_model(model_ref: str, device: str = "auto", dtype: str = "auto") -> tup
 
     path = resolve_model_ref(model_ref)
     logger.info("loading model %s from %s", model_ref, path)
-    return load_model_and_processor(path, device=device, dtype=dtype)
+    model, processor = load_model_and_processor(path, device=device, dtype=dtype)
+    if encoder_cache_bytes:
+        from dpn_model.encoder_cache import EncoderCache
+
+        model.set_encoder_cache(EncoderCache(encoder_cache_bytes))
+    return model, processor
 
 
 __all__ = ["load_model", "pick_device", "pick_dtype", "resolve_model_ref"]

@@ -301,7 +301,8 @@ def observe_engine_step(waiting: dict[str, int], running: dict[str, int], batch_
     Args:
         waiting: Requests queued for prefill, by rate (`"auto"`, `"2"`, `"1-2-4"`: `str` of the `Rate`).
         running: Requests being decoded, by rate.
-        batch_size: Rows the step ran (prefill and decode); 0 (an idle step) sets the gauges only.
+        batch_size: Rows the step decoded (its batch: running rows and the ones just prefilled); 0 (an idle step)
+            sets the gauges only.
 
     A rate that was reported once and is missing from a later call is set to 0 in both gauges (its queue
     emptied), so a dashboard never shows a stale queue.

@@ -45,7 +45,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_apps import compression, loading
+from serve_apps import compression, loading, metrics
 from serve_apps.events import ErrorEvent, Event, StartEvent
 from serve_apps.generation import Prepared, PromptError, prepare
 from serve_apps.limits import Limits
@@ -66,6 +66,8 @@ class DPNServer:
         default_compression: the ingress's compression for requests that set none; every model this replica
             loads must serve it, else the load fails (with the compressions the model serves) and, on a
             reconfigure, the replica goes on serving the model it has.
+        encoder_cache_bytes: size of each loaded model's vision-encoder cache (`dpn_model.EncoderCache`: a
+            repeated image, e.g. every turn of a chat about one image, skips the vision tower); 0 disables it.
     """
 
     def __init__(
@@ -76,10 +78,16 @@ class DPNServer:
         dtype: str = "auto",
         model: str | None = None,
         default_compression: Any = "auto",
+        encoder_cache_bytes: int = 0,
     ):
         self.batching = BatchingConfig.from_dict(batching)
         self.limits = Limits.from_dict(limits)
         self.device, self.dtype = device, dtype
+        if encoder_cache_bytes < 0:
+            raise ValueError(
+                f"encoder_cache_bytes must be >= 0 (0 disables the cache), got {encoder_cache_bytes}"
+            )
+        self.encoder_cache_bytes = encoder_cache_bytes
         self.default_compression = compression.check_form(default_compression)
         self._current: tuple[Any, Any, str, str] | None = None  # (model, processor, ref, version)
         self._reload_lock = asyncio.Lock()
@@ -89,9 +97,15 @@ class DPNServer:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a Serve replica (tests, scripts)
             self.replica_id = "local"
-        self.scheduler = Scheduler(self.batching, self._model_for_batch, self._record_batch)
+        # engine gauges go to Ray's metrics only inside a Serve replica (tests and scripts run without them)
+        on_step = (
+            metrics.observe_engine_step
+            if self.replica_id != "local"
+            else (lambda waiting, running, rows: None)
+        )
+        self.scheduler = Scheduler(self.batching, self._model_for_batch, self._record_batch, on_step)
         if model is not None:
-            self._swap(model, "", *loading.load_model(model, device, dtype))
+            self._swap(model, "", *loading.load_model(model, device, dtype, encoder_cache_bytes))
 
     # -- model versions ------------------------------------------------------------------------------------
 
@@ -116,7 +130,9 @@ class DPNServer:
         async with self._reload_lock:
             if self._current is not None and self._current[2:] == (ref, version):
                 return
-            model, processor = await asyncio.to_thread(loading.load_model, ref, self.device, self.dtype)
+            model, processor = await asyncio.to_thread(
+                loading.load_model, ref, self.device, self.dtype, self.encoder_cache_bytes
+            )
             self._swap(ref, version, model, processor)
 
     def _model_for_batch(self) -> tuple[Any, Any, str]:

@@ -92,6 +92,14 @@ class BatchingConfig(ConfigModel):
     max_prefill_tokens: int = Field(8192, ge=1)
     history: int = 2048
 
+    @property
+    def capacity(self) -> int:
+        """Requests one replica generates at once: `max_num_seqs` (continuous), else `max_batch_size` x
+        `max_running_batches` (static)."""
+        if self.engine == "continuous":
+            return self.max_num_seqs
+        return self.max_batch_size * self.max_running_batches
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> BatchingConfig:
         """Build from the serve config's `batching` mapping; a `pipelines.config_models.ConfigError` (a `ValueError`) names each
@@ -134,6 +142,8 @@ class Scheduler:
         current_model: returns `(model, processor, version)` to use for a new batch (a model swap applies to the
             next batch; running batches finish on the model they started with).
         on_batch: called with each new batch's record (id, queue, rate, requested rates, size, ...).
+        on_step: called after each engine step with the requests waiting and running by rate and the rows the
+            step decoded (its batch size; 0: idle); the replica passes `serve_apps.metrics.observe_engine_step`.
     """
 
     def __init__(
@@ -141,10 +151,12 @@ class Scheduler:
         config: BatchingConfig,
         current_model: Callable[[], tuple[Any, Any, str]],
         on_batch: Callable[[dict[str, Any]], None] = lambda info: None,
+        on_step: Callable[[dict[str, int], dict[str, int], int], None] = lambda waiting, running, rows: None,
     ):
         self.config = config
         self.current_model = current_model
         self.on_batch = on_batch
+        self.on_step = on_step
         self.queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self.running: list[_Running] = []
         self._pending: list[_Running] = []
@@ -323,12 +335,14 @@ class Scheduler:
             self._start_batch(key)
             key = self._ready_queue(time.monotonic())
         if not self.running:
+            self._report_step(0)
             self._wake.clear()
             timeout = self._next_deadline(time.monotonic())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             return
         for entry in list(self.running):
+            self._report_step(len(entry.waiters))
             await self._advance(entry)
             # let new arrivals queue (and maybe start) between steps
             await asyncio.sleep(0)
@@ -481,6 +495,7 @@ class Scheduler:
                 waiting < self.config.max_num_seqs and now - min(heads) < self.config.batch_wait_timeout_s
             ):
                 # idle: wait for a request, and give the first one `batch_wait_timeout_s` to find company
+                self._report_step(0)
                 self._wake.clear()
                 timeout = max(0.0, min(heads) + self.config.batch_wait_timeout_s - now) if heads else None
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -489,14 +504,24 @@ class Scheduler:
         for key, waiters in self._admit():
             self._queue_prefill(waiters, self._group_rate(waiters), key)
         pending, self._pending = self._pending, []
+        rows = 0
         for entry in pending:
             await self._prefill_group(entry)
             await asyncio.sleep(0)
         for entry in list(self.running):
             if entry.started and entry in self.running:
+                rows += sum(not row.finished for row in entry.run.rows)
                 await self._decode_step(entry)
         self._compact()
+        self._report_step(rows)
         await asyncio.sleep(0)  # let new arrivals queue between steps
+
+    def _report_step(self, rows: int) -> None:
+        """`on_step` with the queues as they are now; a failing observer is logged, never fails the step."""
+        try:
+            self.on_step(self.waiting_by_rate(), self.running_by_rate(), rows)
+        except Exception:  # noqa: BLE001 - metrics must not stop serving
+            logger.exception("on_step observer failed")
 
 
 def _finish(waiter: _Waiter, event: FinalEvent | ErrorEvent) -> None:

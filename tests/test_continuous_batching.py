@@ -290,3 +290,30 @@ def test_static_and_mixed_modes_still_serve(tiny):
 def test_bad_engine_settings_are_named(values, key):
     with pytest.raises(ValueError, match=key):
         BatchingConfig.from_dict(values)
+
+
+def test_engine_reports_each_step_to_its_observer(tiny):
+    """`on_step` (the replica's metrics) sees the rows each step ran and the queues by rate; idle steps report 0
+    rows and nothing running."""
+    model, processor = tiny
+    items = [request(processor, i, compression=c, max_tokens=3) for i, c in enumerate([2, 2, 4])]
+    steps: list[tuple[dict, dict, int]] = []
+
+    async def main():
+        scheduler = Scheduler(
+            BatchingConfig(batch_wait_timeout_s=0.0),
+            lambda: (model, processor, "v1"),
+            on_step=lambda waiting, running, rows: steps.append((waiting, running, rows)),
+        )
+        out = await asyncio.gather(*(collect(scheduler, it) for it in items))
+        await asyncio.sleep(0.05)  # the loop goes idle once every request finished
+        return out
+
+    results = asyncio.run(main())
+    assert all(isinstance(events[-1], FinalEvent) for events in results)
+    busy = [s for s in steps if s[2] > 0]
+    assert busy, steps
+    assert max(rows for _, _, rows in busy) == 3  # the three requests decoded together
+    assert any(running == {"2": 2, "4": 1} for _, running, _ in busy)
+    waiting, running, rows = steps[-1]
+    assert rows == 0 and sum(running.values()) == 0 and sum(waiting.values()) == 0

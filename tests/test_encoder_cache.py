@@ -142,3 +142,21 @@ def test_bad_size_is_a_clear_error(bad):
 def test_set_encoder_cache_takes_an_encoder_cache(model):
     with pytest.raises(TypeError, match="EncoderCache or None"):
         model.set_encoder_cache(1024)
+
+
+def test_serve_replica_attaches_the_configured_cache(tmp_path):
+    """`encoder_cache_bytes` in the serve app's args reaches every model the replica loads; 0 attaches none, a
+    negative size is refused when the app is built."""
+    from pydantic import ValidationError
+
+    from dpn_model.presets import create_checkpoint
+    from serve_apps.app import AppArgs
+    from serve_apps.model import DPNServer
+
+    ckpt = create_checkpoint("tiny", str(tmp_path / "ckpt"), seed=0)
+    server = DPNServer(model=ckpt, device="cpu", encoder_cache_bytes=1 << 20)
+    cache = server._current[0].encoder_cache
+    assert isinstance(cache, EncoderCache) and cache.max_bytes == 1 << 20
+    assert DPNServer(model=ckpt, device="cpu")._current[0].encoder_cache is None
+    with pytest.raises(ValidationError, match="encoder_cache_bytes"):
+        AppArgs(model=ckpt, encoder_cache_bytes=-1)
