@@ -1,20 +1,34 @@
-"""Load test of the serving app: what batching by compression rate buys.
+"""Load test of the serving app: continuous batching and per-rate prefill against the alternatives (issue 16).
 
-    python benchmarks/serve_load.py --clients 16 --requests 96 --max-tokens 8 --write BENCHMARKS.md
+    python benchmarks/serve_load.py --preset mid --workload short --clients 16 --requests 200
+    python benchmarks/serve_load.py --preset mid --workload mixed --clients 16 --requests 200
 
-Starts a local Ray cluster and the real Serve app (ingress + model deployment, one model replica) on 127.0.0.1,
-then, for each batching mode, N concurrent clients send image questions over loopback with a mix of compression
-rates (`auto`, 1, 2, 4 in turn) until the request count or the time limit is reached:
+Starts a local Ray cluster and the real Serve app (ingress + model deployment, one model replica with 1 CPU) on
+127.0.0.1 with a random model of `--preset`, then runs each engine variant in turn, side by side in one invocation:
 
-- (a) `bucketed`: one queue per rate; each batch runs at its rate.
-- (b) `mixed`: one queue; the model applies one rate per forward pass, so a batch holding several rates runs at the
-  densest rate any member may need (smallest forced factor, or 1 when `auto` is mixed with others): the compute of
-  padding every sequence to the densest visual length.
-- (c) `dense`: one queue, every batch at compression 1.
+- (a) `continuous-bucketed`: continuous (iteration-level) batching, each step's prefill grouped by rate.
+- (b) `continuous-mixed`: continuous batching, one prefill group per step run at the densest rate any member may
+  need (smallest forced factor, or 1 when `auto` is mixed with others).
+- (c) `continuous-dense`: continuous batching, everything at compression 1.
+- (d) `static-bucketed`: the old static batcher (per-rate queues, a batch's rows stay until its last one finishes).
 
-Every request generates exactly `--max-tokens` tokens (`ignore_eos`), so the modes do the same decoding work and
-differ only in the prefill. Reports throughput (requests/s) and p50/p99 latency; `--write` replaces the "Serving"
-section of BENCHMARKS.md.
+For every variant N concurrent clients send the same seeded sequence of image questions over loopback, streaming
+the answers (`stream_options.include_usage`), until the request count or the time limit is reached. Each request
+draws its compression from the traffic mix (`--mix`, default 70% `auto`, 10% each of 1, 2 and 4) and its answer
+length from the workload, and generates exactly that many tokens (`ignore_eos`):
+
+- `short`: max_tokens uniform in 4-16 (prefill-bound, as VQA traffic is);
+- `mixed`: max_tokens uniform in 4-128 (where continuous batching matters).
+
+Reports per variant: requests/s, generated tokens/s, time to first token p50/p99, time per output token p50, the
+mean prefill group (`GET /v1/dpn/batches`: one record per prefill group, with `size` and the requests `running`
+when it started; a static batch records no `running`), the replica's RSS after 100 and 1,000 completed requests
+and at the end (psutil on the replica process, a descendant of this driver's Ray), and the issue's targets as
+ratios. Each variant gets a fresh replica and 8 warm-up requests that are not counted. The FLOPs ideal of (a) over (c) is the dense
+prefill FLOPs over the mix's (the `prefill_flops_dense` and `prefill_flops` fields of each answer's `usage`); of (a)
+over (b), (b)'s prefill FLOPs over (a)'s. Only prefill FLOPs are counted (decoding is the same in every variant), so
+the ideal is an upper bound that only a prefill-bound workload approaches. `--write` replaces the "Serving" section
+of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import logging
 import os
 import platform
@@ -39,11 +54,14 @@ import PIL.Image
 
 logger = logging.getLogger("serve_load")
 RATES: list[str | int] = ["auto", 1, 2, 4]
-MODES = {
-    "bucketed": "(a) rate-bucketed queues",
-    "mixed": "(b) one mixed queue",
-    "dense": "(c) everything dense",
+VARIANTS = {
+    "a": ("continuous-bucketed", "continuous", "bucketed"),
+    "b": ("continuous-mixed", "continuous", "mixed"),
+    "c": ("continuous-dense", "continuous", "dense"),
+    "d": ("static-bucketed", "static", "bucketed"),
 }
+WORKLOADS = {"short": (4, 16), "mixed": (4, 128)}
+RSS_AT = (100, 1000)  # answers after which the replica's RSS is read (and once more at the end)
 
 
 def _image_url(seed: int) -> str:
@@ -59,17 +77,107 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _load(base: str, clients: int, total: int, time_limit: float, max_tokens: int) -> dict[str, Any]:
-    """N clients, each sending requests back to back; rates cycle so every mode sees the same mix."""
+def parse_mix(text: str) -> dict[str | int, float]:
+    """`"auto:0.7,1:0.1,2:0.1,4:0.1"` -> shares by rate, normalised to sum to 1."""
+    mix: dict[str | int, float] = {}
+    for part in text.split(","):
+        rate, _, share = part.partition(":")
+        rate = rate.strip()
+        key: str | int = rate if rate == "auto" else int(rate)
+        if key not in RATES:
+            raise ValueError(f"--mix: unknown rate {rate!r}; choose from {RATES}")
+        mix[key] = float(share)
+    total = sum(mix.values())
+    if total <= 0:
+        raise ValueError("--mix: shares must sum to more than 0")
+    return {rate: share / total for rate, share in mix.items()}
+
+
+def make_requests(
+    total: int, workload: str, mix: dict[str | int, float], seed: int
+) -> list[tuple[str | int, int, int]]:
+    """The seeded request sequence every variant replays: `(compression, max_tokens, image index)` per request."""
+    rng = np.random.default_rng(seed)
+    low, high = WORKLOADS[workload]
+    rates = list(mix)
+    picks = rng.choice(len(rates), size=total, p=[mix[r] for r in rates])
+    lengths = rng.integers(low, high + 1, size=total)
+    images = rng.integers(0, 8, size=total)
+    return [(rates[int(p)], int(n), int(im)) for p, n, im in zip(picks, lengths, images)]
+
+
+def _replica_rss() -> int | None:
+    """RSS (bytes) of the model replica: the `DPNServer` replica among this driver's Ray processes (its raylet
+    is our child, so another session's cluster is never measured)."""
+    import psutil
+
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+            if "ServeReplica" in cmdline and "DPNServer" in cmdline:
+                return proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _one(http: httpx.AsyncClient, base: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Stream one answer: TTFT (first content chunk), TPOT and its usage; None when it failed."""
+    start = time.perf_counter()
+    first = last = None
+    usage = None
+    async with http.stream("POST", base + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return None
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return None
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+    if usage is None or first is None:
+        return None
+    tokens = int(usage.get("completion_tokens", 0))
+    return {
+        "ttft": first - start,
+        "tpot": (last - first) / (tokens - 1) if tokens > 1 else None,
+        "tokens": tokens,
+        "flops": float(usage.get("prefill_flops", 0.0)),
+        "flops_dense": float(usage.get("prefill_flops_dense", 0.0)),
+    }
+
+
+async def _load(
+    base: str, clients: int, requests: list[tuple[str | int, int, int]], time_limit: float
+) -> dict[str, Any]:
+    """N clients, each streaming requests back to back from the shared sequence."""
     images = [_image_url(i) for i in range(8)]
-    latencies: list[float] = []
+    answers: list[dict[str, Any]] = []
     failures = 0
-    counter = iter(range(total))
+    rss: dict[int | str, int | None] = {}  # after 100 and 1,000 answers, and at the end
+    counter = iter(requests)
     deadline = time.perf_counter() + time_limit
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal failures
-        for i in counter:
+        for compression, max_tokens, image in counter:
             if time.perf_counter() > deadline:
                 return
             body = {
@@ -77,40 +185,71 @@ async def _load(base: str, clients: int, total: int, time_limit: float, max_toke
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "ignore_eos": True,
-                "compression": RATES[i % len(RATES)],
+                "compression": compression,
+                "stream": True,
+                "stream_options": {"include_usage": True},
                 "messages": [
                     {
                         "role": "user",
                         "content": [
-                            {"type": "image_url", "image_url": {"url": images[i % len(images)]}},
+                            {"type": "image_url", "image_url": {"url": images[image]}},
                             {"type": "text", "text": "What colour is the large shape?"},
                         ],
                     }
                 ],
             }
-            start = time.perf_counter()
-            response = await http.post(base + "/v1/chat/completions", json=body)
-            if response.status_code == 200:
-                latencies.append(time.perf_counter() - start)
-            else:
+            answer = await _one(http, base, body)
+            if answer is None:
                 failures += 1
+                continue
+            answers.append(answer)
+            if len(answers) in RSS_AT:
+                rss[len(answers)] = _replica_rss()
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     wall = time.perf_counter() - start
-    latencies.sort()
+    rss["end"] = _replica_rss()
+    ttft = [a["ttft"] for a in answers]
+    tpot = [a["tpot"] for a in answers if a["tpot"] is not None]
     return {
-        "completed": len(latencies),
+        "completed": len(answers),
         "failed": failures,
         "wall_s": wall,
-        "throughput": len(latencies) / wall,
-        "p50": statistics.median(latencies) if latencies else float("nan"),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
+        "throughput": len(answers) / wall,
+        "tokens_s": sum(a["tokens"] for a in answers) / wall,
+        "ttft_p50": statistics.median(ttft) if ttft else float("nan"),
+        "ttft_p99": _percentile(ttft, 0.99),
+        "tpot_p50": statistics.median(tpot) if tpot else float("nan"),
+        "flops": statistics.mean(a["flops"] for a in answers) if answers else float("nan"),
+        "flops_dense": statistics.mean(a["flops_dense"] for a in answers) if answers else float("nan"),
+        "rss": rss,
     }
 
 
-def run_mode(mode: str, model: str, base: str, args: argparse.Namespace) -> dict[str, Any]:
+def _batching(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    _, engine, mode = VARIANTS[variant]
+    if engine == "continuous":
+        return {
+            "engine": engine,
+            "mode": mode,
+            "max_num_seqs": args.max_num_seqs,
+            "max_prefill_tokens": args.max_prefill_tokens,
+        }
+    return {
+        "engine": engine,
+        "mode": mode,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_s,
+        "max_queue_delay_s": args.max_queue_delay_s,
+        "max_running_batches": args.max_running_batches,
+    }
+
+
+def run_variant(
+    variant: str, model: str, base: str, requests: list[tuple[str | int, int, int]], args: argparse.Namespace
+) -> dict[str, Any]:
     from ray import serve
 
     from serve_apps.app import build_app
@@ -120,132 +259,103 @@ def run_mode(mode: str, model: str, base: str, args: argparse.Namespace) -> dict
             "model": model,
             "device": "cpu",
             "api_key_env": "",
-            "batching": {
-                "mode": mode,
-                "max_batch_size": args.max_batch_size,
-                "batch_wait_timeout_s": args.batch_wait_s,
-            },
-            "limits": {"max_tokens": max(args.max_tokens, 64)},
+            "batching": _batching(variant, args),
+            "limits": {"max_tokens": max(WORKLOADS[args.workload][1], 64)},
             "model_options": {"ray_actor_options": {"num_cpus": 1}},
         }
     )
     serve.run(app, name="dpn", route_prefix="/")
-    asyncio.run(_load(base, min(4, args.clients), 8, 120, args.max_tokens))  # warm-up, not counted
-    stats_before = len(httpx.get(base + "/v1/dpn/batches").json()["data"])
-    result = asyncio.run(_load(base, args.clients, args.requests, args.time_limit, args.max_tokens))
-    data = httpx.get(base + "/v1/dpn/batches").json()["data"][stats_before:]
+    warmup = make_requests(min(8, len(requests)), args.workload, {"auto": 0.25, 1: 0.25, 2: 0.25, 4: 0.25}, 1)
+    asyncio.run(_load(base, min(4, args.clients), warmup, 120))  # not counted
+    before = len(httpx.get(base + "/v1/dpn/batches").json()["data"])
+    result = asyncio.run(_load(base, args.clients, requests, args.time_limit))
+    data = httpx.get(base + "/v1/dpn/batches").json()["data"][before:]
     sizes = [b["size"] for b in data]
+    running = [b["running"] for b in data if "running" in b]
     result.update(
-        mode=mode,
+        variant=variant,
         batches=len(data),
-        mean_batch=statistics.mean(sizes) if sizes else 0.0,
-        dense_share=sum(b["size"] for b in data if b["rate"] == 1) / max(1, sum(sizes)),
-        mixed_batches=sum(len(set(b["requested"])) > 1 for b in data),
+        mean_batch=statistics.mean(sizes) if sizes else float("nan"),
+        mean_running=statistics.mean(running) if running else float("nan"),
     )
-    logger.info("%s: %s", mode, result)
+    logger.info("%s: %s", VARIANTS[variant][0], result)
     serve.delete("dpn")
     return result
 
 
-def prefill_table(model_dir: str, batch_size: int = 8, repeats: int = 5) -> str:
-    """In-process (no Ray, no HTTP) time of one batch at each rate: the compute ceiling of what bucketing buys."""
-    import torch
-
-    from serve_apps.generation import BatchRun, prepare
-    from serve_apps.loading import load_model
-
-    torch.set_num_threads(1)  # as in a replica with num_cpus=1
-    model, processor = load_model(model_dir, device="cpu")
-    image = base64.b64decode(_image_url(0).split(",", 1)[1])
-    request = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url"},
-                    {"type": "text", "text": "What colour is the large shape?"},
-                ],
-            }
-        ],
-        "images": [image],
-        "max_tokens": 4,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    items = [prepare(processor, dict(request, compression="auto"), 4096) for _ in range(batch_size)]
-    rows = [
-        f"| rate | prefill of a batch of {batch_size} (s, best of {repeats}) | per request (ms) | vs dense |",
-        "|---|---|---|---|",
-    ]
-    times = {}
-    for rate in RATES:
-        best = float("inf")
-        for _ in range(repeats):
-            run = BatchRun(model, processor, items, rate, "bench")
-            start = time.perf_counter()
-            run.prefill()
-            best = min(best, time.perf_counter() - start)
-        times[rate] = best
-    for rate in RATES:
-        rows.append(
-            f"| {rate} | {times[rate]:.3f} | {1000 * times[rate] / batch_size:.0f} | "
-            f"{times[1] / times[rate]:.2f}x |"
+def target_lines(by_variant: dict[str, dict[str, Any]], workload: str) -> list[str]:
+    """The issue's targets, as ratios of this run's variants."""
+    lines = []
+    a = by_variant.get("a")
+    if a is None:
+        return ["(a) not run: no target checks."]
+    if workload == "short":
+        for other in ("c", "b"):
+            if other not in by_variant:
+                continue
+            o = by_variant[other]
+            ratio = a["throughput"] / o["throughput"]
+            # over (c): the dense FLOPs of (a)'s requests over what they spent; over (b): what (b) spent over (a)
+            ideal = (a["flops_dense"] if other == "c" else o["flops"]) / a["flops"]
+            share = ratio / ideal
+            lines.append(
+                f"- (a)/({other}) throughput {ratio:.2f}x, FLOPs ideal {ideal:.2f}x: {share:.2f} of the ideal "
+                f"(target >= 0.90: {'met' if share >= 0.9 else 'missed'})."
+            )
+    if "d" in by_variant:
+        d = by_variant["d"]
+        ratio = a["throughput"] / d["throughput"]
+        ttft_ok = a["ttft_p99"] <= d["ttft_p99"]
+        met = ratio >= 1.5 and ttft_ok
+        target = " (the target is set on workload mixed)" if workload != "mixed" else ""
+        lines.append(
+            f"- (a)/(d) throughput {ratio:.2f}x, p99 TTFT {a['ttft_p99']:.2f} s vs {d['ttft_p99']:.2f} s "
+            f"(target >= 1.5x at equal or better p99 TTFT{target}: {'met' if met else 'missed'})."
         )
-    mix = sum(times.values()) / len(times)
-    rows += [
-        "",
-        f"Uniform mix auto/1/2/4 at its own rates vs all dense: {times[1] / mix:.2f}x in prefill time "
-        "(the most (a) can gain over (c) on this machine).",
-    ]
-    return "\n".join(rows)
-
-
-def _tiny_4x_ratio() -> float:
-    from dpn_model.flops import estimate
-    from dpn_model.presets import preset_config
-
-    config = preset_config("tiny", vocab_size=1024, image_token_id=4, router_token_id=5)
-    return 1.0 - estimate(config, text_len=45, compression=4)["saving"]
+    for name, r in by_variant.items():
+        rss = r["rss"]
+        if all(rss.get(n) for n in RSS_AT):
+            growth = rss[RSS_AT[1]] / rss[RSS_AT[0]]
+            lines.append(
+                f"- ({name}) replica RSS {rss[RSS_AT[0]] / 2**20:.0f} MiB at {RSS_AT[0]} requests, "
+                f"{rss[RSS_AT[1]] / 2**20:.0f} MiB at {RSS_AT[1]}: {growth:.2f}x (target <= 1.10x: "
+                f"{'met' if growth <= 1.1 else 'missed'})."
+            )
+    return lines
 
 
 def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
-    by_mode = {r["mode"]: r for r in results}
+    by_variant = {r["variant"]: r for r in results}
+    low, high = WORKLOADS[args.workload]
+    mix = ", ".join(f"{share:.0%} {rate}" for rate, share in args.mix.items())
     lines = [
-        "## Serving",
+        f"### Workload {args.workload}, {args.preset} preset",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
-        f"shared with other work (numbers are noisy); tiny preset (random weights), one model replica with 1 CPU, "
-        f"{args.clients} concurrent clients over loopback, {args.requests} requests per mode, rates auto/1/2/4 in "
-        f"turn, {args.max_tokens} generated tokens per request (ignore_eos), max_batch_size {args.max_batch_size}, "
-        f"batch wait {args.batch_wait_s} s.",
+        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, shared with "
+        f"other work (numbers are noisy); {args.preset} preset (random weights), one model replica with 1 CPU, "
+        f"{args.clients} concurrent streaming clients over loopback, {args.requests} requests per variant (time "
+        f"limit {args.time_limit:.0f} s), max_tokens uniform {low}-{high} (ignore_eos), traffic mix {mix} "
+        f"(seed {args.seed}). Continuous: max_num_seqs {args.max_num_seqs}, max_prefill_tokens "
+        f"{args.max_prefill_tokens}; static: max_batch_size {args.max_batch_size}, batch wait {args.batch_wait_s} s, "
+        f"max_queue_delay_s {args.max_queue_delay_s}, max_running_batches {args.max_running_batches}.",
         "",
-        "| mode | req/s | p50 latency (s) | p99 latency (s) | batches | mean batch | batches mixing rates "
-        "| requests run dense | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | req/s | gen tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | prefill groups "
+        "| mean group | mean running | prefill GFLOPs/req | RSS @100 / @1000 / end (MiB) | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        rss = " / ".join(f"{r['rss'][n] / 2**20:.0f}" if r["rss"].get(n) else "-" for n in (*RSS_AT, "end"))
+        running = (
+            "-" if r["mean_running"] != r["mean_running"] else f"{r['mean_running']:.1f}"
+        )  # static: none
         lines.append(
-            f"| {MODES[r['mode']]} | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['batches']} | "
-            f"{r['mean_batch']:.1f} | {r['mixed_batches']} | {100 * r['dense_share']:.0f}% | {r['failed']} |"
+            f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {r['throughput']:.2f} | {r['tokens_s']:.1f} | "
+            f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {1000 * r['tpot_p50']:.0f} | {r['batches']} | "
+            f"{r['mean_batch']:.1f} | {running} | {r['flops'] / 1e9:.2f} | {rss} | {r['failed']} |"
         )
-    if {"bucketed", "mixed", "dense"} <= set(by_mode):
-        a, b, c = (by_mode[m]["throughput"] for m in ("bucketed", "mixed", "dense"))
-        lines += [
-            "",
-            f"Throughput of (a): {a / b:.2f}x (b) (target 1.3x: {'met' if a / b >= 1.3 else 'missed'}), "
-            f"{a / c:.2f}x (c) (target 1.8x: {'met' if a / c >= 1.8 else 'missed'}).",
-        ]
-    lines += [
-        "",
-        "(b) is the same model and server with one queue: since the model takes one compression per forward pass, "
-        "a batch of several rates runs at the densest rate any member may need (the compute of padding to the "
-        f"densest visual length). On the tiny preset 4x at every pooling layer costs {_tiny_4x_ratio():.0%} of the "
-        "dense prefill FLOPs (`dpn_model.flops.estimate`, 45 text tokens): that bounds what (a) can gain over (c) in "
-        "prefill compute, and decoding and HTTP overheads are the same in every mode.",
-        "",
-    ]
+    lines += ["", "Targets:", "", *target_lines(by_variant, args.workload), ""]
     return "\n".join(lines)
 
 
@@ -255,6 +365,7 @@ def _write_section(path: str, section: str) -> None:
         with open(path) as f:
             text = f.read()
     start = text.find("## Serving")
+    section = "## Serving\n\n" + section
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
@@ -264,46 +375,67 @@ def _write_section(path: str, section: str) -> None:
         f.write(text)
 
 
+def _variants(text: str) -> list[str]:
+    names = {name: key for key, (name, _, _) in VARIANTS.items()}
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        key = part if part in VARIANTS else names.get(part)
+        if key is None:
+            raise argparse.ArgumentTypeError(
+                f"unknown variant {part!r}; choose from {sorted(VARIANTS)} or {sorted(names)}"
+            )
+        out.append(key)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: a random tiny model)")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=96, help="requests per mode")
-    parser.add_argument("--time-limit", type=float, default=240, help="seconds per mode")
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-s", type=float, default=0.05)
-    parser.add_argument("--modes", default="bucketed,mixed,dense")
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: a random model of --preset)")
+    parser.add_argument("--preset", choices=["tiny", "mid"], default="tiny")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
     parser.add_argument(
-        "--prefill-table",
-        action="store_true",
-        help="also time one batch's prefill per rate in-process (no Ray): the compute ceiling",
+        "--variants",
+        "--engines-modes",
+        type=_variants,
+        default=list(VARIANTS),
+        help="comma-separated a,b,c,d (or continuous-bucketed, continuous-mixed, continuous-dense, static-bucketed)",
     )
+    parser.add_argument("--mix", type=parse_mix, default=parse_mix("auto:0.7,1:0.1,2:0.1,4:0.1"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=200, help="requests per variant")
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds per variant")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument("--max-queue-delay-s", type=float, default=0.5)
+    parser.add_argument("--max-running-batches", type=int, default=4)
     parser.add_argument("--write", default=None, help="replace the Serving section of this markdown file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     import ray
     from ray import serve
 
     from dpn_model.presets import create_checkpoint
 
-    model = args.model or create_checkpoint("tiny", tempfile.mkdtemp(prefix="dpn-serve-load-"), seed=0)
+    model = args.model or create_checkpoint(args.preset, tempfile.mkdtemp(prefix="dpn-serve-load-"), seed=0)
+    requests = make_requests(args.requests, args.workload, args.mix, args.seed)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for mode in args.modes.split(","):
-            results.append(run_mode(mode, model, f"http://127.0.0.1:{port}", args))
+        for variant in args.variants:
+            results.append(run_variant(variant, model, f"http://127.0.0.1:{port}", requests, args))
     finally:
         serve.shutdown()
         ray.shutdown()
     command = "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = _markdown(results, args, command.strip())
-    if args.prefill_table:
-        section += "\nPrefill compute per rate, in-process, 1 thread (same command, `--prefill-table`):\n\n"
-        section += prefill_table(model, args.max_batch_size) + "\n"
     print(section)
     if args.write:
         _write_section(args.write, section)
