@@ -360,17 +360,30 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
 
 
 def _write_section(path: str, section: str) -> None:
+    """Put `section` (one `### Workload ...` block) into the "Serving" section of `path`: it replaces the block
+    of the same heading (workload and preset), or is appended to the section; blocks of this benchmark's other
+    runs stay. A Serving section of the former layout (no `###` blocks) is replaced."""
     text = "# Benchmarks\n"
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
     start = text.find("## Serving")
-    section = "## Serving\n\n" + section
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n## Serving\n\n"
+        start = text.find("## Serving")
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end + 1
+    body = text[start:end]
+    if "\n### Workload " not in body:
+        body = "## Serving\n\n"
+    heading = section.split("\n", 1)[0] + "\n"
+    at = body.find(heading)
+    if at >= 0:
+        stop = body.find("\n### ", at + 1)
+        body = body[:at] + section.rstrip("\n") + "\n\n" + (body[stop + 1 :] if stop >= 0 else "")
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        body = body.rstrip("\n") + "\n\n" + section
+    text = text[:start] + body.rstrip("\n") + "\n" + ("\n" + text[end:] if end < len(text) else "")
     with open(path, "w") as f:
         f.write(text)
 
