@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from test_serve import image_message, png_bytes
 
 from dpn_model.cache import DPNCache
 from serve_apps.events import DeltaEvent, FinalEvent
 from serve_apps.generation import BatchRun, prepare
 from serve_apps.scheduler import BatchingConfig, Scheduler
-from tests.test_serve import image_message, png_bytes
 
 RATES = [1, 2, 4, "auto", [1, 2, 4]]
 
