@@ -247,6 +247,10 @@ class Scheduler:
 
     def _launch(self, waiters: list[_Waiter], rate: Rate, key: str) -> None:
         """Start a new batch of `waiters` on the current model."""
+        self._add(waiters, self._builder(waiters, rate, key))
+
+    def _builder(self, waiters: list[_Waiter], rate: Rate, key: str) -> Callable[[], BatchRun]:
+        """What builds (prefill not run yet) the batch of `waiters` at `rate` on the current model."""
 
         def build() -> BatchRun:
             model, processor, version = self.current_model()
@@ -254,7 +258,7 @@ class Scheduler:
             run.info["fingerprint"] = version
             return run
 
-        self._add(waiters, build)
+        return build
 
     def _add(self, waiters: list[_Waiter], build: Callable[[], BatchRun]) -> None:
         """Add the batch `build()` makes to the running ones; if it cannot be built, answer its requests."""
@@ -438,13 +442,7 @@ class Scheduler:
             target.waiters.extend(entry.waiters)
 
     def _queue_prefill(self, waiters: list[_Waiter], rate: Rate, key: str) -> None:
-        def build() -> BatchRun:
-            model, processor, version = self.current_model()
-            run = BatchRun(model, processor, [w.item for w in waiters], rate, key)
-            run.info["fingerprint"] = version
-            return run
-
-        self._build_pending(waiters, build)
+        self._build_pending(waiters, self._builder(waiters, rate, key))
 
     def _build_pending(
         self, waiters: list[_Waiter], build: Callable[[], BatchRun], isolated: bool = False
