@@ -38,7 +38,7 @@ nowhere: Ray's metric objects keep their points in the process until a Ray worke
 | `ray_dpn_prefill_flops_saved_ratio` | histogram | `compression` | per prefill, 1 - spent / dense |
 | `ray_dpn_num_requests_waiting` | gauge | `rate` | requests queued for prefill, per rate |
 | `ray_dpn_num_requests_running` | gauge | `rate` | requests decoding, per rate |
-| `ray_dpn_batch_size` | histogram | | rows an engine step ran |
+| `ray_dpn_batch_size` | histogram | | rows an engine step decoded (its batch) |
 
 `outcome` is the finish reason of an answer (`stop`, `length`; `length` when any of its `n` choices was cut),
 `abort` when the client went away before the end, or the error's OpenAI `code` (`invalid_value`, `overloaded`,
