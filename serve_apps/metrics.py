@@ -229,7 +229,7 @@ class RayServeMetrics:
         )
         self.waiting = Gauge("dpn_num_requests_waiting", "Requests queued for prefill.", tag_keys=("rate",))
         self.running = Gauge("dpn_num_requests_running", "Requests decoding.", tag_keys=("rate",))
-        self.batch_size = Histogram("dpn_batch_size", "Rows an engine step ran.", BATCH_SIZE_BUCKETS)
+        self.batch_size = Histogram("dpn_batch_size", "Rows an engine step decoded.", BATCH_SIZE_BUCKETS)
         self._rates: set[str] = set()
         self._lock = threading.Lock()
 

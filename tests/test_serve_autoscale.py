@@ -14,13 +14,13 @@ load, but the new replica took 54 s to start (a fresh worker process importing t
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from serve_cluster import served_tiny_app
 
 # with ignore_eos every answer is exactly this long, so each request stays ongoing for a while
 MAX_TOKENS = 48
@@ -40,30 +40,14 @@ AUTOSCALING = {
 SCALE_TIMEOUT_S = 150.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from dpn_model.presets import create_checkpoint
-    from serve_apps.app import build_app
-
-    checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("autoscale") / "ckpt"), seed=0)
-    port = _free_port()
+    pytest.importorskip("ray")
     # room for the ingress (1 CPU) and both model replicas (0.5 each): the second replica must not wait for CPUs
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {
-            "model": checkpoint,
+    with served_tiny_app(
+        tmp_path_factory.mktemp("autoscale"),
+        {
             "version": "v1",
-            "device": "cpu",
             "api_key_env": "DPN_AUTOSCALE_TEST_UNSET_KEY",
             "limits": {"max_tokens": MAX_TOKENS, "default_max_tokens": 4},
             "model_options": {
@@ -71,12 +55,9 @@ def served(tmp_path_factory):
                 "ray_actor_options": {"num_cpus": 0.5},
                 "graceful_shutdown_timeout_s": 60,  # a stopping replica finishes what it runs
             },
-        }
-        serve.run(build_app(args), name="dpn", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        },
+    ) as base:
+        yield base
 
 
 @dataclass

@@ -13,13 +13,13 @@ import io
 import json
 import os
 import re
-import socket
 import time
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from serve_cluster import free_port, served_tiny_app
 
 from serve_apps.api import Overloaded, Settings, create_api
 from serve_apps.events import DeltaEvent, ErrorEvent, FinalEvent, StartEvent
@@ -153,12 +153,6 @@ def test_without_a_sink_nothing_is_recorded(backend):
 # ------------------------------------------------------------------------------------------ real Ray
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _image_url() -> str:
     from PIL import Image
 
@@ -169,31 +163,22 @@ def _image_url() -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from dpn_model.presets import create_checkpoint
-    from serve_apps.app import build_app
-
-    checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("metrics") / "ckpt"), seed=0)
-    http_port, metrics_port = _free_port(), _free_port()
+    pytest.importorskip("ray")
+    metrics_port = free_port()
     os.environ["RAY_metrics_report_interval_ms"] = "500"  # noqa: SIM112 - Ray reads it so; workers inherit it
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        args = {
-            "model": checkpoint,
-            "device": "cpu",
-            "api_key_env": "DPN_METRICS_TEST_UNSET_KEY",
-            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
-            "limits": {"default_max_tokens": 4},
-            "model_options": {"ray_actor_options": {"num_cpus": 1}},
-        }
-        serve.run(build_app(args), name="dpn", route_prefix="/")
-        yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+        with served_tiny_app(
+            tmp_path_factory.mktemp("metrics"),
+            {
+                "api_key_env": "DPN_METRICS_TEST_UNSET_KEY",
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "limits": {"default_max_tokens": 4},
+                "model_options": {"ray_actor_options": {"num_cpus": 1}},
+            },
+            _metrics_export_port=metrics_port,
+        ) as base:
+            yield base, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
-        serve.shutdown()
-        ray.shutdown()
         os.environ.pop("RAY_metrics_report_interval_ms", None)
 
 
@@ -241,8 +226,6 @@ def _scrape_until(url: str, ready, timeout_s: float = 45.0) -> str:
 
 @pytest.mark.ray
 def test_metrics_are_scraped_from_rays_metrics_agent(served):
-    from serve_apps.metrics import observe_engine_step
-
     base, metrics_url = served
     image = {"type": "image_url", "image_url": {"url": _image_url()}}
     messages = [{"role": "user", "content": [image, {"type": "text", "text": "what colour?"}]}]
@@ -255,14 +238,12 @@ def test_metrics_are_scraped_from_rays_metrics_agent(served):
     usage = ok.json()["usage"]
     bad = httpx.post(base + "/v1/chat/completions", json={"messages": HI, "max_tokens": 0}, timeout=30)
     assert bad.status_code == 400
-    # the engine's step metrics, recorded in this driver (a Ray process like the replica)
-    observe_engine_step({"auto": 3, "2": 1}, {"auto": 2}, 5)
-    observe_engine_step({"auto": 1}, {}, 2)
 
     def ready(text: str) -> bool:
         return (
             _total(text, "ray_dpn_requests_total") >= 2
-            and _total(text, "ray_dpn_batch_size_count") >= 2
+            and _total(text, "ray_dpn_batch_size_count", deployment="DPNServer") >= 1
+            and _total(text, "ray_dpn_num_requests_running", deployment="DPNServer", rate="auto") == 0
             and _total(text, "ray_dpn_prefill_flops_saved_ratio_count") >= 1
         )
 
@@ -287,12 +268,11 @@ def test_metrics_are_scraped_from_rays_metrics_agent(served):
         usage["prefill_flops_dense"], rel=1e-6
     )
     assert _in_bucket(text, "ray_dpn_prefill_flops_saved_ratio", usage["prefill_flops_saved"]) == 1
-    # gauges hold the last step; a rate that left the step reads 0
-    assert _total(text, "ray_dpn_num_requests_waiting", rate="auto") == 1
-    assert _total(text, "ray_dpn_num_requests_waiting", rate="2") == 0
-    assert _total(text, "ray_dpn_num_requests_running", rate="auto") == 0
-    assert _total(text, "ray_dpn_batch_size_count") == 2
-    assert _in_bucket(text, "ray_dpn_batch_size", 5) == 1 and _in_bucket(text, "ray_dpn_batch_size", 2) == 1
+    # the replica's engine: one request decoded alone (every step a batch of 1), and the idle step after it left
+    # the gauges at nothing waiting or running
+    steps = _total(text, "ray_dpn_batch_size_count", deployment="DPNServer")
+    assert steps >= 1 and _in_bucket(text, "ray_dpn_batch_size", 1) == steps
+    assert _total(text, "ray_dpn_num_requests_waiting", deployment="DPNServer", rate="auto") == 0
 
 
 def test_grafana_dashboard_queries_only_exported_metrics():

@@ -8,51 +8,34 @@ runs on it; the request in flight must be answered with OpenAI's error shape and
 from __future__ import annotations
 
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from serve_cluster import served_tiny_app
 
 HEALTH_TIMEOUT_S = 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from dpn_model.presets import create_checkpoint
-    from serve_apps.app import build_app
-
-    checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("faults") / "ckpt"), seed=0)
-    port = _free_port()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    pytest.importorskip("ray")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {
-            "model": checkpoint,
-            "version": "v1",
-            "device": "cpu",
-            "api_key_env": "DPN_FAULT_TEST_UNSET_KEY",
-            "retry_after_s": 2,
-            "health_timeout_s": HEALTH_TIMEOUT_S,
-            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
-            "limits": {"max_tokens": 900, "default_max_tokens": 4},
-            "model_options": {"ray_actor_options": {"num_cpus": 1}},
-        }
-        serve.run(build_app(args), name="dpn", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        with served_tiny_app(
+            tmp_path_factory.mktemp("faults"),
+            {
+                "version": "v1",
+                "api_key_env": "DPN_FAULT_TEST_UNSET_KEY",
+                "retry_after_s": 2,
+                "health_timeout_s": HEALTH_TIMEOUT_S,
+                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "limits": {"max_tokens": 900, "default_max_tokens": 4},
+                "model_options": {"ray_actor_options": {"num_cpus": 1}},
+            },
+        ) as base:
+            yield base
     finally:
-        serve.shutdown()
-        ray.shutdown()
         os.environ.pop("DPN_FAULT_TEST_UNSET_KEY", None)
 
 
