@@ -5,7 +5,7 @@ layers, RMSNorm and rotary embedding); only the decoder loop is ours. The loop r
 *segments*: after the last layer of a segment (the configured `pooling_layers`) the visual tokens of each
 sample are pooled by the expert its router chose, and the batch is rebuilt on a shorter sequence with
 contiguous positions and a fresh padding mask. Samples that choose different experts are grouped by
-(grid, expert), never looped over one by one; with `ragged=True` (the default) each such group then runs the
+(grid, expert), never looped over one by one; at inference (`ragged`, the default there) each such group then runs the
 rest of the prefill at its own length, so no sample pays for another's longer path, and the outputs (and the
 cache) are reassembled in batch order.
 """
@@ -736,7 +736,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
         output_hidden_states: bool | None = None,
-        ragged: bool = True,
+        ragged: bool | None = None,
         **kwargs,
     ) -> DPNModelOutput:
         """Run the pyramid decoder: [`_prefill`] on a prompt (no cache, or an empty one), [`_decode`] on new
@@ -758,14 +758,18 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 per sample and pooling layer, no router); an expert's factor (1, 2, 4 by default) forced at every
                 pooling layer (1 is dense); or a schedule, one factor per pooling layer (`[1, 2, 4]`, `"1,2,4"`).
                 Parsed by [`parse_compression`]; invalid values raise `ValueError`.
-            ragged (`bool`): after a pooling stage whose samples took different experts, run the rest of the
-                prefill per expert path, each group at its own length, instead of padding every sample to the
+            ragged (`bool`, *optional*): after a pooling stage whose samples took different experts, run the rest
+                of the prefill per expert path, each group at its own length, instead of padding every sample to the
                 batch's longest path (same outputs, within float rounding; the cache decodes the whole batch as
-                before). Differentiable, so it applies in training too. A batch splits where its samples' paths differ: `auto` or `random` choices, or samples that are not pooled (no image, too few tokens) beside ones that are.
+                before). Default: on at inference, off in training (`not self.training`): under DeepSpeed ZeRO-3
+                every rank must run the same modules in the same order (each layer's parameters are gathered as it
+                runs), and per-group layer calls that differ between ranks would break those collectives. It is
+                differentiable, so `ragged=True` may be passed in single-process training. A batch splits where its samples' paths differ: `auto` or `random` choices, or samples that are not pooled (no image, too few tokens) beside ones that are.
         """
         cfg = self.config
         use_cache = cfg.text_config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
+        ragged = not self.training if ragged is None else ragged
         mode, schedule = self._plan(compression)
         if input_ids is None:
             raise ValueError(
@@ -961,7 +965,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        ragged: bool = True,
+        ragged: bool | None = None,
         **kwargs,
     ) -> DPNCausalLMOutputWithPast:
         """Forward pass; see [`DPNModel.forward`] for the inputs.
@@ -971,7 +975,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
                 `input_ids` (not shifted), -100 where no loss is taken. They follow their tokens through
                 the pooling, so the loss is the usual next-token loss over the text.
             logits_to_keep (`int`): compute logits for the last this many positions only (0 = all).
-            ragged (`bool`): run the prefill per expert path after a pooling stage (see [`DPNModel.forward`]).
+            ragged (`bool`, *optional*): run the prefill per expert path after a pooling stage (default: at
+                inference only; see [`DPNModel.forward`]).
         """
         out = self.model(
             input_ids=input_ids,

@@ -172,3 +172,25 @@ def test_gradients_flow_in_training(model, batch):
     assert ga.keys() == gb.keys() and any(".router." in n for n in ga)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@torch.no_grad()
+def test_default_is_ragged_at_inference_and_padded_in_training(model, batch):
+    """Without `ragged`, eval splits by path and training does not: under ZeRO-3 every rank must run the same
+    modules in the same order, so a training forward calls each decoder layer once, whatever the paths."""
+    ids, mask, images = batch
+    calls = []
+    hook = model.model.language_model.layers[-1].register_forward_hook(lambda m, args, out: calls.append(1))
+    try:
+        model(input_ids=ids, attention_mask=mask, pixel_values=images, compression="auto", use_cache=False)
+        at_inference, calls[:] = len(calls), []
+        model.train()
+        torch.manual_seed(0)
+        out = model(
+            input_ids=ids, attention_mask=mask, pixel_values=images, compression="auto", use_cache=False
+        )
+    finally:
+        model.eval()
+        hook.remove()
+    assert at_inference > 1  # the fixture's batch takes several paths (test_samples_choose_different_experts)
+    assert len({tuple(r) for r in out.expert_choices.tolist()}) > 1 and len(calls) == 1
