@@ -262,16 +262,23 @@ class Scheduler:
 
     def _add(self, waiters: list[_Waiter], build: Callable[[], BatchRun]) -> None:
         """Add the batch `build()` makes to the running ones; if it cannot be built, answer its requests."""
+        run = self._build(waiters, build)
+        if run is not None:
+            self.running.append(_Running(run, waiters))
+
+    def _build(self, waiters: list[_Waiter], build: Callable[[], BatchRun], **info: Any) -> BatchRun | None:
+        """`build()`, its record (start time, `info`) reported to `on_batch`; None, with its requests answered
+        with an error, if it cannot be built."""
         try:
             run = build()
-            run.info["started"] = round(time.time(), 3)
+            run.info.update(started=round(time.time(), 3), **info)
             self.on_batch(run.info)
         except Exception as exc:  # noqa: BLE001 - e.g. no model loaded: the requests get an error, the loop goes on
             logger.exception("cannot start a batch of %d requests", len(waiters))
             for waiter in waiters:
                 _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
-            return
-        self.running.append(_Running(run, waiters))
+            return None
+        return run
 
     def _fail(self, entry: _Running, exc: Exception, prefill: bool, isolate: bool = True) -> None:
         """A step of `entry` raised. To `isolate` the request at fault, each of several requests left goes on in a
@@ -447,17 +454,9 @@ class Scheduler:
     def _build_pending(
         self, waiters: list[_Waiter], build: Callable[[], BatchRun], isolated: bool = False
     ) -> None:
-        try:
-            run = build()
-            run.info["started"] = round(time.time(), 3)
-            run.info["running"] = self.running_requests()
-            self.on_batch(run.info)
-        except Exception as exc:  # noqa: BLE001 - e.g. no model loaded: the requests get an error, the loop goes on
-            logger.exception("cannot start a batch of %d requests", len(waiters))
-            for waiter in waiters:
-                _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
-            return
-        self._pending.append(_Running(run, waiters, isolated=isolated))
+        run = self._build(waiters, build, running=self.running_requests())
+        if run is not None:
+            self._pending.append(_Running(run, waiters, isolated=isolated))
 
     async def _decode_step(self, entry: _Running) -> None:
         try:
