@@ -7,7 +7,7 @@ a tiny synthetic dataset, a few training steps) run one scenario in order agains
 1. fresh registry -> the first champion (floor 0.0);
 2. a new shard -> challenger trained on it plus replay, evaluated, promoted (``previous`` = old);
 3. no new data -> no-op, exit 0;
-4. a shard whose answers are all one word outside the answer set (a broken labelling job) ->
+4. a shard whose answers are all one word outside the answer set (a broken labelling job, 10 epochs) ->
    the challenger answers that word everywhere (accuracy 0) -> rejected with the reason, champion kept;
 5. a crash injected after training (an audit hook at the job's step boundaries, ``tests/retrain_crash.py``)
    -> the re-run promotes without training again.
@@ -332,8 +332,10 @@ def test_worse_challenger_is_rejected_and_the_champion_kept(world):
         record["conversations"][1]["value"] = WRONG_ANSWER
     path.write_text(json.dumps(records))
 
-    result = _run(world, "gate.accuracy_tolerance=0.0", "replay.fraction=0.0", "training.overrides.train.epochs=4",
-                  "training.overrides.optim.lr=3e-3")  # fmt: skip
+    # 10 epochs at 1e-3: 4 at 3e-3 was noisy (the loss rose before it fell) and, on a loaded CI machine, the
+    # challenger still answered "left" like the champion
+    result = _run(world, "gate.accuracy_tolerance=0.0", "replay.fraction=0.0", "training.overrides.train.epochs=10",
+                  "training.overrides.optim.lr=1e-3")  # fmt: skip
     champion_acc = result.comparison["champion"]["accuracy"]
     assert champion_acc > 0, (
         "the champion answers nothing right: the tiny model did not learn; test setup broken"
