@@ -236,6 +236,8 @@ def _batching(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             "mode": mode,
             "max_num_seqs": args.max_num_seqs,
             "max_prefill_tokens": args.max_prefill_tokens,
+            "waiting_served_ratio": args.waiting_served_ratio,
+            "max_waiting_steps": args.max_waiting_steps,
         }
     return {
         "engine": engine,
@@ -277,6 +279,7 @@ def run_variant(
         batches=len(data),
         mean_batch=statistics.mean(sizes) if sizes else float("nan"),
         mean_running=statistics.mean(running) if running else float("nan"),
+        prefill_s=sum(b.get("prefill_s", 0.0) for b in data),
     )
     logger.info("%s: %s", VARIANTS[variant][0], result)
     serve.delete("dpn")
@@ -333,17 +336,18 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, shared with "
-        f"other work (numbers are noisy); {args.preset} preset (random weights), one model replica with 1 CPU, "
+        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
+        f"{args.preset} preset (random weights), one model replica with 1 CPU, "
         f"{args.clients} concurrent streaming clients over loopback, {args.requests} requests per variant (time "
         f"limit {args.time_limit:.0f} s), max_tokens uniform {low}-{high} (ignore_eos), traffic mix {mix} "
         f"(seed {args.seed}). Continuous: max_num_seqs {args.max_num_seqs}, max_prefill_tokens "
-        f"{args.max_prefill_tokens}; static: max_batch_size {args.max_batch_size}, batch wait {args.batch_wait_s} s, "
+        f"{args.max_prefill_tokens}, waiting_served_ratio {args.waiting_served_ratio}, max_waiting_steps "
+        f"{args.max_waiting_steps}; static: max_batch_size {args.max_batch_size}, batch wait {args.batch_wait_s} s, "
         f"max_queue_delay_s {args.max_queue_delay_s}, max_running_batches {args.max_running_batches}.",
         "",
         "| variant | req/s | gen tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | prefill groups "
-        "| mean group | mean running | prefill GFLOPs/req | RSS @100 / @1000 / end (MiB) | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mean group | mean running | prefill GFLOPs/req | prefill ms/req | prefill share of wall | RSS @100 / @1000 / end (MiB) | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rss = " / ".join(f"{r['rss'][n] / 2**20:.0f}" if r["rss"].get(n) else "-" for n in (*RSS_AT, "end"))
@@ -353,7 +357,8 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
         lines.append(
             f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {r['throughput']:.2f} | {r['tokens_s']:.1f} | "
             f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {1000 * r['tpot_p50']:.0f} | {r['batches']} | "
-            f"{r['mean_batch']:.1f} | {running} | {r['flops'] / 1e9:.2f} | {rss} | {r['failed']} |"
+            f"{r['mean_batch']:.1f} | {running} | {r['flops'] / 1e9:.2f} | "
+            f"{1000 * r['prefill_s'] / max(r['completed'], 1):.0f} | {r['prefill_s'] / r['wall_s']:.0%} | {rss} | {r['failed']} |"
         )
     lines += ["", "Targets:", "", *target_lines(by_variant, args.workload), ""]
     return "\n".join(lines)
@@ -421,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=600, help="seconds per variant")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
+    parser.add_argument("--waiting-served-ratio", type=float, default=0.0)
+    parser.add_argument("--max-waiting-steps", type=int, default=20)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument("--max-queue-delay-s", type=float, default=0.5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,7 +319,9 @@ class BatchRun:
 
     @torch.inference_mode()
     def prefill(self) -> list[Event | None]:
-        """Run the prompt through the model (pooling happens here) and pick each request's first token."""
+        """Run the prompt through the model (pooling happens here) and pick each request's first token; the
+        batch record gets the seconds it took (`prefill_s`)."""
+        start = time.perf_counter()
         device = self.model.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         prefixes = [req.input_ids + row.generated for req, row in zip(self.requests, self.rows)]
@@ -342,6 +345,7 @@ class BatchRun:
         self._mask = mask.to(device)
         self._usage = self._prefill_usage(out, mask)
         events = self._advance(out.logits[:, -1].float())
+        self.info["prefill_s"] = round(time.perf_counter() - start, 4)
         return [ErrorEvent(row.error) if row.error else event for row, event in zip(self.rows, events)]
 
     @torch.inference_mode()

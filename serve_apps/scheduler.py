@@ -79,6 +79,13 @@ class BatchingConfig(ConfigModel):
         max_num_seqs: Continuous engine: most requests running (decoding or being prefilled) at once.
         max_prefill_tokens: Continuous engine: prompt tokens (image tokens included) prefilled in one step; a
             longer prompt is prefilled alone. Bounds how long one step holds back the running requests' tokens.
+        waiting_served_ratio: Continuous engine, while requests are decoding: waiting requests are prefilled once
+            they number at least this fraction of the running ones (as Hugging Face TGI's option of that name),
+            or after `max_waiting_steps`, or when they would fill `max_num_seqs`. 0 prefills whatever waits at
+            every step (lowest time to first token); higher values make fewer, larger prefill batches, which
+            serve more per second where a small batch is inefficient (a CPU, a small model).
+        max_waiting_steps: Continuous engine: engine steps (one decoded token each) a waiting request may be held
+            back by `waiting_served_ratio` before it is prefilled anyway (TGI's `max_waiting_tokens`).
         history: Batches remembered for `GET /v1/dpn/batches`.
     """
 
@@ -90,6 +97,8 @@ class BatchingConfig(ConfigModel):
     engine: Engine = "continuous"
     max_num_seqs: int = Field(32, ge=1)
     max_prefill_tokens: int = Field(8192, ge=1)
+    waiting_served_ratio: float = Field(0.0, ge=0)
+    max_waiting_steps: int = Field(20, ge=0)
     history: int = 2048
 
     @property
@@ -160,6 +169,9 @@ class Scheduler:
         self.queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self.running: list[_Running] = []
         self._pending: list[_Running] = []
+        self._held_steps = (
+            0  # continuous engine: steps the waiting requests were held back (waiting_served_ratio)
+        )
         self._wake = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._task: asyncio.Task | None = None
@@ -366,6 +378,24 @@ class Scheduler:
     # model); `self._pending` the batches to prefill at the next step (new groups, or rows resumed after a
     # failed decode step).
 
+    def _prefill_now(self) -> bool:
+        """Whether this step prefills what waits: always when nothing decodes; while requests decode, once the
+        waiting ones reach `waiting_served_ratio` of the running ones, would fill `max_num_seqs`, or were held
+        back `max_waiting_steps` steps."""
+        waiting, running = self.waiting(), self.running_requests()
+        cfg = self.config
+        if (
+            not waiting
+            or not running
+            or waiting >= cfg.waiting_served_ratio * running
+            or waiting + running >= cfg.max_num_seqs
+            or self._held_steps >= cfg.max_waiting_steps
+        ):
+            self._held_steps = 0
+            return bool(waiting)
+        self._held_steps += 1
+        return False
+
     def _admit(self) -> list[tuple[str, list[_Waiter]]]:
         """Take the requests to prefill this step, oldest first, within `max_num_seqs` and `max_prefill_tokens`
         (a prompt over the budget is taken alone); grouped by queue (one group per rate when bucketed)."""
@@ -498,7 +528,7 @@ class Scheduler:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 return
-        for key, waiters in self._admit():
+        for key, waiters in self._admit() if self._prefill_now() else []:
             self._queue_prefill(waiters, self._group_rate(waiters), key)
         pending, self._pending = self._pending, []
         rows = 0

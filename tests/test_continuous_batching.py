@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from typing import Any
 
 import pytest
@@ -219,6 +220,46 @@ def test_max_num_seqs_and_prefill_budget(tiny):
     assert [r["size"] for r in records] == [1] * 5
 
 
+def test_waiting_served_ratio_holds_new_requests_back_for_larger_prefills(tiny):
+    """While requests decode, a waiting one is prefilled once the waiting reach `waiting_served_ratio` of the
+    running, or after `max_waiting_steps` steps; 0 (the default) prefills it at the next step."""
+    model, processor = tiny
+    first = [request(processor, i, 2, max_tokens=200) for i in range(2)]  # still decoding when the late come
+    late = [request(processor, 10 + i, 2, max_tokens=3) for i in range(2)]
+
+    def run(**config):
+        steps: list[int] = []
+        records: list[dict[str, Any]] = []
+
+        async def main():
+            scheduler = Scheduler(
+                BatchingConfig(batch_wait_timeout_s=0.0, **config),
+                lambda: (model, processor, "v1"),
+                records.append,
+                on_step=lambda waiting, running, rows: steps.append(sum(waiting.values())),
+            )
+            return await asyncio.gather(
+                *(collect(scheduler, it) for it in first),
+                *(collect(scheduler, it, 0.05 + 0.2 * i) for i, it in enumerate(late)),
+            )
+
+        outputs = asyncio.run(main())
+        assert all(isinstance(events[-1], FinalEvent) for events in outputs)
+        return records, steps
+
+    records, _ = run()  # each late request prefilled alone, at the step after it arrived
+    assert [r["size"] for r in records] == [2, 1, 1]
+    assert all(r["prefill_s"] > 0 for r in records)  # each batch record says how long its prefill took
+    # the two late ones wait until they are 1.0 x the 2 running: one prefill of both
+    records, steps = run(waiting_served_ratio=1.0, max_waiting_steps=1000)
+    assert [r["size"] for r in records] == [2, 2] and records[1]["running"] == 2
+    assert steps.count(1) > 2  # the first late one was held back, step after step, until the second came
+    # held back at most max_waiting_steps steps: prefilled alone again
+    records, steps = run(waiting_served_ratio=1.0, max_waiting_steps=2)
+    assert [r["size"] for r in records] == [2, 1, 1]
+    assert max(len(list(g)) for k, g in itertools.groupby(steps) if k) <= 3  # waited 2 steps, then prefilled
+
+
 def test_cancelled_stream_frees_its_slot(tiny):
     """A client that stops reading ends its request at the next step: with one slot, the next request runs."""
     model, processor = tiny
@@ -285,6 +326,8 @@ def test_static_and_mixed_modes_still_serve(tiny):
         ({"max_prefill_tokens": -5}, "max_prefill_tokens"),
         ({"engine": "fifo"}, "engine"),
         ({"max_num_seqs": "many"}, "max_num_seqs"),
+        ({"waiting_served_ratio": -0.5}, "waiting_served_ratio"),
+        ({"max_waiting_steps": -1}, "max_waiting_steps"),
     ],
 )
 def test_bad_engine_settings_are_named(values, key):
