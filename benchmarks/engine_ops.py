@@ -1,0 +1,122 @@
+"""What the continuous engine's bookkeeping costs beside a decode step, in-process (no Ray, no HTTP).
+
+    python benchmarks/engine_ops.py [--preset mid] [--rows 12] [--repeats 10] [--threads 1]
+
+A random model of `--preset` prefills `--rows` image questions at the four rates of the serving mix (1, 2, 4,
+auto, in turn; they run at rate 1 so the cache is as long as a dense one) and decodes 8 tokens. Then, median ms
+of `--repeats`:
+
+- one decode step of all the rows (`BatchRun.step`);
+- a request joining (`BatchRun.absorb` of a one-row batch prefilled at 4x: every layer's keys and values are
+  concatenated into new tensors);
+- a request leaving (`BatchRun.remove_finished` of one row: every layer's keys and values are gathered anew).
+
+The replica runs with one CPU, hence one thread by default. Each joining and leaving request pays one absorb and
+one removal: compare their sum with the prefill ms per request of benchmarks/serve_load.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import statistics
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+
+from dpn_model.presets import build_model
+from serve_apps.generation import BatchRun, prepare
+
+
+def _request(processor, seed: int, compression):
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "x"}},
+                    {"type": "text", "text": "Colour?"},
+                ],
+            }
+        ],
+        "images": [buf.getvalue()],
+        "max_tokens": 1000,
+        "temperature": 0.0,
+        "compression": compression,
+        "ignore_eos": True,
+    }
+    return prepare(processor, body, max_prompt_tokens=1 << 16)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        times.append(fn())
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="mid")
+    parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor = build_model(args.preset, seed=0)
+    model.eval()
+    rates = [1, 2, 4, "auto"]
+    run = BatchRun(
+        model, processor, [_request(processor, i, rates[i % 4]) for i in range(args.rows)], 1, "bench"
+    )
+    run.prefill()
+    for _ in range(8):
+        run.step()
+    joining = BatchRun(model, processor, [_request(processor, 999, 4)], 4, "join")
+    joining.prefill()
+
+    def step() -> float:
+        start = time.perf_counter()
+        run.step()
+        return time.perf_counter() - start
+
+    def fresh() -> BatchRun:
+        other = copy.copy(run)
+        other._cache = copy.deepcopy(run._cache)
+        other.rows = [copy.copy(row) for row in run.rows]
+        return other
+
+    def absorb() -> float:
+        other = fresh()
+        start = time.perf_counter()
+        other.absorb(joining)
+        return time.perf_counter() - start
+
+    def remove() -> float:
+        other = fresh()
+        other.rows[0].finished = True
+        start = time.perf_counter()
+        other.remove_finished()
+        return time.perf_counter() - start
+
+    cache_mib = sum(layer.keys.numel() + layer.values.numel() for layer in run._cache.layers) * 4 / 2**20
+    print(
+        f"{args.preset}, {args.rows} rows, KV cache {cache_mib:.0f} MiB, {args.threads} thread(s), median ms:"
+    )
+    print("| decode step | a request joins (absorb) | a request leaves (remove_finished) |")
+    print("|---:|---:|---:|")
+    print(f"| {_median_ms(step, args.repeats):.1f} | {_median_ms(absorb, args.repeats):.1f} | "
+          f"{_median_ms(remove, args.repeats):.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
