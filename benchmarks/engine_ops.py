@@ -8,11 +8,12 @@ of `--repeats`:
 
 - one decode step of all the rows (`BatchRun.step`);
 - a request joining (`BatchRun.absorb` of a one-row batch prefilled at 4x: every layer's keys and values are
-  concatenated into new tensors);
-- a request leaving (`BatchRun.remove_finished` of one row: every layer's keys and values are gathered anew).
+  copied into new tensors);
+- a request leaving (`BatchRun.remove_finished` of one row: every layer's keys and values are gathered anew);
+- one leaving and one joining in the same step, as the engine merges them (one `absorb` does both).
 
-The replica runs with one CPU, hence one thread by default. Each joining and leaving request pays one absorb and
-one removal: compare their sum with the prefill ms per request of benchmarks/serve_load.py.
+The replica runs with one CPU, hence one thread by default. Compare with the prefill ms per request of
+benchmarks/serve_load.py.
 """
 
 from __future__ import annotations
@@ -107,14 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         other.remove_finished()
         return time.perf_counter() - start
 
+    def both() -> float:
+        other = fresh()
+        other.rows[0].finished = True
+        start = time.perf_counter()
+        other.absorb(joining)
+        return time.perf_counter() - start
+
     cache_mib = sum(layer.keys.numel() + layer.values.numel() for layer in run._cache.layers) * 4 / 2**20
     print(
         f"{args.preset}, {args.rows} rows, KV cache {cache_mib:.0f} MiB, {args.threads} thread(s), median ms:"
     )
-    print("| decode step | a request joins (absorb) | a request leaves (remove_finished) |")
-    print("|---:|---:|---:|")
+    print(
+        "| decode step | a request joins (absorb) | a request leaves (remove_finished) | one leaves, one joins |"
+    )
+    print("|---:|---:|---:|---:|")
     print(f"| {_median_ms(step, args.repeats):.1f} | {_median_ms(absorb, args.repeats):.1f} | "
-          f"{_median_ms(remove, args.repeats):.1f} |")  # fmt: skip
+          f"{_median_ms(remove, args.repeats):.1f} | {_median_ms(both, args.repeats):.1f} |")  # fmt: skip
     return 0
 
 

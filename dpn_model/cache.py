@@ -7,9 +7,9 @@ a decoding step attends to those and takes its rotary position from their count,
 Layer 0 sits before any pooling, so `get_seq_length()` is the full sequence length, which is what
 `generate` uses to slice its next inputs.
 
-For continuous batching a running cache takes in the rows of another one (`append_rows`: e.g. a batch prefilled
-at another compression rate, so with other per-segment lengths) and drops finished rows (`batch_select_indices`,
-then `drop_leading_padding`). Rows are left padded per segment; as decoding takes each row's position from its
+For continuous batching a running cache takes in the rows of others (`append_rows`: e.g. batches prefilled at
+other compression rates, so with other per-segment lengths) and drops its finished rows in the same copy
+(`append_rows(keep=...)`, then `drop_leading_padding`). Rows are left padded per segment; as decoding takes each row's position from its
 count of real cached tokens and attends only to those, padding changes nothing a row computes.
 """
 
@@ -43,24 +43,33 @@ class DPNCache(DynamicCache):
         super().batch_select_indices(indices)
         self.segment_masks = [m[indices, ...] for m in self.segment_masks]
 
-    def append_rows(self, other: DPNCache) -> None:
-        """Add the rows of `other` (same model, any compression: per-segment lengths may differ) after this
-        cache's rows; in every layer the shorter side is left padded (zeros, masked out) to the longer.
+    def append_rows(self, *others: DPNCache, keep: torch.Tensor | None = None) -> None:
+        """Keep the rows `keep` of this cache (all of them if None) and add the rows of `others` (same model, any
+        compression: per-segment lengths may differ) after them, in one copy of each layer's keys and values; in
+        every layer the shorter rows are left padded (zeros, masked out) to the longest.
 
         Args:
-            other (`DPNCache`): a cache of the same decoder, e.g. of a batch just prefilled; left unchanged.
+            others (`DPNCache`): caches of the same decoder, e.g. of batches just prefilled; left unchanged.
+            keep (`torch.LongTensor`, *optional*): the indices of this cache's rows to keep, in order (rows that
+                finished leave in the same copy that takes the new ones in).
         """
-        if len(other.layers) != len(self.layers) or len(other.segment_masks) != len(self.segment_masks):
-            raise ValueError(
-                f"cannot append rows of a cache with {len(other.layers)} layers and {len(other.segment_masks)} "
-                f"segments to one with {len(self.layers)} and {len(self.segment_masks)}"
-            )
-        for mine, theirs in zip(self.layers, other.layers):
-            mine.keys = _cat_left_padded(mine.keys, theirs.keys, dim=2)
-            mine.values = _cat_left_padded(mine.values, theirs.values, dim=2)
+        for other in others:
+            if len(other.layers) != len(self.layers) or len(other.segment_masks) != len(self.segment_masks):
+                raise ValueError(
+                    f"cannot append rows of a cache with {len(other.layers)} layers and {len(other.segment_masks)} "
+                    f"segments to one with {len(self.layers)} and {len(self.segment_masks)}"
+                )
+
+        def stacked(mine: torch.Tensor, theirs: list[torch.Tensor], dim: int) -> torch.Tensor:
+            index = None if keep is None else keep.to(mine.device)
+            return cat_left_padded([mine, *theirs], dim, index)
+
+        for i, mine in enumerate(self.layers):
+            mine.keys = stacked(mine.keys, [o.layers[i].keys for o in others], dim=2)
+            mine.values = stacked(mine.values, [o.layers[i].values for o in others], dim=2)
         self.segment_masks = [
-            _cat_left_padded(mine, theirs, dim=1)
-            for mine, theirs in zip(self.segment_masks, other.segment_masks)
+            stacked(mask, [o.segment_masks[s] for o in others], dim=1)
+            for s, mask in enumerate(self.segment_masks)
         ]
 
     def drop_leading_padding(self, segments: list[range]) -> None:
@@ -92,15 +101,31 @@ class DPNCache(DynamicCache):
         )
 
 
-def _cat_left_padded(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """`a` and `b` stacked along the batch (dim 0), the shorter left padded with zeros along `dim`."""
-    longest = max(a.shape[dim], b.shape[dim])
-    parts = []
-    for value in (a, b):
-        short = longest - value.shape[dim]
-        if short:
-            shape = list(value.shape)
-            shape[dim] = short
-            value = torch.cat([value.new_zeros(shape), value], dim=dim)
-        parts.append(value)
-    return torch.cat(parts, dim=0)
+def cat_left_padded(tensors: list[torch.Tensor], dim: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """`tensors` stacked along the batch (dim 0) into one new tensor, each shorter one left padded with zeros along
+    `dim`; with `index`, only those rows of the first tensor, gathered straight into the result (one copy)."""
+    if len(tensors) == 1 and index is None:
+        return tensors[0]
+    sizes = [t.shape[0] for t in tensors]
+    if index is not None:
+        sizes[0] = len(index)
+    longest = max(t.shape[dim] for t in tensors)
+    shape = list(tensors[0].shape)
+    shape[0], shape[dim] = sum(sizes), longest
+    out = tensors[0].new_empty(shape)
+    row = 0
+    for i, (value, n) in enumerate(zip(tensors, sizes)):
+        block = out[row : row + n]
+        pad = longest - value.shape[dim]
+        if pad:
+            block.narrow(dim, 0, pad).zero_()
+        target = block.narrow(dim, pad, value.shape[dim])
+        if i == 0 and index is not None:
+            if pad:
+                target.copy_(value.index_select(0, index))
+            else:  # the whole block: gather into it
+                torch.index_select(value, 0, index, out=block)
+        else:
+            target.copy_(value)
+        row += n
+    return out

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dpn_model import flops as flops_lib
+from dpn_model.cache import cat_left_padded
 from serve_apps.compression import Rate, as_rate
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent
 
@@ -277,43 +278,43 @@ class BatchRun:
 
     # -- continuous batching --------------------------------------------------------------------------------
 
-    def absorb(self, other: BatchRun) -> None:
-        """Take in the rows of `other`, a batch prefilled on the same model (at any rate), so that they decode
-        together from the next `step` on; each row keeps its own request, sampling state and batch record."""
-        if other.model is not self.model:
-            raise ValueError("rows of batches on different models cannot decode together")
-        self.requests = self.requests + other.requests
-        self.rows = self.rows + other.rows
-        self.generators = self.generators + other.generators
-        self.row_info = self.row_info + other.row_info
-        self.row_rates = self.row_rates + other.row_rates
-        self._usage = self._usage + other._usage
-        self._cache.append_rows(other._cache)
-        width = max(self._mask.shape[1], other._mask.shape[1])
-        self._mask = torch.cat(
-            [torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in (self._mask, other._mask)]
-        )
+    _ROW_LISTS = ("requests", "rows", "generators", "row_info", "row_rates", "_usage")
 
-    def remove_finished(self) -> list[int]:
-        """Drop the finished rows (their KV cache freed at once); the indices they had, in order."""
+    def absorb(self, *others: BatchRun) -> list[int]:
+        """Drop the finished rows (their KV cache freed) and take in the rows of `others`, batches prefilled on
+        the same model (at any rate), so that they decode together from the next `step` on; one copy of the KV
+        cache does both. Each row keeps its own request, sampling state and batch record.
+
+        Returns:
+            `list[int]`: the indices the dropped rows had, in order.
+        """
+        if any(other.model is not self.model for other in others):
+            raise ValueError("rows of batches on different models cannot decode together")
         gone = [i for i, row in enumerate(self.rows) if row.finished]
-        if not gone:
+        if not gone and not others:
             return gone
         keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        for name in ("requests", "rows", "generators", "row_info", "row_rates", "_usage"):
+        for name in self._ROW_LISTS:
             values = getattr(self, name)
-            setattr(self, name, [values[i] for i in keep])
-        if self._cache is not None and keep:
-            index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-            self._cache.batch_select_indices(index)
-            self._mask = self._mask[index]
+            setattr(
+                self, name, [values[i] for i in keep] + [v for other in others for v in getattr(other, name)]
+            )
+        if not self.rows:
+            self._cache, self._mask = None, None
+            return gone
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device) if gone else None
+        self._cache.append_rows(*(other._cache for other in others), keep=index)
+        self._mask = cat_left_padded([self._mask, *(other._mask for other in others)], dim=1, index=index)
+        if gone:
             config = self.model.config
             bounds = [0, *config.pooling_layers, config.text_config.num_hidden_layers]
             self._cache.drop_leading_padding([range(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
             self._mask = self._mask[:, int(self._mask.any(0).nonzero()[0, 0]) :]
-        elif not keep:
-            self._cache, self._mask = None, None
         return gone
+
+    def remove_finished(self) -> list[int]:
+        """Drop the finished rows (their KV cache freed at once); the indices they had, in order."""
+        return self.absorb()
 
     # -- steps ---------------------------------------------------------------------------------------------
 

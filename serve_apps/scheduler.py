@@ -4,8 +4,8 @@ Two engines (`BatchingConfig.engine`). `continuous` (default) batches per iterat
 rows whose client went away, then prefills the waiting requests that fit (oldest first, at most `max_num_seqs`
 running in all and `max_prefill_tokens` prompt tokens per step), one prefill per queue (so per rate when
 bucketed: never padding one rate to another), delivers their first tokens and merges them into the running batch
-(`BatchRun.absorb`, `DPNCache.append_rows`), then decodes one token for every running request; finished rows
-leave at once, freeing their slot and KV cache. One running batch per model: after a reconfigure, running
+(`BatchRun.absorb`, `DPNCache.append_rows`: the rows that finished in the last step leave in the same copy of the
+KV cache), then decodes one token for every running request; a finished row frees its slot at once. One running batch per model: after a reconfigure, running
 requests finish on their model while new ones decode in a batch on the new one. When idle, the first request
 waits `batch_wait_timeout_s` for company. A failed prefill of several requests is retried one request at a time;
 after a failed decode step each unfinished request re-reads what it generated and decodes alone.
@@ -428,24 +428,38 @@ class Scheduler:
             for row, waiter in zip(entry.run.rows, entry.waiters):
                 if waiter.cancelled and not row.finished:
                     row.finished = True
-        self._compact()
 
-    def _compact(self) -> None:
-        """Remove finished rows from the decoding batches (their slots and KV cache freed)."""
+    def _merge(self, joining: list[_Running]) -> None:
+        """Before a decode step: each running batch drops its finished rows and takes in the rows just prefilled
+        on its model, in one copy of its KV cache (`BatchRun.absorb`); a prefilled batch with no running batch of
+        its model (or resumed alone after a failed decode step) becomes one."""
+        joins: dict[int, list[_Running]] = collections.defaultdict(list)
+        for entry in joining:
+            target = None
+            if not entry.isolated:  # a row resumed after a failed decode step stays alone, so it fails alone
+                target = next(
+                    (e for e in self.running if e.run.model is entry.run.model and not e.isolated), None
+                )
+            if target is None:
+                entry.started = True
+                self.running.append(entry)
+            else:
+                joins[id(target)].append(entry)
         for entry in list(self.running):
-            gone = set(entry.run.remove_finished())
-            if gone:
-                entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
+            others = joins.get(id(entry), [])
+            gone = set(entry.run.absorb(*(other.run for other in others)))
+            entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
+            entry.waiters += [w for other in others for w in other.waiters]
             if not entry.run.rows:
                 self.running.remove(entry)
 
     async def _compute_call(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
 
-    async def _prefill_group(self, entry: _Running) -> None:
-        """Prefill one batch, deliver its first tokens, and merge its unfinished rows into its model's decoding
-        batch; a failed prefill of several requests is retried one request at a time (only the one at fault
-        fails)."""
+    async def _prefill_group(self, entry: _Running) -> _Running | None:
+        """Prefill one batch and deliver its first tokens; the batch, if any of its rows go on decoding (to be
+        merged into its model's decoding batch, `_merge`). A failed prefill of several requests is retried one
+        request at a time (only the one at fault fails)."""
         try:
             events = await self._compute_call(entry.run.prefill)
         except Exception as exc:  # noqa: BLE001 - a failed prefill answers its members instead of hanging them
@@ -458,25 +472,13 @@ class Scheduler:
                 for row, waiter in zip(entry.run.rows, entry.waiters):
                     if not row.finished:
                         _finish(waiter, ErrorEvent(f"generation failed: {exc}"))
-            return
+            return None
         self._deliver(entry, events)
         for row, waiter in zip(entry.run.rows, entry.waiters):
             row.finished = row.finished or waiter.cancelled
         gone = set(entry.run.remove_finished())
         entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
-        if not entry.run.rows:
-            return
-        target = None
-        if not entry.isolated:  # a row resumed after a failed decode step stays alone, so it fails alone
-            target = next(
-                (e for e in self.running if e.run.model is entry.run.model and not e.isolated), None
-            )
-        if target is None:
-            entry.started = True
-            self.running.append(entry)
-        else:
-            target.run.absorb(entry.run)
-            target.waiters.extend(entry.waiters)
+        return entry if entry.run.rows else None
 
     def _queue_prefill(self, waiters: list[_Waiter], rate: Rate, key: str) -> None:
         self._build_pending(waiters, self._builder(waiters, rate, key))
@@ -531,15 +533,17 @@ class Scheduler:
         for key, waiters in self._admit() if self._prefill_now() else []:
             self._queue_prefill(waiters, self._group_rate(waiters), key)
         pending, self._pending = self._pending, []
-        rows = 0
+        joining = []
         for entry in pending:
-            await self._prefill_group(entry)
+            if (joined := await self._prefill_group(entry)) is not None:
+                joining.append(joined)
             await asyncio.sleep(0)
+        self._merge(joining)  # finished rows leave and new ones join in one cache copy per batch
+        rows = 0
         for entry in list(self.running):
             if entry.started and entry in self.running:
                 rows += sum(not row.finished for row in entry.run.rows)
                 await self._decode_step(entry)
-        self._compact()
         self._report_step(rows)
         await asyncio.sleep(0)  # let new arrivals queue between steps
 

@@ -4,6 +4,7 @@ driven directly with a tiny random model (no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 from typing import Any
@@ -127,6 +128,27 @@ def test_cache_remove_rows_then_drop_padding_shrinks_to_longest_row():
     assert torch.equal(cache.layers[0].keys, kept)
     with pytest.raises(ValueError, match="layers"):
         cache.append_rows(_cache([[3]], layers_per_segment=1))
+
+
+def test_cache_drops_finished_rows_and_appends_new_ones_in_one_call():
+    """`append_rows(*others, keep=...)` equals removing the rows, then appending each other cache in turn."""
+    running, a, b = (
+        _cache([[6, 3], [2, 1], [4, 4]]),
+        _cache([[5, 2]], seed=1),
+        _cache([[7, 5], [1, 1]], seed=2),
+    )
+    reference = copy.deepcopy(running)
+    reference.batch_select_indices(torch.tensor([0, 2]))
+    reference.append_rows(a)
+    reference.append_rows(b)
+    running.append_rows(a, b, keep=torch.tensor([0, 2]))
+    for got, want in zip(running.layers, reference.layers):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert all(torch.equal(g, w) for g, w in zip(running.segment_masks, reference.segment_masks))
+    assert [m.sum(-1).tolist() for m in running.segment_masks] == [[6, 4, 5, 7, 1], [3, 4, 2, 5, 1]]
+    emptied = _cache([[2, 2]])  # every row finished: only the new rows remain
+    emptied.append_rows(a, keep=torch.tensor([], dtype=torch.long))
+    assert torch.equal(emptied.layers[0].keys, a.layers[0].keys)
 
 
 def test_absorbed_rows_of_other_rates_decode_as_alone(tiny):
