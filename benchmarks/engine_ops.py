@@ -12,6 +12,9 @@ of `--repeats`:
 - a request leaving (`BatchRun.remove_finished` of one row: every layer's keys and values are gathered anew);
 - one leaving and one joining in the same step, as the engine merges them (one `absorb` does both).
 
+Then a decode step of `--rows` rows prefilled one by one and merged, all at rate 1, at the serving mix (2/3 auto,
+then 1, 2, 4 in turn) and all at 4x, with the per-segment KV-cache widths they decode against.
+
 The replica runs with one CPU, hence one thread by default. Compare with the prefill ms per request of
 benchmarks/serve_load.py.
 """
@@ -125,6 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---:|---:|---:|")
     print(f"| {_median_ms(step, args.repeats):.1f} | {_median_ms(absorb, args.repeats):.1f} | "
           f"{_median_ms(remove, args.repeats):.1f} | {_median_ms(both, args.repeats):.1f} |")  # fmt: skip
+    print("\n| rows' rates | decode step (ms) | KV-cache width per segment |")
+    print("|---|---:|---|")
+    mix = ["auto" if i % 3 else rates[(i // 3) % 3] for i in range(args.rows)]
+    for name, row_rates in (("all 1", [1] * args.rows), ("serving mix", mix), ("all 4", [4] * args.rows)):
+        merged = [
+            BatchRun(model, processor, [_request(processor, i, r)], r, "row") for i, r in enumerate(row_rates)
+        ]
+        for one in merged:
+            one.prefill()
+        merged[0].absorb(*merged[1:])
+        for _ in range(3):
+            merged[0].step()
+        run = merged[0]
+        widths = [mask.shape[1] for mask in run._cache.segment_masks]
+        print(f"| {name} | {_median_ms(step, args.repeats):.1f} | {widths} |")
     return 0
 
 
