@@ -128,8 +128,8 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['mode']} | {r['paths']} | {r['gflops']:.3f} | {r['flops_ratio']:.2f} | {r['ms']:.1f} | "
-            f"{r['time_ratio']:.2f} | {r['overhead']:.2f} |"
+            f"| {r['preset']} | {r['mode']} | {r['paths']} | {r['gflops']:.3f} | {r['flops_ratio']:.2f} | "
+            f"{r['ms']:.1f} | {r['time_ratio']:.2f} | {r['overhead']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ length from the workload, and generates exactly that many tokens (`ignore_eos`):
 
 Reports per variant: requests/s, generated tokens/s, time to first token p50/p99, time per output token p50, the
 mean prefill group (`GET /v1/dpn/batches`: one record per prefill group, with `size` and the requests `running`
-when it started; a static batch records no `running`), the replica's RSS after 100 and 1,000 completed requests
+when it started; a static batch records no `running`), the prefill ms per request and its share of the wall time
+(the records' `prefill_s`), the replica's RSS after 100 and 1,000 completed requests
 and at the end (psutil on the replica process, a descendant of this driver's Ray), and the issue's targets as
 ratios. Each variant gets a fresh replica and 8 warm-up requests that are not counted. The FLOPs ideal of (a) over (c) is the dense
 prefill FLOPs over the mix's (the `prefill_flops_dense` and `prefill_flops` fields of each answer's `usage`); of (a)
@@ -346,7 +347,8 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
         f"max_queue_delay_s {args.max_queue_delay_s}, max_running_batches {args.max_running_batches}.",
         "",
         "| variant | req/s | gen tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | prefill groups "
-        "| mean group | mean running | prefill GFLOPs/req | prefill ms/req | prefill share of wall | RSS @100 / @1000 / end (MiB) | failed |",
+        "| mean group | mean running | prefill GFLOPs/req | prefill ms/req | prefill share of wall "
+        "| RSS @100 / @1000 / end (MiB) | failed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -358,7 +360,8 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
             f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {r['throughput']:.2f} | {r['tokens_s']:.1f} | "
             f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {1000 * r['tpot_p50']:.0f} | {r['batches']} | "
             f"{r['mean_batch']:.1f} | {running} | {r['flops'] / 1e9:.2f} | "
-            f"{1000 * r['prefill_s'] / max(r['completed'], 1):.0f} | {r['prefill_s'] / r['wall_s']:.0%} | {rss} | {r['failed']} |"
+            f"{1000 * r['prefill_s'] / max(r['completed'], 1):.0f} | {r['prefill_s'] / r['wall_s']:.0%} | {rss} | "
+            f"{r['failed']} |"
         )
     lines += ["", "Targets:", "", *target_lines(by_variant, args.workload), ""]
     return "\n".join(lines)

@@ -9,8 +9,9 @@ Layer 0 sits before any pooling, so `get_seq_length()` is the full sequence leng
 
 For continuous batching a running cache takes in the rows of others (`append_rows`: e.g. batches prefilled at
 other compression rates, so with other per-segment lengths) and drops its finished rows in the same copy
-(`append_rows(keep=...)`, then `drop_leading_padding`). Rows are left padded per segment; as decoding takes each row's position from its
-count of real cached tokens and attends only to those, padding changes nothing a row computes.
+(`append_rows(keep=...)`, then `drop_leading_padding`). Rows are left padded per segment; as decoding takes each
+row's position from its count of real cached tokens and attends only to those, padding changes nothing a row
+computes.
 """
 
 from __future__ import annotations

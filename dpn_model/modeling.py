@@ -764,7 +764,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 before). Default: on at inference, off in training (`not self.training`): under DeepSpeed ZeRO-3
                 every rank must run the same modules in the same order (each layer's parameters are gathered as it
                 runs), and per-group layer calls that differ between ranks would break those collectives. It is
-                differentiable, so `ragged=True` may be passed in single-process training. A batch splits where its samples' paths differ: `auto` or `random` choices, or samples that are not pooled (no image, too few tokens) beside ones that are.
+                differentiable, so `ragged=True` may be passed in single-process training. A batch splits where
+                its samples' paths differ: `auto` or `random` choices, or samples that are not pooled (no image,
+                too few tokens) beside ones that are.
         """
         cfg = self.config
         use_cache = cfg.text_config.use_cache if use_cache is None else use_cache

@@ -5,8 +5,9 @@ rows whose client went away, then prefills the waiting requests that fit (oldest
 running in all and `max_prefill_tokens` prompt tokens per step), one prefill per queue (so per rate when
 bucketed: never padding one rate to another), delivers their first tokens and merges them into the running batch
 (`BatchRun.absorb`, `DPNCache.append_rows`: the rows that finished in the last step leave in the same copy of the
-KV cache), then decodes one token for every running request; a finished row frees its slot at once. One running batch per model: after a reconfigure, running
-requests finish on their model while new ones decode in a batch on the new one. When idle, the first request
+KV cache), then decodes one token for every running request; a finished row frees its slot at once. One running
+batch per model: after a reconfigure, running requests finish on their model while new ones decode in a batch on
+the new one. When idle, the first request
 waits `batch_wait_timeout_s` for company. A failed prefill of several requests is retried one request at a time;
 after a failed decode step each unfinished request re-reads what it generated and decodes alone.
 
@@ -169,9 +170,8 @@ class Scheduler:
         self.queues: dict[str, collections.deque[_Waiter]] = collections.defaultdict(collections.deque)
         self.running: list[_Running] = []
         self._pending: list[_Running] = []
-        self._held_steps = (
-            0  # continuous engine: steps the waiting requests were held back (waiting_served_ratio)
-        )
+        # continuous engine: steps the waiting requests were held back (waiting_served_ratio)
+        self._held_steps = 0
         self._wake = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._task: asyncio.Task | None = None
