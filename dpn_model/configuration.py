@@ -118,6 +118,20 @@ class DPNConfig(LlavaConfig):
             the token floor allows, and the REINFORCE term scores that mixture. Without it a router that commits
             early to one path leaves the decoder untrained on every other, so no other path can win later (the
             tiny router locks into one path for every question at 0). Inference takes the router's argmax.
+        router_entropy_weight (`float`):
+            Entropy bonus of the REINFORCE term (`"reinforce"` only): minus this weight times the mean entropy of
+            the routers' distributions over the allowed experts, as in actor-critic methods. A REINFORCE
+            gradient vanishes with the probability of the expert it scores, so a router that saturated on one
+            expert early (before the decoder had learned the other paths) cannot come back to them even when
+            they later answer a sample better at fewer tokens; the bonus keeps every allowed expert's
+            probability away from 0. 0: off.
+        router_imitation_weight (`float`):
+            Self-imitation term of the REINFORCE estimator (`"reinforce"` only; Oh et al., 2018, "Self-Imitation
+            Learning"): minus this weight times `max(advantage, 0) * log p(chosen expert)`, `p` the router's own
+            distribution over the allowed experts (not the exploration mixture). A path that answered a sample
+            better than its baseline is imitated at full strength even when the router gave it almost no
+            probability (found by exploration), where the REINFORCE gradient, proportional to that probability,
+            is ~0; a worse path is not pushed further down. 0: off.
         dpn_config_version (`int`):
             Version of these semantics; `config.json` files without it are read with [`LEGACY_DEFAULTS`].
     """
@@ -144,6 +158,8 @@ class DPNConfig(LlavaConfig):
     router_reinforce_weight: float = 1.0
     router_cost_weight: float = 0.5
     router_explore: float = 0.0
+    router_entropy_weight: float = 0.0
+    router_imitation_weight: float = 0.0
     dpn_config_version: int = DPN_CONFIG_VERSION
 
     @classmethod
@@ -215,7 +231,12 @@ class DPNConfig(LlavaConfig):
         self._check_choice("router_token_reduction", ROUTER_TOKEN_REDUCTIONS)
         self._check_choice("router_estimator", ROUTER_ESTIMATORS)
         self._check_choice("router_baseline", ROUTER_BASELINES)
-        for name in ("router_reinforce_weight", "router_cost_weight"):
+        for name in (
+            "router_reinforce_weight",
+            "router_cost_weight",
+            "router_entropy_weight",
+            "router_imitation_weight",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.router_explore <= 1.0:

@@ -203,11 +203,16 @@ def reinforce_loss(
     cost_weight: float,
     values: torch.Tensor | None = None,
     explore: float = 0.0,
+    groups: torch.Tensor | None = None,
+    entropy_weight: float = 0.0,
+    imitation_weight: float = 0.0,
 ) -> torch.Tensor:
     """REINFORCE term for the routers (`router_estimator="reinforce"`; ours, not the authors').
 
     A sample's reward is `-(sample_loss + cost_weight * cost)`; its advantage is the reward minus the mean reward
-    of the batch's other routed samples (a leave-one-out baseline, which keeps the estimate unbiased). The term is
+    of the batch's other routed samples (a leave-one-out baseline, which keeps the estimate unbiased), or, with
+    `groups`, of the other routed rows of its group (RLOO: the same sample routed several times, so the baseline
+    is the sample's own expected reward and the advantage says only how its path did). The term is
     `-mean(advantage * sum over layers of log q(chosen expert))`, `q` the distribution the expert was sampled
     from (the router's probabilities renormalised over the experts the token floor allowed): minimising it raises
     the probability of paths that answered a sample better than its batch-mates did, at their price in tokens.
@@ -224,27 +229,52 @@ def reinforce_loss(
             baseline becomes the batch's plus this prediction, and the term adds the critic's squared error.
         explore (`float`): the uniform share of the distribution the experts were sampled from
             (`router_explore`); the term scores that mixture.
+        groups (`torch.LongTensor` of shape `(batch,)`, *optional*): group id of each row; rows of one group
+            are one sample routed independently (`model.paths_per_sample` in training). The baseline is then
+            the mean reward of the row's routed group-mates. Default: the whole batch is one group.
+        entropy_weight (`float`): the term subtracts this times the mean entropy of the routed layers'
+            distributions over the allowed experts (`router_entropy_weight`).
+        imitation_weight (`float`): the term adds this times `-max(advantage, 0) * log p(chosen)` per routed
+            layer, `p` the router's distribution over the allowed experts (self-imitation,
+            `router_imitation_weight`); the advantage is the baseline-corrected one (the critic's too).
 
     Returns:
-        `torch.Tensor`: scalar; 0 (with a graph) when fewer than two samples were routed.
+        `torch.Tensor`: scalar; 0 (with a graph) when no routed row has a routed batch- or group-mate.
     """
     routed = choices >= 0
     has = routed.any(-1)
-    n = int(has.sum())
-    if n < 2:
+    mates = has[:, None] & has[None, :] & ~torch.eye(has.shape[0], dtype=torch.bool, device=has.device)
+    if groups is not None:
+        mates &= groups[:, None] == groups[None, :]
+    n_mates = mates.sum(-1)
+    scored = n_mates > 0  # routed rows with a baseline
+    n = int(scored.sum())
+    if n == 0:
         return probs.sum() * 0.0
-    q = exploring(feasible_distribution(probs, feasible), feasible, explore)
+    p = feasible_distribution(probs, feasible)
+    q = exploring(p, feasible, explore)
     chosen = q.gather(-1, choices.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    routed = routed & scored[:, None]
     log_q = torch.log(chosen.clamp(min=1e-12)) * routed  # (B, L)
     reward = -(sample_loss.float() + cost_weight * cost.float()).detach() * has
-    baseline = (reward.sum() - reward) / (n - 1)
-    advantage = (reward - baseline) * has
+    baseline = (mates.float() @ reward) / n_mates.clamp(min=1)
+    advantage = (reward - baseline) * scored
+    extra = torch.zeros((), device=probs.device)
     if values is None:
-        return -(advantage * log_q.sum(-1)).sum() / n
-    # per layer: the critic removes what the sample's own question explains of its advantage
-    corrected = (advantage[:, None] - values.detach()) * routed
-    critic_loss = ((values - advantage[:, None]) ** 2 * routed).sum() / routed.sum()
-    return -(corrected * log_q).sum() / n + critic_loss
+        corrected = advantage[:, None] * routed  # (B, L)
+    else:
+        # per layer: the critic removes what the sample's own question explains of its advantage
+        corrected = (advantage[:, None] - values.detach()) * routed
+        extra = extra + ((values - advantage[:, None]) ** 2 * routed).sum() / routed.sum()
+    if entropy_weight:
+        entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (B, L)
+        extra = extra - entropy_weight * (entropy * routed).sum() / routed.sum()
+    if imitation_weight:
+        log_p = (
+            torch.log(p.gather(-1, choices.clamp(min=0).unsqueeze(-1)).squeeze(-1).clamp(min=1e-12)) * routed
+        )
+        extra = extra - imitation_weight * (corrected.clamp(min=0) * log_p).sum() / n
+    return -(corrected * log_q).sum() / n + extra
 
 
 def _additive_mask(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -968,6 +998,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         ragged: bool | None = None,
+        reinforce_groups: torch.LongTensor | None = None,
         **kwargs,
     ) -> DPNCausalLMOutputWithPast:
         """Forward pass; see [`DPNModel.forward`] for the inputs.
@@ -979,6 +1010,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
             logits_to_keep (`int`): compute logits for the last this many positions only (0 = all).
             ragged (`bool`, *optional*): run the prefill per expert path after a pooling stage (default: at
                 inference only; see [`DPNModel.forward`]).
+            reinforce_groups (`torch.LongTensor` of shape `(batch,)`, *optional*): training with
+                `router_estimator="reinforce"`: rows with one id are one sample repeated, each routed on its
+                own; the REINFORCE baseline is then the group's (RLOO, [`reinforce_loss`]).
         """
         out = self.model(
             input_ids=input_ids,
@@ -1023,6 +1057,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
                     self.config.router_cost_weight,
                     out.router_values,
                     self.config.router_explore,
+                    reinforce_groups,
+                    self.config.router_entropy_weight,
+                    self.config.router_imitation_weight,
                 )
                 loss = loss + self.config.router_reinforce_weight * rf_loss
 

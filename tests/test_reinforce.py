@@ -82,6 +82,76 @@ def test_reinforce_ignores_unrouted_samples_and_needs_two_routed():
     assert one.item() == 0.0 and one.requires_grad
 
 
+def test_reinforce_groups_compare_a_sample_only_with_its_own_other_paths():
+    # rows 0, 1: sample A routed twice; rows 2, 3: sample B (a harder question) routed twice
+    logits = [[[0.0, 0.0, 0.0]]] * 4
+    feasible = torch.ones(4, 1, 3, dtype=torch.bool)
+    choices = torch.tensor([[0], [2], [0], [2]])
+    # expert 2 loses 0.1 nats on A and 0.1 on B; B is 3 nats harder whatever the path
+    losses = torch.tensor([0.1, 0.2, 3.1, 3.2])
+    z, probs = _probs(logits)
+    reinforce_loss(
+        probs, feasible, choices, losses, torch.zeros(4), 0.0, groups=torch.tensor([0, 0, 1, 1])
+    ).backward()
+    # within each sample the better path (expert 0) is raised and the worse (2) lowered, on both samples
+    assert z.grad[0, 0, 0] < 0 and z.grad[2, 0, 0] < 0
+    assert z.grad[1, 0, 2] > 0 and z.grad[3, 0, 2] > 0
+    # the batch baseline instead credits B's difficulty to its paths: both of B's experts are lowered
+    zb, probs_b = _probs(logits)
+    reinforce_loss(probs_b, feasible, choices, losses, torch.zeros(4), 0.0).backward()
+    assert zb.grad[2, 0, 0] > 0 and zb.grad[3, 0, 2] > 0
+    # a row whose group has no other routed row has no baseline: no gradient reaches it
+    zs, probs_s = _probs(logits[:3])
+    groups = torch.tensor([0, 0, 1])
+    reinforce_loss(
+        probs_s, feasible[:3], choices[:3], losses[:3], torch.zeros(3), 0.0, groups=groups
+    ).backward()
+    assert torch.allclose(zs.grad[2], torch.zeros(3)) and zs.grad[0].abs().sum() > 0
+
+
+def test_reinforce_entropy_bonus_pulls_a_saturated_router_back_toward_the_allowed_experts():
+    # both rows took expert 0 with equal rewards: no REINFORCE signal, only the bonus acts
+    logits = [[[4.0, 0.0, 0.0]], [[4.0, 0.0, 0.0]]]
+    feasible = torch.ones(2, 1, 3, dtype=torch.bool)
+    feasible[1, 0, 2] = False  # the floor forbids expert 2 for row 1: the bonus ignores it
+    choices = torch.tensor([[0], [0]])
+    z, probs = _probs(logits)
+    loss = reinforce_loss(probs, feasible, choices, torch.ones(2), torch.zeros(2), 0.0, entropy_weight=0.1)
+    loss.backward()
+    p = torch.softmax(torch.tensor([4.0, 0.0, 0.0]), -1)
+    p1 = torch.softmax(torch.tensor([4.0, 0.0]), -1)
+    entropy = (-(p * p.log()).sum() - (p1 * p1.log()).sum()) / 2
+    assert loss.item() == pytest.approx(-0.1 * entropy.item(), rel=1e-5)
+    # descent lowers the favoured expert's logit and raises the allowed others'
+    assert z.grad[0, 0, 0] > 0 and z.grad[0, 0, 1] < 0 and z.grad[0, 0, 2] < 0
+    assert z.grad[1, 0, 1] < 0 and z.grad[1, 0, 2].abs() < 1e-7
+    # without the bonus the same batch carries no gradient
+    z0, probs0 = _probs(logits)
+    reinforce_loss(probs0, feasible, choices, torch.ones(2), torch.zeros(2), 0.0).backward()
+    assert torch.allclose(z0.grad, torch.zeros_like(z0.grad))
+
+
+def test_reinforce_self_imitation_recovers_an_expert_the_router_had_given_up():
+    # the router gives expert 2 almost no probability; exploration took it for row 1, which then did better
+    logits = [[[12.0, 0.0, 0.0]], [[12.0, 0.0, 0.0]]]
+    feasible = torch.ones(2, 1, 3, dtype=torch.bool)
+    choices = torch.tensor([[0], [2]])
+    losses = torch.tensor([0.5, 0.1])
+
+    def grad(**kw):
+        z, probs = _probs(logits)
+        reinforce_loss(probs, feasible, choices, losses, torch.zeros(2), 0.0, explore=0.3, **kw).backward()
+        return z.grad
+
+    plain, imitating = grad(), grad(imitation_weight=1.0)
+    # REINFORCE scores the exploration mixture: its gradient on the given-up expert is ~p, i.e. ~0
+    assert plain[1, 0, 2].abs() < 1e-4
+    # self-imitation scores the router's own probability: the better path is raised at full strength
+    assert imitating[1, 0, 2] < -0.1
+    # the worse path (row 0, advantage < 0) is not imitated: its gradient is REINFORCE's alone
+    assert torch.allclose(imitating[0], plain[0])
+
+
 def test_per_sample_lm_loss_matches_cross_entropy():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
