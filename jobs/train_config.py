@@ -34,6 +34,10 @@ class ModelConfig(ConfigModel):
             stage-1 model (LLM + projector), routers from step 0 (``init`` from a dense model and 0 here);
             a model trained from random weights needs the dense phase, or its router collapses to the
             heaviest pooling before the visual features are worth keeping (BENCHMARKS.md).
+        paths_per_sample: with ``compression: auto`` and ``router_estimator: reinforce``, route each
+            training sample this many times in one forward (its rows repeated, each path sampled on its
+            own; the decoder trains on every path) and judge each path against the sample's other paths
+            (RLOO) instead of against the batch. 1: off. Costs that many times the compute per step.
         seed: seed of the random preset weights and of the router's sampling.
         config_overrides: DPNConfig fields applied to the model before training (e.g.
             ``routing_loss_weight``, ``pooling_layers``); for presets also the architecture.
@@ -46,6 +50,7 @@ class ModelConfig(ConfigModel):
     init: str = "preset:tiny"
     compression: Compression = "auto"
     dense_warmup_steps: int = Field(0, ge=0)
+    paths_per_sample: int = Field(1, ge=1)
     seed: int = 0
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     freeze_vision_tower: bool = True
@@ -63,6 +68,11 @@ class ModelConfig(ConfigModel):
             raise ValueError(
                 f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
                 f"with compression {self.compression}); set it to 0"
+            )
+        if self.paths_per_sample > 1 and parsed != "auto":
+            raise ValueError(
+                f"paths_per_sample only applies to compression 'auto' (compression {self.compression} routes "
+                f"every sample one way); set it to 1"
             )
         return self
 

@@ -387,6 +387,7 @@ class WorkerSpec:
         config_overrides: DPNConfig fields applied when loading ``model_dir``.
         compression: ``model.compression`` (checked against the model by ``parse_compression``).
         dense_warmup_steps: optimizer steps trained with compression 1 before the routers train.
+        paths_per_sample: ``model.paths_per_sample``: routed copies of each sample (REINFORCE's RLOO groups).
         freeze: the frozen parts.
         gradient_checkpointing: recompute activations in the backward pass.
         ds_config: the DeepSpeed config dict (:func:`deepspeed_config`).
@@ -409,6 +410,7 @@ class WorkerSpec:
     config_overrides: dict[str, Any]
     compression: Compression
     dense_warmup_steps: int
+    paths_per_sample: int
     freeze: FreezeSpec
     gradient_checkpointing: bool
     ds_config: dict[str, Any]
@@ -528,6 +530,12 @@ class DPNTrainRecipe:
         model = load_model(self.model_dir, spec.config_overrides)
         # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
         self.routed_compression = parse_compression(spec.compression, model.config)
+        if spec.paths_per_sample > 1 and model.config.router_estimator != "reinforce":
+            raise ValueError(
+                f"model.paths_per_sample={spec.paths_per_sample} needs router_estimator 'reinforce' (the model's "
+                f"is {model.config.router_estimator!r}): set model.config_overrides.router_estimator=reinforce "
+                f"or paths_per_sample to 1"
+            )
         freeze = spec.freeze
         counts = apply_freezing(
             model,
@@ -648,11 +656,17 @@ class DPNTrainRecipe:
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         compression = 1 if self.state.step < self.spec.dense_warmup_steps else self.routed_compression
+        samples, tokens = int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
+        k = self.spec.paths_per_sample
+        if k > 1 and compression == "auto":
+            # each sample k times, one group per sample: its paths are judged against each other (RLOO)
+            batch = {name: t.repeat_interleave(k, dim=0) for name, t in batch.items()}
+            batch["reinforce_groups"] = torch.arange(samples, device=self.device).repeat_interleave(k)
         out = self.engine(**batch, compression=compression)
         self.engine.backward(out.loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        self.stats.add(out, int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum()))
+        self.stats.add(out, samples, tokens)
         self.state.batches_in_epoch += 1
         return boundary
 

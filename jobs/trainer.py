@@ -198,6 +198,7 @@ def build_loop_spec(
         config_overrides={} if m.init.startswith("preset:") else dict(m.config_overrides),
         compression=m.compression,
         dense_warmup_steps=m.dense_warmup_steps,
+        paths_per_sample=m.paths_per_sample,
         freeze=FreezeSpec(
             vision_tower=m.freeze_vision_tower,
             projector=m.freeze_projector,

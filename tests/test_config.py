@@ -126,6 +126,10 @@ def test_train_config_validation_names_the_section():
         load_train_config(None, ["optim.learning_rate=1e-4"])
     with pytest.raises(ConfigError, match=r"model: dense_warmup_steps only applies to compression 'auto'"):
         load_train_config(None, ["model.compression=4", "model.dense_warmup_steps=10"])
+    with pytest.raises(ConfigError, match=r"model: paths_per_sample only applies to compression 'auto'"):
+        load_train_config(None, ["model.compression=1,2,4", "model.paths_per_sample=2"])
+    with pytest.raises(ConfigError, match=r"model\.paths_per_sample: must be >= 1, got 0"):
+        load_train_config(None, ["model.paths_per_sample=0"])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
