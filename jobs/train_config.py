@@ -74,6 +74,14 @@ class ModelConfig(ConfigModel):
                 f"paths_per_sample only applies to compression 'auto' (compression {self.compression} routes "
                 f"every sample one way); set it to 1"
             )
+        estimator = self.config_overrides.get(
+            "router_estimator"
+        )  # else the model's own: checked in the worker
+        if self.paths_per_sample > 1 and estimator not in (None, "reinforce"):
+            raise ValueError(
+                f"paths_per_sample={self.paths_per_sample} needs router_estimator 'reinforce' (the overrides set "
+                f"{estimator!r}): its paths are judged against each other by the REINFORCE term; set it to 1"
+            )
         return self
 
     def known_pyramid(self) -> SimpleNamespace | None:
