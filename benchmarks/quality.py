@@ -12,7 +12,10 @@ Drives the real jobs end to end, each in its own process (as ``ray job submit`` 
    dense; fixed 2x and 4x; the static schedules 1-2-4 and 1-4-4 (PyramidDrop-style); random routing; DPN with
    the authors' semantics and recipe (``dpn-ref``); DPN with our earlier semantics (``dpn-earlier``: routing-loss
    weight 0.1, sampled expert, per-layer hinge, no token floor, router bias, last ``<router>`` token); and DPN
-   with our REINFORCE router estimator (``dpn-reinforce``, ``router_estimator=reinforce``; not the authors').
+   with our REINFORCE router estimator (``router_estimator=reinforce``; not the authors'): with a learned
+   baseline and exploration (``dpn-critic``), and with self-imitation and two routed paths per sample as well
+   (``dpn-reinforce``, what ``configs/train_tiny.yaml`` trains; it pays two forward passes per sample, the other
+   variants one).
 2. ``python -m jobs.evaluate`` evaluates every model at the rate it was trained at (DPN in ``auto``), and a
    second pass with ``--oracle`` runs every static path (27) on each DPN model: the oracle router, the paths'
    Pareto frontier and the router's regret.
@@ -63,22 +66,27 @@ REFERENCE = [
     "model.config_overrides.router_estimator=scale",
     "optim.router_lr_scale=1",
 ]  # the authors' estimator, one lr
-REINFORCE = [  # the config's (configs/train_tiny.yaml), spelt out so the variant stays what it was measured as
+CRITIC = [  # our REINFORCE estimator with a learned baseline and exploration (the config of 2026-12-02)
     "model.config_overrides.router_estimator=reinforce",
     "model.config_overrides.router_baseline=critic",
     "model.config_overrides.router_explore=0.3",
     "optim.router_lr_scale=30",
 ]
+# the config's (configs/train_tiny.yaml), spelt out so the variant stays what it was measured as: CRITIC plus
+# self-imitation and two routed paths per training sample
+REINFORCE = [*CRITIC, "model.config_overrides.router_imitation_weight=1.0", "model.paths_per_sample=2"]
+ONE_PATH = "model.paths_per_sample=1"  # every other variant routes (or pools) each sample once
 # name -> (overrides of configs/train_tiny.yaml, mode evaluated, is a static baseline, routed by a router)
 VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
-    "dense": (["model.compression=1"], "1", True, False),
-    "fixed2": (["model.compression=2"], "2", True, False),
-    "fixed4": (["model.compression=4"], "4", True, False),
-    "sched-1-2-4": (["model.compression=1,2,4"], "1-2-4", True, False),
-    "sched-1-4-4": (["model.compression=1,4,4"], "1-4-4", True, False),
-    "random": (["model.compression=random"], "random", False, False),
-    "dpn-ref": (["model.compression=auto", *REFERENCE], "auto", False, True),
-    "dpn-earlier": (["model.compression=auto", *REFERENCE, *EARLIER], "auto", False, True),
+    "dense": (["model.compression=1", ONE_PATH], "1", True, False),
+    "fixed2": (["model.compression=2", ONE_PATH], "2", True, False),
+    "fixed4": (["model.compression=4", ONE_PATH], "4", True, False),
+    "sched-1-2-4": (["model.compression=1,2,4", ONE_PATH], "1-2-4", True, False),
+    "sched-1-4-4": (["model.compression=1,4,4", ONE_PATH], "1-4-4", True, False),
+    "random": (["model.compression=random", ONE_PATH], "random", False, False),
+    "dpn-ref": (["model.compression=auto", ONE_PATH, *REFERENCE], "auto", False, True),
+    "dpn-earlier": (["model.compression=auto", ONE_PATH, *REFERENCE, *EARLIER], "auto", False, True),
+    "dpn-critic": (["model.compression=auto", ONE_PATH, *CRITIC], "auto", False, True),
     "dpn-reinforce": (["model.compression=auto", *REINFORCE], "auto", False, True),
 }
 MAX_FLOPS_RATIO = 0.5

@@ -130,6 +130,8 @@ def test_train_config_validation_names_the_section():
         load_train_config(None, ["model.compression=1,2,4", "model.paths_per_sample=2"])
     with pytest.raises(ConfigError, match=r"model\.paths_per_sample: must be >= 1, got 0"):
         load_train_config(None, ["model.paths_per_sample=0"])
+    with pytest.raises(ConfigError, match=r"paths_per_sample=2 needs router_estimator 'reinforce' .*'scale'"):
+        load_train_config(None, ["model.paths_per_sample=2", "model.config_overrides.router_estimator=scale"])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
@@ -282,4 +284,6 @@ def test_the_quickstart_config_is_the_benchmarks_dpn():
     plain = load_train_config(tiny, [])
     variant = load_train_config(tiny, list(quality.VARIANTS["dpn-reinforce"][0]))
     assert variant == plain
+    for name, (overrides, *_) in quality.VARIANTS.items():  # every benchmark variant is a valid job config
+        assert load_train_config(tiny, list(overrides)).model.compression is not None, name
     assert plain.model.config_overrides["router_estimator"] == "reinforce"
