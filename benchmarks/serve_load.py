@@ -270,8 +270,11 @@ def run_variant(
     serve.run(app, name="dpn", route_prefix="/")
     warmup = make_requests(min(8, len(requests)), args.workload, {"auto": 0.25, 1: 0.25, 2: 0.25, 4: 0.25}, 1)
     asyncio.run(_load(base, min(4, args.clients), warmup, 120))  # not counted
+    server = serve.get_deployment_handle("DPNServer", app_name="dpn")
     before = len(httpx.get(base + "/v1/dpn/batches").json()["data"])
+    engine_before = server.info.remote().result()["engine"]
     result = asyncio.run(_load(base, args.clients, requests, args.time_limit))
+    engine = _engine_delta(engine_before, server.info.remote().result()["engine"])
     data = httpx.get(base + "/v1/dpn/batches").json()["data"][before:]
     sizes = [b["size"] for b in data]
     running = [b["running"] for b in data if "running" in b]
@@ -281,10 +284,23 @@ def run_variant(
         mean_batch=statistics.mean(sizes) if sizes else float("nan"),
         mean_running=statistics.mean(running) if running else float("nan"),
         prefill_s=sum(b.get("prefill_s", 0.0) for b in data),
+        engine=engine,
     )
     logger.info("%s: %s", VARIANTS[variant][0], result)
     serve.delete("dpn")
     return result
+
+
+def _engine_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The replica engine's time (`Scheduler.engine_stats`) spent between two readings: seconds per phase, `other`
+    (the rest of the wall time: handing events on, the loop's own bookkeeping), and the decode steps."""
+    seconds = {k: after["seconds"].get(k, 0.0) - before["seconds"].get(k, 0.0) for k in after["seconds"]}
+    wall = after["wall"] - before["wall"]
+    seconds["other"] = wall - sum(seconds.values())
+    return {"wall": wall, "steps": after["steps"] - before["steps"], "seconds": seconds}
+
+
+ENGINE_PHASES = ("prefill", "decode", "merge", "build", "loop_wait", "idle", "other")
 
 
 def target_lines(by_variant: dict[str, dict[str, Any]], workload: str) -> list[str]:
@@ -363,6 +379,23 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
             f"{1000 * r['prefill_s'] / max(r['completed'], 1):.0f} | {r['prefill_s'] / r['wall_s']:.0%} | {rss} | "
             f"{r['failed']} |"
         )
+    continuous = [r for r in results if VARIANTS[r["variant"]][1] == "continuous"]
+    if continuous:
+        lines += [
+            "",
+            "Where the replica's engine spent its time, ms per completed request (`Scheduler.engine_stats`: "
+            "`loop_wait` is the event loop busy elsewhere after a compute call; `other` the rest of the wall):",
+            "",
+            "| variant | decode steps | ms/step | " + " | ".join(ENGINE_PHASES) + " |",
+            "|---|---|---|" + "---|" * len(ENGINE_PHASES),
+        ]
+        for r in continuous:
+            engine, n = r["engine"], max(r["completed"], 1)
+            per_step = 1000 * engine["seconds"].get("decode", 0.0) / max(engine["steps"], 1)
+            phases = " | ".join(f"{1000 * engine['seconds'].get(p, 0.0) / n:.0f}" for p in ENGINE_PHASES)
+            lines.append(
+                f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {engine['steps']} | {per_step:.0f} | {phases} |"
+            )
     lines += ["", "Targets:", "", *target_lines(by_variant, args.workload), ""]
     return "\n".join(lines)
 

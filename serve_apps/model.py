@@ -167,6 +167,7 @@ class DPNServer:
             "running_batches": len(self.scheduler.running),
             "running": self.scheduler.running_requests(),
             "uptime_s": round(time.time() - self._started, 1),
+            "engine": self.scheduler.engine_stats(),
         }
 
     def batches(self, limit: int = 0) -> list[dict[str, Any]]:

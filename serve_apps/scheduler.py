@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -175,6 +175,11 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
         self._task: asyncio.Task | None = None
+        # continuous engine: where its time went, cumulative (`engine_stats`)
+        self._seconds: collections.Counter[str] = collections.Counter()
+        self._steps = 0
+        self._since = time.perf_counter()
+        self._idle_since: float | None = None  # set while the continuous engine waits for work
 
     def queue_key(self, compression: Rate) -> str:
         return str(compression) if self.config.mode == "bucketed" else self.config.mode
@@ -224,6 +229,27 @@ class Scheduler:
                 if not row.finished:
                     counts[str(req.compression)] += 1
         return dict(counts)
+
+    def engine_stats(self) -> dict[str, Any]:
+        """Where the continuous engine's time went since the scheduler was made, in seconds: `prefill` and
+        `decode` on the compute thread, `loop_wait` between the compute thread finishing a call and the engine
+        going on (the event loop busy with other work: streaming answers, taking requests), `merge` (rows
+        leaving and joining the decoding batch), `build` (making the prefill batches), `idle` (nothing to do),
+        and `wall` in all; `steps` counts the decode steps."""
+        now = time.perf_counter()
+        totals = collections.Counter(self._seconds)
+        if self._idle_since is not None:  # idle now: the wait so far counts
+            totals["idle"] += now - self._idle_since
+        seconds = {phase: round(value, 6) for phase, value in sorted(totals.items())}
+        return {"steps": self._steps, "wall": round(now - self._since, 6), "seconds": seconds}
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[phase] += time.perf_counter() - start
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -453,15 +479,31 @@ class Scheduler:
             if not entry.run.rows:
                 self.running.remove(entry)
 
-    async def _compute_call(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+    async def _compute_call(self, fn: Callable[[], Any], phase: str) -> Any:
+        """`fn()` on the compute thread; its time there counted as `phase`, the rest of the wait as `loop_wait`."""
+        inside = 0.0
+
+        def timed() -> Any:
+            nonlocal inside
+            start = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                inside = time.perf_counter() - start
+
+        start = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, timed)
+        finally:
+            self._seconds[phase] += inside
+            self._seconds["loop_wait"] += time.perf_counter() - start - inside
 
     async def _prefill_group(self, entry: _Running) -> _Running | None:
         """Prefill one batch and deliver its first tokens; the batch, if any of its rows go on decoding (to be
         merged into its model's decoding batch, `_merge`). A failed prefill of several requests is retried one
         request at a time (only the one at fault fails)."""
         try:
-            events = await self._compute_call(entry.run.prefill)
+            events = await self._compute_call(entry.run.prefill, "prefill")
         except Exception as exc:  # noqa: BLE001 - a failed prefill answers its members instead of hanging them
             logger.error("batch %s: prefill failed", entry.run.batch_id, exc_info=exc)
             entry.run.info["failed"] = f"{type(exc).__name__}: {exc}"
@@ -476,7 +518,8 @@ class Scheduler:
         self._deliver(entry, events)
         for row, waiter in zip(entry.run.rows, entry.waiters):
             row.finished = row.finished or waiter.cancelled
-        gone = set(entry.run.remove_finished())
+        with self._timed("merge"):
+            gone = set(entry.run.remove_finished())
         entry.waiters = [w for i, w in enumerate(entry.waiters) if i not in gone]
         return entry if entry.run.rows else None
 
@@ -492,7 +535,7 @@ class Scheduler:
 
     async def _decode_step(self, entry: _Running) -> None:
         try:
-            events = await self._compute_call(entry.run.step)
+            events = await self._compute_call(entry.run.step, "decode")
         except Exception as exc:  # noqa: BLE001 - each unfinished row goes on alone, re-reading what it generated
             logger.error("decode step of %d requests failed", len(entry.waiters), exc_info=exc)
             self.running.remove(entry)
@@ -527,23 +570,31 @@ class Scheduler:
                 self._report_step(0)
                 self._wake.clear()
                 timeout = max(0.0, min(heads) + self.config.batch_wait_timeout_s - now) if heads else None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                self._idle_since = time.perf_counter()
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                finally:
+                    self._seconds["idle"] += time.perf_counter() - self._idle_since
+                    self._idle_since = None
                 return
-        for key, waiters in self._admit() if self._prefill_now() else []:
-            self._queue_prefill(waiters, self._group_rate(waiters), key)
+        with self._timed("build"):
+            for key, waiters in self._admit() if self._prefill_now() else []:
+                self._queue_prefill(waiters, self._group_rate(waiters), key)
         pending, self._pending = self._pending, []
         joining = []
         for entry in pending:
             if (joined := await self._prefill_group(entry)) is not None:
                 joining.append(joined)
             await asyncio.sleep(0)
-        self._merge(joining)  # finished rows leave and new ones join in one cache copy per batch
+        with self._timed("merge"):
+            self._merge(joining)  # finished rows leave and new ones join in one cache copy per batch
         rows = 0
         for entry in list(self.running):
             if entry.started and entry in self.running:
                 rows += sum(not row.finished for row in entry.run.rows)
                 await self._decode_step(entry)
+                self._steps += 1
         self._report_step(rows)
         await asyncio.sleep(0)  # let new arrivals queue between steps
 

@@ -382,3 +382,26 @@ def test_engine_reports_each_step_to_its_observer(tiny):
     assert any(running == {"2": 2, "4": 1} for _, running, _ in busy)
     waiting, running, rows = steps[-1]
     assert rows == 0 and sum(running.values()) == 0 and sum(waiting.values()) == 0
+
+
+def test_engine_stats_account_for_the_engine_time(tiny):
+    """`engine_stats` (served in the replica's info, read by benchmarks/serve_load.py): the decode steps run, and
+    seconds per phase that are all spent and together no more than the wall time."""
+    model, processor = tiny
+    items = [request(processor, i, compression=c, max_tokens=3) for i, c in enumerate([2, 4, "auto"])]
+
+    async def main():
+        scheduler = Scheduler(BatchingConfig(batch_wait_timeout_s=0.0), lambda: (model, processor, "v1"))
+        assert scheduler.engine_stats()["steps"] == 0
+        out = await asyncio.gather(*(collect(scheduler, it) for it in items))
+        await asyncio.sleep(0.05)  # idle once every request finished
+        return out, scheduler.engine_stats()
+
+    results, stats = asyncio.run(main())
+    assert all(isinstance(events[-1], FinalEvent) for events in results)
+    # three tokens each: the first from the prefill, two decode steps at least (more if the rows joined apart)
+    assert 2 <= stats["steps"] <= 6, stats
+    seconds = stats["seconds"]
+    for phase in ("prefill", "decode", "merge", "build", "idle", "loop_wait"):
+        assert seconds.get(phase, 0.0) > 0.0, (phase, stats)
+    assert sum(seconds.values()) <= stats["wall"] + 1e-3, stats
