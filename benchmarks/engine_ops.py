@@ -14,7 +14,11 @@ of `--repeats`:
 - one leaving and one joining in the same step, as the engine merges them (one `absorb` does both).
 
 Then a decode step of `--rows` rows prefilled one by one and merged, all at rate 1, at the serving mix (2/3 auto,
-then 1, 2, 4 in turn) and all at 4x, with the per-segment KV-cache widths they decode against.
+then 1, 2, 4 in turn) and all at 4x, with the per-segment KV-cache widths they decode against and the share of
+those positions that are real tokens (the rest is padding every row's attention still runs over).
+
+Last, what padding alone costs a decode step: the dense batch again, with the leading share of every segment after
+the first pooling layer masked out as padding (same tensor shapes, only the mask differs).
 
 The replica runs with one CPU, hence one thread by default. Compare with the prefill ms per request of
 benchmarks/serve_load.py.
@@ -121,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         for leaves, joins in ((False, True), (True, False), (True, True))
     ]
     print("| " + " | ".join(f"{ms:.1f}" for ms in cells) + " |")
-    print("\n| rows' rates | decode step (ms) | KV-cache width per segment |")
-    print("|---|---:|---|")
+    print("\n| rows' rates | decode step (ms) | KV-cache width per segment | real tokens per segment |")
+    print("|---|---:|---|---|")
     mix = ["auto" if i % 3 else rates[(i // 3) % 3] for i in range(args.rows)]
+    dense = None
     for name, row_rates in (("all 1", [1] * args.rows), ("serving mix", mix), ("all 4", [4] * args.rows)):
         merged = [
             BatchRun(model, processor, [_request(processor, i, r)], r, "row") for i, r in enumerate(row_rates)
@@ -134,8 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             merged[0].step()
         run = merged[0]
+        dense = dense or run
         widths = [mask.shape[1] for mask in run._cache.segment_masks]
-        print(f"| {name} | {_median_ms(step, args.repeats):.1f} | {widths} |")
+        real = [f"{float(mask.float().mean()):.0%}" for mask in run._cache.segment_masks]
+        print(f"| {name} | {_median_ms(step, args.repeats):.1f} | {widths} | {', '.join(real)} |")
+    print(
+        "\n| padding in the segments after the first pooling layer (all 1, same shapes) | decode step (ms) |"
+    )
+    print("|---|---:|")
+    run = dense
+    for share in (0.0, 0.3, 0.6, 0.9):  # rising: each share pads the leading positions of the current masks
+        for s, mask in enumerate(dense._cache.segment_masks[1:], start=1):
+            padded = mask.clone()
+            padded[:, : int(share * mask.shape[1])] = 0
+            dense._cache.segment_masks[s] = padded
+        print(f"| {share:.0%} | {_median_ms(step, args.repeats):.1f} |")
     return 0
 
 
