@@ -33,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from serve_cluster import free_port
 
 EPS = torch.finfo(torch.bfloat16).eps  # 2**-7
 LOGIT_TOL = 4 * EPS  # max |logit error| per position, relative to that position's largest |fp32 logit|
@@ -297,12 +297,6 @@ def test_serving_bf16_answers_as_fp32(fitted):
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
     """DeepSpeed 0.19's CPU accelerator runs bf16 with ZeRO-2 over gloo: two optimizer steps through the training
@@ -313,7 +307,7 @@ def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
     from jobs.train_loop import apply_freezing, deepspeed_config, load_model, setup_engine
     from jobs.trainer import DEEPSPEED_CONFIG_DIR
 
-    port = _free_port()
+    port = free_port()
     for key, value in {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),

@@ -6,22 +6,16 @@ Then a second run, which must reuse the trained and evaluated model instead of t
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from serve_cluster import free_port
 
 from dpn_cli import main as cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_quickstart_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, capsys):

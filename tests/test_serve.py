@@ -11,7 +11,6 @@ import argparse
 import base64
 import io
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from serve_cluster import free_port
 
 from serve_apps.api import Overloaded, Settings, create_api
 from serve_apps.events import DeltaEvent, ErrorEvent, FinalEvent, StartEvent
@@ -752,12 +752,6 @@ def test_one_schedule_one_queue_whatever_its_form(tiny):
 API_KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _app_args(model: str, version: str, **extra) -> dict[str, Any]:
     return {
         "model": model,
@@ -780,7 +774,7 @@ def served(checkpoints):
     from serve_apps.app import build_app
 
     os.environ["DPN_SERVE_TEST_KEY"] = API_KEY  # inherited by the local cluster's workers
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
