@@ -63,6 +63,8 @@ VARIANTS = {
 }
 WORKLOADS = {"short": (4, 16), "mixed": (4, 128)}
 RSS_AT = (100, 1000)  # answers after which the replica's RSS is read (and once more at the end)
+# the replica engine's phases (`Scheduler.engine_stats`, plus `other`), in the order printed
+ENGINE_PHASES = ("prefill", "decode", "merge", "build", "loop_wait", "idle", "other")
 
 
 def _image_url(seed: int) -> str:
@@ -298,9 +300,6 @@ def _engine_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     wall = after["wall"] - before["wall"]
     seconds["other"] = wall - sum(seconds.values())
     return {"wall": wall, "steps": after["steps"] - before["steps"], "seconds": seconds}
-
-
-ENGINE_PHASES = ("prefill", "decode", "merge", "build", "loop_wait", "idle", "other")
 
 
 def target_lines(by_variant: dict[str, dict[str, Any]], workload: str) -> list[str]:

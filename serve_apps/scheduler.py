@@ -179,7 +179,7 @@ class Scheduler:
         self._seconds: collections.Counter[str] = collections.Counter()
         self._steps = 0
         self._since = time.perf_counter()
-        self._idle_since: float | None = None  # set while the continuous engine waits for work
+        self._in_phase: tuple[str, float] | None = None  # the `_timed` phase under way and its start
 
     def queue_key(self, compression: Rate) -> str:
         return str(compression) if self.config.mode == "bucketed" else self.config.mode
@@ -238,17 +238,21 @@ class Scheduler:
         and `wall` in all; `steps` counts the decode steps."""
         now = time.perf_counter()
         totals = collections.Counter(self._seconds)
-        if self._idle_since is not None:  # idle now: the wait so far counts
-            totals["idle"] += now - self._idle_since
+        if self._in_phase is not None:  # e.g. idle now: the wait so far counts
+            phase, start = self._in_phase
+            totals[phase] += now - start
         seconds = {phase: round(value, 6) for phase, value in sorted(totals.items())}
         return {"steps": self._steps, "wall": round(now - self._since, 6), "seconds": seconds}
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
+        """Count the time in the block as `phase` (read while under way too, by `engine_stats`)."""
         start = time.perf_counter()
+        self._in_phase = (phase, start)
         try:
             yield
         finally:
+            self._in_phase = None
             self._seconds[phase] += time.perf_counter() - start
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -570,13 +574,8 @@ class Scheduler:
                 self._report_step(0)
                 self._wake.clear()
                 timeout = max(0.0, min(heads) + self.config.batch_wait_timeout_s - now) if heads else None
-                self._idle_since = time.perf_counter()
-                try:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
-                finally:
-                    self._seconds["idle"] += time.perf_counter() - self._idle_since
-                    self._idle_since = None
+                with self._timed("idle"), contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 return
         with self._timed("build"):
             for key, waiters in self._admit() if self._prefill_now() else []:
