@@ -287,12 +287,17 @@ class DPNProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     @classmethod
-    def from_args_and_dict(cls, args: Any, processor_dict: dict[str, Any], **kwargs: Any) -> Any:
+    def get_processor_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
         """Loading: a `processor_config.json` written before `router_placement` existed gets the one-router format
-        its checkpoint was trained with (`"last_user_turn"`); its saved chat template matches that too."""
+        its checkpoint was trained with (`"last_user_turn"`); its saved chat template matches that too.
+
+        `get_processor_dict` is the public step every `from_pretrained` of transformers 5.x goes through (5.24
+        then calls `from_args_and_dict`, 5.25 `from_dict`), so the rule holds whichever builds the processor.
+        """
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
         if "router_placement" not in processor_dict and "router_placement" not in kwargs:
             processor_dict = {**processor_dict, "router_placement": "last_user_turn"}
-        return super().from_args_and_dict(args, processor_dict, **kwargs)
+        return processor_dict, kwargs
 
     @staticmethod
     def _special_token_id(tokenizer: PreTrainedTokenizerBase, token: str, name: str) -> int:

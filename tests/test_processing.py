@@ -412,6 +412,10 @@ def test_processor_saved_before_router_placement_loads_the_old_format(processor,
     path.write_text(json.dumps(saved))
     old = AutoProcessor.from_pretrained(tmp_path / "old")
     assert old.router_placement == "last_user_turn"
+    # the class's own from_pretrained goes the same way, and an explicit choice wins over the legacy rule
+    assert DPNProcessor.from_pretrained(tmp_path / "old").router_placement == "last_user_turn"
+    chosen = AutoProcessor.from_pretrained(tmp_path / "old", router_placement="every_user_turn")
+    assert chosen.router_placement == "every_user_turn"
     messages = [{"role": "user", "content": "<image>\nColor?"}, {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "Where?"}]  # fmt: skip
     assert old.build_prompt(messages).count("<router>") == 1
