@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlavaConfig, LlavaForConditionalGeneration
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llava.modeling_llava import (
@@ -37,7 +38,7 @@ from dpn_model.configuration import (
     parse_compression,
 )
 from dpn_model.encoder_cache import EncoderCache
-from dpn_model.pooling import DynamicPoolingExperts, RouterCritic, pooled_grid, router_input
+from dpn_model.pooling import DynamicPoolingExperts, PoolingConv, RouterCritic, pooled_grid, router_input
 
 
 @dataclass
@@ -390,13 +391,15 @@ class DPNPreTrainedModel(LlavaPreTrainedModel):
     _supports_flex_attn = False
 
     def _init_weights(self, module):
+        """The library's init, then ours for DPN's own modules. Each branch dispatches on a *leaf* module (one that
+        holds the parameters): transformers does not call this for a custom module without direct parameters.
+        `transformers.initialization` leaves weights loaded from a checkpoint alone."""
         super()._init_weights(module)
-        if isinstance(module, DynamicPoolingExperts) and module.pooling_type == "conv":
-            for conv, (sh, sw) in zip(module.convs, module.strides):
-                nn.init.constant_(conv.weight, 1.0 / (sh * sw))  # start as average pooling
+        if isinstance(module, PoolingConv):
+            init.constant_(module.weight, module.averaging_value)  # start as average pooling
         if isinstance(module, RouterCritic):
-            nn.init.zeros_(module.weight)  # start as the batch baseline
-            nn.init.zeros_(module.bias)
+            init.zeros_(module.weight)  # start as the batch baseline
+            init.zeros_(module.bias)
 
 
 class DPNModel(LlavaModel, DPNPreTrainedModel):
@@ -612,6 +615,17 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             if all_hidden is not None:
                 all_hidden += (hidden,)
         return hidden, all_hidden
+
+    def _prefill_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The attention mask of a prefill over `mask` `(B, L)`: causal + key padding, `(B, 1, L, L)`.
+
+        `None` only for an unpadded group under SDPA, whose attention then runs causal by itself
+        (`is_causal` when given no mask) and may take its fused kernels; every other implementation (eager
+        adds no mask at all when given None) gets the explicit causal mask.
+        """
+        if self.config.text_config._attn_implementation == "sdpa" and bool(mask.all()):
+            return None
+        return _additive_mask(mask, mask.shape[1], dtype)
 
     def _decode(self, input_ids, attention_mask, position_ids, cache: DPNCache, output_hidden_states: bool):
         """Run new tokens `(B, q)` against the cache: each segment attends to its own cached length, and the
@@ -877,11 +891,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             seg_runs, next_groups, seg_stage = [], [], []
             for rows, g_state, g_cache in groups:
                 mask = g_state.mask
-                mask4d = (
-                    _additive_mask(mask, mask.shape[1], g_state.hidden.dtype)
-                    if not bool(mask.all())
-                    else None
-                )
+                mask4d = self._prefill_mask(mask, g_state.hidden.dtype)
                 layer_hidden = () if output_hidden_states else None
                 hidden, layer_hidden = self._run_layers(
                     segment, g_state.hidden, mask4d, g_state.positions, g_cache, use_cache, layer_hidden

@@ -61,6 +61,25 @@ class RouterCritic(nn.Linear):
     """The REINFORCE critic of one router (`router_baseline="critic"`): `Linear(hidden, 1)`, initialised to 0."""
 
 
+class PoolingConv(nn.Conv2d):
+    """The depthwise conv of one `pooling_type="conv"` expert: kernel = stride, no bias, initialised to averaging.
+
+    Its own class (a leaf module holding the weight) so that `DPNPreTrainedModel._init_weights` can find it:
+    transformers skips a custom-code module without direct parameters (such as `DynamicPoolingExperts`) when it
+    initialises the missing weights, so an init keyed on the parent never runs. The parameter keeps the name
+    `weight`: checkpoints saved with a plain `nn.Conv2d` load unchanged.
+    """
+
+    def __init__(self, channels: int, stride: tuple[int, int]):
+        super().__init__(channels, channels, kernel_size=stride, stride=stride, groups=channels, bias=False)
+
+    @property
+    def averaging_value(self) -> float:
+        """The weight that makes this conv average pooling over its `kh x kw` window: `1 / (kh * kw)`."""
+        kh, kw = self.kernel_size
+        return 1.0 / (kh * kw)
+
+
 class DPNRouter(nn.Module):
     """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts, bias optional); logits / temperature."""
 
@@ -114,10 +133,7 @@ class DynamicPoolingExperts(nn.Module):
         )
         if self.pooling_type == "conv":
             # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.
-            self.convs = nn.ModuleList(
-                nn.Conv2d(hidden, hidden, kernel_size=s, stride=s, groups=hidden, bias=False)
-                for s in self.strides
-            )
+            self.convs = nn.ModuleList(PoolingConv(hidden, s) for s in self.strides)
 
     def tokens_after(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Visual tokens each expert would leave, `(batch, num_experts)`, for grids `(batch,)` rows x cols."""

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForCondi
 
 from dpn_model import DPNConfig, DPNForConditionalGeneration, routing_loss
 from dpn_model import flops as flops_lib
-from dpn_model.pooling import DynamicPoolingExperts
+from dpn_model.loading import load_config
 
 
 def llava_twin(model: DPNForConditionalGeneration) -> LlavaForConditionalGeneration:
@@ -91,16 +91,55 @@ def test_config_round_trip(tmp_path):
     assert loaded.image_seq_length == 64
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(router_estimator="reinforc"), "router_estimator"),
+        (dict(pooling_layers=[3, 1]), "strictly increasing"),
+        (dict(router_token_id="x"), "router_token_id"),
+        (dict(text_config={"num_hidden_layers": 3}), "valid: 1..2"),  # pooling after layer 3 of 3
+    ],
+)
+def test_from_pretrained_overrides_are_validated(tmp_path, overrides, message):
+    """Overrides given to `from_pretrained` are checked as constructor arguments are (the library would set them
+    on the finished config, past every check), for the config and for the model alike."""
+    make_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DPNConfig.from_pretrained(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message):
+        DPNForConditionalGeneration.from_pretrained(tmp_path, **overrides)
+
+
+def test_from_pretrained_overrides_are_normalised_and_merged(tmp_path):
+    make_config().save_pretrained(tmp_path)
+    cfg = DPNConfig.from_pretrained(tmp_path, pooling_layers=(1, 2), expert_strides=((1, 1), (2, 2)),
+                                    routing_loss_scales=(0, 2), text_config={"num_hidden_layers": 3})  # fmt: skip
+    assert cfg.pooling_layers == [1, 2] and cfg.expert_strides == [[1, 1], [2, 2]]
+    assert cfg.routing_loss_scales == [0.0, 2.0]
+    # a sub-config dict updates the saved one (as transformers does), it does not replace it
+    assert cfg.text_config.num_hidden_layers == 3 and cfg.text_config.hidden_size == 64
+    assert DPNConfig.from_pretrained(tmp_path, image_token_id=97).image_token_id == 97  # an alias of a field
+    # a field of PreTrainedConfig itself is left to the library, as before
+    assert DPNConfig.from_pretrained(tmp_path, dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_load_config_applies_overrides_and_names_unknown_keys(tmp_path):
+    make_config().save_pretrained(tmp_path)
+    assert load_config(tmp_path, {"pooling_type": "avg", "routing_loss_weight": 0.1}).pooling_type == "avg"
+    assert load_config(tmp_path).pooling_type == "max"
+    with pytest.raises(ValueError, match=r"'routing_los_weight' \(did you mean routing_loss_weight"):
+        load_config(tmp_path, {"routing_los_weight": 1})
+    with pytest.raises(ValueError, match="router_estimator"):
+        load_config(tmp_path, {"router_estimator": "bogus"})
+
+
 # ---- pooling experts ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pooling_type", ["max", "avg", "conv"])
 def test_pooling_odd_grid_keeps_partial_windows(pooling_type):
-    cfg = make_config(pooling_type=pooling_type)
-    stage = DynamicPoolingExperts(cfg)
-    if pooling_type == "conv":
-        for conv, (sh, sw) in zip(stage.convs, stage.strides):
-            torch.nn.init.constant_(conv.weight, 1.0 / (sh * sw))
+    # the stage of a built model: its conv experts are averaging as the model's init leaves them
+    stage = DPNForConditionalGeneration(make_config(pooling_type=pooling_type)).model.pyramid[0]
     grid = torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5).expand(1, 64, 5, 5).contiguous()
     assert stage.pool(grid, 0).shape == (1, 64, 5, 5)
     assert stage.pool(grid, 1).shape == (1, 64, 5, 3)
@@ -110,6 +149,55 @@ def test_pooling_odd_grid_keeps_partial_windows(pooling_type):
     assert quarter[0, 0, 2, 2].item() == pytest.approx(24.0, abs=1e-5)
     first = {"max": 6.0, "avg": 3.0, "conv": 3.0}[pooling_type]  # window {0, 1, 5, 6}
     assert quarter[0, 0, 0, 0].item() == pytest.approx(first, abs=1e-5)
+
+
+CONV_KEYS = [f"model.pyramid.{s}.convs.{e}.weight" for s in range(3) for e in range(3)]
+
+
+def conv_weights(model: DPNForConditionalGeneration) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".convs." in k}
+
+
+def assert_averaging(model: DPNForConditionalGeneration) -> None:
+    """Every conv expert is average pooling: weight 1 / (sh * sw) for its stride."""
+    for stage in model.model.pyramid:
+        for conv, (sh, sw) in zip(stage.convs, stage.strides):
+            assert conv.weight.shape == (64, 1, sh, sw)
+            assert torch.equal(conv.weight, torch.full_like(conv.weight, 1.0 / (sh * sw)))
+
+
+def test_conv_experts_start_as_average_pooling():
+    """transformers skips `_init_weights` for a custom module without direct parameters, so the init must be
+    keyed on the conv itself; the state-dict names stay those of a plain Conv2d (older checkpoints load)."""
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(make_config(pooling_type="conv"))
+    assert sorted(conv_weights(model)) == sorted(CONV_KEYS)
+    assert_averaging(model)
+
+
+def test_conv_experts_missing_from_a_checkpoint_start_as_average_pooling(model, tmp_path):
+    """A max-pooling checkpoint loaded as conv has no conv weights: they are initialised, as averaging."""
+    model.save_pretrained(tmp_path)
+    loaded, info = DPNForConditionalGeneration.from_pretrained(
+        tmp_path, pooling_type="conv", output_loading_info=True
+    )
+    assert loaded.config.pooling_type == "conv"
+    assert sorted(info["missing_keys"]) == sorted(CONV_KEYS)
+    assert_averaging(loaded)
+
+
+def test_conv_experts_saved_in_a_checkpoint_load_unchanged(tmp_path):
+    """The init leaves loaded conv weights alone (a trained conv expert is not reset to averaging)."""
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(make_config(pooling_type="conv"))
+    with torch.no_grad():
+        for conv in (c for stage in model.model.pyramid for c in stage.convs):
+            conv.weight.fill_(0.123)
+    model.save_pretrained(tmp_path)
+    loaded, info = DPNForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, weight in conv_weights(loaded).items():
+        assert torch.equal(weight, torch.full_like(weight, 0.123)), key
 
 
 def test_routing_loss_sampled_per_layer_option_on_hand_made_probabilities():
@@ -177,6 +265,44 @@ def test_dense_matches_hf_llava(model, images, attn):
         input_ids=ids, attention_mask=mask, pixel_values=images[:3], max_new_tokens=8, do_sample=False
     )
     assert torch.equal(gen_ours, gen_ref)
+
+
+def text_logits(out, row: int) -> torch.Tensor:
+    """Logits of one sample's text positions (pooled visual tokens and padding left out), in input order."""
+    return out.logits[row][out.token_positions[row] >= 0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["text", "image", "ragged"])
+def test_prefill_is_causal(model, images, attn, case):
+    """A prompt's logits at its first positions equal those of those positions alone, so no token sees a later
+    one, with every attention implementation: also where a group runs unpadded ("text", "image" at
+    compression 2, and "ragged", whose batch splits into one-sample groups after the first pooling layer)."""
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(attn)
+    full = {
+        "text": [prompt(0, 6, 5, router=False, image=False)],
+        "image": [prompt(64, 3, 6)],
+        "ragged": [prompt(64, 3, 6), prompt(0, 2, 4, router=False, image=False)],
+    }[case]
+    cut = 5  # the prefix drops the last 5 tokens of each prompt: the image stays whole
+    layers = []
+    hook = m.model.language_model.layers[-1].register_forward_hook(
+        lambda mod, a, o: layers.append(a[0].shape[0])
+    )
+    with torch.no_grad():
+        outs = []
+        for samples in (full, [s[:-cut] for s in full]):
+            ids, mask = pad_batch(samples)
+            pix = images[: sum(IMAGE in s for s in samples)] if any(IMAGE in s for s in samples) else None
+            outs.append(m(input_ids=ids, attention_mask=mask, pixel_values=pix, compression=2))
+    hook.remove()
+    if case == "ragged":  # the padded batch split, and each group ran the last layer alone (unpadded)
+        assert layers[:2] == [1, 1]
+    for row in range(len(full)):
+        whole, prefix = text_logits(outs[0], row), text_logits(outs[1], row)
+        assert prefix.shape[0] == whole.shape[0] - cut
+        torch.testing.assert_close(whole[: prefix.shape[0]], prefix, atol=1e-5, rtol=0)
 
 
 # ---- batching, padding and the cache -------------------------------------------------------------
