@@ -9,12 +9,13 @@ they did. Also here: [`parse_compression`], the one parser of a `compression` va
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, PreTrainedConfig
 
 POOLING_TYPES = ("max", "avg", "conv")
 ROUTING_LOSS_EXPERTS = ("argmax", "sampled")
@@ -164,11 +165,41 @@ class DPNConfig(LlavaConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> DPNConfig:
-        """[`PretrainedConfig.from_dict`]; a dict without `dpn_config_version` (a checkpoint saved before these
-        semantics) gets [`LEGACY_DEFAULTS`] for the keys it lacks, so it behaves as it was trained."""
+        """[`PreTrainedConfig.from_dict`], with two rules of ours.
+
+        - A dict without `dpn_config_version` (a checkpoint saved before these semantics) gets
+          [`LEGACY_DEFAULTS`] for the keys it lacks, so it behaves as it was trained.
+        - Keyword arguments that name fields of LLaVA or DPN (`from_pretrained(path, pooling_type="avg")`) are
+          built into the config, so they are checked as constructor arguments are. The library would set them
+          on the finished config instead, past every check in `__post_init__`. A sub-config given as a dict
+          (`text_config={...}`) updates the saved one, as the library does.
+
+        Other keyword arguments go to the library unchanged: it sets those that are attributes and drops (or,
+        with `return_unused_kwargs=True`, returns) the rest. [`dpn_model.loading.load_config`] raises on them.
+        """
         if "dpn_config_version" not in config_dict:
             config_dict = {**LEGACY_DEFAULTS, **config_dict, "dpn_config_version": 1}
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict(cls._with_field_overrides(config_dict, kwargs), **kwargs)
+
+    @classmethod
+    def override_fields(cls) -> list[str]:
+        """The fields LLaVA and DPN add to `PreTrainedConfig` (whose own, such as `dtype`, the library handles)."""
+        base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+        return [f.name for f in dataclasses.fields(cls) if f.name not in base]
+
+    @classmethod
+    def _with_field_overrides(cls, config_dict: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`config_dict` updated with the entries of `kwargs` that name one of [`override_fields`] (or an alias
+        of one, `image_token_id`); those leave `kwargs`."""
+        own = set(cls.override_fields())
+        merged = dict(config_dict)
+        for key in [k for k in kwargs if cls.attribute_map.get(k, k) in own]:
+            name, value = cls.attribute_map.get(key, key), kwargs.pop(key)
+            saved = merged.get(name)
+            if name in cls.sub_configs and isinstance(value, dict) and saved is not None:
+                value = {**(saved.to_dict() if isinstance(saved, PreTrainedConfig) else saved), **value}
+            merged[name] = value
+        return merged
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -251,6 +282,8 @@ class DPNConfig(LlavaConfig):
         vocab = self.text_config.vocab_size
         for name in ("image_token_id", "router_token_id"):
             token_id = getattr(self, name)
+            if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+                raise ValueError(f"{name} must be an integer token id, got {token_id!r}")
             if not 0 <= token_id < vocab:
                 raise ValueError(f"{name}={token_id} is outside the text vocabulary (size {vocab})")
         if self.image_token_id == self.router_token_id:

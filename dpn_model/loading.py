@@ -1,16 +1,20 @@
 """Loading a saved DPN checkpoint: `load_model_and_processor(path, device, dtype)`, the one local loader.
 
 Evaluation, serving and the MLflow pyfunc all load through it; references that are not local directories
-(`runs:/`, `models:/`) are resolved first by `tracking.models.load_model_and_processor`.
+(`runs:/`, `models:/`) are resolved first by `tracking.models.load_model_and_processor`. A checkpoint's config
+with fields overridden (training's `model.config_overrides`) comes from [`load_config`].
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from typing import Any
 
 import torch
+
+from dpn_model.configuration import DPNConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,32 @@ def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DPNConfig:
+    """The `DPNConfig` of a checkpoint directory with `overrides` (DPNConfig fields) applied and validated.
+
+    Each override is checked as a constructor argument is ([`DPNConfig.from_dict`]). A key that is no field or
+    attribute of the config raises: transformers would drop it silently, and a typo'd override (say
+    `routing_los_weight`) would train with the saved value while the run's config shows the intended one.
+
+    Raises:
+        `ValueError`: an invalid value, or a key the config does not have (named, with close field names).
+    """
+    config, unused = DPNConfig.from_pretrained(
+        os.fspath(path), return_unused_kwargs=True, **(overrides or {})
+    )
+    if unused:
+        fields = DPNConfig.override_fields()
+        hints = {key: difflib.get_close_matches(key, fields, n=2) for key in sorted(unused)}
+        named = ", ".join(
+            f"{key!r} (did you mean {' or '.join(h)}?)" if h else repr(key) for key, h in hints.items()
+        )
+        raise ValueError(
+            f"config override(s) {named} name no DPNConfig field; fix or remove them "
+            f"(LLaVA and DPN fields: {', '.join(fields)})"
+        )
+    return config
 
 
 def load_model_and_processor(
@@ -77,4 +107,4 @@ def load_model_and_processor(
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
-__all__ = ["load_model_and_processor", "pick_device", "pick_dtype"]
+__all__ = ["load_config", "load_model_and_processor", "pick_device", "pick_dtype"]

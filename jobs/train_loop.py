@@ -85,10 +85,12 @@ class TrainState:
 def load_model(
     model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None
 ):
-    """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden."""
-    from dpn_model import DPNConfig, DPNForConditionalGeneration
+    """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden (validated
+    like constructor arguments; an unknown key raises ValueError naming it)."""
+    from dpn_model import DPNForConditionalGeneration
+    from dpn_model.loading import load_config
 
-    config = DPNConfig.from_pretrained(model_dir, **(config_overrides or {}))
+    config = load_config(model_dir, config_overrides)
     return DPNForConditionalGeneration.from_pretrained(
         model_dir, config=config, dtype=torch_dtype or torch.float32
     )
@@ -268,7 +270,7 @@ def save_hf_model(engine, processor_dir: str, out_dir: str | Path) -> None:
     state = full_state_dict(engine)
     if state is None:
         return
-    engine.module.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    engine.module.save_pretrained(str(out_dir), state_dict=state)  # safetensors: the only format 5.x writes
     from pipelines.preprocess import load_processor
 
     load_processor(processor_dir).save_pretrained(str(out_dir))
@@ -544,7 +546,7 @@ class DPNTrainRecipe:
             freeze_language_model=freeze.language_model,
         )
         if spec.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.config.text_config.use_cache = False
         return model, counts

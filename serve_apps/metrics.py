@@ -1,8 +1,8 @@
 """Prometheus metrics of the endpoint, exported the Ray way (`ray.serve.metrics`), named in vLLM's style.
 
 Ray collects the metrics of every process of a node in its metrics agent, which serves them to Prometheus at
-`http://<node>:<metrics_export_port>/metrics` (`ray start --metrics-export-port=8080`, or
-`ray.init(_metrics_export_port=8080)`); Ray puts `ray_` before each name and Prometheus' `_total` after a counter's,
+`http://<node>:<metrics_export_port>/metrics` (`ray start --head --metrics-export-port=8080`, and
+`--metrics-export-port` on each worker's `ray start`: a node setting, `ray.init()` only connects); Ray puts `ray_` before each name and Prometheus' `_total` after a counter's,
 and adds the `deployment`, `replica` and `application` labels of the Serve replica that recorded it. So the counter
 `dpn_requests` below is scraped as `ray_dpn_requests_total{status="200", outcome="stop", deployment=..., ...}`.
 `RAY_metrics_report_interval_ms` (default 10 s) sets how often a process reports to the agent. Ray aggregates a
