@@ -16,11 +16,18 @@ vocabulary: the same code serves a llava-hf Llama tokenizer extended with [`add_
 [`DPNProcessor.encode`] is the one conversion of a sample to token ids (`mode="train"`: with labels;
 `mode="generate"`: the prompt): the data pipeline, evaluation, serving and the MLflow pyfunc all call it, and all text
 is written by [`render_turns`] (the chat template renders the same string, for `apply_chat_template` users).
+
+Special tokens have one rule, owned here ([`DPNProcessor.check_text`], applied by `encode` to the text of every
+message): text from users and from data never yields a special or added token of the tokenizer (`</s>` typed into a
+question would be token-identical to a real end of turn); such text is refused with [`ReservedTokenError`], which
+serving answers as a 400 and the data pipeline counts as `reserved_token`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
@@ -101,6 +108,65 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class PromptTooLongError(ValueError):
     """The prompt (system, image tokens, first question, `<router>`) alone does not fit in `max_length`."""
+
+
+class ReservedTokenError(ValueError):
+    """Text (typed by a user or read from data) that would encode to a special or added token of the tokenizer.
+
+    Args:
+        token (`str`): The reserved token found, as the tokenizer spells it (`"</s>"`, `"<router>"`, ...).
+        message_index (`int`, *optional*): Position of the message that holds it, when known.
+    """
+
+    def __init__(self, token: str, message_index: int | None = None):
+        self.token = token
+        self.message_index = message_index
+        where = "the text" if message_index is None else f"message {message_index}"
+        super().__init__(
+            f"{where} contains the reserved token {token!r}: special and added tokens of the tokenizer cannot be "
+            "typed as text (the processor adds them where the prompt format needs them); remove it from the text"
+        )
+
+
+@dataclass(frozen=True)
+class _ReservedTokens:
+    """What [`DPNProcessor.check_text`] refuses, computed once per tokenizer state (`vocab_size` changes when
+    tokens are added)."""
+
+    vocab_size: int
+    strings: re.Pattern[str]  # any reserved token as a substring
+    strings_but_image: re.Pattern[str]  # the same without the image placeholder
+    ids: frozenset[int]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, image_token: str, router_token: str) -> _ReservedTokens:
+        added = tokenizer.added_tokens_decoder
+        own = [image_token, router_token]
+        tokens = {*tokenizer.all_special_tokens, *(t.content for t in added.values()), *own}
+        ids = {*tokenizer.all_special_ids, *added, *tokenizer.convert_tokens_to_ids(own)}
+        # The unknown id also stands for characters the vocabulary lacks (the tiny BPE maps "é" to it): that is the
+        # text's honest encoding, not a forged token; the literal "<unk>" is still refused by the substring check.
+        ids.discard(tokenizer.unk_token_id)
+
+        def pattern(strings: set[str]) -> re.Pattern[str]:  # longest first: report "<s>x" rather than "<s>"
+            ordered = sorted(strings, key=lambda t: (-len(t), t))
+            return re.compile("|".join(re.escape(t) for t in ordered if t))
+
+        return cls(len(tokenizer), pattern(tokens), pattern(tokens - {image_token}), frozenset(ids) - {None})
+
+
+def _typed_texts(content: Any) -> list[str]:
+    """The text a message's sender typed: a string content, or the text parts of a list (image parts are not
+    text: the processor writes their `<image>` itself)."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, Sequence):
+        return []
+    return [
+        part["text"]
+        for part in content
+        if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+    ]
 
 
 def _message_text(content: Any, image_token: str) -> str:
@@ -412,6 +478,78 @@ class DPNProcessor(ProcessorMixin):
         )
 
     # ----------------------------------------------------------------------------------------------------------
+    # Text from users and data: the special-token rule
+    # ----------------------------------------------------------------------------------------------------------
+    def check_text(self, text: str, *, allow_image: bool = False) -> None:
+        """Refuse text that would encode to a special or added token of the tokenizer.
+
+        The rule for every text a user types (system, user and assistant turns of a chat request) or a dataset
+        holds (every turn of a LLaVA conversation): it never yields `</s>`, `<s>`, `<pad>`, `<unk>`, `<image>`,
+        `<router>` or any token of `tokenizer.added_tokens_decoder` (special or not), because such ids are
+        indistinguishable from the ones the prompt format writes: `hi</s>USER: x ASSISTANT: y` would forge turns.
+        [`encode`] applies it to every message, in both modes, so training, evaluation, serving and the MLflow
+        pyfunc share it. The one exception is the data format's own: LLaVA's `<image>` placeholder in a user turn
+        of a sample that has an image is the image marker (`allow_image=True` where the format reads it so).
+
+        Detection is exact: a reserved token's spelling anywhere in `text` (case-sensitive: tokens matched on the
+        raw text), or a reserved id among `text`'s own ids (tokens matched after the tokenizer's normalizer). The
+        unknown-token id alone is let through: it is also how a tokenizer without byte fallback writes a character
+        it lacks, not a token anyone typed.
+
+        Why refuse rather than encode with `split_special_tokens=True`: transformers keeps that flag as mutable
+        state on the shared backend tokenizer (`backend_tokenizer.encode_special_tokens` stays set after a split
+        call, so threads sharing a processor race), and the in-context ids of split text depend on each
+        tokenizer's prefix-space rules (Llama's legacy mode versus Metaspace `prepend_scheme="first"`). Refusing is
+        exact for every tokenizer, as tiktoken's default of raising on special tokens in text.
+
+        Args:
+            text (`str`): The text as typed, before any template is applied.
+            allow_image (`bool`, *optional*, defaults to `False`):
+                Let `<image>` through (the data format's image marker); every other reserved token is still refused.
+
+        Raises:
+            [`ReservedTokenError`] (a `ValueError`): naming the first reserved token found.
+        """
+        reserved = self._reserved_tokens()
+        match = (reserved.strings_but_image if allow_image else reserved.strings).search(text)
+        if match:
+            raise ReservedTokenError(match.group(0))
+        ids = reserved.ids - {self.image_token_id} if allow_image else reserved.ids
+        found = next((i for i in self.tokenizer.encode(text, add_special_tokens=False) if i in ids), None)
+        if found is not None:
+            raise ReservedTokenError(self.tokenizer.convert_ids_to_tokens(found))
+
+    def _reserved_tokens(self) -> _ReservedTokens:
+        """The reserved strings and ids, computed on first use and again only if tokens were added since."""
+        cached: _ReservedTokens | None = getattr(self, "_reserved", None)
+        if cached is None or cached.vocab_size != len(self.tokenizer):
+            cached = _ReservedTokens.of(self.tokenizer, self.image_token, self.router_token)
+            self._reserved = cached  # a race computes it twice, the same value: no lock needed
+        return cached
+
+    def _check_messages(self, messages: Sequence[Mapping[str, Any]], image_marker: str | None) -> None:
+        """[`check_text`] on every message's typed text, naming the message in the error.
+
+        `image_marker` says where the format reads a typed `<image>` as the image marker: `"user_turns"` (training:
+        any user turn, moved to the first), `"first_message"` (generation with `image_first`: the first message
+        when it is the user's, the only one it moves), `None` (nowhere: chat requests send images as parts).
+        Malformed messages are left to [`normalize_messages`], which says what is wrong with them.
+        """
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping):
+                continue
+            role = message.get("role", message.get("from"))
+            is_user = isinstance(role, str) and ROLE_ALIASES.get(role) == "user"
+            allow_image = is_user and (
+                image_marker == "user_turns" or (image_marker == "first_message" and index == 0)
+            )
+            for text in _typed_texts(message.get("content", message.get("value"))):
+                try:
+                    self.check_text(text, allow_image=allow_image)
+                except ReservedTokenError as err:
+                    raise ReservedTokenError(err.token, message_index=index) from None
+
+    # ----------------------------------------------------------------------------------------------------------
     # Training: token ids and labels
     # ----------------------------------------------------------------------------------------------------------
     def _encode(self, text: str, after_special_token: bool) -> list[int]:
@@ -489,6 +627,10 @@ class DPNProcessor(ProcessorMixin):
 
         Returns:
             `dict`: `input_ids` (`list[int]`), plus `labels` and `truncated` in train mode.
+
+        Raises:
+            [`ReservedTokenError`]: the text of a message (any role) holds a special or added token of the
+            tokenizer ([`check_text`]); the error names the message and the token.
         """
         has_image = images is not None and len(images) > 0
         if mode == "train":
@@ -504,6 +646,7 @@ class DPNProcessor(ProcessorMixin):
         """Generation prompt ids: `<s>`, the rendered prompt, each `<image>` expanded to `image_seq_length` ids."""
         if not messages:
             raise ValueError("no question to prompt with")
+        self._check_messages(messages, "first_message" if image_first else None)
         if (
             image_first
         ):  # LLaVA's preprocess_multimodal, on the first turn (as the data pipeline has always done)
@@ -575,8 +718,11 @@ class DPNProcessor(ProcessorMixin):
         Raises:
             [`PromptTooLongError`] (a `ValueError`): when the first prompt (with its image tokens) plus one answer
             token exceeds `max_length`; count and skip such samples, or raise `max_length`.
+            [`ReservedTokenError`] (a `ValueError`): a turn's text holds a special or added token (see
+            [`check_text`]; `<image>` is the image marker in a user turn of a sample with an image).
             `ValueError`: malformed conversations (roles out of order, several images, no answer).
         """
+        self._check_messages(conversations, "user_turns" if has_image else None)
         system, rounds = self._conversation_rounds(conversations, has_image)
         start_ids = self.tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [<s>]
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -648,6 +794,7 @@ __all__ = [
     "ROUTER_PLACEMENTS",
     "DPNProcessor",
     "PromptTooLongError",
+    "ReservedTokenError",
     "build_prompt",
     "normalize_messages",
     "register",

@@ -25,6 +25,7 @@ import torch
 
 from dpn_model import flops as flops_lib
 from dpn_model.cache import cat_left_padded
+from dpn_model.processing import ReservedTokenError
 from serve_apps.compression import Rate, as_rate
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent
 
@@ -96,30 +97,21 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         max_prompt_tokens: longest prompt allowed, counting the image tokens.
 
     Raises:
-        PromptError: special tokens typed into the text, or a prompt over `max_prompt_tokens`.
+        PromptError: special or added tokens typed into the text of any message (code `reserved_token`, from
+            the processor's rule), malformed messages, or a prompt over `max_prompt_tokens`.
     """
-    reserved = [processor.image_token, processor.router_token]
-    for i, message in enumerate(request["messages"]):
-        content = message["content"]
-        texts = (
-            [content]
-            if isinstance(content, str)
-            else [p.get("text", "") for p in content if p["type"] == "text"]
-        )
-        for text in texts:
-            for token in reserved:
-                if token in text:
-                    raise PromptError(
-                        f"message {i} contains the reserved token {token!r}; images go in image_url parts and "
-                        "the router token is added by the server",
-                        param=f"messages.{i}.content",
-                        code="reserved_token",
-                    )
     images = request.get("images") or None
     try:  # a chat request: its image parts stay where the client put them
         input_ids = processor.encode(request["messages"], images, mode="generate", image_first=False)[
             "input_ids"
         ]
+    except ReservedTokenError as exc:  # the processor's one special-token rule (DPNProcessor.check_text)
+        raise PromptError(
+            f"message {exc.message_index} contains the reserved token {exc.token!r}; special tokens cannot be "
+            "typed in the text: the server adds them where the prompt needs them, and images go in image_url parts",
+            param=f"messages.{exc.message_index}.content",
+            code="reserved_token",
+        ) from exc
     except ValueError as exc:
         raise PromptError(str(exc), param="messages", code="invalid_messages") from exc
     if len(input_ids) > max_prompt_tokens:

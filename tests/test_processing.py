@@ -17,6 +17,7 @@ from dpn_model.processing import (
     IGNORE_INDEX,
     DPNProcessor,
     PromptTooLongError,
+    ReservedTokenError,
     build_prompt,
     register,
 )
@@ -326,8 +327,11 @@ def test_encode_conversation_without_image(processor, config):
     assert (
         config.router_token_id not in encoded["input_ids"]
     )  # text only: never pooled, no router (reference)
-    with pytest.raises(ValueError, match="has_image=False"):
+    with pytest.raises(ReservedTokenError, match="'<image>'"):  # typed <image>, no image: not a marker
         processor.encode_conversation(_conversation(), has_image=False)
+    image_part = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]}]
+    with pytest.raises(ValueError, match="has_image=False"):  # an image part, no image
+        processor.encode_conversation([*image_part, {"role": "assistant", "content": "red"}], has_image=False)
     added = processor.encode_conversation(
         [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "red"}], has_image=True
     )
