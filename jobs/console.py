@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from dpn_base.redact import install_log_redaction
 from pipelines.cli_harness import LOG_FORMAT
 
 
@@ -51,6 +52,7 @@ def console_and_log(log_path: str | Path) -> Iterator[TextIO]:
     saved_handlers, saved_level = root.handlers[:], root.level
     handler = logging.StreamHandler(log)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    install_log_redaction([handler])  # the log file gets what every command's logging gets: no credentials
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log

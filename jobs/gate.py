@@ -2,6 +2,8 @@
 
 Pure functions (no Ray, no MLflow) so the rule is unit-tested on its own:
 
+* every number the rule reads must be there and finite: a missing, NaN or infinite accuracy or FLOPs count
+  rejects, with a reason naming it (NaN compares False with everything, so a plain ``<`` would let it pass);
 * the challenger's accuracy must reach the absolute floor ``min_accuracy``;
 * with a champion, the challenger's accuracy may be at most ``accuracy_tolerance`` (absolute)
   below the champion's, and its mean prefill FLOPs at most ``flops_tolerance`` (relative) above.
@@ -12,6 +14,7 @@ mode (``auto`` by default: each model's router picks its own pooling, so FLOPs c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +42,31 @@ class Decision:
         return asdict(self)
 
 
+def finite(row: Mapping[str, Any] | None, key: str) -> float | None:
+    """``row[key]`` as a finite float, or None (absent, None, not a number, NaN or infinite)."""
+    value = (row or {}).get(key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def unusable(label: str, row: Mapping[str, Any] | None, keys: tuple[str, ...]) -> str | None:
+    """Why ``row`` cannot be judged (a sentence naming each missing or non-finite metric), or None."""
+    problems = [
+        f"no {key}" if (row or {}).get(key) is None else f"{key} {row[key]!r}"
+        for key in keys
+        if finite(row, key) is None
+    ]
+    if not problems:
+        return None
+    return (
+        f"the {label}'s evaluation has {', '.join(problems)}: a finite number is needed for each; "
+        "check the evaluation (did it score any sample?) and run the job again"
+    )
+
+
 def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, gate: GateConfig) -> Decision:
     """Apply the gate to two evaluation rows (``accuracy`` in [0, 1], ``mean_prefill_flops``).
 
@@ -47,6 +75,11 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ga
         champion: the champion's row, or None when there is no champion yet.
         gate: tolerances and floor.
     """
+    needed = ("accuracy",) if champion is None else ("accuracy", "mean_prefill_flops")
+    for label, row in (("challenger", challenger), ("champion", champion)):
+        problem = unusable(label, row, needed) if row is not None else None
+        if problem:
+            return Decision(False, f"not comparable: {problem}")
     acc = float(challenger["accuracy"])
     if champion is None:
         if acc < gate.min_accuracy:
@@ -89,14 +122,19 @@ def comparison_table(rows: Mapping[str, Mapping[str, Any]], decision: Decision) 
         "| model | version | accuracy | mean prefill GFLOPs | FLOPs vs dense | samples |",
         "|---|---|---|---|---|---|",
     ]
+
+    def shown(row: Mapping[str, Any], key: str, scale: float, fmt: str, unit: str = "") -> str:
+        value = finite(row, key)  # a missing or NaN metric is shown as it is, not a crash of the report
+        return f"{scale * value:{fmt}}{unit}" if value is not None else str(row.get(key, "-"))
+
     for label, row in rows.items():
         lines.append(
-            f"| {label} | {row.get('model', '')} | {100 * float(row['accuracy']):.2f}% "
-            f"| {float(row['mean_prefill_flops']) / 1e9:.4f} | {float(row.get('flops_ratio') or 0):.3f} "
+            f"| {label} | {row.get('model', '')} | {shown(row, 'accuracy', 100, '.2f', '%')} "
+            f"| {shown(row, 'mean_prefill_flops', 1e-9, '.4f')} | {float(row.get('flops_ratio') or 0):.3f} "
             f"| {row.get('num_samples', '')} |"
         )
     verdict = "PROMOTE" if decision.promote else "REJECT"
     return "\n".join(lines) + f"\n\n**{verdict}**: {decision.reason}\n"
 
 
-__all__ = ["Decision", "comparison_table", "decide"]
+__all__ = ["Decision", "comparison_table", "decide", "finite", "unusable"]

@@ -36,8 +36,21 @@ oldest retrain run that is not done, from its recorded plan, before it looks for
   already is champion.
 
 To abandon a stuck retrain run, set its tag ``dpn.retrain.state`` to ``abandoned`` in MLflow.
-Only one retrain job may run at a time against one registry: the cron line uses ``flock`` and the
-Kubernetes CronJob ``concurrencyPolicy: Forbid`` (deploy/schedule, deploy/k8s).
+
+**No races.** One retrain job at a time per registered model, however it was started (cron, a CronJob,
+``kubectl create job --from=cronjob/...``, by hand): the job holds the registry's retrain lease (a tag on the
+registered model with owner, host, pid and expiry, :meth:`tracking.registry.Registry.retrain_lease`) for its
+whole run, renews it every ``lease.ttl_s / 3`` and releases it at the end. A second invocation finds the lease
+held, logs who holds it and until when, and exits 0 doing nothing (status ``lease_held``: what a schedule
+wants, the next tick tries again); a lease left by a job that died expires after ``lease.ttl_s`` and is taken
+over. ``flock`` in the cron line and ``concurrencyPolicy: Forbid`` (deploy/schedule, deploy/k8s) stay as a
+first guard. A decision is applied only against the champion it was made against: the champion is recorded
+with the decision and read again under the registry's alias lease when the decision is applied (promotion is
+a compare-and-set, :meth:`tracking.registry.Registry.promote`). If it moved in between (a person rolled back,
+another tool promoted), the decision is refused: the challenger is tagged ``dpn.retrain.refused`` with the
+reason, the retrain run stays ``decided``, the status is ``champion_moved``, and the next invocation evaluates
+the challenger again against the new champion (the path a recorded decision always took when the champion had
+moved). The gate rejects missing or non-finite (NaN) metrics with a reason (:mod:`jobs.gate`).
 
 **Step boundaries** (an observability hook): after each step the job raises the standard-library audit
 event ``dpn.retrain.step`` (:data:`STEP_EVENT`) with the step's name, one of :data:`STEPS`: ``plan``,
@@ -63,6 +76,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +91,10 @@ from jobs.retrain_config import RetrainConfig, load_retrain_config
 from jobs.train_config import TrainConfig
 from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
 from pipelines.config_models import merge_dicts
+from pipelines.storage import atomic_write_text
 from tracking import registry as reg_lib
-from tracking.registry import Registry
+from tracking.registry import ChampionMoved, Registry
+from tracking.runs import Lease, LeaseHeld
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +108,8 @@ CHALLENGER_TAG = "dpn.retrain.challenger"
 CHAMPION_AT_DECISION_TAG = "dpn.retrain.champion_at_decision"
 PLAN_ARTIFACT = "plan.json"
 NO_CHAMPION = "none"
+LEASE_HELD = "lease_held"  # status: another retrain holds the lease, nothing done
+CHAMPION_MOVED = "champion_moved"  # status: the decision was not applied, the champion moved since
 
 
 def step_done(step: str) -> None:
@@ -107,8 +125,10 @@ class RetrainResult:
     """What one invocation did.
 
     Attributes:
-        status: ``no_new_data``, ``promoted`` or ``rejected``.
-        reason: why (the gate's reason, or the data count).
+        status: ``no_new_data``, ``promoted``, ``rejected``, ``lease_held`` (another retrain holds the
+            lease: nothing done) or ``champion_moved`` (the decision was not applied; the next run evaluates
+            again).
+        reason: why (the gate's reason, the data count, the lease holder, the champion's move).
         key: the retrain key (hash of parent model and new shards); "" when nothing was planned.
         run_id: the retrain run in MLflow.
         challenger: the challenger's version.
@@ -185,7 +205,8 @@ def discover(cfg: RetrainConfig, registry: Registry, train_cfg: TrainConfig) -> 
     """Find new shards and decide what to train: returns the plan (``plan["new"]`` may be short of
     ``min_new_samples``; the caller checks)."""
     consumed, kept = registry.consumed_shards()
-    listed = shard_lib.list_shards(cfg.data.root, cfg.data.include, cfg.data.exclude, skip=list(consumed))
+    listed = shard_lib.list_shards(cfg.data.root, cfg.data.include, cfg.data.exclude, skip=list(consumed),
+                                   policy=cfg.data.read_policy())  # fmt: skip
     new = [s for s in listed if s.name not in consumed]
     earlier = [shard_lib.Shard(s.name, s.uri, kept[s.name], s.size_bytes) for s in listed if s.name in kept]
     missing = sorted(set(kept) - {s.name for s in listed})
@@ -269,12 +290,14 @@ def train_challenger(
             shard_lib.shards_from_json(plan["new"]),
             shard_lib.shards_from_json(plan["earlier"]),
             cfg.replay.fraction, cfg.replay.max_samples, cfg.replay.seed, cfg.data.image_folder,
+            policy=cfg.data.read_policy(),
         )  # fmt: skip
         step_done("mix")
         train_cfg = training_config(cfg, first=plan["parent"] == NO_CHAMPION, extra={
             "model": {"init": plan["init"]},
             "data": {"path": mix["path"], "split": None, "synthetic": None, "image_folder": None,
-                     "num_samples": mix["num_samples"]},  # the mix embeds the image bytes
+                     "num_samples": mix["num_samples"],  # the mix embeds the image bytes
+                     **cfg.data.read_policy().model_dump()},  # decoded under this job's data policy
             "run": {"name": train_name},
             "mlflow": {
                 "tracking_uri": uri, "experiment": cfg.mlflow.experiment, "registered_model": registry.name,
@@ -429,9 +452,15 @@ def _finish(
     decision: gate_lib.Decision,
     rows: dict[str, Any],
     uri: str,
+    against: str | None = reg_lib.UNCHECKED,
 ) -> tuple[str, str]:
     """Apply a recorded decision: move aliases or tag the rejection; close the retrain run.
-    Returns ``(champion after, previous moved or "")``."""
+    ``against``: the champion the decision was made against (None: none); it must still be the champion.
+    Returns ``(champion after, previous moved or "")``.
+
+    Raises:
+        ChampionMoved: the champion is not ``against`` any more; nothing was applied.
+    """
     client = registry.client
     eval_tags = {}
     if "challenger" in rows:
@@ -439,10 +468,14 @@ def _finish(
                      "dpn.eval.mean_prefill_flops": rows["challenger"].get("mean_prefill_flops")}  # fmt: skip
     previous = ""
     if decision.promote:
-        previous = registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: step_done("alias")) or ""
+        previous = registry.promote(challenger, cfg.mlflow.ready_timeout_s, lambda: step_done("alias"),
+                                    expected_champion=against) or ""  # fmt: skip
         registry.tag(challenger, {reg_lib.DECISION_TAG: reg_lib.PROMOTED, reg_lib.REASON_TAG: decision.reason,
                                   **eval_tags})  # fmt: skip
     else:
+        now = registry.champion_version()
+        if against != reg_lib.UNCHECKED and now not in (against, challenger):
+            raise ChampionMoved(registry.name, challenger, against, now)
         registry.tag(challenger, {reg_lib.DECISION_TAG: reg_lib.REJECTED, reg_lib.REASON_TAG: decision.reason,
                                   **eval_tags})  # fmt: skip
         logger.warning("rejected %s version %s: %s", registry.name, challenger, decision.reason)
@@ -451,16 +484,105 @@ def _finish(
     return registry.champion_version() or "", previous
 
 
-def retrain(cfg: RetrainConfig) -> RetrainResult:
-    """Run one retraining cycle (see the module docstring). Safe to call again after any failure."""
-    from jobs import trainer as builders
+@dataclass
+class GateOutcome:
+    """What the gate step did: ``status`` (``promoted``, ``rejected`` or ``champion_moved``) and why, the
+    decision and its evaluation rows, the champion after it and the replaced champion ("" when none moved)."""
 
+    status: str
+    reason: str
+    decision: gate_lib.Decision
+    rows: dict[str, Any]
+    champion: str
+    previous: str
+
+
+def decide_and_apply(
+    cfg: RetrainConfig,
+    registry: Registry,
+    run_id: str,
+    plan: dict[str, Any],
+    challenger: str,
+    uri: str,
+    *,
+    lease: Lease | None = None,
+    evaluate: Callable[[str | None], dict[str, dict[str, Any]]] | None = None,
+) -> GateOutcome:
+    """Steps 3-4: decide (or take the decision recorded on the run), then apply it as a compare-and-set.
+
+    The decision records the champion it was made against (read before the hours-long evaluation); applying
+    it checks that this is still the champion (:func:`_finish`, :meth:`Registry.promote`). If not, nothing is
+    applied: the challenger is tagged :data:`tracking.registry.REFUSED_TAG`, the run stays ``decided`` and the
+    next invocation evaluates again (refusing rather than evaluating again at once keeps one rule for a
+    champion moved while the job ran and one moved while it was down, and a job that ends).
+
+    Args:
+        lease: the job's retrain lease, checked before anything is applied (a job that lost it commits nothing).
+        evaluate: ``champion version (None: none) -> {"challenger": row, "champion": row}``; default
+            :func:`evaluate_pair` (the evaluation job on Ray).
+    """
+    client = registry.client
+    evaluate = evaluate or (lambda champion: evaluate_pair(cfg, registry, plan, challenger, champion, uri))
+    current = registry.champion_version()
+    recorded = _recorded_decision(client, run_id)
+    if recorded is not None and (current == challenger or recorded[1] == (current or NO_CHAMPION)):
+        decision, against, rows = recorded  # applied already (champion is the challenger), or still valid
+        against = None if against == NO_CHAMPION else against
+        if current != challenger:
+            logger.info("applying the recorded decision (%s)", decision.reason)
+    else:
+        if recorded is not None:
+            logger.info("the champion moved since the recorded decision: evaluating again")
+        rows, against = evaluate(current), current
+        decision = gate_lib.decide(rows["challenger"], rows.get("champion"), cfg.gate)
+        record_decision(client, run_id, rows, decision, challenger, current)
+    logger.info("gate: %s", gate_lib.comparison_table(rows, decision))
+    step_done("evaluate")
+    if lease is not None:
+        lease.check()
+    try:
+        champion, previous = _finish(cfg, registry, run_id, plan, challenger, decision, rows, uri, against)
+    except ChampionMoved as moved:
+        logger.warning("%s", moved)
+        registry.tag(challenger, {reg_lib.REFUSED_TAG: str(moved)})
+        return GateOutcome(CHAMPION_MOVED, str(moved), decision, rows, registry.champion_version() or "", "")
+    status = reg_lib.PROMOTED if decision.promote else reg_lib.REJECTED
+    return GateOutcome(status, decision.reason, decision, rows, champion, previous)
+
+
+def retrain(cfg: RetrainConfig) -> RetrainResult:
+    """Run one retraining cycle (see the module docstring). Safe to call again after any failure.
+
+    The cycle runs under the registry's retrain lease; when another live retrain holds it, nothing is done and
+    the result says who holds it (status ``lease_held``).
+    """
     uri = tracking.setup_tracking(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    registry = Registry(client, cfg.mlflow.model_name, cfg.mlflow.champion_alias, cfg.mlflow.previous_alias)
+    registry = Registry(client, cfg.mlflow.model_name, cfg.mlflow.champion_alias, cfg.mlflow.previous_alias,
+                        lease_settle_s=cfg.lease.settle_s)  # fmt: skip
+    lease = registry.retrain_lease(cfg.lease.ttl_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as held:
+        reason = (f"another retrain is running: {held}; this invocation does nothing (a lease its holder "
+                  "stopped renewing is taken over once it expires)")  # fmt: skip
+        logger.warning("%s", reason)
+        return RetrainResult(LEASE_HELD, reason, champion=registry.champion_version() or "")
+    lease.start_renewing()
+    try:
+        return _cycle(cfg, uri, registry, lease)
+    finally:
+        lease.release()
+
+
+def _cycle(cfg: RetrainConfig, uri: str, registry: Registry, lease: Lease) -> RetrainResult:
+    """One retraining cycle, under the retrain lease (see :func:`retrain`)."""
+    from jobs import trainer as builders
+
+    client = registry.client
     experiment_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
     train_cfg = training_config(cfg)
-    builders.ensure_synthetic_data(cfg.data.synthetic, cfg.data.root)
+    builders.ensure_synthetic_data(cfg.data.synthetic, cfg.data.root, replace=False)
     started_ray = builders.init_ray(train_cfg)
     try:
         pending = pending_runs(client, experiment_id)
@@ -490,34 +612,17 @@ def retrain(cfg: RetrainConfig) -> RetrainResult:
             client.set_tag(run_id, STATE_TAG, "trained")
         step_done("train")
 
-        current_version = registry.champion_version()
-        recorded = _recorded_decision(client, run_id)
-        if current_version == challenger and recorded is not None:
-            decision, rows = recorded[0], recorded[2]  # promoted already; finish the record
-        elif recorded is not None and recorded[1] == (current_version or NO_CHAMPION):
-            decision, rows = recorded[0], recorded[2]
-            logger.info("applying the recorded decision (%s)", decision.reason)
-        else:
-            if recorded is not None:
-                logger.info("the champion moved since the recorded decision: evaluating again")
-            rows = evaluate_pair(cfg, registry, plan, challenger, current_version, uri)
-            decision = gate_lib.decide(rows["challenger"], rows.get("champion"), cfg.gate)
-            record_decision(client, run_id, rows, decision, challenger, current_version)
-        logger.info("gate: %s", gate_lib.comparison_table(rows, decision))
-        step_done("evaluate")
-
-        champion, previous = _finish(cfg, registry, run_id, plan, challenger, decision, rows, uri)
-        if decision.promote:
+        outcome = decide_and_apply(cfg, registry, run_id, plan, challenger, uri, lease=lease)
+        if outcome.status == reg_lib.PROMOTED:
             logger.info(
                 "%s version %s is the new %s. Serving: set the DPNServer deployment's user_config "
                 "{model: models:/%s@%s, version: champion-%s} and `serve deploy` again (replicas reload in place)",
                 registry.name, challenger, registry.champion_alias, registry.name, registry.champion_alias, challenger,
             )  # fmt: skip
         return RetrainResult(
-            status=reg_lib.PROMOTED if decision.promote else reg_lib.REJECTED,
-            reason=decision.reason, key=plan["key"], run_id=run_id, challenger=challenger,
-            champion=champion, previous=previous, trained=trained, new_samples=plan["new_samples"],
-            comparison=rows,
+            status=outcome.status, reason=outcome.reason, key=plan["key"], run_id=run_id, challenger=challenger,
+            champion=outcome.champion, previous=outcome.previous, trained=trained, new_samples=plan["new_samples"],
+            comparison=outcome.rows,
         )  # fmt: skip
     finally:
         if started_ray:
@@ -542,12 +647,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``dpn retrain``: 0 when the cycle completed (promoted, rejected or nothing to do), 2 on a bad config."""
+    """``dpn retrain``: 0 when the cycle completed (promoted, rejected or nothing to do), 2 on a bad config.
+
+    Also 0, with ``status=lease_held`` in the summary and a warning naming the holder, when another retrain
+    holds the lease: overlapping schedules are expected, the next tick tries again, and a failed Job would only
+    be retried into the same lease; 0 with ``status=champion_moved`` when the decision was refused (the next
+    run evaluates again). A crash is a non-zero exit as before.
+    """
 
     def cycle(cfg: RetrainConfig) -> dict[str, Any]:
         result = retrain(cfg)
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps(result.__dict__, indent=1, default=str) + "\n")
+            atomic_write_text(args.json_path, json.dumps(result.__dict__, indent=1, default=str) + "\n")
         return {k: v for k, v in result.__dict__.items() if k != "comparison"}
 
     return run_config_job(args, load=_load_checked, dump=dump_config, job=cycle, invalid=ConfigError)

@@ -11,14 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs.config import ConfigModel, compression_choices, load_config
 from jobs.train_config import SyntheticConfig
+from pipelines.policy import ReadPolicy
 
 
-class RetrainDataConfig(ConfigModel):
-    """Where new data lands.
+class RetrainDataConfig(ReadPolicy):
+    """Where new data lands, and what of it may be read: the keys of :class:`pipelines.formats.ReadPolicy`
+    (``allowed_image_roots``, ``tar_compression``, byte and pixel caps, ``image_formats``, ...) apply to counting
+    the shards, building the mix, and training on it.
 
     Attributes:
         root: folder (local, NFS, ``s3://``, ``gs://``) whose top-level entries are shards.
@@ -26,7 +29,8 @@ class RetrainDataConfig(ConfigModel):
         exclude: glob patterns that exclude names (the held-out evaluation files).
         min_new_samples: fewer new samples than this: log it and exit 0 without training.
         image_folder: where relative image paths of LLaVA JSON shards resolve (default: next to
-            each JSON file).
+            each JSON file); a ref must stay inside it unless ``allowed_image_roots`` or
+            ``allowed_image_schemes`` name more.
         synthetic: if set and a local ``root`` does not exist yet, write the synthetic benchmark there
             first (the embedded default works on a fresh checkout); ``null``: a missing root is an error.
     """
@@ -122,6 +126,27 @@ class GateConfig(ConfigModel):
     min_accuracy: float = Field(0.0, ge=0, le=1)
 
 
+class LeaseConfig(ConfigModel):
+    """The retrain job's lease on the registered model: one retrain at a time per registry, whatever started it
+    (cron, a CronJob, ``kubectl create job --from=cronjob/...``, a person). See ``tracking.runs.Lease``.
+
+    Attributes:
+        ttl_s: how long the lease lasts unrenewed (the job renews it every ``ttl_s / 3``): how long a retrain
+            that died without releasing it keeps the next one out.
+        settle_s: the lease protocol's wait between writing the lease and reading it back (also for the
+            alias moves of a promotion): longer than any pause of a process between its read and its write.
+    """
+
+    ttl_s: float = Field(600.0, gt=0)
+    settle_s: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ttl_exceeds_settle(self) -> LeaseConfig:
+        if self.ttl_s <= 3 * self.settle_s:
+            raise ValueError(f"ttl_s ({self.ttl_s}) must exceed 3 x settle_s ({self.settle_s})")
+        return self
+
+
 class RegistryConfig(ConfigModel):
     """MLflow tracking and the model registry.
 
@@ -142,13 +167,14 @@ class RegistryConfig(ConfigModel):
 
 
 class RetrainConfig(ConfigModel):
-    """The whole retraining job. YAML sections: data, replay, training, eval, gate, mlflow."""
+    """The whole retraining job. YAML sections: data, replay, training, eval, gate, lease, mlflow."""
 
     data: RetrainDataConfig = Field(default_factory=RetrainDataConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: RetrainEvalConfig = Field(default_factory=RetrainEvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     mlflow: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
@@ -161,6 +187,7 @@ def load_retrain_config(
 
 __all__ = [
     "GateConfig",
+    "LeaseConfig",
     "RegistryConfig",
     "ReplayConfig",
     "RetrainConfig",

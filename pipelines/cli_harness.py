@@ -9,7 +9,7 @@ Jobs configured by one YAML file share their flags and their ``run`` too: :func:
 
 It lives here, in the lowest package whose import is free (``pipelines/__init__`` imports nothing), so
 that every package's commands can use it without importing the CLI and `dpn --help` stays instant.
-It imports no other module of the project.
+It imports no other module of the project but ``dpn_base`` (standard library only, below every layer).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
+
+from dpn_base.redact import install_log_redaction
 
 C = TypeVar("C")
 
@@ -41,8 +43,10 @@ def mount(parser: argparse.ArgumentParser, module: Any) -> None:
 
 
 def run_parsed(args: argparse.Namespace) -> int:
-    """Set up logging at ``args.log_level`` and run the mounted command; its exit status."""
+    """Set up logging at ``args.log_level`` (every handler redacts credentials: :mod:`dpn_base.redact`) and
+    run the mounted command; its exit status."""
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    install_log_redaction()
     return int(args._run(args) or 0)
 
 

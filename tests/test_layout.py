@@ -16,7 +16,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LAYERS = ("dpn_model", "pipelines", "tracking", "serve_apps", "jobs", "dpn_cli")
+LAYERS = ("dpn_base", "dpn_model", "pipelines", "tracking", "serve_apps", "jobs", "dpn_cli")
 SCRIPTS = ("benchmarks",)  # may import any package but the CLI
 FORBIDDEN_LIBRARIES = {"dpn_model": {"ray": "Ray", "mlflow": "MLflow"}}  # dpn_model runs anywhere
 
@@ -106,17 +106,17 @@ def test_imports_point_one_way(package):
             "serve_apps/loading.py",
             "def load(ref):\n    from jobs.tracking import resolve_model_dir\n",
             "serve_apps/loading.py:2: serve_apps imports jobs.tracking "
-            "(serve_apps may import only dpn_model, pipelines, tracking, serve_apps)",
+            "(serve_apps may import only dpn_base, dpn_model, pipelines, tracking, serve_apps)",
         ),
         ("dpn_model/modeling.py", "import torch\nimport ray.train\n",
          "dpn_model/modeling.py:2: dpn_model imports ray.train (dpn_model imports no Ray)"),
         ("dpn_model/x.py", "def f():\n    from mlflow import MlflowClient\n",
          "dpn_model/x.py:2: dpn_model imports mlflow (dpn_model imports no MLflow)"),
         ("pipelines/x.py", "import tracking\n",
-         "pipelines/x.py:1: pipelines imports tracking (pipelines may import only dpn_model, pipelines)"),
+         "pipelines/x.py:1: pipelines imports tracking (pipelines may import only dpn_base, dpn_model, pipelines)"),
         ("tracking/x.py", "from serve_apps.app import build_app\n",
          "tracking/x.py:1: tracking imports serve_apps.app "
-         "(tracking may import only dpn_model, pipelines, tracking)"),
+         "(tracking may import only dpn_base, dpn_model, pipelines, tracking)"),
         ("jobs/train.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import dpn_cli\n",
          "jobs/train.py:3: jobs imports dpn_cli (nothing imports dpn_cli, it sits on top)"),
         ("jobs/x.py", "import importlib\nimportlib.import_module('dpn_cli')\n",

@@ -6,6 +6,11 @@
 - :func:`start_or_resume_run`: one MLflow run per job, found again by its job name so that a
   resubmitted job continues the same run.
 - :class:`StepMetricLogger`: step metrics logged exactly once per step, also across restarts.
+- :class:`Lease`: a lease held in one MLflow tag (owner, host, pid, expiry), renewed while its holder runs;
+  :func:`run_lease` is a run's, which :func:`start_or_resume_run` takes so that two jobs never share one run.
+
+Params and tags are redacted (:func:`dpn_base.redact.redact`) before they reach the store: a tracking URI
+or any other config value with a password in it is logged as ``user:***@host``.
 
 Models (logging, resolving references) are in :mod:`tracking.models`, registry aliases in
 :mod:`tracking.registry`.
@@ -14,19 +19,30 @@ Models (logging, resolving references) are in :mod:`tracking.models`, registry a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
-from collections.abc import Mapping
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from dpn_base.redact import redact
+
 logger = logging.getLogger(__name__)
 
 JOB_TAG = "dpn.job_name"  # tag that finds a job's run again on resubmission
+RUN_LEASE_TAG = "dpn.lease"  # the run's lease: JSON of a LeaseHolder
+RUN_LEASE_TTL_S = 120.0  # a run whose driver died is resumable this long after its last heartbeat
+RUN_LEASE_SETTLE_S = 1.0  # Fischer's delay when taking a free or expired lease (see Lease)
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -105,16 +121,23 @@ def start_or_resume_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     uri: str | None = None,
+    lease_ttl_s: float = RUN_LEASE_TTL_S,
+    lease_settle_s: float = RUN_LEASE_SETTLE_S,
 ) -> tuple[str, bool]:
     """Create the job's MLflow run, or find the unfinished run of the same job name to continue.
 
-    Params are logged only for a new run (MLflow params are immutable); tags are (re)set either way.
+    Params are logged only for a new run (MLflow params are immutable); tags are (re)set either way; both are
+    redacted first. The run is leased to this process (:func:`run_lease`, renewed from a daemon thread until
+    :func:`end_run`), so two jobs never share a run: a run whose lease another process holds is refused even
+    while its status still says RUNNING or FAILED, and a run whose driver died (status left RUNNING) becomes
+    resumable ``lease_ttl_s`` after its last renewal: the crash-resume path.
 
     Returns:
         ``(run_id, resumed)``.
 
     Raises:
         ValueError: the job name's run already finished (choose a new ``run.name``).
+        LeaseHeld: another live process holds the run (the message names it and when its lease runs out).
     """
     uri = setup_tracking(uri, experiment)
     client = MlflowClient(uri)
@@ -126,32 +149,69 @@ def start_or_resume_run(
         )
     if existing is not None:
         run_id = existing.info.run_id
+        lease = _take_run(client, existing, job_name, lease_ttl_s, lease_settle_s)
         client.update_run(run_id, status="RUNNING")
         resumed = True
         logger.info("resuming MLflow run %s of job %s", run_id, job_name)
     else:
         exp = client.get_experiment_by_name(experiment)
-        run = client.create_run(exp.experiment_id, run_name=job_name, tags={JOB_TAG: job_name})
+        first = LeaseHolder.of(LeaseOwner.this_process(), lease_ttl_s)  # leased from its creation on
+        run = client.create_run(
+            exp.experiment_id, run_name=job_name, tags={JOB_TAG: job_name, RUN_LEASE_TAG: first.to_json()}
+        )
         run_id = run.info.run_id
+        lease = run_lease(client, run_id, ttl_s=lease_ttl_s, settle_s=lease_settle_s)
         resumed = False
         if params:
             items = [mlflow.entities.Param(k, _param_value(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 client.log_batch(run_id, params=items[i : i + 100])
         logger.info("started MLflow run %s for job %s", run_id, job_name)
+    _keep_renewing(run_id, lease)
     if tags:
-        client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+        client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, redact(str(v))) for k, v in tags.items()])
     return run_id, resumed
 
 
+def _take_run(client: MlflowClient, existing: Any, job_name: str, ttl_s: float, settle_s: float) -> Lease:
+    """The lease of an unfinished run this process is about to resume; :class:`LeaseHeld` if another has it."""
+    lease = run_lease(client, existing.info.run_id, ttl_s=ttl_s, settle_s=settle_s)
+    try:
+        lease.acquire()
+    except LeaseHeld as held:
+        raise LeaseHeld(
+            f"the MLflow run {existing.info.run_id} of job {job_name!r} ({existing.info.status}) is in use: "
+            f"{held}. Wait for that job to end; if its process died, resubmit after its lease runs out "
+            "(the run is then resumed)",
+            held.holder,
+        ) from None
+    return lease
+
+
+def _keep_renewing(run_id: str, lease: Lease) -> None:
+    with _RUN_LEASES_LOCK:
+        previous = _RUN_LEASES.pop(run_id, None)
+        _RUN_LEASES[run_id] = lease
+    if previous is not None:
+        previous.stop_renewing()
+    lease.start_renewing()
+
+
 def _param_value(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
-    """Mark the run FINISHED / FAILED / KILLED."""
-    MlflowClient(tracking_uri(uri)).set_terminated(run_id, status=status)
+    """Mark the run FINISHED / FAILED / KILLED and end its lease (a FAILED run can be resumed at once)."""
+    client = MlflowClient(tracking_uri(uri))
+    with _RUN_LEASES_LOCK:
+        lease = _RUN_LEASES.pop(run_id, None)
+    if lease is not None:
+        lease.stop_renewing()  # first, so that no renewal lands after the tag is gone
+    client.set_terminated(run_id, status=status)
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # no lease tag (a run of older code)
+        client.delete_tag(run_id, RUN_LEASE_TAG)
 
 
 class StepMetricLogger:
@@ -197,11 +257,273 @@ class StepMetricLogger:
         self._pending = []
 
 
+# ----------------------------------------------------------------------------------------------
+# Leases: mutual exclusion between processes through the tracking store
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseOwner:
+    """Who holds a lease: an id (what ownership is decided by) and, for the messages, its host and pid."""
+
+    id: str
+    host: str
+    pid: int
+
+    @classmethod
+    def new(cls) -> LeaseOwner:
+        """A fresh owner: exclusive even against other holders in this process."""
+        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid())
+
+    @classmethod
+    def this_process(cls) -> LeaseOwner:
+        """The owner that stands for this process (the same for every call in it; a forked child gets its own),
+        so a process may take again a lease it already holds."""
+        pid = os.getpid()
+        if _PROCESS_OWNER.get(pid) is None:
+            _PROCESS_OWNER.clear()
+            _PROCESS_OWNER[pid] = cls(uuid.uuid4().hex, socket.gethostname(), pid)
+        return _PROCESS_OWNER[pid]
+
+
+_PROCESS_OWNER: dict[int, LeaseOwner] = {}
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """A lease as stored in its tag (JSON): its owner and its expiry (epoch seconds, wall clock)."""
+
+    owner: str
+    host: str
+    pid: int
+    expires: float
+
+    @classmethod
+    def of(cls, owner: LeaseOwner, ttl_s: float) -> LeaseHolder:
+        """``owner``'s lease from now for ``ttl_s`` seconds."""
+        return cls(owner.id, owner.host, owner.pid, time.time() + ttl_s)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def live(self, now: float | None = None) -> bool:
+        return self.expires > (time.time() if now is None else now)
+
+    def describe(self) -> str:
+        """``host h pid p (owner 1a2b3c4d) until 2026-12-08T10:00:00Z (in 95 s)``: what a message names."""
+        left = self.expires - time.time()
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires))
+        state = f"in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago"
+        return f"host {self.host} pid {self.pid} (owner {self.owner[:8]}) until {when} ({state})"
+
+    @classmethod
+    def parse(cls, text: str | None) -> LeaseHolder | None:
+        """The holder in a tag value; None for no tag or one this code cannot read (treated as free)."""
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(str(data["owner"]), str(data["host"]), int(data["pid"]), float(data["expires"]))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring an unreadable lease tag: %r", text[:200])
+            return None
+
+
+class LeaseHeld(RuntimeError):
+    """Someone else holds the lease (``holder``; None when a concurrent taker won the race and left)."""
+
+    def __init__(self, message: str, holder: LeaseHolder | None):
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLost(RuntimeError):
+    """This holder's lease expired or was taken over: the work it guarded must not commit."""
+
+
+class Lease:
+    """A lease kept in one MLflow tag (a run's, a registered model's): who holds it and until when.
+
+    MLflow has no compare-and-set on tags, so taking a lease is Fischer's timed mutual exclusion: read the
+    tag; if a live lease of another owner is there, refuse; else write ours, wait ``settle_s``, read again
+    and hold the lease only if ours is still there. Two takers that both read "free" both write, and the
+    later write wins: the earlier one sees it after its wait and backs off. This is exclusive as long as no
+    taker takes longer than ``settle_s`` between its read and its write (milliseconds against a second);
+    a taker paused for longer than that in between (a stopped VM) is the residual window, accepted because
+    the alternative, a lock service beside MLflow, is a second thing to run. Re-taking a live lease of the
+    same owner renews it without the wait. Expiry is wall-clock time: hosts' clocks must agree to well within
+    ``ttl_s``.
+
+    Args:
+        name: what the lease guards, for messages (``retrain of dpn``, ``run 1a2b``).
+        read, write, clear: the tag's value (None when absent), set it, delete it.
+        ttl_s: how long a lease lasts without renewal: how long a crashed holder blocks others.
+        settle_s: Fischer's wait.
+        owner: who takes it (default: a new owner, exclusive also within this process).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        read: Callable[[], str | None],
+        write: Callable[[str], None],
+        clear: Callable[[], None],
+        *,
+        ttl_s: float,
+        settle_s: float,
+        owner: LeaseOwner | None = None,
+    ):
+        if ttl_s <= settle_s:
+            raise ValueError(f"a lease's ttl_s ({ttl_s}) must exceed its settle_s ({settle_s})")
+        self.name, self._read, self._write, self._clear = name, read, write, clear
+        self.ttl_s, self.settle_s = ttl_s, settle_s
+        self.owner = owner or LeaseOwner.new()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> LeaseHolder | None:
+        """The lease as stored now, live or expired (None: free)."""
+        return LeaseHolder.parse(self._read())
+
+    def held(self) -> bool:
+        """Whether this owner holds the lease now (stored, live, ours)."""
+        current = self.holder()
+        return current is not None and current.owner == self.owner.id and current.live()
+
+    def _put(self) -> None:
+        self._write(LeaseHolder.of(self.owner, self.ttl_s).to_json())
+
+    def acquire(self) -> None:
+        """Take the lease (see the class docstring).
+
+        Raises:
+            LeaseHeld: another owner holds a live lease, or took it concurrently.
+        """
+        current = self.holder()
+        if current is not None and current.owner != self.owner.id and current.live():
+            raise LeaseHeld(f"the {self.name} lease is held by {current.describe()}", current)
+        renewing = current is not None and current.owner == self.owner.id and current.live()
+        try:
+            self._put()
+        except mlflow.exceptions.MlflowException as err:
+            # a SQL store inserts a new tag key under a unique constraint: a concurrent taker's insert won
+            current = self.holder()
+            if current is None or current.owner == self.owner.id:
+                raise
+            raise LeaseHeld(
+                f"the {self.name} lease was taken concurrently by {current.describe()}", current
+            ) from err
+        if renewing:
+            return
+        time.sleep(self.settle_s)
+        current = self.holder()
+        if current is None or current.owner != self.owner.id:
+            who = current.describe() if current is not None else "a concurrent taker"
+            raise LeaseHeld(f"the {self.name} lease was taken concurrently by {who}", current)
+
+    def renew(self) -> None:
+        """Extend the lease by ``ttl_s`` from now.
+
+        Raises:
+            LeaseLost: the lease is no longer ours (expired, taken over or released).
+        """
+        current = self.holder()
+        if current is None or current.owner != self.owner.id or not current.live():
+            raise LeaseLost(self._lost_message(current))
+        self._put()
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` unless this owner holds the lease: call before committing what it guards."""
+        current = self.holder()
+        if current is None or current.owner != self.owner.id or not current.live():
+            raise LeaseLost(self._lost_message(current))
+
+    def _lost_message(self, current: LeaseHolder | None) -> str:
+        now = f"now {current.describe()}" if current is not None else "now free"
+        return (
+            f"lost the {self.name} lease (owner {self.owner.id[:8]}, {now}): it was not renewed within "
+            f"{self.ttl_s:.0f} s; the work it guarded is not committed, run the job again"
+        )
+
+    def release(self) -> None:
+        """Stop renewing and delete the tag if the lease is still ours (never someone else's)."""
+        self.stop_renewing()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            current = self.holder()
+            if current is not None and current.owner == self.owner.id:
+                self._clear()
+
+    def start_renewing(self) -> None:
+        """Renew every ``ttl_s / 3`` from a daemon thread until :meth:`release` (or the lease is lost)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.name}", daemon=True)
+        self._thread.start()
+
+    def stop_renewing(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.renew()
+            except LeaseLost as err:
+                logger.error("%s", err)
+                return
+            except Exception as err:  # the store is unreachable: try again; the lease runs out if it stays so
+                logger.warning("could not renew the %s lease (will retry): %s", self.name, redact(str(err)))
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Lease]:
+        """Acquire, renew in the background, release on exit (also on an exception)."""
+        self.acquire()
+        self.start_renewing()
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+def run_lease(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    ttl_s: float = RUN_LEASE_TTL_S,
+    settle_s: float = RUN_LEASE_SETTLE_S,
+    owner: LeaseOwner | None = None,
+) -> Lease:
+    """The lease of one run (tag :data:`RUN_LEASE_TAG`); owner default: this process (see :meth:`LeaseOwner.this_process`)."""
+    return Lease(
+        f"run {run_id}",
+        read=lambda: client.get_run(run_id).data.tags.get(RUN_LEASE_TAG),
+        write=lambda text: client.set_tag(run_id, RUN_LEASE_TAG, text),
+        clear=lambda: client.delete_tag(run_id, RUN_LEASE_TAG),
+        ttl_s=ttl_s,
+        settle_s=settle_s,
+        owner=owner or LeaseOwner.this_process(),
+    )
+
+
+_RUN_LEASES: dict[str, Lease] = {}  # runs this process holds (renewed until end_run)
+_RUN_LEASES_LOCK = threading.Lock()
+
 __all__ = [
     "JOB_TAG",
+    "RUN_LEASE_TAG",
+    "RUN_LEASE_TTL_S",
+    "Lease",
+    "LeaseHeld",
+    "LeaseHolder",
+    "LeaseLost",
+    "LeaseOwner",
     "StepMetricLogger",
     "end_run",
     "find_job_run",
+    "run_lease",
     "setup_tracking",
     "start_or_resume_run",
     "system_facts",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dpn_base.redact import redact_value
 from jobs.evaluation.config import EvalConfig
 
 
@@ -44,7 +45,7 @@ def log_run(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> s
             params["oracle"] = True
             for label, section in report["oracle"].items():
                 metrics.update(oracle.mlflow_metrics(label, section))
-        mlflow.log_params(params)
+        mlflow.log_params(redact_value(params))  # model refs and data URIs may carry credentials
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path))
