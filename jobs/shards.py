@@ -8,24 +8,27 @@ a name and rename it when complete (or write a folder and add it in one rename),
 reads a half-written shard. A shard is identified by its name; its size in bytes is recorded so a
 shard rewritten under the same name can be noticed (it is logged, not retrained).
 
-Counting reads metadata only: Parquet footers, the JSON list / JSON lines, and tar member names
-(one sample per ``.json`` member), so a large image shard costs no image decoding.
+Counting gives the rows the readers yield (:func:`pipelines.formats.count_file_rows`) from metadata where the
+format allows: Parquet footers, tar member headers (one sample per key, every payload skipped and never held in
+memory), the JSON list / JSON lines. A damaged file (a cut ``.json`` or ``.parquet``, invalid UTF-8, a truncated or
+compressed tar) counts as the readers count it - the rows before the damage plus one bad row for the rest - and is
+named in a warning and in the shard's ``damaged``; it never stops discovery, so one bad file cannot fail every
+scheduled run.
 
 The training mix is written once as Parquet (normalised rows of :mod:`pipelines.formats`) under
-the retrain work folder, with a ``mix.json`` marker written last: a re-run after a crash reuses a
-complete mix and rewrites an incomplete one, so the challenger always trains on exactly the
-recorded rows.
+the retrain work folder, with a ``mix.json`` marker written last, by temp-and-rename
+(:func:`pipelines.storage.atomic_write_text`): a re-run after a crash reuses a complete mix and rewrites an
+incomplete one, so the challenger always trains on exactly the recorded rows. A marker that does not parse
+(written by an older version in place and torn by a crash) is logged and the mix rebuilt.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import logging
 import posixpath
 import shutil
-import tarfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.formats import FORMAT_BY_EXTENSION
+from pipelines.formats import FORMAT_BY_EXTENSION, ReadPolicy, count_file_rows
+from pipelines.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from pipelines.accounting import BadSampleReport
@@ -53,12 +57,14 @@ class Shard:
         uri: full path or URI of the file or folder.
         num_samples: raw rows (bad samples included; they are dropped and counted in training).
         size_bytes: total size of its data files.
+        damaged: ``"FILE: what"`` for each damaged data file of the shard (counted as the readers count it).
     """
 
     name: str
     uri: str
     num_samples: int
     size_bytes: int
+    damaged: tuple[str, ...] = ()
 
 
 def _fs_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -75,25 +81,22 @@ def _is_data_file(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in FORMAT_BY_EXTENSION
 
 
-def _count_file(fs: pafs.FileSystem, path: str) -> int:
-    ext = posixpath.splitext(path)[1].lower()
-    if ext == ".parquet":
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    if ext == ".tar":
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-            keys = {
-                m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")
-            }
-        return len(keys)
-    with fs.open_input_stream(path) as f:
-        data = f.read()
-    text = data.decode("utf-8").strip()
-    if not text:
-        return 0
-    if ext == ".json" and text.startswith("["):
-        return len(json.loads(text))
-    return sum(1 for line in text.splitlines() if line.strip())
+def _count_files(
+    fs: pafs.FileSystem, name: str, files: Sequence[pafs.FileInfo], policy: ReadPolicy | None
+) -> tuple[int, tuple[str, ...]]:
+    """Rows of a shard's files as the readers yield them, and its damaged files (``"FILE: what"``), warned about."""
+    total, damaged = 0, []
+    for info in files:
+        count, damage = count_file_rows(fs, info.path, policy)
+        total += count
+        if damage:
+            logger.warning(
+                "shard %s: %s is damaged (%s); it counts as the readers read it: %d row(s), the last one the "
+                "unreadable rest. Replace or remove the file to train on all of it",
+                name, info.path, damage, count,
+            )  # fmt: skip
+            damaged.append(f"{info.path}: {damage}")
+    return total, tuple(damaged)
 
 
 def _shard_files(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> list[pafs.FileInfo]:
@@ -121,6 +124,7 @@ def list_shards(
     exclude: Sequence[str] = ("eval*",),
     count: bool = True,
     skip: Sequence[str] = (),
+    policy: ReadPolicy | None = None,
 ) -> list[Shard]:
     """The shards directly under ``root`` (local path or URI), sorted by name.
 
@@ -130,6 +134,10 @@ def list_shards(
         exclude: glob patterns that exclude a name (e.g. the held-out ``eval*`` files).
         count: count the samples of each shard (metadata reads); False leaves ``num_samples`` = -1.
         skip: names not to count (already known shards); they are listed with ``num_samples`` = -1.
+        policy: what the readers may read (tar compression, caps); counting follows it as they do.
+
+    A damaged file never raises: it is counted as the readers count it and named in the shard's ``damaged``
+    (and a warning). Only transient storage errors that Ray Data retries are raised.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -152,19 +160,22 @@ def list_shards(
         if not files:
             continue  # a folder without data files yet, or a side file (manifest)
         size = sum(max(f.size or 0, 0) for f in files)
-        n = -1
+        n, damaged = -1, ()
         if count and name not in skip_set:
-            n = sum(_count_file(fs, f.path) for f in files)
-        shards.append(Shard(name=name, uri=_join(root, name), num_samples=n, size_bytes=size))
+            n, damaged = _count_files(fs, name, files, policy)
+        shards.append(
+            Shard(name=name, uri=_join(root, name), num_samples=n, size_bytes=size, damaged=damaged)
+        )
     return shards
 
 
 def shards_to_json(shards: Sequence[Shard]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in shards]
+    return [{**asdict(s), "damaged": list(s.damaged)} for s in shards]
 
 
 def shards_from_json(items: Sequence[dict[str, Any]]) -> list[Shard]:
-    return [Shard(**item) for item in items]
+    """The shards of :func:`shards_to_json` (records written before ``damaged`` existed have none)."""
+    return [Shard(**{**item, "damaged": tuple(item.get("damaged", ()))}) for item in items]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,21 +183,36 @@ def shards_from_json(items: Sequence[dict[str, Any]]) -> list[Shard]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read(shards: Sequence[Shard], image_folder: str | None = None):
+def _read(shards: Sequence[Shard], image_folder: str | None = None, policy: ReadPolicy | None = None):
     """Union of the normalised rows of ``shards`` (each shard read in its own format)."""
     from pipelines.formats import read_rows
 
-    datasets = [read_rows(s.uri, None, image_folder=image_folder) for s in shards]
+    datasets = [read_rows(s.uri, None, image_folder=image_folder, policy=policy) for s in shards]
     ds = datasets[0]
     return ds.union(*datasets[1:]) if len(datasets) > 1 else ds
 
 
 def read_mix(out_dir: str | Path) -> dict[str, Any] | None:
-    """The marker of a complete mix in ``out_dir`` (None when absent or incomplete)."""
+    """The marker of a complete mix in ``out_dir`` (None when absent or incomplete).
+
+    A marker that does not parse, or lacks the mix's ``path`` and counts, is torn (a crash while an older
+    version wrote it in place): it is logged and treated as absent, so the mix is rebuilt instead of failing
+    every re-run.
+    """
     marker = Path(out_dir) / MIX_MARKER
     if not marker.is_file():
         return None
-    return json.loads(marker.read_text())
+    try:
+        done = json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        done, why = None, f"does not parse ({err})"
+    else:
+        why = "lacks path, num_samples or new_samples"
+    if isinstance(done, dict) and {"path", "num_samples", "new_samples"} <= done.keys():
+        return done
+    logger.warning("the training mix marker %s is torn: it %s; the mix in %s will be rebuilt", marker, why,
+                   out_dir)  # fmt: skip
+    return None
 
 
 def _count_bad(rows: Any) -> BadSampleReport:
@@ -212,6 +238,7 @@ def build_mix(
     replay_max_samples: int,
     seed: int,
     image_folder: str | None = None,
+    policy: ReadPolicy | None = None,
 ) -> dict[str, Any]:
     """Write new shards + a replay sample of earlier shards, shuffled, as Parquet under ``out_dir/data``.
 
@@ -227,6 +254,7 @@ def build_mix(
         replay_max_samples: cap on replayed rows (0 = no cap).
         seed: seed of the replay sample and of the shuffle.
         image_folder: where relative LLaVA image paths resolve (default: next to each JSON file).
+        policy: what the readers may open and hold (image roots, tar compression, caps).
 
     Returns:
         The marker: ``path`` (Parquet folder), ``num_samples``, ``new_samples``, ``replay_samples``,
@@ -251,11 +279,11 @@ def build_mix(
         table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
         return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
 
-    new_rows = _read(new, image_folder)
+    new_rows = _read(new, image_folder, policy)
     left_out = _count_bad(new_rows)
     mix = new_rows.map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
     if earlier and replay_fraction > 0:
-        replay = _read(earlier, image_folder).map_batches(
+        replay = _read(earlier, image_folder, policy).map_batches(
             good, batch_format="pyarrow", fn_kwargs={"source": "replay"}
         )
         replay = replay.random_sample(replay_fraction, seed=seed)
@@ -281,7 +309,7 @@ def build_mix(
         "replay_pool": [s.name for s in earlier],
         "bad_by_reason": left_out.bad_by_reason,
     }
-    (out / MIX_MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
+    atomic_write_text(out / MIX_MARKER, json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
     logger.info(
         "training mix: %d new + %d replayed samples (fraction %.3g of %d earlier shards) in %s",
         new_count, replay_count, replay_fraction, len(earlier), data_dir,

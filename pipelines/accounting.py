@@ -61,6 +61,18 @@ class BadReason:
     MISSING_IMAGE_TAG = "missing_image_tag"  # an image but no `<image>` in the first human turn
     BAD_CONVERSATION = "bad_conversation"  # empty or malformed conversation, no answer to learn
     TOO_LONG = "too_long"  # no answer token fits in max_length
+    RESERVED_TOKEN = (
+        "reserved_token"  # text that would encode to a special or added token (`</s>`, `<router>`, ...)
+    )
+    PATH_OUTSIDE_ROOT = (
+        "path_outside_root"  # an image ref that leaves its root (`..`, absolute, another scheme)
+    )
+    OVERSIZED_MEMBER = (
+        "oversized_member"  # a shard member or sample past its byte cap, or an image past the pixel cap
+    )
+    UNSUPPORTED_FORMAT = (
+        "unsupported_format"  # an image in a format the config does not accept, or a compressed tar
+    )
 
 
 BAD_REASONS: tuple[str, ...] = tuple(

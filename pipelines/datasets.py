@@ -40,8 +40,8 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipelines.accounting import BadReason, BadSampleAccountant, BadSampleReport, count_batch, drop_bad_rows
-from pipelines.formats import read_rows
-from pipelines.preprocess import Preprocessor, decode_image, load_processor, tokenize_batch
+from pipelines.formats import ReadPolicy, RefusedData, read_rows
+from pipelines.preprocess import Preprocessor, decode_data_image, load_processor, tokenize_batch
 
 if TYPE_CHECKING:
     import ray.data
@@ -81,6 +81,9 @@ class DatasetOptions:
         accountant: counts bad samples; keep it to call ``accountant.check()`` after each epoch
             (exact check). Without it, only the mid-stream check runs.
         image_folder: folder that relative LLaVA image paths resolve against (default: the JSON's).
+        policy: what the readers may open and decode (image roots, tar compression, byte and pixel caps, image
+            formats); ``None``: the defaults of :class:`pipelines.formats.ReadPolicy`. A job passes its data
+            section's ``read_policy()``.
         filesystem: pyarrow filesystem to read with instead of the one the URI names.
         batch_size: rows per preprocessing batch.
         concurrency: preprocessing actors (int, or ``(min, max)`` to autoscale).
@@ -91,6 +94,7 @@ class DatasetOptions:
     max_bad_fraction: float = 0.01
     accountant: BadSampleAccountant | None = None
     image_folder: str | None = None
+    policy: ReadPolicy | None = None
     filesystem: pafs.FileSystem | None = None
     batch_size: int = 64
     concurrency: int | tuple[int, int] = 1
@@ -110,10 +114,17 @@ def _build(
     if accountant is None:
         accountant = BadSampleAccountant(max_bad_fraction=opts.max_bad_fraction)
         logger.info("counting bad samples in actor %s", accountant.name)
-    ds = read_rows(path, split, filesystem=opts.filesystem, image_folder=opts.image_folder)
+    ds = read_rows(
+        path, split, filesystem=opts.filesystem, image_folder=opts.image_folder, policy=opts.policy
+    )
     ds = ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": opts.max_length, "mode": mode},
+        fn_constructor_kwargs={
+            "processor_dir": processor_dir,
+            "max_length": opts.max_length,
+            "mode": mode,
+            "policy": opts.policy,
+        },
         batch_format="numpy",
         batch_size=opts.batch_size,
         compute=_actor_pool(opts.concurrency),
@@ -160,9 +171,12 @@ class InspectStage:
     """``map_batches`` class: decode images (and tokenise when a processor is given), then reduce
     each batch to one row: its bad-sample report and its first good sample, both as JSON."""
 
-    def __init__(self, processor_dir: str | None = None, max_length: int = 2048):
+    def __init__(
+        self, processor_dir: str | None = None, max_length: int = 2048, policy: ReadPolicy | None = None
+    ):
         self.processor = load_processor(processor_dir) if processor_dir else None
         self.max_length = max_length
+        self.policy = policy
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
@@ -172,7 +186,9 @@ class InspectStage:
             if reasons[i] or data is None:
                 continue
             try:
-                sizes[i] = decode_image(bytes(data)).size
+                sizes[i] = decode_data_image(bytes(data), self.policy).size
+            except RefusedData as err:
+                reasons[i] = err.reason
             except Exception:  # noqa: BLE001 - any decoder failure means a bad file
                 reasons[i] = BadReason.CORRUPT_IMAGE
         conversations = batch["conversations"]
@@ -211,10 +227,13 @@ def inspect_dataset(
     max_length: int = 2048,
     image_folder: str | None = None,
     filesystem: pafs.FileSystem | None = None,
+    policy: ReadPolicy | None = None,
 ) -> dict[str, Any]:
     """Count samples and bad samples by reason in one streaming pass; return one decoded example.
 
-    Without ``processor_dir`` the text is not tokenised, so ``too_long`` is not checked.
+    Without ``processor_dir`` the text is not tokenised, so neither ``too_long`` nor ``reserved_token`` is
+    checked. ``policy``: as
+    :class:`DatasetOptions`.
 
     Returns:
         ``{"num_samples", "num_bad", "bad_by_reason", "bad_fraction", "examples", "example"}``;
@@ -222,10 +241,10 @@ def inspect_dataset(
         or ``None`` when no sample is good. Conversations are kept in the example (the question
         includes ``<image>``).
     """
-    ds = read_rows(path, split, filesystem=filesystem, image_folder=image_folder)
+    ds = read_rows(path, split, filesystem=filesystem, image_folder=image_folder, policy=policy)
     ds = ds.map_batches(
         InspectStage,
-        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length},
+        fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length, "policy": policy},
         batch_format="numpy",
         compute=_actor_pool(1),
     )

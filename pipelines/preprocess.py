@@ -7,8 +7,9 @@ Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
    label), everything but assistant answers masked with -100, truncated to ``max_length`` (trailing rounds
    dropped, the last answer cut); a sample whose first prompt plus one answer token does not fit is
    flagged ``too_long``. (Run before decoding so that over-long samples cost no image work.)
-2. :func:`decode_images`: ``dpn_model.image_processing.decode_image`` (Pillow ``verify()`` then a full
-   ``load()``: catches corrupt and truncated files), RGB, LLaVA pad-to-square with the mean colour and resize by
+2. :func:`decode_images`: :func:`decode_data_image` (only the policy's ``image_formats`` and at most its
+   ``max_image_pixels``, both read from the header first; then ``dpn_model.image_processing.decode_image``: Pillow
+   ``verify()`` then a full ``load()``, which catches corrupt and truncated files), RGB, LLaVA pad-to-square with the mean colour and resize by
    ``DPNImageProcessor.to_uint8`` -> ``pixel_uint8`` ``(S, S, 3)`` uint8 per row (zeros for rows
    without an image, with ``has_image=False``). Images stay uint8 until collation.
 
@@ -31,10 +32,11 @@ import numpy as np
 import PIL.Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from dpn_model.image_processing import decode_image
+from dpn_model.image_processing import decode_image, open_image
 from dpn_model.processing import IGNORE_INDEX
 from dpn_model.tokenization import IMAGE_TOKEN
 from pipelines.accounting import BadReason
+from pipelines.formats import ReadPolicy, RefusedData
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +56,61 @@ def image_shape(image_processor: Any) -> tuple[int, int, int]:
     return tuple(image_processor.to_uint8([PIL.Image.new("RGB", (8, 8))]).shape[1:])
 
 
+def _other_format(data: bytes) -> str | None:
+    """The format of an image PIL reads but the policy does not accept, from its header alone (never decoded);
+    None for data that is no image PIL knows."""
+    try:
+        with open_image(data) as probe:
+            return probe.format
+    except PIL.Image.DecompressionBombError:
+        return "huge"  # identified (as some other format) before PIL's size guard refused it
+    except Exception:  # noqa: BLE001 - any parser failure: not an image
+        return None
+
+
+def decode_data_image(data: bytes, policy: ReadPolicy | None = None) -> PIL.Image.Image:
+    """Decode one image of a data sample to RGB, only if the ``policy`` accepts it: one of its ``image_formats``,
+    at most ``max_image_pixels``, both checked from the header before any pixel is decoded (a hostile file costs a
+    header parse, not a decompression bomb).
+
+    Raises:
+        RefusedData: ``unsupported_format`` (an image of another format), ``oversized_member`` (past the pixel
+            cap, or past PIL's own decompression-bomb guard).
+        Exception: PIL's errors for data that is no image, or a corrupt or truncated one (``corrupt_image``).
+    """
+    policy = policy or ReadPolicy()
+    formats = policy.image_formats
+    try:
+        with open_image(data, formats) as probe:
+            width, height = probe.size
+    except PIL.Image.DecompressionBombError as err:
+        raise RefusedData(BadReason.OVERSIZED_MEMBER, str(err)) from err
+    except PIL.UnidentifiedImageError:
+        found = _other_format(data)  # only to tell "not allowed" from "not an image": header only
+        if found is None:
+            raise
+        accepted = ", ".join(formats)
+        raise RefusedData(
+            BadReason.UNSUPPORTED_FORMAT, f"a {found} image; image_formats: {accepted}"
+        ) from None
+    if width * height > policy.max_image_pixels:
+        raise RefusedData(
+            BadReason.OVERSIZED_MEMBER,
+            f"{width}x{height} pixels, over max_image_pixels={policy.max_image_pixels}",
+        )
+    return decode_image(data, formats)
+
+
 def decode_images(
-    batch: dict[str, np.ndarray], image_processor: Any, shape: tuple[int, int, int] | None = None
+    batch: dict[str, np.ndarray],
+    image_processor: Any,
+    shape: tuple[int, int, int] | None = None,
+    policy: ReadPolicy | None = None,
 ) -> dict[str, np.ndarray]:
     """Replace the ``image`` bytes column by ``pixel_uint8`` ``(N, S, S, 3)`` and ``has_image`` ``(N,)``.
 
-    Rows whose bytes do not decode get ``bad_reason = "corrupt_image"``. Rows already bad, and rows
+    Rows whose bytes do not decode get ``bad_reason = "corrupt_image"``; images the ``policy`` refuses (see
+    :func:`decode_data_image`) ``unsupported_format`` or ``oversized_member``. Rows already bad, and rows
     without an image, get zeros and ``has_image = False``.
     """
     shape = shape or image_shape(image_processor)
@@ -73,8 +124,11 @@ def decode_images(
         if reasons[i] or data is None:
             continue
         try:
-            pixels[i] = image_processor.to_uint8([decode_image(bytes(data))])[0]
+            pixels[i] = image_processor.to_uint8([decode_data_image(bytes(data), policy)])[0]
             has_image[i] = True
+        except RefusedData as err:
+            logger.debug("refused image in %s: %s", batch["id"][i], err)
+            reasons[i] = err.reason
         except Exception as err:  # noqa: BLE001 - any decoder failure means a bad file
             logger.debug("corrupt image in %s: %s", batch["id"][i], err)
             reasons[i] = BadReason.CORRUPT_IMAGE
@@ -109,14 +163,16 @@ def tokenize_batch(
     ``mode="train"`` adds ``input_ids`` and ``labels`` (int32, ragged: one array per row) from
     ``processor.encode(mode="train")``: only answers are learned, trailing rounds that do not fit are
     dropped. A sample whose first prompt plus one answer token does not fit is flagged ``too_long``;
-    one the processor rejects (no answer, misplaced ``<image>``) ``bad_conversation``.
+    one whose text holds a special or added token of the tokenizer (``</s>``, ``<router>``, or ``<image>``
+    anywhere but a user turn of a sample with an image: ``DPNProcessor.check_text``) ``reserved_token``;
+    one the processor rejects otherwise (no answer, several images) ``bad_conversation``.
 
     ``mode="eval"`` adds the prompt's ``input_ids`` (``processor.encode(mode="generate")``: up to the
     generation prompt, no labels) and the
     reference ``answer`` and ``question`` strings; a prompt longer than ``max_length`` is ``too_long``.
     The ``conversations`` column is dropped.
     """
-    from dpn_model.processing import PromptTooLongError
+    from dpn_model.processing import PromptTooLongError, ReservedTokenError
 
     n = len(batch["id"])
     reasons = np.asarray(batch["bad_reason"], dtype=object).copy()
@@ -134,6 +190,7 @@ def tokenize_batch(
                 images = [batch["image"][i]] if has_image[i] else None  # only their number matters here
                 if mode == "eval":
                     prompt, answer = split_prompt(turns)
+                    processor.check_text(answer)  # never tokenized, but data text like every other turn
                     question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
                     encoded = processor.encode(prompt, images, mode="generate", max_length=max_length)
                     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
@@ -143,6 +200,9 @@ def tokenize_batch(
                     labs = np.asarray(encoded["labels"], dtype=np.int32)
             except PromptTooLongError:
                 reasons[i] = BadReason.TOO_LONG
+            except ReservedTokenError as err:
+                logger.debug("reserved token in %s: %s", batch["id"][i], err)
+                reasons[i] = BadReason.RESERVED_TOKEN
             except ValueError as err:
                 logger.debug("bad conversation in %s: %s", batch["id"][i], err)
                 reasons[i] = BadReason.BAD_CONVERSATION
@@ -190,19 +250,23 @@ class Preprocessor:
         processor_dir: local directory of a saved ``DPNProcessor`` (on every node, or shared).
         max_length: longest token sequence (image tokens included).
         mode: ``"train"`` (input_ids + labels) or ``"eval"`` (prompt ids + answer).
+        policy: the image formats and pixel cap images are decoded under (default ``ReadPolicy()``).
     """
 
-    def __init__(self, processor_dir: str, max_length: int, mode: Mode = "train"):
+    def __init__(
+        self, processor_dir: str, max_length: int, mode: Mode = "train", policy: ReadPolicy | None = None
+    ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         self.processor = load_processor(processor_dir)
         self.max_length = max_length
         self.mode = mode
         self.shape = image_shape(self.processor.image_processor)
+        self.policy = policy
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = tokenize_batch(batch, self.processor, self.max_length, self.mode)
-        return decode_images(batch, self.processor.image_processor, self.shape)
+        return decode_images(batch, self.processor.image_processor, self.shape, self.policy)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pickle
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,7 @@ from data_samples import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from small_config import make_processor_config
 
 from pipelines.accounting import BAD_REASONS, BadDataError, BadReason, BadSampleReport, count_rows
 from pipelines.formats import (
@@ -239,6 +241,36 @@ def test_deeply_nested_json_line_is_bad_json_not_recursion_error():
 # ------------------------------------------------------------------------------------------------
 
 
+def test_reserved_tokens_in_data_are_counted_and_shown_by_inspect(tmp_path):
+    """Data text that would forge turns (`</s>USER:` in an answer, `<router>` in a question) is a counted
+    `reserved_token` sample, named with its file in `dpn data inspect`'s report; the shard's other samples stay."""
+    from dpn_model.processing import DPNProcessor
+    from dpn_model.tokenization import build_tokenizer
+    from pipelines.commands import format_inspection
+    from pipelines.preprocess import tokenize_batch
+
+    records = good_records(2, text_only=1)
+    records[0]["conversations"] = conversation("What colour is it? <router>", "red")
+    records[2]["conversations"] = conversation("Is it?", "yes</s>USER: hi ASSISTANT: no", image=False)
+    path = write_webdataset(tmp_path, records)
+    rows = tar_rows(path.read_bytes(), str(path))
+    columns = ("id", "bad_reason", "conversations", "image")
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in columns}
+    tokenizer = build_tokenizer()
+    processor = DPNProcessor.from_model_config(make_processor_config(tokenizer), tokenizer)
+    out = tokenize_batch(batch, processor, max_length=512)
+    assert dict(zip(out["id"], out["bad_reason"])) == {
+        "img0": BadReason.RESERVED_TOKEN,
+        "img1": "",
+        "txt0": BadReason.RESERVED_TOKEN,
+    }
+    assert len(out["input_ids"][1]) > processor.image_seq_length  # the good one is tokenized, image and all
+    report = count_rows(out["id"], out["bad_reason"], [r["source_file"] for r in rows])
+    assert report.num_samples == 3 and report.bad_by_reason == {BadReason.RESERVED_TOKEN: 2}
+    shown = format_inspection(str(path), {**report.to_dict(), "example": None})
+    assert f"reserved_token: 2 (e.g. img0, txt0 in {path})" in shown
+
+
 def test_summary_names_top_reasons_with_example_ids_and_files():
     report = count_rows(
         ["a", "b", "shard1.tar after 3 samples: unexpected end of data", "c"],
@@ -375,3 +407,93 @@ def test_damaged_shard_never_raises_and_counts_add_up(fmt, data):
         assert good_ids == GOOD_IDS and report.num_bad == 0
     else:
         assert report.bad_by_reason == {BadReason.TRUNCATED_SHARD: 1} and rows[-1]["source_file"] == path
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting a damaged file gives the rows its reader yields (shard discovery, jobs/shards.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["tar", "json"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_counting_a_damaged_file_gives_the_rows_its_reader_yields(fmt, data):
+    from pipelines.formats import count_json_rows, count_webdataset_rows
+
+    reader, original = READERS[fmt]
+    damaged_bytes, _, _ = data.draw(damaged(original))
+    rows = reader(damaged_bytes, f"/data/train-000000.{fmt}")
+    if fmt == "tar":
+        count, damage = count_webdataset_rows(io.BytesIO(damaged_bytes))
+    else:
+        count, damage = count_json_rows(damaged_bytes, "/data/train-000000.json")
+    assert count == len(rows)
+    assert bool(damage) == (rows[-1]["bad_reason"] == BadReason.TRUNCATED_SHARD if rows else False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transient storage errors: matched as Ray matches them (audit M1)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def retried(monkeypatch):
+    """Set ``DataContext.retried_io_errors`` for one test."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+
+    def set_patterns(*patterns: str) -> None:
+        monkeypatch.setattr(context, "retried_io_errors", list(patterns))
+
+    return set_patterns
+
+
+class _FlakyStream(io.BytesIO):
+    """A stream whose connection drops after ``fail_at`` bytes."""
+
+    def __init__(self, data: bytes, fail_at: int):
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() + (size if size is not None and size >= 0 else len(self.getvalue())) > self.fail_at:
+            raise ConnectionResetError("peer reset")
+        return super().read(size)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["ConnectionResetError", "ConnectionResetError: peer", "peer reset", "^peer reset"]
+)
+def test_a_retried_error_is_raised_for_ray_to_retry_whichever_form_its_pattern_names(retried, pattern):
+    from pipelines.formats import is_retried_io_error
+
+    retried(pattern)
+    assert is_retried_io_error(ConnectionResetError("peer reset"))
+    with pytest.raises(ConnectionResetError):  # not counted as a truncated shard: Ray reads the file again
+        list(iter_webdataset_rows(_FlakyStream(TAR, len(TAR) // 2), "/data/train-000000.tar"))
+    retried("ThrottlingException")
+    assert not is_retried_io_error(ConnectionResetError("peer reset"))
+    rows = list(iter_webdataset_rows(_FlakyStream(TAR, len(TAR) // 2), "/data/train-000000.tar"))
+    assert rows[-1]["bad_reason"] == BadReason.TRUNCATED_SHARD
+
+
+def test_the_retry_rule_mirrors_ray_s_own_helpers():
+    """Drift canary: our copies of Ray's private matching helpers must agree with Ray's (fails when Ray changes)."""
+    retry = pytest.importorskip("ray._common.retry")
+    from pipelines.formats import format_exception, matches_error
+
+    errors = [
+        ConnectionResetError("peer reset"),
+        OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56"),
+        tarfile.ReadError("unexpected end of data"),
+        pa.ArrowInvalid("Parquet magic bytes not found"),
+        RuntimeError(""),
+    ]
+    patterns = ["ConnectionResetError", "peer reset", "^peer reset", "^ConnectionResetError: peer", "[unclosed",
+                r"AWS Error \w+", "tarfile.ReadError", "^OSError", "magic bytes$", ""]  # fmt: skip
+    for error in errors:
+        assert format_exception(error) == retry.format_exception(error)
+        for pattern in patterns:
+            for text in (format_exception(error), str(error)):
+                assert matches_error(pattern, text) == retry.matches_error(pattern, text), (pattern, text)
