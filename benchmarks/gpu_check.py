@@ -249,6 +249,7 @@ def serve_one(args: argparse.Namespace) -> int:
         {
             "model": args.model,
             "version": "gpu-check",
+            "auth": "none",  # a loopback check endpoint
             "served_model_name": "dpn",
             "device": args.device,
             "dtype": args.dtype,

@@ -263,7 +263,7 @@ def run_variant(
         {
             "model": model,
             "device": "cpu",
-            "api_key_env": "",
+            "auth": "none",  # a local benchmark endpoint
             "batching": _batching(variant, args),
             "limits": {"max_tokens": max(WORKLOADS[args.workload][1], 64)},
             "model_options": {"ray_actor_options": {"num_cpus": 1}},

@@ -12,26 +12,34 @@ and the ingress answers an OpenAI-style 503 with `Retry-After`. When a model rep
 serving fail with Ray's actor errors: those become 503 + `Retry-After` too (Serve starts a replacement; a retry
 lands on a live replica).
 
+The ingress replica refuses to start without an API key (the environment variable named by `api_key_env`,
+`DPN_API_KEY` by default) unless the args say `auth: none` explicitly; `serve run` / `serve deploy` report its error.
+
+When a request ends early (its client went away, or one of its `n` choices failed), the ingress cancels its other
+streams, and `HandleBackend` cancels them on the model replica too (`DeploymentResponseGenerator.cancel()`), so the
+replica stops generating tokens nobody will read.
+
 The ingress records every chat request in Ray's metrics (serve_apps.metrics: `ray_dpn_*` on each node's metrics
 agent, `ray start --metrics-export-port=...`), the model replicas their engine steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from serve_apps.api import Overloaded, Settings, Unavailable, create_api
+from serve_apps.api import Overloaded, Settings, Unavailable, check_host_patterns, create_api
 from serve_apps.limits import Limits
 from serve_apps.metrics import serve_metrics
-from serve_apps.model import BatchingConfig, ModelDeployment
+from serve_apps.model import BatchingConfig, ModelDeployment, default_version
 from serve_apps.protocol import CompressionField
 
 logger = logging.getLogger(__name__)
@@ -43,13 +51,22 @@ class AppArgs(BaseModel):
     Attributes:
         model: Checkpoint directory or MLflow URI (`models:/dpn@champion`); becomes the model deployment's
             `user_config`, so changing it (with `version`) rolls the replicas to the new model without downtime.
+            Clients never see it (`/health` and `/v1/models` show `served_model_name` and `version`).
         version: Label of the model version (shown as `system_fingerprint`); change it to force a reload of the
-            same ref (e.g. after the `champion` alias moved).
+            same ref (e.g. after the `champion` alias moved). Default: `model-<hash of the ref>`, which names no
+            path.
         served_model_name: Model id clients use.
         device, dtype: Where and how the model runs (`auto`: GPU + bf16 when present, else CPU + fp32).
         batching: `BatchingConfig` fields (`max_batch_size`, `batch_wait_timeout_s`, `mode`, `history`).
-        limits: `Limits` fields (image bytes/pixels/count, prompt tokens, max_tokens, remote images).
-        api_key_env: Environment variable with the API key (unset or empty: no auth).
+        limits: `Limits` fields (image bytes/pixels/count, prompt bytes and tokens, the per-request token budget,
+            max_tokens, remote images).
+        api_key_env: Environment variable with the API key, in the ingress replicas' environment (the k8s
+            manifest reads it from the Secret `dpn-secrets`). Required unless `auth` is `none`: without it the
+            ingress refuses to start.
+        auth: `api_key` (default): every route but `/health` needs `Authorization: Bearer <key>`. `none`: no
+            authentication, for a trusted network only (logged as a warning at start; `/health` says so).
+        allowed_hosts: Host names the ingress answers to (`api.example.com`, `*.example.com`); other `Host`
+            headers get a 400 `invalid_host`. Empty (default): any host.
         retry_after_s: `Retry-After` on 503 (overloaded, or the model unavailable).
         default_compression: Compression of requests that do not set `compression`: `auto`, a factor, or a schedule
             (`[1, 2, 4]`, `"1,2,4"`); checked for form here, against each model the replicas load there.
@@ -71,11 +88,18 @@ class AppArgs(BaseModel):
     batching: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Any] = Field(default_factory=dict)
     api_key_env: str = "DPN_API_KEY"
+    auth: Literal["api_key", "none"] = "api_key"
+    allowed_hosts: list[str] = Field(default_factory=list)
     retry_after_s: int = 1
     default_compression: CompressionField = "auto"
     health_timeout_s: float = Field(default=2.0, gt=0)
     encoder_cache_bytes: int = Field(default=0, ge=0)
     model_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        return list(check_host_patterns(hosts))
 
 
 # a replica that died or cannot be reached; `RayActorError` covers ActorDiedError and ActorUnavailableError
@@ -92,7 +116,9 @@ class HandleBackend:
     """`serve_apps.api.Backend` over the model deployment's handle (streaming calls).
 
     Ray's errors become the API's: a full queue is `Overloaded`, a dead or unreachable replica `Unavailable`
-    (both 503 + Retry-After).
+    (both 503 + Retry-After). A stream its caller leaves early (the task cancelled, or the generator closed) is
+    cancelled on the replica: Ray does not do it when the awaiting task is cancelled, and the replica would go on
+    generating for nobody.
     """
 
     def __init__(self, handle: DeploymentHandle):
@@ -100,9 +126,13 @@ class HandleBackend:
         self._stream = handle.options(stream=True)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        response = self._stream.generate.remote(request)
         try:
-            async for event in self._stream.generate.remote(request):
+            async for event in response:
                 yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            response.cancel()  # the caller went away: stop the generation on the replica
+            raise
         except BackPressureError as exc:
             raise Overloaded(str(exc)) from exc
         except _REPLICA_GONE as exc:
@@ -128,21 +158,32 @@ class OpenAIIngress:
     Ray's metrics."""
 
     def __init__(self, model_handle: DeploymentHandle, settings: dict[str, Any]):
-        limits = Limits.from_dict(settings.get("limits"))
-        self.settings = Settings(
-            served_model_name=settings["served_model_name"],
-            limits=limits,
-            api_key_env=settings["api_key_env"],
-            retry_after_s=settings["retry_after_s"],
-            default_compression=settings["default_compression"],
-            health_timeout_s=settings["health_timeout_s"],
-        )
+        self.settings = ingress_settings(settings)
         self.backend = HandleBackend(model_handle)
 
     def __serve_build_asgi_app__(self):
         return create_api(
             self.backend, self.settings, serve_metrics()
         )  # built in the replica: Serve's labels
+
+
+def ingress_settings(settings: dict[str, Any]) -> Settings:
+    """The ingress's `Settings` from what `build_app` bound, checked where the replica starts: without an API key
+    in its environment (and without `auth: none`) this raises `serve_apps.api.AuthNotConfigured`, naming the
+    variable and the option, and the replica does not start."""
+    parsed = Settings(
+        served_model_name=settings["served_model_name"],
+        limits=Limits.from_dict(settings.get("limits")),
+        api_key_env=settings["api_key_env"],
+        auth=settings.get("auth", "api_key"),
+        allowed_hosts=tuple(settings.get("allowed_hosts", ())),
+        retry_after_s=settings["retry_after_s"],
+        default_compression=settings["default_compression"],
+        health_timeout_s=settings["health_timeout_s"],
+        send_request_id=False,  # Serve's proxy answers with the request's x-request-id
+    )
+    parsed.api_key()  # fail here, at start, rather than when the app is first built
+    return parsed
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -158,7 +199,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # room for a full engine (BatchingConfig.capacity) and as many again queued on the replica
         "max_ongoing_requests": max(64, 2 * batching.capacity),
         **parsed.model_options,
-        "user_config": {"model": parsed.model, "version": parsed.version or parsed.model},
+        "user_config": {"model": parsed.model, "version": parsed.version or default_version(parsed.model)},
     }
     model = ModelDeployment.options(**options).bind(
         batching=parsed.batching,
@@ -172,6 +213,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "served_model_name": parsed.served_model_name,
         "limits": limits.to_dict(),
         "api_key_env": parsed.api_key_env,
+        "auth": parsed.auth,
+        "allowed_hosts": parsed.allowed_hosts,
         "retry_after_s": parsed.retry_after_s,
         "default_compression": parsed.default_compression,
         "health_timeout_s": parsed.health_timeout_s,
@@ -179,4 +222,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return OpenAIIngress.bind(model, settings)
 
 
-__all__ = ["AppArgs", "HandleBackend", "OpenAIIngress", "build_app"]
+__all__ = ["AppArgs", "HandleBackend", "OpenAIIngress", "build_app", "ingress_settings"]

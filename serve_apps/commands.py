@@ -1,7 +1,12 @@
 """`dpn serve`: start the OpenAI-compatible endpoint on a local (or given) Ray cluster, for a quick start.
 
-    dpn serve --model /path/to/checkpoint --port 8000
+    DPN_API_KEY=$(python -c "import secrets; print(secrets.token_urlsafe(32))") \
+        dpn serve --model /path/to/checkpoint --port 8000
     dpn serve --model models:/dpn@champion --max-replicas 2 --compression-default auto
+
+The endpoint needs an API key (clients send `Authorization: Bearer <key>`) in the environment variable named by
+`--api-key-env` (`DPN_API_KEY`); without one it refuses to start, unless `--auth none` says to serve without
+authentication (a trusted network only).
 
 For a cluster, prefer `serve deploy configs/serve_llava7b.yaml`; this command builds the same app from flags.
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 logger = logging.getLogger(__name__)
@@ -69,7 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env",
         default="DPN_API_KEY",
-        help="environment variable holding the API key (unset: no auth)",
+        help="environment variable holding the API key (default DPN_API_KEY; required unless --auth none)",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("api_key", "none"),
+        default="api_key",
+        help="api_key: clients need the key (default); none: no authentication, for a trusted network only",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        dest="allowed_hosts",
+        help="a Host name the endpoint answers to (repeatable; default: any), e.g. api.example.com",
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
 
@@ -82,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
         raise SystemExit("--max-replicas must be >= max(1, --min-replicas)")
+    local = args.address is None and not os.environ.get("RAY_ADDRESS")
+    if local and args.auth == "api_key" and not os.environ.get(args.api_key_env, "").strip():
+        # the local Ray started here inherits this environment: say so now, not after the replicas failed
+        raise SystemExit(
+            f"no API key: set {args.api_key_env} to the key clients must send (e.g. "
+            f"{args.api_key_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')), "
+            "or pass --auth none to serve without authentication (a trusted network only)"
+        )
     app_args = {
         "model": args.model,
         "version": args.version,
@@ -96,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "limits": {"allow_remote_images": args.allow_remote_images},
         "api_key_env": args.api_key_env,
+        "auth": args.auth,
+        "allowed_hosts": args.allowed_hosts,
     }
     app_args["model_options"] = {
         "autoscaling_config": {

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serve_apps import compression, loading, metrics
 from serve_apps.events import ErrorEvent, Event, StartEvent
@@ -52,6 +54,12 @@ from serve_apps.limits import Limits
 from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
 
 logger = logging.getLogger(__name__)
+
+
+def default_version(ref: str) -> str:
+    """The version label of a model given without one: `model-` and a hash of its ref. Clients see the version
+    (`system_fingerprint`, `/health`), so it must not be the ref itself, a local path or an MLflow URI."""
+    return "model-" + hashlib.sha256(ref.encode()).hexdigest()[:12]
 
 
 class DPNServer:
@@ -95,7 +103,7 @@ class DPNServer:
         self._started = time.time()
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 - outside a Serve replica (tests, scripts)
+        except RayServeException:  # outside a Serve replica (tests, scripts); anything else is a real error
             self.replica_id = "local"
         # engine gauges go to Ray's metrics only inside a Serve replica (tests and scripts run without them)
         on_step = (
@@ -116,8 +124,9 @@ class DPNServer:
             raise ValueError(
                 f"model {ref}: default_compression {self.default_compression!r}: {exc}"
             ) from None
-        self._current = (model, processor, ref, version or ref)
-        logger.info("serving model %s (version %s)", ref, version or ref)
+        version = version or default_version(ref)
+        self._current = (model, processor, ref, version)
+        logger.info("serving model %s (version %s)", ref, version)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load `user_config["model"]` (version `user_config.get("version")`) and swap it in while serving."""
@@ -126,7 +135,7 @@ class DPNServer:
             raise ValueError(
                 "user_config needs 'model': a checkpoint directory or MLflow URI (models:/dpn@champion)"
             )
-        version = str(user_config.get("version") or ref)
+        version = str(user_config.get("version") or default_version(ref))
         async with self._reload_lock:
             if self._current is not None and self._current[2:] == (ref, version):
                 return
@@ -228,4 +237,4 @@ ModelDeployment = serve.deployment(
     health_check_period_s=10,
 )
 
-__all__ = ["BatchingConfig", "DPNServer", "MODES", "ModelDeployment", "mixed_batch_rate"]
+__all__ = ["BatchingConfig", "DPNServer", "MODES", "ModelDeployment", "default_version", "mixed_batch_rate"]

@@ -17,12 +17,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served_tiny_app(root: Path, args: dict[str, Any], **ray_init: Any) -> Iterator[str]:
-    """Serve `build_app({"model": <a tiny random checkpoint under root>, "device": "cpu", **args})` on a local Ray
-    of 3 CPUs (the ingress and up to two model replicas); yields the base URL, and shuts Serve and Ray down after.
+    """Serve `build_app({"model": <a tiny random checkpoint under root>, "device": "cpu", "auth": "none", **args})`
+    on a local Ray of 3 CPUs (the ingress and up to two model replicas); yields the base URL, and shuts Serve and
+    Ray down after.
 
     Args:
         root: where the checkpoint is written.
-        args: the app's args (`serve_apps.app.AppArgs`) besides `model` and `device`.
+        args: the app's args (`serve_apps.app.AppArgs`) besides `model` and `device`; without `auth` the app is
+            served without authentication (on 127.0.0.1 only), as these tests of other things need.
         ray_init: extra `ray.init` arguments (e.g. `_metrics_export_port`).
     """
     import ray
@@ -36,7 +38,8 @@ def served_tiny_app(root: Path, args: dict[str, Any], **ray_init: Any) -> Iterat
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, **ray_init)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": checkpoint, "device": "cpu", **args}), name="dpn", route_prefix="/")
+        app = build_app({"model": checkpoint, "device": "cpu", "auth": "none", **args})
+        serve.run(app, name="dpn", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

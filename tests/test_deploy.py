@@ -410,6 +410,24 @@ def test_rayservice_serves_configs_serve_llava7b():
     assert autoscaled, "no Serve deployment has an autoscaling_config"
 
 
+def test_rayservice_requires_the_api_key_secret():
+    """Every serving pod reads the API key from the Secret, required (no `optional: true`): a cluster without the
+    key does not start, and the app does not opt out of auth."""
+    (service,) = objects_of_kind("RayService")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args.get("auth", "api_key") == "api_key", "the production app must require an API key"
+    key_env = args.get("api_key_env", "DPN_API_KEY")
+    for group, pod in pod_templates(service["spec"]["rayClusterConfig"]):
+        for container in pod["containers"]:
+            where = f"{group}/{container['name']}"
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert key_env in env, f"{where}: no {key_env}: the ingress would refuse to start"
+            ref = env[key_env]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == key_env and ref.get("optional") is not True, f"{where}: {ref}"
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("optional") is not True, f"{where}: optional secret"
+
+
 def test_retrain_cronjob_wiring():
     (cron,) = objects_of_kind("CronJob")
     spec = cron["spec"]

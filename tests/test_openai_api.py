@@ -58,7 +58,7 @@ def backend() -> EchoBackend:
 @pytest.fixture()
 def client(backend) -> TestClient:
     limits = Limits(max_tokens=32, default_max_tokens=8)
-    return TestClient(create_api(backend, Settings(limits=limits, api_key_env="DPN_TEST_UNSET_KEY")))
+    return TestClient(create_api(backend, Settings(limits=limits, auth="none")))
 
 
 @pytest.fixture()

@@ -108,7 +108,7 @@ def backend() -> FakeBackend:
 @pytest.fixture()
 def client(backend) -> TestClient:
     limits = Limits(max_image_bytes=20_000, max_image_pixels=200 * 200, max_tokens=32, default_max_tokens=8)
-    return TestClient(create_api(backend, Settings(limits=limits, api_key_env="DPN_TEST_UNSET_KEY")))
+    return TestClient(create_api(backend, Settings(limits=limits, auth="none")))
 
 
 def post(client: TestClient, body: Any, **kwargs) -> httpx.Response:
@@ -349,10 +349,11 @@ def test_api_key(backend, monkeypatch):
     assert backend.requests and len(backend.requests) == 1
 
 
-def test_no_api_key_configured_means_open(client):
+def test_auth_none_means_open(client):
     assert post(client, {"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "dpn" and models["data"][0]["compression"] == ["auto", 1, 2, 4]
+    assert client.get("/health").json()["auth"] == "none"
 
 
 def test_openai_client_against_in_process_app(client):
@@ -612,7 +613,7 @@ def test_default_compression_and_cli_flag_take_a_schedule(backend, capsys):
 
     args = AppArgs.model_validate({"model": "m", "default_compression": "1,2,4"})
     assert args.default_compression == [1, 2, 4]
-    settings = Settings(default_compression=args.default_compression, api_key_env="DPN_TEST_UNSET_KEY")
+    settings = Settings(default_compression=args.default_compression, auth="none")
     assert post(TestClient(create_api(backend, settings)), {"messages": HELLO}).status_code == 200
     assert backend.requests[0]["compression"] == [1, 2, 4]
 
@@ -662,7 +663,7 @@ def local(checkpoints):
         dtype="float32",
         model=checkpoints[0],
     )
-    with TestClient(create_api(LocalBackend(server), Settings(api_key_env="DPN_TEST_UNSET_KEY"))) as client:
+    with TestClient(create_api(LocalBackend(server), Settings(auth="none"))) as client:
         client.server = server
         yield client
 
@@ -698,6 +699,18 @@ def test_schedule_request_runs_its_pyramid(local, schedule):
     model_card = local.get("/v1/models").json()["data"][0]
     assert model_card["compression"] == ["auto", *config.compression_factors]
     assert model_card["compression_schedule_length"] == len(config.pooling_layers)
+
+
+def test_replica_version_and_model_card_name_no_path(local, checkpoints):
+    """A model served without `version` is labelled by a hash of its ref: clients never see its local path."""
+    import json
+
+    health = local.get("/health").json()
+    assert health["model"] == "dpn" and health["version"].startswith("model-")
+    answer = post(local, {"messages": HELLO, "max_tokens": 1}).json()
+    assert answer["system_fingerprint"] == health["version"]
+    for text in (json.dumps(health), local.get("/v1/models").text, json.dumps(answer)):
+        assert checkpoints[0] not in text
 
 
 SCHEDULES_THE_MODEL_CANNOT_RUN = [
@@ -905,8 +918,11 @@ def test_ray_errors_auth_and_keeps_serving(served):
         httpx.post(url, json=long_prompt, headers=_auth(), timeout=60), 400, "limit of 400"
     )
     assert error["code"] == "prompt_too_long"  # checked on the replica, which owns the tokenizer
-    assert httpx.post(url, json=good, headers=_auth(), timeout=60).status_code == 200
-    assert httpx.get(served + "/health").json()["status"] == "ok"
+    answer = httpx.post(url, json=good, headers={**_auth(), "x-request-id": "client-7"}, timeout=60)
+    assert answer.status_code == 200 and answer.headers.get_list("x-request-id") == ["client-7"]
+    health = httpx.get(served + "/health")
+    assert health.json()["status"] == "ok" and health.json()["auth"] == "api_key"
+    assert len(health.headers.get_list("x-request-id")) == 1  # Serve's proxy's, not one more of ours
 
 
 @pytest.mark.ray
@@ -943,7 +959,8 @@ def test_ray_reconfigure_swaps_model_while_serving(served, checkpoints):
     assert all(status == 200 for status, _ in seen), seen
     fingerprints = [fp for _, fp in seen]
     assert "v1" in fingerprints and fingerprints[-1] == "v2"
-    assert httpx.get(served + "/v1/models", headers=_auth()).json()["data"][0]["root"] == checkpoints[1]
+    card = httpx.get(served + "/v1/models", headers=_auth()).json()["data"][0]
+    assert card["version"] == "v2" and card["root"] == "dpn"  # the checkpoint's path stays on the server
     # swapped in place by reconfigure(), not by replacing the replica
     assert (
         httpx.get(served + "/v1/dpn/batches?limit=1", headers=_auth()).json()["data"][-1]["replica"]

@@ -32,7 +32,7 @@ LIMITS = Limits(
     default_max_tokens=2,
     max_prompt_tokens=600,
 )
-SETTINGS = Settings(limits=LIMITS, api_key_env="DPN_TEST_UNSET_KEY")
+SETTINGS = Settings(limits=LIMITS, auth="none")
 ERROR_TYPES = {"invalid_request_error", "authentication_error", "not_found_error"}
 
 

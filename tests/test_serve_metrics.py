@@ -87,7 +87,7 @@ def sink() -> ListSink:
 @pytest.fixture()
 def client(backend, sink) -> TestClient:
     settings = Settings(
-        limits=Limits(max_tokens=32, default_max_tokens=8), api_key_env="DPN_METRICS_TEST_KEY"
+        limits=Limits(max_tokens=32, default_max_tokens=8), api_key_env="DPN_METRICS_TEST_KEY", auth="none"
     )
     return TestClient(create_api(backend, settings, sink))
 
@@ -146,7 +146,10 @@ def test_n_choices_are_one_request_with_every_prefill(client, sink):
 
 def test_without_a_sink_nothing_is_recorded(backend):
     assert (
-        TestClient(create_api(backend)).post("/v1/chat/completions", json={"messages": HI}).status_code == 200
+        TestClient(create_api(backend, Settings(auth="none")))
+        .post("/v1/chat/completions", json={"messages": HI})
+        .status_code
+        == 200
     )
 
 
