@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from dpn_base.redact import redact
 from jobs.evaluation import oracle
 from jobs.evaluation import report as eval_report
 from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compressions: also imported from here
@@ -111,7 +112,7 @@ def set_compressions(specs: list[ModelSpec], compressions: Sequence[str] | None)
     default, per_label = None, {}
     for text in compressions or []:
         label, sep, modes = text.partition("=")
-        if sep:
+        if sep and ":" not in label:  # LABEL=MODES (labels hold no ":"; "auto:lambda=1" is a mode)
             if label not in {s.label for s in specs}:
                 raise ValueError(
                     f"--compression {text!r} names no model; labels are {[s.label for s in specs]}"
@@ -147,15 +148,20 @@ def _predictions_record(batch: dict[str, np.ndarray], i: int, label: str) -> dic
         "prediction": str(batch["prediction"][i]),
         "correct": bool(batch["correct"][i]),
         "prefill_flops": float(batch["prefill_flops"][i]),
+        "dense_flops": float(batch["dense_flops"][i]),  # the FLOPs ratio's denominator, per sample
         "expert_choices": [int(c) for c in batch["expert_choices"][i]],
     }
 
 
 def _model_modes(spec: ModelSpec, config: Any, cfg: EvalConfig) -> list[str | int]:
-    """Validate the model's modes against its config; returns every mode to run: the requested ones, then
-    the oracle's static paths that are not among them (``--oracle``)."""
+    """Validate the model's modes against its config; returns every mode to run: the requested ones (with
+    ``--dial``, a model evaluated in ``auto`` also at each ``auto:lambda=X``), then the oracle's static paths
+    that are not among them (``--oracle``)."""
+    dial = [f"auto:lambda={x:g}" for x in cfg.dial] if "auto" in [str(c) for c in spec.compressions] else []
     try:
-        spec.compressions = parse_compressions(",".join(str(c) for c in spec.compressions), config)
+        spec.compressions = parse_compressions(
+            ",".join([*(str(c) for c in spec.compressions), *dial]), config
+        )
     except ValueError as err:
         raise UsageError(f"--compression for model {spec.label!r}: {err}") from None
     requested = {str(c) for c in spec.compressions}
@@ -280,7 +286,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "ray_version": ray.__version__,
         "wall_s": time.perf_counter() - start,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tracking_uri": uri if cfg.mlflow else None,
+        "tracking_uri": redact(uri) if cfg.mlflow else None,  # eval.json is logged as an artifact
     }
     report = eval_report.make_report(baseline_rows + rows, meta)
     all_rows = report["rows"]
@@ -330,13 +336,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "evaluation JSONL, WebDataset, Parquet; local or s3://, gs://)")  # fmt: skip
     parser.add_argument("--split", help="split of a dataset root ('none' = every file; default eval)")
     parser.add_argument("--compression", action="append", metavar="[LABEL=]MODES",
-                        help="comma-separated modes: auto, random, expert factors (1 dense, 2, 4) and schedules, "
+                        help="comma-separated modes: auto, auto:lambda=X (the cost dial), random, expert factors "
+                        "(1 dense, 2, 4) and schedules, "
                         "one factor per pooling layer as 1-2-4 or [1,2,4] (e.g. auto,1,4,1-2-4); default "
                         f"{DEFAULT_COMPRESSIONS}; LABEL=MODES sets one model's modes")  # fmt: skip
     parser.add_argument("--oracle", action="store_true",
                         help="also evaluate every static path (one expert per pooling layer: 27 by default) in "
                         "the same pass and report the oracle router (per sample the cheapest correct path), the "
                         "paths' Pareto frontier and each mode's regret (jobs/evaluation/oracle.py)")  # fmt: skip
+    parser.add_argument("--dial", type=lambda s: [float(x) for x in s.split(",")], metavar="LAMBDAS",
+                        help="the cost dial's sweep: every model evaluated in auto is also evaluated at each "
+                        "auto:lambda=X, X from this comma-separated list (e.g. -2,-1,1,2,4,8): one trained model's "
+                        "accuracy-vs-FLOPs curve")  # fmt: skip
     parser.add_argument("--task",
                         help=f"how answers are scored: one of {', '.join(task_names())} (jobs/evaluation/tasks.py; "
                         "default exact_match)")  # fmt: skip
@@ -377,7 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_KEYS = (
     "data", "split", "json_path", "batch_size", "num_actors", "max_new_tokens", "max_samples", "max_length",
     "max_bad_fraction", "image_folder", "device", "cpus_per_actor", "output_dir", "experiment", "run_name",
-    "tracking_uri", "title", "task",
+    "tracking_uri", "title", "task", "dial",
 )  # fmt: skip
 
 

@@ -11,14 +11,22 @@
 
 Every stage writes what it made under the work dir and the MLflow store (`./mlflow.db` unless
 $MLFLOW_TRACKING_URI is set); a second run reuses them and only serves and asks again.
+
+The endpoint requires an API key, as every DPN endpoint does: each run makes a random one for its own
+endpoint, hands it to the app in $DPN_QUICKSTART_API_KEY (set before this run starts its local Ray, whose
+processes inherit it) and uses it in its own request. With --keep-serving it is written to
+<work-dir>/quickstart/api_key (readable by you only), never to the console or the log.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from jobs.console import console_and_log
 from pipelines.cli_harness import run_module
+from pipelines.config_models import ConfigError
 
 if TYPE_CHECKING:
     from jobs.train_config import TrainConfig
@@ -36,6 +45,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 STAGES = ["data", "train", "evaluate", "register", "serve", "ask"]
+API_KEY_ENV = "DPN_QUICKSTART_API_KEY"  # the quickstart endpoint's own key (not the user's DPN_API_KEY)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,16 +129,22 @@ def training_config(args: argparse.Namespace, work: Path) -> TrainConfig:
 
 def stage_data(out: TextIO, cfg: TrainConfig) -> Path:
     from jobs.trainer import ensure_synthetic_data
-    from pipelines.synthetic import MANIFEST_NAME, read_manifest
 
     root = Path(cfg.data.path)
-    if (root / MANIFEST_NAME).exists():
-        read_manifest(root)  # raises on a dataset of an older generator version
-        print(f"      reusing {root}", file=out)
-        return root
-    ensure_synthetic_data(cfg.data.synthetic, str(root))  # the training job's own data step
     syn = cfg.data.synthetic
-    print(f"      wrote {syn.num_train} train / {syn.num_eval} held-out samples to {root}", file=out)
+    if syn is None:
+        raise ConfigError("the quickstart trains on the synthetic benchmark: its config needs data.synthetic")
+    action = ensure_synthetic_data(syn, str(root))  # the training job's own data step
+    what = f"the {syn.benchmark} benchmark, {syn.num_train} train / {syn.num_dev} dev / {syn.num_eval} test"
+    if action == "reused":
+        print(f"      reusing {root} ({what}: its manifest matches)", file=out)
+    else:
+        if action.startswith("replaced"):
+            print(
+                f"      {root} held another dataset ({action.split(': ', 1)[1]}): writing the one asked for",
+                file=out,
+            )
+        print(f"      wrote {what} samples to {root}", file=out)
     return root
 
 
@@ -222,7 +238,13 @@ def stage_serve(args: argparse.Namespace, version: str) -> str:
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app({"model": f"models:/{args.registered_model}@champion", "version": f"champion-{version}"})
+    app = build_app(
+        {
+            "model": f"models:/{args.registered_model}@champion",
+            "version": f"champion-{version}",
+            "api_key_env": API_KEY_ENV,
+        }
+    )
     serve.run(app, name="dpn", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{args.port}/v1"
 
@@ -243,7 +265,7 @@ def stage_ask(out: TextIO, base_url: str, data: Path, model_name: str = "dpn") -
 
     image, question, reference, family = _example(data)
     url = "data:image/png;base64," + base64.b64encode(image).decode()
-    client = OpenAI(base_url=base_url, api_key="unused-unless-DPN_API_KEY-is-set")
+    client = OpenAI(base_url=base_url, api_key=os.environ[API_KEY_ENV])
     reply = client.chat.completions.create(
         model=model_name,
         max_tokens=8,
@@ -280,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dpn quickstart: stages and results here; Ray, DeepSpeed, MLflow and torch output in {log_path}",
           flush=True)  # fmt: skip
     stage = "start"
-    with console_and_log(log_path) as out:
+    with console_and_log(log_path) as out, _endpoint_key():
         try:
             for stage in _run_stages(out, args, work):
                 logger.info("quickstart stage %s", stage)
@@ -292,6 +314,30 @@ def run(args: argparse.Namespace) -> int:
                   f"the full log, traceback included: {log_path}", file=out, flush=True)  # fmt: skip
             return 1
     return 0
+
+
+@contextlib.contextmanager
+def _endpoint_key() -> Iterator[str]:
+    """A random API key for this run's endpoint in $DPN_QUICKSTART_API_KEY while the run lasts (the local Ray
+    started during the run inherits it, the ingress reads it there); the variable is restored after."""
+    previous = os.environ.get(API_KEY_ENV)
+    os.environ[API_KEY_ENV] = key = secrets.token_urlsafe(32)
+    try:
+        yield key
+    finally:
+        if previous is None:
+            os.environ.pop(API_KEY_ENV, None)
+        else:
+            os.environ[API_KEY_ENV] = previous
+
+
+def _write_key_file(path: Path) -> None:
+    """The endpoint's key in `path`, readable by its owner only (the key never goes to the console or the log)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.environ[API_KEY_ENV])
 
 
 def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[str]:
@@ -346,10 +392,14 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
             f"\nquickstart finished in {time.perf_counter() - begin:.0f} s; state in {state_path}", file=out
         )
         if args.keep_serving:
+            key_file = work / "quickstart" / "api_key"
+            _write_key_file(key_file)
             print(
-                f"\nThe endpoint stays up at {base_url} (Ctrl-C to stop). Try:\n"
-                f"  curl {base_url}/models\n"
-                f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base_url}', api_key='x'); "
+                f"\nThe endpoint stays up at {base_url} (Ctrl-C to stop). Its API key (new each run) is in "
+                f"{key_file}. Try:\n"
+                f'  curl -H "Authorization: Bearer $(cat {key_file})" {base_url}/models\n'
+                f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base_url}', "
+                f"api_key=open('{key_file}').read()); "
                 "print(c.chat.completions.create(model='dpn', messages=[{'role': 'user', 'content': 'hi'}]))\"\n"
                 "MLflow UI (runs, metrics, plots, registry):  mlflow ui --backend-store-uri sqlite:///mlflow.db",
                 file=out,

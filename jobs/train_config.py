@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from jobs.config import Compression, ConfigModel, load_config
+from pipelines.policy import ReadPolicy
 
 
 class ModelConfig(ConfigModel):
@@ -60,10 +61,16 @@ class ModelConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check_compression(self) -> ModelConfig:
-        from dpn_model.configuration import parse_compression
+        from dpn_model.configuration import parse_compression, routing_mode
 
         # the form is checked by the field; the factors against the model's experts when the config tells them
         parsed = parse_compression(self.compression, self.known_pyramid())
+        if parsed != "auto" and routing_mode(parsed) == "auto":
+            raise ValueError(
+                f"compression {self.compression}: the cost dial (auto:lambda=X) is an inference-time knob; training "
+                "samples the router's experts whatever it is: train with compression auto, and pass the dial to "
+                "dpn eval, generate() or a serving request"
+            )
         if self.dense_warmup_steps and parsed != "auto":
             raise ValueError(
                 f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
@@ -103,22 +110,48 @@ class ModelConfig(ConfigModel):
 
 
 class SyntheticConfig(ConfigModel):
-    """Generate the synthetic benchmark into ``data.path`` when it does not exist yet."""
+    """The synthetic benchmark to write into ``data.path`` (``pipelines.synthetic``).
 
+    A root that already holds a synthetic dataset is reused only when its manifest matches every key below;
+    otherwise the job says what differs and writes the one asked for in its place.
+
+    Attributes:
+        benchmark: ``cells`` (default: the one on which per-sample routing can win) or ``tiles`` (the earlier one).
+        format: on-disk format of the files.
+        num_train, num_dev, num_eval: samples per split (``dev`` chooses settings, ``eval`` is the test split).
+        seed: generation seed.
+    """
+
+    benchmark: Literal["cells", "tiles"] = "cells"
     format: Literal["llava", "webdataset", "parquet"] = "parquet"
-    num_train: int = 2000
-    num_eval: int = 200
+    num_train: int = Field(2000, ge=0)
+    num_dev: int = Field(0, ge=0)
+    num_eval: int = Field(200, ge=0)
     seed: int = 0
 
+    def manifest_settings(self) -> dict[str, Any]:
+        """The settings a root's manifest must match to be reused (``manifest_differences``): these keys, and
+        the generator's image size and every family of the benchmark, which is what the job writes."""
+        from pipelines.synthetic import DEFAULT_IMAGE_SIZE, get_benchmark
 
-class DataConfig(ConfigModel):
+        families = list(get_benchmark(self.benchmark).families)
+        return {**self.model_dump(), "image_size": DEFAULT_IMAGE_SIZE, "families": families}
+
+
+class DataConfig(ReadPolicy):
     """Training data (read by ``pipelines.datasets.build_dataset``).
+
+    What the readers may open and hold is this section's share of :class:`pipelines.formats.ReadPolicy`
+    (``allowed_image_roots``, ``allowed_image_schemes``, ``tar_compression``, ``max_member_bytes``,
+    ``max_sample_bytes``, ``image_formats``, ``max_image_pixels``: keys of this section, documented there);
+    ``read_policy()`` is what the job hands the readers.
 
     Attributes:
         path: dataset file/folder/root, local or ``s3://``/``gs://`` (LLaVA JSON, WebDataset, Parquet).
             A relative path is taken relative to ``run.work_dir``.
         split: split of a dataset root (``null``: every file under ``path``).
-        image_folder: where relative LLaVA image paths resolve (default: next to the JSON).
+        image_folder: where relative LLaVA image paths resolve (default: next to the JSON); a ref must stay
+            inside it (``allowed_image_roots`` and ``allowed_image_schemes`` name more places).
         synthetic: if set and ``path`` does not exist, write the synthetic benchmark there first.
         max_length: longest token sequence (image tokens included).
         max_bad_fraction: fail past this fraction of bad samples.

@@ -46,34 +46,55 @@ def resolve_paths(cfg: TrainConfig) -> Paths:
     return Paths(work_dir, storage, data, f"{storage.rstrip('/')}/{cfg.run.name}")
 
 
-def ensure_synthetic_data(synthetic: SyntheticConfig | None, data_path: str) -> None:
-    """Write the synthetic benchmark to ``data_path`` when ``synthetic`` is set and it is missing.
+def ensure_synthetic_data(synthetic: SyntheticConfig | None, data_path: str, replace: bool = True) -> str:
+    """Write the synthetic benchmark to ``data_path`` when ``synthetic`` is set, unless the root already holds
+    exactly that dataset; returns what was done (``"reused"``, ``"written"``, ``"replaced: <why>"``, ``""`` when
+    there is nothing to do).
 
-    Shared by training (``data.synthetic``) and retraining (``data.synthetic`` of the retrain config), so the
-    embedded defaults of both jobs work on a fresh checkout.
+    A root is reused only when its manifest matches the benchmark, version, format, seed and split sizes asked
+    for; any other synthetic root there is replaced (with a warning naming what differed), so a run never trains
+    on a dataset other than its config's. Shared by training and retraining (``data.synthetic``), so the
+    embedded defaults of both jobs work on a fresh checkout. Retraining passes ``replace=False``: its root holds
+    the shards earlier versions were trained on, so a mismatch is an error naming what differs; a root with
+    retraining shards is never replaced.
     """
     if synthetic is None or "://" in data_path:
-        return
-    from pipelines.synthetic import MANIFEST_NAME, read_manifest, write_synthetic_dataset
+        return ""
+    from pipelines.synthetic import (
+        MANIFEST_NAME,
+        manifest_differences,
+        remove_synthetic_dataset,
+        write_synthetic_dataset,
+    )
 
     root = Path(data_path)
+    action = "written"
     if (root / MANIFEST_NAME).exists():
-        read_manifest(root)  # an older generator's dataset is an error, not silently reused
-        return
-    logger.info(
-        "writing the synthetic benchmark (%d train, %d eval, %s) to %s",
-        synthetic.num_train,
-        synthetic.num_eval,
-        synthetic.format,
-        root,
-    )
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+        differences = manifest_differences(manifest, synthetic.manifest_settings())
+        if not differences:
+            return "reused"
+        if not replace or manifest.get("shards"):
+            raise ValueError(
+                f"the synthetic dataset at {root} is not the one data.synthetic asks for ({'; '.join(differences)}), "
+                "and it holds data this job must not delete: point data.path elsewhere or fix data.synthetic"
+            )
+        action = f"replaced: {'; '.join(differences)}"
+        logger.warning(
+            "the synthetic dataset at %s is not the one asked for (%s): writing it anew", root, action
+        )
+        remove_synthetic_dataset(root)
+    logger.info("writing the synthetic benchmark %s to %s", synthetic.model_dump(), root)
     write_synthetic_dataset(
         root,
         synthetic.format,
         num_train=synthetic.num_train,
         num_eval=synthetic.num_eval,
         seed=synthetic.seed,
+        benchmark=synthetic.benchmark,
+        num_dev=synthetic.num_dev,
     )
+    return action
 
 
 def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> str:
@@ -123,7 +144,9 @@ def count_samples(cfg: TrainConfig, data_path: str) -> int:
         return info["splits"]["train"]["num_samples"] + sum(s["num_samples"] for s in info.get("shards", []))
     from pipelines.formats import read_rows
 
-    n = read_rows(data_path, cfg.data.split, image_folder=cfg.data.image_folder).count()
+    n = read_rows(
+        data_path, cfg.data.split, image_folder=cfg.data.image_folder, policy=cfg.data.read_policy()
+    ).count()
     if n == 0:
         raise ValueError(f"no training samples found at {data_path} (split {cfg.data.split!r})")
     return n
@@ -242,6 +265,7 @@ def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
         max_length=cfg.data.max_length,
         max_bad_fraction=cfg.data.max_bad_fraction,
         image_folder=cfg.data.image_folder,
+        policy=cfg.data.read_policy(),
         concurrency=cfg.data.preprocess_concurrency,
         num_cpus=cfg.data.preprocess_num_cpus,
     )

@@ -40,11 +40,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument(
         "--processor-dir",
         default=None,
-        help="saved DPNProcessor: also tokenise, so over-long samples are counted",
+        help="saved DPNProcessor: also tokenise, so over-long samples (too_long) and text holding special tokens "
+        "(reserved_token) are counted",
     )
     inspect.add_argument("--max-length", type=int, default=2048, help="token limit with --processor-dir")
     inspect.add_argument(
         "--image-folder", default=None, help="folder of LLaVA JSON images (default: the JSON's)"
+    )
+    inspect.add_argument(
+        "--allow-image-root",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="a root image refs may name absolutely (data.allowed_image_roots; repeat for several)",
+    )
+    inspect.add_argument(
+        "--tar-compression",
+        action="append",
+        default=[],
+        choices=["gzip", "bzip2", "xz"],
+        help="accept tar shards compressed this way (data.tar_compression; default: plain tar only)",
     )
     inspect.add_argument(
         "--max-bad-fraction", type=float, default=None, help="exit with status 1 above this bad fraction"
@@ -58,13 +73,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth = sub.add_parser(
         "synth",
         help="write the synthetic benchmark dataset",
-        description="Write the synthetic benchmark (train and eval splits) in one of the real formats.",
+        description="Write a synthetic benchmark (train, dev and eval splits) in one of the real formats.",
     )
     synth.add_argument("out_dir", nargs="?", default=None, help="dataset root to write (or --out)")
     synth.add_argument("--out", dest="out_flag", default=None, metavar="DIR", help="dataset root to write")
     synth.add_argument("--format", default="llava", choices=("llava", "webdataset", "parquet"))
+    synth.add_argument(
+        "--benchmark",
+        default="cells",
+        choices=("cells", "tiles"),
+        help="cells (default) or the earlier tiles",
+    )
     synth.add_argument("--num-train", type=int, default=4000)
-    synth.add_argument("--num-eval", type=int, default=500)
+    synth.add_argument(
+        "--num-dev", type=int, default=0, help="dev samples, for choosing settings (default 0)"
+    )
+    synth.add_argument("--num-eval", type=int, default=500, help="eval (test) samples")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
         "--new-shard",
@@ -119,14 +143,17 @@ def format_inspection(path: str, result: dict[str, Any]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from pipelines.datasets import inspect_dataset
+    from pipelines.policy import ReadPolicy
 
     _init_ray(args.address)
+    policy = ReadPolicy(allowed_image_roots=args.allow_image_root, tar_compression=args.tar_compression)
     result = inspect_dataset(
         args.path,
         args.split,
         processor_dir=args.processor_dir,
         max_length=args.max_length,
         image_folder=args.image_folder,
+        policy=policy,
     )
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
@@ -148,6 +175,8 @@ def run_synth(args: argparse.Namespace) -> int:
     if (args.out_dir is None) == (args.out_flag is None):
         raise SystemExit("dpn data synth: give the dataset root once, as OUT or --out DIR")
     args.out_dir = args.out_dir or args.out_flag
+    if "://" in args.out_dir:
+        return _synth_to_uri(args)
     if args.new_shard is not None:
         shard = write_synthetic_shard(
             args.out_dir, args.new_shard, num_samples=args.num_train, seed=args.seed
@@ -158,9 +187,47 @@ def run_synth(args: argparse.Namespace) -> int:
         return 0
 
     manifest = write_synthetic_dataset(
-        args.out_dir, format=args.format, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed
+        args.out_dir,
+        format=args.format,
+        num_train=args.num_train,
+        num_eval=args.num_eval,
+        seed=args.seed,
+        benchmark=args.benchmark,
+        num_dev=args.num_dev,
     )
     splits = manifest.get("splits", {}) if isinstance(manifest, dict) else {}
     counts = ", ".join(f"{name}: {info.get('num_samples')}" for name, info in splits.items())
     sys.stdout.write(f"wrote {args.format} dataset to {args.out_dir} ({counts})\n")
     return 0
+
+
+def _synth_to_uri(args: argparse.Namespace) -> int:
+    """``dpn data synth s3://bucket/prefix ...``: write the dataset (or the new shard) in a temporary folder,
+    then copy its files to the URI, the manifest last, so that a reader that sees the manifest finds every file
+    it lists. A new shard first fetches the root's manifest (it names the format and the held-out images)."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    from pipelines.synthetic import MANIFEST_NAME
+
+    root = args.out_dir.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="dpn-synth-") as tmp:
+        if args.new_shard is not None:
+            manifest = f"{root}/{MANIFEST_NAME}"
+            fs, path = pafs.FileSystem.from_uri(manifest)
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                raise SystemExit(f"dpn data synth: {manifest} not found: write the dataset to {root} first")
+            pafs.copy_files(manifest, str(Path(tmp) / MANIFEST_NAME))
+        status = run_synth(argparse.Namespace(**{**vars(args), "out_dir": tmp, "out_flag": None}))
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == MANIFEST_NAME)  # the manifest last
+        fs, base = pafs.FileSystem.from_uri(root)
+        for file in files:
+            target = f"{base}/{file.relative_to(tmp).as_posix()}"
+            if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to make
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(file), target, destination_filesystem=fs)
+    sys.stdout.write(f"copied {len(files)} files to {root}\n")
+    return status

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from jobs.config import ConfigModel, load_config
 from jobs.evaluation.tasks import DEFAULT_TASK, get_task
+from pipelines.policy import ReadPolicy
 
 DEFAULT_COMPRESSIONS = "auto,1,2,4"
 DEFAULT_EXPERIMENT = "dpn-eval"
@@ -103,8 +104,12 @@ class ModelSpec(ConfigModel):
         return parse_compressions(_modes_text(value))
 
 
-class EvalConfig(ConfigModel):
+class EvalConfig(ReadPolicy):
     """Everything one evaluation run needs (``configs/eval_*.yaml`` and the ``dpn eval`` flags of the same names).
+
+    What the readers may open and hold are the top-level keys of :class:`pipelines.formats.ReadPolicy`
+    (``allowed_image_roots``, ``allowed_image_schemes``, ``tar_compression``, byte and pixel caps,
+    ``image_formats``), next to ``image_folder``; ``read_policy()`` is what the job hands the readers.
 
     Attributes:
         models: the models to evaluate, one after the other into the same report (``--model``, ``--compression``).
@@ -117,7 +122,8 @@ class EvalConfig(ConfigModel):
         max_samples: evaluate only the first this-many samples (``null``: all).
         max_length: longest prompt in tokens (longer: skipped, counted as bad).
         max_bad_fraction: fail past this fraction of bad samples.
-        image_folder: folder relative image paths resolve against (``null``: the file's).
+        image_folder: folder relative image paths resolve against (``null``: the file's); a ref must stay inside
+            it unless ``allowed_image_roots`` or ``allowed_image_schemes`` name more.
         device: ``auto`` (one GPU per actor when the cluster has GPUs), ``cpu`` or ``cuda``.
         cpus_per_actor: CPUs reserved per inference actor (``null``: 1 on GPU; on CPU, a share that leaves one
             CPU for reading).
@@ -130,6 +136,9 @@ class EvalConfig(ConfigModel):
         mlflow: log the run to MLflow (``--no-mlflow``: false).
         title: title of the accuracy-vs-FLOPs plot.
         oracle: also evaluate every static path and report the oracle router (``jobs/evaluation/oracle.py``).
+        dial: the cost dial's sweep (``--dial``): a model evaluated in ``auto`` is also evaluated at each
+            ``auto:lambda=X`` (``dpn_model.configuration.parse_compression``), one curve of accuracy against FLOPs
+            from one trained model.
         task: how answers are scored, a task registered in ``jobs/evaluation/tasks.py`` (default ``exact_match``).
     """
 
@@ -154,6 +163,7 @@ class EvalConfig(ConfigModel):
     mlflow: bool = True
     title: str = ""
     oracle: bool = False
+    dial: list[float] = Field(default_factory=list)
     task: str = DEFAULT_TASK
 
     @field_validator("task")

@@ -107,14 +107,14 @@ class Predictor:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model, self.processor = load_model_and_processor(model_dir, str(self.device), dtype)
         self.config = self.model.config
-        from dpn_model.configuration import ROUTING_MODES, compression_schedule, parse_compression
+        from dpn_model.configuration import compression_schedule, parse_compression, routing_mode
 
         self.compressions = [str(c) for c in compressions]
         # Each mode label ("auto", "2", "1-2-4") parsed once; modes that force the same expert at every
         # pooling layer ("2" and "2-2-2": the oracle's paths and the requested modes) generate only once.
         self._parsed = {mode: parse_compression(mode, self.config) for mode in self.compressions}
         self._keys = {
-            mode: value if value in ROUTING_MODES else tuple(compression_schedule(value, self.config))
+            mode: value if routing_mode(value) else tuple(compression_schedule(value, self.config))
             for mode, value in self._parsed.items()
         }
         self.max_new_tokens = max_new_tokens
@@ -264,7 +264,8 @@ def predict(
     accountant = BadSampleAccountant(max_bad_fraction=cfg.max_bad_fraction)
     ds = build_eval_dataset(
         cfg.data, model_dir, cfg.split, max_length=cfg.max_length, accountant=accountant,
-        image_folder=cfg.image_folder, batch_size=max(cfg.batch_size, 16), num_cpus=preprocess_cpus,
+        image_folder=cfg.image_folder, policy=cfg.read_policy(), batch_size=max(cfg.batch_size, 16),
+        num_cpus=preprocess_cpus,
     )  # fmt: skip
     if cfg.max_samples:
         ds = ds.limit(cfg.max_samples)
