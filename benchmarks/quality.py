@@ -1,36 +1,28 @@
-"""The paper's claim on the synthetic benchmark, measured against equal-budget baselines and the oracle router.
+"""The paper's claim on the cells benchmark, measured like a paper: DPN against the static frontier, the budgeted
+family router and dense, with seeds, a dev/test protocol, paired tests, and the cost dial.
 
-    python benchmarks/quality.py [--variants dense,fixed2,...] [--tag NAME] [--override KEY=VALUE ...]
-    python benchmarks/quality.py --model dense=URI --model dpn-ref=URI ...   # evaluate already trained models
+    python benchmarks/headroom.py --write                  # first: the baselines and the headroom check
+    python benchmarks/quality.py [--variants dpn,dpn-ref] [--resume] [--write]
 
-Drives the real jobs end to end, each in its own process (as ``ray job submit`` would):
+Runs in the headroom check's directory (``--run-dir``, default ``runs/headroom``) and reuses its trained static
+schedules, dense and random-routing models and their dev/test evaluations (same data, seeds, budget). For every
+seed it trains each DPN variant (:data:`VARIANTS`) with the same budget: ``configs/train_tiny.yaml`` from the same
+stage-1 checkpoint, the same steps, batch and schedule, **one routed path per sample** (so a DPN step costs what a
+baseline step costs; the shipped quickstart config routes each sample twice, and is not what is compared here).
+Each is evaluated on dev and test in ``auto`` and along the cost dial (``auto:lambda=X`` for :data:`DIAL`).
 
-1. ``python -m jobs.train --config configs/train_tiny.yaml <variant overrides>`` trains every variant with the
-   same budget: the same start (the stage-1 model ``checkpoints/tiny-dense``, as the authors' recipe starts
-   from the LLM and the stage-1 projector), data, steps, batch and learning-rate schedule; the variants differ
-   only in how the visual tokens are pooled in training (``model.compression``) and in the router's options:
-   dense; fixed 2x and 4x; the static schedules 1-2-4 and 1-4-4 (PyramidDrop-style); random routing; DPN with
-   the authors' semantics and recipe (``dpn-ref``); DPN with our earlier semantics (``dpn-earlier``: routing-loss
-   weight 0.1, sampled expert, per-layer hinge, no token floor, router bias, last ``<router>`` token); and DPN
-   with our REINFORCE router estimator (``router_estimator=reinforce``; not the authors'): with a learned
-   baseline and exploration (``dpn-critic``), and with self-imitation and two routed paths per sample as well
-   (``dpn-reinforce``, what ``configs/train_tiny.yaml`` trains; it pays two forward passes per sample, the other
-   variants one).
-2. ``python -m jobs.evaluate`` evaluates every model at the rate it was trained at (DPN in ``auto``), and a
-   second pass with ``--oracle`` runs every static path (27) on each DPN model: the oracle router, the paths'
-   Pareto frontier and the router's regret.
-3. Checks the issue's targets and writes ``benchmarks/results/quality.{json,md}``, the plots, and the section
-   "Quality: accuracy vs FLOPs" of ``BENCHMARKS.md`` (other sections are left alone).
+Protocol (``jobs/evaluation/protocol.py``): every choice on dev (the static mix at a budget, each family's mix,
+the dial's ``lambda`` for a budget), every figure on test, once; per seed, then mean +- SD over seeds; every
+"above" / "below" is McNemar's paired test on the same test questions (``p`` per seed). Targets (issue 26):
 
-Targets (the paper, LLaVA-1.5-7B: -56% FLOPs at +0.74% accuracy):
+- auto >= static frontier + 3 points at its own FLOPs, and within 1 point of the budgeted family router at equal
+  FLOPs, significant by the paired test;
+- auto >= dense - 0.5 points at <= 0.55 of dense FLOPs;
+- the dial: DPN's curve on or above the static frontier at every budget from 0.5 to 0.8 of dense FLOPs.
 
-- DPN auto accuracy >= dense - 0.5 points at <= 0.50 of dense prefill FLOPs; if the oracle on the DPN model
-  needs more than 0.50 of dense FLOPs to reach dense accuracy, instead: DPN auto closes >= 2/3 of the gap between
-  the static frontier and the oracle at its FLOPs;
-- DPN auto lies >= 3 points above the static frontier (the trained fixed rates and schedules) at its FLOPs;
-- questions that need detail (the tile families, "fine") keep more visual tokens than coarse ones.
-
-A missed target is reported as missed with the settings used; nothing here tunes the benchmark to pass.
+``--write`` puts the section "Quality: DPN on the cells benchmark" into BENCHMARKS.md, and the JSON, the
+accuracy-vs-FLOPs plot (the headline: the dial's curve and the static points, with the seeds' spread) and the
+per-family routing histogram into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -38,364 +30,340 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import re
 import shlex
-import shutil
-import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-SECTION = "## Quality: accuracy vs FLOPs"
-CONFIG = "configs/train_tiny.yaml"
-EARLIER = [  # the semantics our configs had before the authors' code was read (DPNConfig LEGACY_DEFAULTS, weight 0.1)
-    "model.config_overrides.routing_loss_weight=0.1",
-    "model.config_overrides.routing_loss_expert=sampled",
-    "model.config_overrides.routing_loss_reduction=per_layer",
-    "model.config_overrides.train_token_floor=null",
-    "model.config_overrides.inference_token_floor=null",
-    "model.config_overrides.router_bias=true",
-    "model.config_overrides.router_token_reduction=last",
-]
-REFERENCE = [
-    "model.config_overrides.router_estimator=scale",
-    "optim.router_lr_scale=1",
-]  # the authors' estimator, one lr
-CRITIC = [  # our REINFORCE estimator with a learned baseline and exploration (the config of 2026-12-02)
-    "model.config_overrides.router_estimator=reinforce",
-    "model.config_overrides.router_baseline=critic",
-    "model.config_overrides.router_explore=0.3",
-    "optim.router_lr_scale=30",
-]
-# the config's (configs/train_tiny.yaml), spelt out so the variant stays what it was measured as: CRITIC plus
-# self-imitation and two routed paths per training sample
-REINFORCE = [*CRITIC, "model.config_overrides.router_imitation_weight=1.0", "model.paths_per_sample=2"]
-ONE_PATH = "model.paths_per_sample=1"  # every other variant routes (or pools) each sample once
-# name -> (overrides of configs/train_tiny.yaml, mode evaluated, is a static baseline, routed by a router)
-VARIANTS: dict[str, tuple[list[str], str, bool, bool]] = {
-    "dense": (["model.compression=1", ONE_PATH], "1", True, False),
-    "fixed2": (["model.compression=2", ONE_PATH], "2", True, False),
-    "fixed4": (["model.compression=4", ONE_PATH], "4", True, False),
-    "sched-1-2-4": (["model.compression=1,2,4", ONE_PATH], "1-2-4", True, False),
-    "sched-1-4-4": (["model.compression=1,4,4", ONE_PATH], "1-4-4", True, False),
-    "random": (["model.compression=random", ONE_PATH], "random", False, False),
-    "dpn-ref": (["model.compression=auto", ONE_PATH, *REFERENCE], "auto", False, True),
-    "dpn-earlier": (["model.compression=auto", ONE_PATH, *REFERENCE, *EARLIER], "auto", False, True),
-    "dpn-critic": (["model.compression=auto", ONE_PATH, *CRITIC], "auto", False, True),
-    "dpn-reinforce": (["model.compression=auto", *REINFORCE], "auto", False, True),
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import headroom  # noqa: E402
+import runner  # noqa: E402
+
+from jobs.evaluation.oracle import PathTable  # noqa: E402
+from jobs.evaluation.protocol import (  # noqa: E402
+    apply_route,
+    budgeted_family_router,
+    columns_table,
+    mcnemar,
+    mean_sd,
+    table_from_predictions,
+)
+
+ONE_PATH = "model.paths_per_sample=1"
+# name -> overrides of configs/train_tiny.yaml (on top of the headroom check's common ones)
+VARIANTS: dict[str, list[str]] = {
+    # configs/train_tiny.yaml's router (REINFORCE with a learned baseline, exploration and self-imitation; ours),
+    # at one path per sample: the baselines' compute
+    "dpn": ["model.compression=auto", ONE_PATH],
+    # the authors' estimator (the router learns only through the probability scaling the pooled tokens)
+    "dpn-ref": [
+        "model.compression=auto",
+        ONE_PATH,
+        "model.config_overrides.router_estimator=scale",
+        "optim.router_lr_scale=1",
+    ],
 }
-MAX_FLOPS_RATIO = 0.5
-MAX_ACCURACY_DROP = 0.005  # 0.5 points
-MIN_ABOVE_FRONTIER = 0.03  # 3 points
-MIN_GAP_CLOSED = 2 / 3
+DIAL = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0, 8.0)
+DIAL_BUDGETS = (0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80)
+SECTION = "## Quality: DPN on the cells benchmark"
+MIN_ABOVE_FRONTIER, MAX_BELOW_ROUTER, MAX_BELOW_DENSE, DENSE_BUDGET = 0.03, 0.01, 0.005, 0.55
 
 logger = logging.getLogger("quality")
 
 
-def _run(cmd: list[str], log_path: Path) -> str:
-    """Run a job in its own process, tee its output to ``log_path``; return its stdout+stderr."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("$ %s  (log: %s)", shlex.join(cmd), log_path)
-    start = time.time()
-    lines: list[str] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
-    with (
-        log_path.open("w") as log,
-        subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-        ) as proc,
-    ):
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            lines.append(line)
-            if re.search(r"step[ =]\d+|Error|error:|finished|model_uri=|accuracy", line):
-                sys.stderr.write(line)
-        code = proc.wait()
-    if code != 0:
-        tail = "".join(lines[-40:])
-        raise RuntimeError(
-            f"{cmd[2]} failed (exit {code}) after {time.time() - start:.0f} s; log {log_path}\n{tail}"
-        )
-    logger.info("done in %.0f s", time.time() - start)
-    return "".join(lines)
+def modes() -> list[str]:
+    return ["auto", *(f"auto:lambda={x:g}" for x in DIAL)]
 
 
-def train_variant(name: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """Train one variant with the shared budget of ``configs/train_tiny.yaml``."""
-    overrides = [*VARIANTS[name][0], f"run.name=quality-{name}-{args.tag}", f"mlflow.experiment={args.experiment}",
-                 f"run.work_dir={run_dir / 'work'}", f"data.path={data_path(args)}", *args.override]  # fmt: skip
-    cmd = [sys.executable, "-m", "jobs.train", "--config", CONFIG, *overrides]
-    start = time.time()
-    out = _run(cmd, run_dir / f"train_{name}.log")
-    fields = dict(re.findall(r"^(run_id|model_uri|steps|seconds|model_dir)=(.*)$", out, flags=re.M))
-    if "model_uri" not in fields:
-        raise RuntimeError(f"jobs.train printed no model_uri for {name}; see {run_dir / f'train_{name}.log'}")
-    return {"name": name, "config": CONFIG, "overrides": overrides, "wall_s": time.time() - start, **fields}
-
-
-def data_path(args: argparse.Namespace) -> str:
-    """The synthetic dataset: ``--data``, else the one ``configs/train_tiny.yaml`` generates under its work dir."""
-    if args.data:
-        return str(Path(args.data).resolve())
-    import yaml
-
-    cfg = yaml.safe_load((REPO / CONFIG).read_text())
-    path = Path(cfg["data"]["path"])
-    return str(path if path.is_absolute() else REPO / cfg["run"]["work_dir"] / path)
-
-
-def evaluate(models: dict[str, str], args: argparse.Namespace, run_dir: Path, oracle: bool) -> dict[str, Any]:
-    """One ``jobs.evaluate`` pass over ``models`` (each at its variant's mode; ``oracle``: plus every static path)."""
-    name = "oracle" if oracle else "eval"
-    cmd = [sys.executable, "-m", "jobs.evaluate", "--data", data_path(args), "--json", str(run_dir / f"{name}.json"),
-           "--output-dir", str(run_dir / name), "--experiment", args.experiment,
-           "--run-name", f"quality-{name}-{args.tag}", "--batch-size", str(args.batch_size),
-           "--max-new-tokens", "4", "--title", "Synthetic benchmark: accuracy vs prefill FLOPs"]  # fmt: skip
-    if oracle:
-        cmd.append("--oracle")
-    for label, uri in models.items():
-        cmd += ["--model", f"{label}={uri}", "--compression", f"{label}={VARIANTS[label][1]}"]
-    _run(cmd, run_dir / f"{name}.log")
-    return json.loads((run_dir / f"{name}.json").read_text())
-
-
-def _row(rows: list[dict[str, Any]], label: str) -> dict[str, Any] | None:
-    return next(
-        (r for r in rows if r["label"] == label and str(r["compression"]) == VARIANTS[label][1]), None
+def dpn_tables(model_dir: str, name: str, split: str, seed: int, args, run_dir, state) -> PathTable:
+    """A DPN model's table on ``split``: one column per mode (``auto`` first, then the dial)."""
+    records = runner.evaluate(
+        {name: (model_dir, modes())}, split, f"{name}-s{seed}", run_dir, args.data, args.experiment, state
     )
+    return table_from_predictions(records, name, modes(), split)
 
 
-def _mean_tokens(entry: dict[str, Any]) -> float:
-    """Mean visual tokens over the layers after each pooling layer (how much a group was pooled)."""
-    tokens = entry["visual_tokens_per_layer"][1:]
-    return sum(tokens) / max(len(tokens), 1)
+def _ratio(flops: np.ndarray, table: PathTable) -> float:
+    return float(flops.sum() / table.dense.sum())
 
 
-def static_frontier(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """The accuracy-vs-FLOPs frontier of the trained static baselines (fixed rates and schedules)."""
-    from jobs.evaluation.oracle import pareto_frontier
-
-    points = [(r["flops_ratio"], r["accuracy"]) for name, (_, _, static, _) in VARIANTS.items()
-              if static and (r := _row(rows, name)) is not None]  # fmt: skip
-    keep = pareto_frontier([p[0] for p in points], [p[1] for p in points])
-    return sorted(points[i] for i in keep)
+def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    test = mcnemar(a, b)
+    return {"diff": float(a.mean() - b.mean()), "only_a": test.only_a, "only_b": test.only_b, "p": test.p_value}
 
 
-def check_variant(
-    name: str, rows: list[dict[str, Any]], oracle: dict[str, Any] | None
-) -> list[dict[str, Any]]:
-    """The issue's targets for one routed variant, each ``{"target", "passed", "detail"}``."""
-    from jobs.evaluation.oracle import frontier_accuracy_at
+def _baseline_at(dev: PathTable, test: PathTable, budget: float, by_family: bool) -> np.ndarray | None:
+    """Per test question, the static frontier's (``by_family`` False) or the family router's answer at
+    ``budget``, chosen on dev; None below the cheapest trained point."""
+    if not by_family:
+        dev, test = headroom._one_family(dev), headroom._one_family(test)
+    route = budgeted_family_router(dev, budget)
+    return apply_route(route, test)[0] if route.feasible else None
 
-    dpn, dense = _row(rows, name), _row(rows, "dense")
-    if dpn is None:
-        return [{"target": f"{name} evaluated", "passed": False, "detail": "no auto row"}]
-    checks: list[dict[str, Any]] = []
-    headline_reachable = True
-    if oracle is not None:
-        o = oracle["oracle"]
-        dense_acc = o.get("dense_accuracy", 0.0)
-        need = o.get("flops_ratio_at_dense_accuracy")
-        headline_reachable = need is None or need <= MAX_FLOPS_RATIO
-        checks.append({
-            "target": "oracle (on this model) reaches dense accuracy within 0.50 of dense FLOPs",
-            "passed": None if need is None else need <= MAX_FLOPS_RATIO,
-            "detail": f"oracle {100 * o['accuracy']:.1f}% at {o['flops_ratio']:.3f}; cheapest FLOPs for dense "
-            f"accuracy ({100 * dense_acc:.1f}%): {need if need is None else f'{need:.3f}'}",
+
+def analyse_seed(statics: tuple[PathTable, PathTable], dense: PathTable, dpn: tuple[PathTable, PathTable]):
+    """One seed of one DPN variant: auto against the frontier, the family router and dense; the dial's
+    operating points (each chosen on dev for a budget) against the frontier; per-family routing on test."""
+    s_dev, s_test = statics
+    d_dev, d_test = dpn
+    auto_ok, auto_flops = d_test.correct[:, 0], _ratio(d_test.flops[:, 0], d_test)
+    out: dict[str, Any] = {
+        "auto": {"accuracy": float(auto_ok.mean()), "flops_ratio": auto_flops},
+        "dense": {"accuracy": float(dense.correct[:, 0].mean())},
+    }
+    frontier = _baseline_at(s_dev, s_test, auto_flops, by_family=False)
+    router = _baseline_at(s_dev, s_test, auto_flops, by_family=True)
+    order = {i: k for k, i in enumerate(s_test.ids)}
+    align = np.array([order[i] for i in d_test.ids])  # the DPN table's questions in the statics' order
+    if frontier is not None:
+        out["vs_frontier"] = _paired(auto_ok, frontier[align])
+    if router is not None:
+        out["vs_family_router"] = _paired(auto_ok, router[align])
+    dense_order = {i: k for k, i in enumerate(dense.ids)}
+    out["vs_dense"] = _paired(auto_ok, dense.correct[[dense_order[i] for i in d_test.ids], 0])
+    out["dial"] = [
+        {"mode": m, "accuracy": float(d_test.correct[:, p].mean()), "flops_ratio": _ratio(d_test.flops[:, p], d_test)}
+        for p, m in enumerate(d_test.paths)
+    ]  # fmt: skip
+    out["dial_at_budget"] = []
+    dev_flops = [_ratio(d_dev.flops[:, p], d_dev) for p in range(len(d_dev.paths))]
+    dev_acc = d_dev.correct.mean(axis=0)
+    for budget in DIAL_BUDGETS:
+        fits = [p for p in range(len(d_dev.paths)) if dev_flops[p] <= budget + 1e-9]
+        static = _baseline_at(s_dev, s_test, budget, by_family=False)
+        if not fits or static is None:
+            continue
+        p = max(fits, key=lambda q: (dev_acc[q], -dev_flops[q]))  # chosen on dev
+        ok = d_test.correct[:, p]
+        out["dial_at_budget"].append({
+            "budget": budget, "mode": d_test.paths[p], "accuracy": float(ok.mean()),
+            "flops_ratio": _ratio(d_test.flops[:, p], d_test), "vs_frontier": _paired(ok, static[align]),
         })  # fmt: skip
-    if dense is not None:
-        drop = dense["accuracy"] - dpn["accuracy"]
-        checks.append({
-            "target": "auto accuracy >= dense - 0.5 points at <= 0.50 of dense FLOPs",
-            "passed": drop <= MAX_ACCURACY_DROP + 1e-12 and dpn["flops_ratio"] <= MAX_FLOPS_RATIO,
-            "detail": f"{100 * dpn['accuracy']:.1f}% at {dpn['flops_ratio']:.3f} vs dense "
-            f"{100 * dense['accuracy']:.1f}% ({-100 * drop:+.1f} points)",
+    return out
+
+
+def routing_histogram(records: list[dict[str, Any]], name: str) -> dict[str, dict[str, float]]:
+    """Per family, the share of test questions whose path (factors per pooling layer) auto took."""
+    factors = (1, 2, 4)
+    counts: dict[str, Counter] = {}
+    for r in records:
+        if r["label"] == name and r["compression"] == "auto":
+            path = "-".join(str(factors[c]) if c >= 0 else "x" for c in r["expert_choices"])
+            counts.setdefault(r["family"], Counter())[path] += 1
+    return {f: {p: n / sum(c.values()) for p, n in c.most_common()} for f, c in sorted(counts.items())}
+
+
+def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    seeds = sorted(per_seed)
+
+    def over(get) -> tuple[float, float] | None:
+        values = [get(per_seed[s]) for s in seeds]
+        return None if any(v is None for v in values) else mean_sd(values)
+
+    summary: dict[str, Any] = {"seeds": seeds}
+    summary["auto"] = over(lambda r: r["auto"]["accuracy"])
+    summary["auto_flops"] = over(lambda r: r["auto"]["flops_ratio"])
+    summary["dense"] = over(lambda r: r["dense"]["accuracy"])
+    for key in ("vs_frontier", "vs_family_router", "vs_dense"):
+        diff = over(lambda r, k=key: r.get(k, {}).get("diff"))
+        ps = [per_seed[s].get(key, {}).get("p") for s in seeds]
+        summary[key] = None if diff is None else {"diff": diff, "p": ps}
+    dial = []
+    for i, point in enumerate(per_seed[seeds[0]]["dial"]):
+        dial.append({
+            "mode": point["mode"],
+            "accuracy": over(lambda r, i=i: r["dial"][i]["accuracy"]),
+            "flops_ratio": over(lambda r, i=i: r["dial"][i]["flops_ratio"]),
         })  # fmt: skip
-    frontier = static_frontier(rows)
-    at = frontier_accuracy_at(frontier, dpn["flops_ratio"])
-    checks.append({
-        "target": "auto >= 3 points above the trained static frontier at its FLOPs",
-        "passed": None if at is None else dpn["accuracy"] - at >= MIN_ABOVE_FRONTIER - 1e-12,
-        "detail": "below the cheapest static point" if at is None else
-        f"{100 * dpn['accuracy']:.1f}% vs frontier {100 * at:.1f}% at {dpn['flops_ratio']:.3f} "
-        f"({100 * (dpn['accuracy'] - at):+.1f} points)",
-    })  # fmt: skip
-    if oracle is not None and not headline_reachable:
-        at_oracle = oracle["regret"].get("auto", {}).get("oracle_accuracy")
-        gap = None if at is None or at_oracle is None else at_oracle - at
-        closed = None if gap is None or gap <= 1e-12 else (dpn["accuracy"] - at) / gap
-        checks.append({
-            "target": "the oracle rules the headline out, so: auto closes >= 2/3 of the static-frontier-to-oracle "
-            "gap at its FLOPs",
-            "passed": None if closed is None else closed >= MIN_GAP_CLOSED,
-            "detail": "n/a" if closed is None else f"frontier {100 * at:.1f}%, oracle {100 * at_oracle:.1f}%, "
-            f"auto {100 * dpn['accuracy']:.1f}%: {100 * closed:.0f}% of the gap closed",
+    summary["dial"] = dial
+    rows = []
+    for budget in DIAL_BUDGETS:
+        at = [next((b for b in per_seed[s]["dial_at_budget"] if b["budget"] == budget), None) for s in seeds]
+        if any(b is None for b in at):
+            continue
+        rows.append({
+            "budget": budget, "modes": [b["mode"] for b in at],
+            "accuracy": mean_sd([b["accuracy"] for b in at]),
+            "flops_ratio": mean_sd([b["flops_ratio"] for b in at]),
+            "vs_frontier": mean_sd([b["vs_frontier"]["diff"] for b in at]),
+            "p": [b["vs_frontier"]["p"] for b in at],
         })  # fmt: skip
-    kinds = dpn.get("per_kind", {})
-    if "fine" in kinds and "coarse" in kinds:
-        fine, coarse = _mean_tokens(kinds["fine"]), _mean_tokens(kinds["coarse"])
-        checks.append({
-            "target": "fine questions keep more visual tokens than coarse ones",
-            "passed": fine > coarse,
-            "detail": f"mean visual tokens after the pooling layers: fine {fine:.1f}, coarse {coarse:.1f}",
-        })  # fmt: skip
-    return checks
+    summary["dial_at_budget"] = rows
+    summary["targets"] = targets(summary)
+    return summary
 
 
-def machine() -> str:
-    import torch
+def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's DPN targets, each ``{"target", "passed", "detail"}`` (means over seeds, p-values per seed)."""
+    out = []
+    front, router, dense = s["vs_frontier"], s["vs_family_router"], s["vs_dense"]
+    if front:
+        passed = front["diff"][0] >= MIN_ABOVE_FRONTIER and all(p < 0.05 for p in front["p"])
+        out.append({"target": "auto >= static frontier + 3 points at its FLOPs (paired test, every seed)",
+                    "passed": passed, "detail": f"{100 * front['diff'][0]:+.1f} +- {100 * front['diff'][1]:.1f} "
+                    f"points at {s['auto_flops'][0]:.3f}; McNemar p {['%.2g' % p for p in front['p']]}"})  # fmt: skip
+    if router:
+        out.append({"target": "auto within 1 point of the budgeted family router at equal FLOPs",
+                    "passed": router["diff"][0] >= -MAX_BELOW_ROUTER,
+                    "detail": f"{100 * router['diff'][0]:+.1f} +- {100 * router['diff'][1]:.1f} points; "
+                    f"McNemar p {['%.2g' % p for p in router['p']]}"})  # fmt: skip
+    if dense:
+        passed = dense["diff"][0] >= -MAX_BELOW_DENSE and s["auto_flops"][0] <= DENSE_BUDGET
+        out.append({"target": "auto >= dense - 0.5 points at <= 0.55 of dense FLOPs", "passed": passed,
+                    "detail": f"{100 * s['auto'][0]:.1f}% at {s['auto_flops'][0]:.3f} vs dense {100 * s['dense'][0]:.1f}% "
+                    f"({100 * dense['diff'][0]:+.1f} points; McNemar p {['%.2g' % p for p in dense['p']]})"})  # fmt: skip
+    rows = s["dial_at_budget"]
+    if rows:
+        worst = min(rows, key=lambda r: r["vs_frontier"][0])
+        out.append({"target": "the dial's curve on or above the static frontier at every budget 0.5-0.8",
+                    "passed": all(r["vs_frontier"][0] >= 0 for r in rows),
+                    "detail": f"worst at {worst['budget']:.2f}: {100 * worst['vs_frontier'][0]:+.1f} points "
+                    f"({len(rows)} budgets)"})  # fmt: skip
+    return out
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-            if not torch.cuda.is_available() else torch.cuda.get_device_name(0)) + (
-        f"; Python {platform.python_version()}, torch {torch.__version__}"
-    )  # fmt: skip
+
+def _pm(v: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
+    return "-" if v is None else f"{scale * v[0]:.{digits}f} +- {scale * v[1]:.{digits}f}"
 
 
-def write_results(report: dict[str, Any], oracle_report: dict[str, Any] | None, trained: list[dict[str, Any]],
-                  checks: dict[str, list[dict[str, Any]]], args: argparse.Namespace, run_dir: Path,
-                  wall_s: float) -> str:  # fmt: skip
-    from jobs.evaluation.oracle import format_section
-    from jobs.evaluation.report import format_family_table, format_table, write_json
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for old in RESULTS.glob("quality_*.png"):
-        old.unlink()
-    rows = report["rows"]
-    plots = []
-    for pass_name in ("eval", "oracle"):
-        for png in sorted((run_dir / pass_name / "plots").glob("*.png")):
-            target = RESULTS / f"quality_{pass_name}_{png.name}"
-            shutil.copyfile(png, target)
-            plots.append(target)
-    oracles = (oracle_report or {}).get("oracle", {})
-    write_json({**report, "oracle": oracles, "targets": checks, "training": trained,
-                "static_frontier": static_frontier(rows)}, RESULTS / "quality.json")  # fmt: skip
+def markdown(summaries: dict[str, dict[str, Any]], histograms, args, wall_s: float) -> str:
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
     lines = [
-        SECTION,
-        "",
-        f"Command: `{command}` (tag `{args.tag}`, {wall_s / 60:.0f} min in all).  ",
-        f"Machine: {machine()}.  ",
-        f"Data: `{data_path(args)}` eval split ({rows[0]['num_samples'] if rows else 0} questions; "
-        "coarse = big_color/big_count/big_side, fine = tile_half/tile_corner/tile_diagonal).",
-        "",
-        f"Every variant is one `python -m jobs.train --config {CONFIG}` run with the same budget (start: the "
-        "stage-1 model `checkpoints/tiny-dense`; same data, steps, batch and lr schedule), differing only in the "
-        "overrides listed:",
-        "",
-    ]
-    for label, uri in report.get("given_models", {}).items():
-        lines.append(
-            f"- {label}: trained earlier, passed as `--model {label}={uri}` ({' '.join(VARIANTS[label][0])})"
-        )
-    for t in trained:
-        extra = [o for o in t["overrides"] if not o.startswith(("run.", "mlflow.", "data.path="))]
-        lines.append(f"- {t['name']}: `{' '.join(extra)}` -> {t.get('steps', '?')} steps, "
-                     f"{float(t.get('seconds', t['wall_s'])):.0f} s of training")  # fmt: skip
-    lines += [
-        "",
-        "FLOPs are analytic prefill FLOPs per sample (`dpn_model.flops`); `x dense` is the whole prefill "
-        "(vision tower + projector + language model), `LLM x dense` the language model alone.",
-        "",
-        format_table(rows, markdown=True),
-        "",
-        "Accuracy per question family (%; routed rows: accuracy / mean visual tokens kept after the last pooling "
-        "layer):",
-        "",
-        format_family_table(rows, markdown=True),
-        "",
-        "Static frontier of the trained baselines (x dense, accuracy): "
-        + ", ".join(f"({f:.3f}, {100 * a:.1f}%)" for f, a in static_frontier(rows)),
-        "",
-    ]
-    for label, section in oracles.items():
-        lines += [f"Oracle analysis of `{label}` (`dpn eval --oracle`: all {section['num_paths']} static paths "
-                  "run on this one model):", "", "```", format_section(label, section), "```", ""]  # fmt: skip
-    lines += ["Targets (the paper, LLaVA-1.5-7B: -56% FLOPs at +0.74% accuracy):", ""]
-    for label, items in checks.items():
-        for c in items:
-            mark = "PASS" if c["passed"] else ("n/a" if c["passed"] is None else "MISSED")
-            lines.append(f"- `{label}` **{mark}** {c['target']}: {c['detail']}")
-    lines += ["", *[f"![{p.stem}](benchmarks/results/{p.name})" for p in plots], ""]
-    text = "\n".join(lines)
-    (RESULTS / "quality.md").write_text(text.replace("](benchmarks/results/", "](") + "\n")
-    _update_benchmarks_md(text)
-    return text
+        SECTION, "",
+        f"Command: `{command}` ({wall_s / 60:.0f} min in all, the baselines of `benchmarks/headroom.py` reused). "
+        f"Machine: {runner.machine()}.  ",
+        "Every DPN variant: one path per sample (the baselines' compute per step), the headroom check's budget and "
+        "seeds; settings chosen on dev, figures on test, mean +- SD over the seeds; `diff` is DPN minus the "
+        "baseline on the same questions, with McNemar's p per seed.", "",
+    ]  # fmt: skip
+    for name, s in summaries.items():
+        lines += [f"**{name}** ({' '.join(VARIANTS[name])}), seeds {s['seeds']}:", "",
+                  f"- auto: {_pm(s['auto'])}% at {_pm(s['auto_flops'], 1, 3)} of dense FLOPs (dense {_pm(s['dense'])}%)"]  # fmt: skip
+        for key, what in (("vs_frontier", "the static frontier"), ("vs_family_router", "the budgeted family router"),
+                          ("vs_dense", "dense")):  # fmt: skip
+            if s[key]:
+                lines.append(f"- vs {what} at equal FLOPs: {_pm(s[key]['diff'])} points, p {['%.2g' % p for p in s[key]['p']]}")
+        lines += ["", "| dial | accuracy % | x dense |", "|---|---|---|"]
+        lines += [f"| {d['mode']} | {_pm(d['accuracy'])} | {_pm(d['flops_ratio'], 1, 3)} |" for d in s["dial"]]
+        lines += ["", "| budget | dial chosen on dev (per seed) | accuracy % | x dense | vs static frontier (points) | p |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in s["dial_at_budget"]:
+            lines.append(f"| {r['budget']:.2f} | {', '.join(r['modes'])} | {_pm(r['accuracy'])} | "
+                         f"{_pm(r['flops_ratio'], 1, 3)} | {_pm(r['vs_frontier'])} | {['%.2g' % p for p in r['p']]} |")  # fmt: skip
+        lines += ["", "Targets:", ""]
+        for t in s["targets"]:
+            mark = "MET" if t["passed"] else "MISSED"
+            lines.append(f"- **{mark}** {t['target']}: {t['detail']}")
+        lines += ["", "Paths auto takes per family (test, all seeds):", "", "| family | paths (share) |", "|---|---|"]
+        for family, shares in histograms[name].items():
+            lines.append(f"| {family} | {', '.join(f'{p} {100 * v:.0f}%' for p, v in list(shares.items())[:4])} |")
+        lines.append("")
+    lines += ["![accuracy vs FLOPs](benchmarks/results/quality.png)",
+              "![routing per family](benchmarks/results/quality_routing.png)", ""]  # fmt: skip
+    return "\n".join(lines)
 
 
-def _update_benchmarks_md(section: str) -> None:
-    """Replace (or append) this benchmark's section of BENCHMARKS.md, leaving the others alone."""
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1 :] if nxt >= 0 else "\n")
-    path.write_text(text)
+def plot(summaries, baseline_summary, histograms, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, p in baseline_summary["points"].items():
+        if name == headroom.RANDOM:
+            continue
+        ax.errorbar(p["flops_ratio"][0], 100 * p["accuracy"][0], yerr=100 * p["accuracy"][1], fmt="o", color="C0")
+        ax.annotate(p["compression"], (p["flops_ratio"][0], 100 * p["accuracy"][0]), fontsize=7,
+                    xytext=(3, -9), textcoords="offset points")  # fmt: skip
+    rows = baseline_summary["curves"]["separate"]
+    ax.plot([r["budget"] for r in rows], [100 * r["static"][0] for r in rows], "--", color="C0", label="static frontier")
+    for k, (name, s) in enumerate(summaries.items()):
+        dial = sorted(s["dial"], key=lambda d: d["flops_ratio"][0])
+        x = [d["flops_ratio"][0] for d in dial]
+        y = np.array([100 * d["accuracy"][0] for d in dial])
+        e = np.array([100 * d["accuracy"][1] for d in dial])
+        color = f"C{3 + k}"
+        ax.plot(x, y, "-", color=color, label=f"{name}: the dial (one model)")
+        ax.fill_between(x, y - e, y + e, color=color, alpha=0.2)
+        ax.plot(s["auto_flops"][0], 100 * s["auto"][0], "*", color=color, markersize=14)
+    ax.set_xlabel("prefill FLOPs (x dense)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("cells benchmark: DPN's cost dial vs trained static schedules (mean +- SD over seeds)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(histograms), figsize=(6 * len(histograms), 3.5), squeeze=False)
+    for ax, (name, per_family) in zip(axes[0], histograms.items()):
+        paths = sorted({p for shares in per_family.values() for p in shares})
+        bottom = np.zeros(len(per_family))
+        for path in paths:
+            values = np.array([per_family[f].get(path, 0.0) for f in per_family])
+            ax.bar(list(per_family), 100 * values, bottom=100 * bottom, label=path)
+            bottom += values
+        ax.set_title(f"{name}: paths auto takes per family")
+        ax.set_ylabel("% of test questions")
+        ax.legend(fontsize=7, title="path", loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "quality_routing.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="which variants to train, in this order"
-    )
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=URI",
-                        help="use an already trained model for a variant instead of training it")  # fmt: skip
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra jobs.train override for every variant (e.g. train.max_steps=600)")  # fmt: skip
-    parser.add_argument("--oracle-variants", default="dpn-ref,dpn-reinforce",
-                        help="routed variants the oracle pass runs all static paths on ('' skips the pass)")  # fmt: skip
-    parser.add_argument(
-        "--data", help="the synthetic dataset root (default: the one the training config generates)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--experiment", default="dpn-quality")
-    parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="suffix of run names")
-    parser.add_argument(
-        "--no-write", action="store_true", help="do not touch BENCHMARKS.md / benchmarks/results"
-    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--init", default="checkpoints/tiny-dense-cells")
+    parser.add_argument("--data", default=str(runner.REPO / "runs" / "data" / "cells"))
+    parser.add_argument("--run-dir", default=str(runner.REPO / "runs" / "headroom"))
+    parser.add_argument("--experiment", default="dpn-headroom")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run_dir = REPO / "runs" / "quality" / args.tag
+    run_dir = Path(args.run_dir)
+    state = runner.State(run_dir)
     start = time.time()
-    given = dict(m.split("=", 1) for m in args.model)
-    unknown = [n for n in [*given, *args.variants.split(",")] if n.strip() and n.strip() not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    models = dict(given)
-    trained: list[dict[str, Any]] = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() not in given]:
-        result = train_variant(name, args, run_dir)
-        trained.append(result)
-        models[name] = result["model_uri"]
-        (run_dir / "trained.json").write_text(json.dumps(trained, indent=1))  # resume by hand with --model
-    models = {name: models[name] for name in VARIANTS if name in models}  # table order
-    report = evaluate(models, args, run_dir, oracle=False)
-    report["given_models"] = {k: v for k, v in models.items() if k in given}
-    routed = {k: v for k, v in models.items() if VARIANTS[k][3]}
-    wanted = {v.strip() for v in args.oracle_variants.split(",") if v.strip()}
-    on_oracle = {k: v for k, v in routed.items() if k in wanted}
-    oracle_report = evaluate(on_oracle, args, run_dir, oracle=True) if on_oracle else None
-    sections = (oracle_report or {}).get("oracle", {})
-    checks = {name: check_variant(name, report["rows"], sections.get(name)) for name in routed}
-    if args.no_write:
-        from jobs.evaluation.report import format_table
-
-        print(format_table(report["rows"]))
-    else:
-        print(write_results(report, oracle_report, trained, checks, args, run_dir, time.time() - start))
-    for name, items in checks.items():
-        for c in items:
-            logger.info("%s %s %s: %s", name, {True: "PASS", False: "MISSED"}.get(c["passed"], "n/a"), c["target"],
-                        c["detail"])  # fmt: skip
+    baselines = headroom.train_all(args, run_dir, state)  # read back from the headroom check's state
+    base_per_seed, summaries, histograms = {}, {}, {}
+    for name in [v for v in args.variants.split(",") if v]:
+        per_seed, records = {}, []
+        for seed in args.seeds:
+            common = ["model.paths_per_sample=1", f"train.max_steps={args.steps}", f"model.init={args.init}"]
+            model = runner.train(name, seed, [*common, *VARIANTS[name], *args.override], run_dir, args.data,
+                                 args.experiment, state)["model_dir"]  # fmt: skip
+            dev = headroom.seed_tables(baselines[seed], "dev", seed, args, run_dir, state)
+            test = headroom.seed_tables(baselines[seed], "eval", seed, args, run_dir, state)
+            base_per_seed[seed] = headroom.analyse_seed(dev, test)
+            statics = (columns_table({n: dev[n] for n in headroom.STATIC}, dict(headroom.STATIC), "dev"),
+                       columns_table({n: test[n] for n in headroom.STATIC}, dict(headroom.STATIC), "eval"))  # fmt: skip
+            dpn = (dpn_tables(model, name, "dev", seed, args, run_dir, state),
+                   dpn_tables(model, name, "eval", seed, args, run_dir, state))  # fmt: skip
+            per_seed[seed] = analyse_seed(statics, test["dense"], dpn)
+            records += runner.evaluate({name: (model, modes())}, "eval", f"{name}-s{seed}", run_dir, args.data,
+                                       args.experiment, state)  # fmt: skip
+        summaries[name] = summarise(per_seed)
+        histograms[name] = routing_histogram(records, name)
+    baseline_summary = headroom.summarise(base_per_seed)
+    out = {"summaries": summaries, "histograms": histograms, "baselines": baseline_summary}
+    (run_dir / "quality.json").write_text(json.dumps(out, indent=1))
+    section = markdown(summaries, histograms, args, time.time() - start)
+    print(section)
+    if args.write:
+        results = runner.REPO / "benchmarks" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "quality.json").write_text(json.dumps(out, indent=1))
+        plot(summaries, baseline_summary, histograms, results)
+        headroom.update_benchmarks_md(section, SECTION)
     return 0
 
 

@@ -10,6 +10,7 @@ they did. Also here: [`parse_compression`], the one parser of a `compression` va
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ ROUTER_TOKEN_REDUCTIONS = ("mean", "last")
 ROUTER_ESTIMATORS = ("scale", "reinforce")
 ROUTER_BASELINES = ("batch", "critic")
 ROUTING_MODES = ("auto", "random")
+COST_PREFIX = "auto:lambda="  # the cost dial: "auto:lambda=0.5" (see parse_compression)
 DPN_CONFIG_VERSION = 2
 DEFAULT_EXPERT_STRIDES = ((1, 1), (1, 2), (2, 2))
 # the compression factors of the default experts (`h * w` of each stride, as `compression_factors`): 1, 2, 4
@@ -334,12 +336,46 @@ def _as_factor(item: Any, value: Any) -> int:
     return int(item)
 
 
-def _parse_syntax(value: Any) -> Compression:
-    """`value` as "auto", "random", an int or a tuple of ints, checked for form only."""
+def _parse_cost(text: str, value: Any) -> str:
+    """`"auto:lambda=X"` in its canonical spelling (`X` as `%g`; `"auto"` itself when `X` is 0)."""
+    _, _, number = text.partition("=")
+    try:
+        cost = float(number)
+    except ValueError:
+        cost = math.nan
+    if not text.startswith(COST_PREFIX) or not math.isfinite(cost):
+        raise ValueError(
+            f"compression {value!r} is not understood: the cost dial is 'auto:lambda=X' with X a finite number "
+            "(0 is the router's own choice, a larger X keeps fewer visual tokens, a negative one more)"
+        )
+    return "auto" if cost == 0 else f"{COST_PREFIX}{cost:g}"
+
+
+def routing_mode(value: Any) -> str | None:
+    """`"auto"` (the router, with or without a cost dial), `"random"`, or None for a forced factor or schedule."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ROUTING_MODES:
             return text
+        if text.startswith("auto:"):
+            return "auto"
+    return None
+
+
+def router_cost(value: Any) -> float:
+    """The cost dial `lambda` of an `"auto:lambda=X"` compression (0 for plain `"auto"` and the other forms)."""
+    text = _parse_syntax(value)
+    return float(text[len(COST_PREFIX) :]) if isinstance(text, str) and text.startswith(COST_PREFIX) else 0.0
+
+
+def _parse_syntax(value: Any) -> Compression:
+    """`value` as "auto", "auto:lambda=X", "random", an int or a tuple of ints, checked for form only."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ROUTING_MODES:
+            return text
+        if text.startswith("auto:"):
+            return _parse_cost(text, value)
         if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]
         parts = _SCHEDULE_SEPARATOR.split(text.strip())
@@ -365,6 +401,10 @@ def parse_compression(value: Any, config: DPNConfig | None = None) -> Compressio
 
     Accepted forms:
         - `"auto"`: the learned router (samples in training, argmax otherwise);
+        - `"auto:lambda=X"`: the router with a cost dial, an inference-time knob that trades accuracy for FLOPs
+          without retraining: each sample takes `argmax_e log p_e - X * kept_e` over the feasible experts, `kept_e`
+          the share of the visual tokens expert `e` keeps (1, 1/2, 1/4); `X = 0` is `"auto"`, a larger `X` pools
+          harder, a negative one keeps more (training ignores it: it samples);
         - `"random"`: a uniformly drawn expert per sample and pooling layer, among the experts the token floor
           allows (the paper's random-routing ablation);
         - a factor, `2` or `"2"`: that expert at every pooling layer (1 is dense);
@@ -378,13 +418,14 @@ def parse_compression(value: Any, config: DPNConfig | None = None) -> Compressio
             and a schedule needs one factor per pooling layer. Without it only the form is checked.
 
     Returns:
-        `"auto"`, `"random"`, an `int`, or a `tuple[int, ...]` (a schedule).
+        `"auto"`, `"auto:lambda=X"` (canonical `%g` spelling), `"random"`, an `int`, or a `tuple[int, ...]`
+        (a schedule).
 
     Raises:
         `ValueError`: an unknown mode, a factor no expert has, or a schedule of the wrong length.
     """
     parsed = _parse_syntax(value)
-    if config is None or parsed in ROUTING_MODES:
+    if config is None or routing_mode(parsed):
         return parsed
     factors = [h * w for h, w in config.expert_strides]
     schedule = parsed if isinstance(parsed, tuple) else (parsed,)
@@ -405,7 +446,7 @@ def parse_compression(value: Any, config: DPNConfig | None = None) -> Compressio
 def compression_schedule(value: Any, config: DPNConfig) -> list[int] | None:
     """Expert index forced at each pooling layer, or `None` for the routed modes ("auto", "random")."""
     parsed = parse_compression(value, config)
-    if parsed in ROUTING_MODES:
+    if routing_mode(parsed):
         return None
     factors = [h * w for h, w in config.expert_strides]
     schedule = parsed if isinstance(parsed, tuple) else (parsed,) * len(config.pooling_layers)
@@ -434,4 +475,6 @@ __all__ = [
     "compression_label",
     "compression_schedule",
     "parse_compression",
+    "router_cost",
+    "routing_mode",
 ]

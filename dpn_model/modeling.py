@@ -31,11 +31,12 @@ from transformers.models.llava.modeling_llava import (
 from dpn_model import flops as flops_lib
 from dpn_model.cache import DPNCache
 from dpn_model.configuration import (
-    ROUTING_MODES,
     Compression,
     DPNConfig,
     compression_schedule,
     parse_compression,
+    router_cost,
+    routing_mode,
 )
 from dpn_model.encoder_cache import EncoderCache
 from dpn_model.pooling import DynamicPoolingExperts, PoolingConv, RouterCritic, pooled_grid, router_input
@@ -298,6 +299,21 @@ def _positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class RoutingPlan:
+    """How one forward chooses its experts (from its `compression`, [`parse_compression`]).
+
+    Attributes:
+        mode: `"auto"` (the router), `"random"`, or `"forced"` (a factor or a schedule).
+        schedule: expert index per pooling layer (forced only; else None).
+        cost: the cost dial `lambda` of `"auto:lambda=X"` (inference: argmax of `log p - lambda * kept share`).
+    """
+
+    mode: str
+    schedule: list[int] | None = None
+    cost: float = 0.0
+
+
+@dataclass(frozen=True)
 class PrefillState:
     """What the prefill loop carries from segment to segment; each pooling stage returns a new, shorter one.
 
@@ -421,12 +437,13 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _plan(self, compression: Compression) -> tuple[str, list[int] | None]:
-        """`("auto" | "random", None)`, or `("forced", expert index per pooling layer)`; see [`parse_compression`]."""
+    def _plan(self, compression: Compression) -> RoutingPlan:
+        """The [`RoutingPlan`] of a `compression` (see [`parse_compression`])."""
         parsed = parse_compression(compression, self.config)
-        if parsed in ROUTING_MODES:
-            return parsed, None
-        return "forced", compression_schedule(parsed, self.config)
+        mode = routing_mode(parsed)
+        if mode:
+            return RoutingPlan(mode, None, router_cost(parsed))
+        return RoutingPlan("forced", compression_schedule(parsed, self.config))
 
     def _segments(self) -> list[range]:
         """Decoder layer indices of each segment: the layers between two pooling points."""
@@ -506,14 +523,18 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             raise TypeError(f"set_encoder_cache takes an EncoderCache or None, got {type(cache).__name__}")
         self._encoder_cache = cache
 
-    def _route(self, stage: DynamicPoolingExperts, state: PrefillState, mode: str, forced: int | None):
+    def _route(
+        self, stage: DynamicPoolingExperts, state: PrefillState, plan: RoutingPlan, forced: int | None
+    ):
         """Expert per sample `(B,)`, its gate `(B,)` (the chosen probability; None when no router ran), the
         router probabilities `(B, E)` and the experts the token floor allowed `(B, E)` (auto only; else None),
         and the critic's value `(B,)` (training with `router_baseline="critic"` only; else None).
 
         The router and random routing choose among the experts the token floor allows (training: sampled from
         the feasible ones, as the reference's re-sampling; otherwise the feasible argmax). The gate is the
-        chosen expert's probability under the full distribution, as in the reference.
+        chosen expert's probability under the full distribution, as in the reference. At inference the cost dial
+        (`plan.cost`, `"auto:lambda=X"`) shifts the argmax: `log p_e - X * kept_e`, `kept_e` the share of the
+        visual tokens expert `e` keeps.
         """
         hidden = state.hidden
         batch = hidden.shape[0]
@@ -528,7 +549,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         cfg = self.config
         floor = cfg.train_token_floor if self.training else cfg.inference_token_floor
         feasible = stage.feasible_experts(state.rows, state.cols, floor)  # (B, E)
-        if mode == "random":
+        if plan.mode == "random":
             return torch.multinomial(feasible.float(), 1).squeeze(-1), None, None, None, None
         features = router_input(hidden, state.is_router, cfg.router_token_reduction)
         probs = stage.router(features)  # (B, E) f32
@@ -540,12 +561,16 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             if explore:
                 sampling = exploring(feasible_distribution(probs.detach(), feasible), feasible, explore)
             choice = torch.multinomial(sampling, 1).squeeze(-1)
+        elif plan.cost:
+            kept = torch.tensor([1.0 / (h * w) for h, w in stage.strides], device=probs.device)  # (E,)
+            score = probs.detach().clamp_min(1e-30).log() - plan.cost * kept
+            choice = score.masked_fill(~feasible, float("-inf")).argmax(-1)
         else:
             choice = allowed.argmax(-1)
         gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         return choice, gate, probs, feasible, value
 
-    def _pool_stage(self, s: int, state: PrefillState, mode: str, schedule: list[int] | None, ragged: bool):
+    def _pool_stage(self, s: int, state: PrefillState, plan: RoutingPlan, ragged: bool):
         """Route and pool the visual tokens after pooling layer `s`.
 
         With `ragged`, samples that took different experts here are split into groups (one per expert, plus
@@ -563,8 +588,8 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         stage = self.pyramid[s]
         n_visual = state.rows * state.cols
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
-        forced = schedule[s] if schedule is not None else None
-        choice, gate, probs, feasible, value = self._route(stage, state, mode, forced)
+        forced = plan.schedule[s] if plan.schedule is not None else None
+        choice, gate, probs, feasible, value = self._route(stage, state, plan, forced)
         chosen = torch.where(eligible, choice, -1)
         identity = forced is not None and stage.strides[forced] == (1, 1)
         if not eligible.any() or identity:
@@ -656,13 +681,13 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         )
 
     def _prefill_state(
-        self, input_ids, embeds, is_visual, attention_mask, position_ids, mode: str
+        self, input_ids, embeds, is_visual, attention_mask, position_ids, plan: RoutingPlan
     ) -> PrefillState:
         """The state the prefill loop starts from: the embedded input, its mask, positions and tokens' kinds."""
         cfg = self.config
         is_router = input_ids == cfg.router_token_id
         has_image = is_visual.any(-1)
-        if mode == "auto" and (has_image & ~is_router.any(-1)).any():
+        if plan.mode == "auto" and (has_image & ~is_router.any(-1)).any():
             i = int((has_image & ~is_router.any(-1)).nonzero()[0, 0])
             raise ValueError(
                 f"compression='auto' needs a <router> token (id {cfg.router_token_id}) after the question in every "
@@ -798,7 +823,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             cache (`DPNCache`, *optional*): cache from an earlier call; an empty `DynamicCache` is replaced.
             use_cache (`bool`, *optional*): return a cache for decoding.
             compression (`str`, `int` or `Sequence[int]`): `"auto"` (router: sample in training, argmax in
-                eval, among the experts the token floor allows); `"random"` (a uniformly drawn feasible expert
+                eval, among the experts the token floor allows); `"auto:lambda=X"` (the router with the cost dial:
+                at inference `argmax_e log p_e - X * kept_e`, `kept_e` the share of visual tokens expert `e` keeps,
+                so one trained model trades accuracy for FLOPs without retraining); `"random"` (a uniformly drawn feasible expert
                 per sample and pooling layer, no router); an expert's factor (1, 2, 4 by default) forced at every
                 pooling layer (1 is dense); or a schedule, one factor per pooling layer (`[1, 2, 4]`, `"1,2,4"`).
                 Parsed by [`parse_compression`]; invalid values raise `ValueError`.
@@ -816,7 +843,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         use_cache = cfg.text_config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states)
         ragged = not self.training if ragged is None else ragged
-        mode, schedule = self._plan(compression)
+        plan = self._plan(compression)
         if input_ids is None:
             raise ValueError(
                 "DPN needs input_ids to find the image and router tokens (inputs_embeds alone is not enough)"
@@ -839,8 +866,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
             position_ids,
             cache,
             use_cache=use_cache,
-            mode=mode,
-            schedule=schedule,
+            plan=plan,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             output_hidden_states=output_hidden_states,
@@ -855,8 +881,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         position_ids: torch.LongTensor | None,
         cache: DPNCache | None,
         use_cache: bool,
-        mode: str,
-        schedule: list[int] | None,
+        plan: RoutingPlan,
         vision_feature_layer: int | None,
         vision_feature_select_strategy: str | None,
         output_hidden_states: bool,
@@ -878,7 +903,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
         embeds, is_visual = self._embed(
             input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy
         )
-        state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, mode)
+        state = self._prefill_state(input_ids, embeds, is_visual, attention_mask, position_ids, plan)
         left = bool(attention_mask[:, -1].all())  # pad outputs on the left unless the input is right padded
         n_stages = len(self.pyramid)
         segments = self._segments()
@@ -901,7 +926,7 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
                 if s == n_stages:
                     next_groups.append((rows, g_state, g_cache))
                     continue
-                parts, chosen, probs, feasible, value = self._pool_stage(s, g_state, mode, schedule, ragged)
+                parts, chosen, probs, feasible, value = self._pool_stage(s, g_state, plan, ragged)
                 seg_stage.append((rows, chosen, probs, feasible, value))
                 for sub_rows, sub_state in parts:
                     if sub_rows is None:

@@ -1,6 +1,32 @@
-"""Synthetic benchmark dataset: simple scenes with coarse and fine question families.
+"""Synthetic benchmark datasets: simple scenes with coarse and fine question families.
 
-Every image (default 64x64 RGB, grey background) holds one to three **large shapes** (square,
+Two benchmarks, each a :class:`Benchmark` in :data:`BENCHMARKS` (the manifest records which one a root holds):
+
+* ``cells`` (generator version 3, the default): the benchmark on which per-sample routing can win. Every
+  64x64 image holds one **large shape** (square, circle or triangle in one of five colours) on a background
+  that is grey, white or black, and a fixed 2x2 **block of cells** in the top-left corner: four cells of one
+  patch each (4x4 px at 64 px / patch 4), each one of the five colours, drawn independently. The block is
+  exactly one 2x2 pooling window, aligned with the 1x2 windows: 1x2 pooling after the first pooling layer
+  merges a cell with its horizontal neighbour, 2x2 with all three others, while the large shape, its side and
+  the background survive any pooling. The mix is realistic: three coarse families (75% of the questions) and
+  one fine family (25%), whose question names the cell by its position, so the detail has to be read from the
+  visual tokens after the first pooling layer (a question token in decoder layer 1 cannot know which cell the
+  question asks for before it has read the rest of the question).
+
+  ==============  ======  ======  ============================================  ===========================
+  family          kind    share   question                                      answers
+  ==============  ======  ======  ============================================  ===========================
+  big_color       coarse  25%     colour of the large shape                     red green blue yellow purple
+  big_side        coarse  25%     which side the large shape is on              left right
+  bg_color        coarse  25%     colour of the background                      gray white black
+  cell_color      fine    25%     colour of the {top left, ...} cell            red green blue yellow purple
+  ==============  ======  ======  ============================================  ===========================
+
+* ``tiles`` (generator version 2, kept for comparison with the earlier figures): described below. On it no
+  router can beat the best static schedule: the tile is read through decoder layer 1 only, so one static path
+  (1-4-4) answers every fine question (BENCHMARKS_HISTORY.md).
+
+The ``tiles`` benchmark. Every image (default 64x64 RGB, grey background) holds one to three **large shapes** (square,
 circle or triangle in one of five colours) and one small black-and-white **tile**. The tile is
 the top-left cell of the 8x8 cell grid (``image_size // 8`` pixels, 8 px at 64 px; the large
 shapes keep clear of it), split into 2x2 quadrants that are each white or black. It always sits
@@ -26,13 +52,16 @@ tile_corner     fine    which corner (quadrant) of the tile is white   topleft t
 tile_diagonal   fine    which diagonal of the tile is white            falling rising
 ==============  ======  =============================================  ===========================
 
-Samples are a pure function of ``(seed, tag, index)`` (``tag`` is the split or shard name), so
-the same seed gives the same ids and bytes. Ids are ``syn-<tag>-<seed>-<index>``; eval images
-are additionally checked against train images (pixel hash) and colliding draws are skipped, so
-train and eval share neither ids nor images.
+Samples are a pure function of ``(benchmark, seed, tag, index)`` (``tag`` is the split or shard
+name), so the same seed gives the same ids and bytes. Ids are ``syn-<tag>-<seed>-<index>``; eval
+images are checked against train images (pixel hash) and colliding draws are skipped, dev images
+against train and eval, so the splits share neither ids nor images.
 
-On-disk formats (split names ``train`` and ``eval`` in every format; a later retraining shard
-named ``S`` is written as a train file ``train-S...``):
+Splits: ``train``; ``dev`` (for choosing settings: a family's path, a budget, a hyperparameter;
+written when ``num_dev`` > 0); ``eval``, the **test** split, scored once per reported figure.
+
+On-disk formats (split names ``train``, ``dev`` and ``eval`` in every format; a later retraining
+shard named ``S`` is written as a train file ``train-S...``):
 
 * ``llava``: ``<out>/train.json`` and ``<out>/eval.json`` (shards: ``train-S.json``), each a JSON
   list of ``{"id", "image": "images/<id>.png", "conversations": [{"from": "human", "value":
@@ -57,7 +86,7 @@ import io
 import json
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +95,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dpn_model.tokenization import IMAGE_TOKEN
+from pipelines.storage import atomic_write_text
 
 FORMATS = ("llava", "webdataset", "parquet")
 MANIFEST_NAME = "synthetic.json"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 2  # the tiles benchmark's (a manifest without "benchmark" is a tiles root)
+DEFAULT_BENCHMARK = "cells"
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_SAMPLES_PER_SHARD = 1000
 
@@ -187,12 +218,15 @@ class SyntheticSample:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _validate(image_size: int, families: Sequence[str]) -> None:
+def _validate(image_size: int, families: Sequence[str], benchmark: Benchmark) -> None:
     if image_size < 32 or image_size % 16:
         raise ValueError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
-    unknown = sorted(set(families) - set(FAMILIES))
+    unknown = sorted(set(families) - set(benchmark.families))
     if unknown or not families:
-        raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")
+        raise ValueError(
+            f"families must be a non-empty subset of the {benchmark.name} benchmark's "
+            f"{tuple(benchmark.families)}, got {list(families)}"
+        )
 
 
 def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
@@ -256,28 +290,16 @@ def paint_tile(
     image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = colors
 
 
-def _family_answer(rng: np.random.Generator, family: str) -> str:
-    return str(rng.choice(ANSWERS[family]))
+def _family_answer(
+    rng: np.random.Generator, family: str, answers: dict[str, tuple[str, ...]] = ANSWERS
+) -> str:
+    return str(rng.choice(answers[family]))
 
 
-def render_sample(
-    seed: int, tag: str, index: int, image_size: int = DEFAULT_IMAGE_SIZE, families: Sequence[str] = FAMILIES
-) -> SyntheticSample:
-    """Render sample ``index`` of stream ``tag`` (split or shard name) for ``seed``.
-
-    Args:
-        seed: dataset seed.
-        tag: stream name (``"train"``, ``"eval"`` or a shard name); streams draw independently.
-        index: position in the stream.
-        image_size: image side in pixels (multiple of 16).
-        families: families to draw the question from (uniformly).
-    Returns:
-        The sample; a pure function of the arguments.
-    """
-    _validate(image_size, families)
-    rng = np.random.default_rng([seed, zlib.crc32(tag.encode()), index])
-    family = str(rng.choice(list(families)))
-    answer = _family_answer(rng, family)
+def _render_tiles(
+    rng: np.random.Generator, family: str, answer: str, image_size: int
+) -> tuple[np.ndarray, str]:
+    """The tiles scene for one (family, answer): `(H, W, 3)` uint8 pixels and the question."""
     count = (
         COUNT_WORDS.index(answer) + 1
         if family == "big_count"
@@ -297,14 +319,147 @@ def render_sample(
     tile_family = family if family in TILE_PATTERNS else str(rng.choice(list(TILE_PATTERNS)))
     tile_answer = answer if family in TILE_PATTERNS else _family_answer(rng, tile_family)
     paint_tile(image, *TILE_CELL, TILE_PATTERNS[tile_family][tile_answer])
-    question = str(rng.choice(QUESTIONS[family]))
+    return image, str(rng.choice(QUESTIONS[family]))
+
+
+# ----------------------------------------------------------------------------- the cells benchmark
+
+CELL_COLORS = tuple(PALETTE)  # a cell is one of the shapes' five colours
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
+}
+CELL_NAMES = ("top left", "top right", "bottom left", "bottom right")  # row-major over the 2x2 block
+CELLS_FAMILY_KIND: dict[str, str] = {
+    "big_color": "coarse",
+    "big_side": "coarse",
+    "bg_color": "coarse",
+    "cell_color": "fine",
+}
+CELLS_WEIGHTS: dict[str, float] = {"big_color": 0.25, "big_side": 0.25, "bg_color": 0.25, "cell_color": 0.25}
+CELLS_ANSWERS: dict[str, tuple[str, ...]] = {
+    "big_color": tuple(PALETTE),
+    "big_side": ("left", "right"),
+    "bg_color": tuple(BACKGROUNDS),
+    "cell_color": CELL_COLORS,
+}
+CELLS_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "big_color": QUESTIONS["big_color"],
+    "big_side": QUESTIONS["big_side"],
+    "bg_color": ("What colour is the background?", "Which colour does the background have?"),
+    "cell_color": ("What colour is the {cell} cell?", "Which colour has the {cell} cell?"),
+}
+
+
+def cell_block_box(image_size: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of the 2x2 block of cells: the image's top-left corner, one patch per cell (a
+    sixteenth of the side: 4 px at 64 px, the tiny preset's patch)."""
+    side = 2 * (image_size // 16)
+    return (0, 0, side, side)
+
+
+def _render_cells(
+    rng: np.random.Generator, family: str, answer: str, image_size: int
+) -> tuple[np.ndarray, str]:
+    """The cells scene for one (family, answer): `(H, W, 3)` uint8 pixels and the question."""
+    side = answer if family == "big_side" else str(rng.choice(("left", "right")))
+    color = answer if family == "big_color" else str(rng.choice(tuple(PALETTE)))
+    background = answer if family == "bg_color" else str(rng.choice(tuple(BACKGROUNDS)))
+    block = cell_block_box(image_size)
+    while True:
+        (box,) = _place_big_shapes(rng, image_size, 1, side)
+        if not _boxes_overlap(box, block, gap=2):
+            break
+    canvas = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+    _draw_shape(ImageDraw.Draw(canvas), str(rng.choice(SHAPES)), box, PALETTE[color])
+    image = np.array(canvas)  # (H, W, 3) uint8
+    cells = [str(c) for c in rng.choice(CELL_COLORS, size=4)]
+    question = str(rng.choice(CELLS_QUESTIONS[family]))
+    if family == "cell_color":
+        asked = int(rng.integers(0, 4))
+        cells[asked] = answer
+        question = question.format(cell=CELL_NAMES[asked])
+    cell = image_size // 16
+    for k, name in enumerate(cells):
+        row, col = divmod(k, 2)
+        image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = PALETTE[name]
+    return image, question
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One synthetic benchmark: its families, their mix and answers, and how a scene is drawn.
+
+    Attributes:
+        name: ``"cells"`` or ``"tiles"`` (the manifest's ``benchmark``).
+        version: generator version of its scenes (a root written by another version is refused).
+        families: family -> kind (``"coarse"`` or ``"fine"``).
+        weights: family -> share of the questions (``None``: uniform).
+        answers: family -> the closed set of single-word answers.
+        render: ``(rng, family, answer, image_size) -> (pixels, question)``.
+    """
+
+    name: str
+    version: int
+    families: dict[str, str]
+    weights: dict[str, float] | None
+    answers: dict[str, tuple[str, ...]]
+    render: Callable[[np.random.Generator, str, str, int], tuple[np.ndarray, str]]
+
+    def draw_family(self, rng: np.random.Generator, families: Sequence[str]) -> str:
+        if self.weights is None:
+            return str(rng.choice(list(families)))
+        weights = np.array([self.weights[f] for f in families], dtype=np.float64)
+        return str(rng.choice(list(families), p=weights / weights.sum()))
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "cells": Benchmark("cells", 3, CELLS_FAMILY_KIND, CELLS_WEIGHTS, CELLS_ANSWERS, _render_cells),
+    "tiles": Benchmark("tiles", GENERATOR_VERSION, FAMILY_KIND, None, ANSWERS, _render_tiles),
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown synthetic benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def render_sample(
+    seed: int,
+    tag: str,
+    index: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    families: Sequence[str] | None = None,
+    benchmark: str = DEFAULT_BENCHMARK,
+) -> SyntheticSample:
+    """Render sample ``index`` of stream ``tag`` (split or shard name) for ``seed``.
+
+    Args:
+        seed: dataset seed.
+        tag: stream name (``"train"``, ``"dev"``, ``"eval"`` or a shard name); streams draw independently.
+        index: position in the stream.
+        image_size: image side in pixels (multiple of 16).
+        families: families to draw the question from, in the benchmark's mix (default: all of them).
+        benchmark: ``"cells"`` or ``"tiles"``.
+    Returns:
+        The sample; a pure function of the arguments.
+    """
+    spec = get_benchmark(benchmark)
+    families = tuple(spec.families) if families is None else tuple(families)
+    _validate(image_size, families, spec)
+    rng = np.random.default_rng([seed, zlib.crc32(tag.encode()), index])
+    family = spec.draw_family(rng, families)
+    answer = _family_answer(rng, family, spec.answers)
+    image, question = spec.render(rng, family, answer, image_size)
     return SyntheticSample(
         id=f"syn-{tag}-{seed}-{index:07d}",
         image=image,
         question=question,
         answer=answer,
         family=family,
-        kind=FAMILY_KIND[family],
+        kind=spec.families[family],
     )
 
 
@@ -318,13 +473,14 @@ def generate_samples(
     seed: int,
     tag: str = "train",
     image_size: int = DEFAULT_IMAGE_SIZE,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] | None = None,
     exclude_hashes: set[str] | frozenset[str] = frozenset(),
+    benchmark: str = DEFAULT_BENCHMARK,
 ) -> Iterator[SyntheticSample]:
     """Yield ``num`` samples of stream ``tag``, skipping draws whose image is in ``exclude_hashes``."""
     index = emitted = 0
     while emitted < num:
-        sample = render_sample(seed, tag, index, image_size, families)
+        sample = render_sample(seed, tag, index, image_size, families, benchmark)
         index += 1
         if exclude_hashes and image_hash(sample.image) in exclude_hashes:
             continue
@@ -345,19 +501,38 @@ def data_rows(samples: Sequence[SyntheticSample]) -> dict[str, np.ndarray]:
     }
 
 
+def generate_all_splits(
+    num_train: int,
+    num_dev: int,
+    num_eval: int,
+    seed: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    families: Sequence[str] | None = None,
+    train_tag: str = "train",
+    benchmark: str = DEFAULT_BENCHMARK,
+) -> dict[str, list[SyntheticSample]]:
+    """``{"train", "dev", "eval"}`` samples with disjoint ids and images: eval skips train's images, dev skips
+    both (so the eval split is the same whatever ``num_dev`` is)."""
+    train = list(generate_samples(num_train, seed, train_tag, image_size, families, benchmark=benchmark))
+    seen = {image_hash(s.image) for s in train}
+    evals = list(generate_samples(num_eval, seed, "eval", image_size, families, seen, benchmark))
+    seen |= {image_hash(s.image) for s in evals}
+    dev = list(generate_samples(num_dev, seed, "dev", image_size, families, seen, benchmark))
+    return {"train": train, "dev": dev, "eval": evals}
+
+
 def generate_splits(
     num_train: int,
     num_eval: int,
     seed: int,
     image_size: int = DEFAULT_IMAGE_SIZE,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] | None = None,
     train_tag: str = "train",
+    benchmark: str = DEFAULT_BENCHMARK,
 ) -> tuple[list[SyntheticSample], list[SyntheticSample]]:
     """Train and eval samples with disjoint ids and no eval image equal to a train image."""
-    train = list(generate_samples(num_train, seed, train_tag, image_size, families))
-    train_hashes = {image_hash(s.image) for s in train}
-    evals = list(generate_samples(num_eval, seed, "eval", image_size, families, exclude_hashes=train_hashes))
-    return train, evals
+    splits = generate_all_splits(num_train, 0, num_eval, seed, image_size, families, train_tag, benchmark)
+    return splits["train"], splits["eval"]
 
 
 # ----------------------------------------------------------------------------- writers
@@ -386,7 +561,7 @@ def _write_llava(
                 "kind": sample.kind,
             }
         )
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(records, indent=1) + "\n")  # never seen half-written
     return [f"{stem}.json"]
 
 
@@ -485,91 +660,156 @@ def write_synthetic_dataset(
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
     shard_name: str | None = None,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] | None = None,
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    benchmark: str = DEFAULT_BENCHMARK,
+    num_dev: int = 0,
 ) -> dict[str, Any]:
-    """Generate the synthetic benchmark and write it in one of the real formats.
+    """Generate a synthetic benchmark and write it in one of the real formats.
 
     Args:
         out_dir: dataset root (created).
         format: ``"llava"``, ``"webdataset"`` or ``"parquet"`` (schemas in the module docstring).
         num_train: number of train samples.
-        num_eval: number of eval samples (ids and images disjoint from train).
+        num_eval: number of eval (test) samples (ids and images disjoint from train).
         seed: generation seed; equal arguments give byte-identical files.
-        image_size: image side in pixels (multiple of 16; the tile is ``image_size // 8``).
+        image_size: image side in pixels (multiple of 16).
         shard_name: if set, the train files are named ``train-<shard_name>...`` instead of ``train...``.
-        families: question families to draw from (default all of :data:`FAMILIES`).
+        families: question families to draw from (default all of the benchmark's, in its mix).
         samples_per_shard: samples per tar/parquet file.
+        benchmark: ``"cells"`` (default) or ``"tiles"``.
+        num_dev: number of dev samples (disjoint from train and eval); 0 writes no dev split.
     Returns:
-        Summary: root, format, seed, image size, and per split the number of samples, the files
-        and the per-family counts (also written to ``<out_dir>/synthetic.json``).
+        Summary: root, benchmark, version, format, seed, image size, and per split the number of samples,
+        the files and the per-family counts (also written to ``<out_dir>/synthetic.json``).
     """
-    _validate(image_size, families)
+    spec = get_benchmark(benchmark)
+    families = tuple(spec.families) if families is None else tuple(families)
+    _validate(image_size, families, spec)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if num_train < 0 or num_eval < 0:
-        raise ValueError(f"num_train and num_eval must be >= 0, got {num_train}, {num_eval}")
+    if min(num_train, num_eval, num_dev) < 0:
+        raise ValueError(
+            f"num_train, num_dev and num_eval must be >= 0, got {num_train}, {num_dev}, {num_eval}"
+        )
     train_stem = "train"
     if shard_name is not None:
         _check_shard_name(shard_name)
         train_stem = f"train-{shard_name}"
     out = Path(out_dir)
-    train, evals = generate_splits(num_train, num_eval, seed, image_size, families, train_tag=train_stem)
+    splits = generate_all_splits(
+        num_train, num_dev, num_eval, seed, image_size, families, train_stem, benchmark
+    )
+    written = {}
+    for name, samples in splits.items():
+        if name == "dev" and not samples:
+            continue
+        stem = train_stem if name == "train" else name
+        written[name] = {
+            **({"tag": train_stem} if name == "train" else {}),
+            "num_samples": len(samples),
+            "files": _write_split(out, format, stem, samples, samples_per_shard),
+            "families": _summary(samples),
+        }
     manifest = {
         "generator": "pipelines.synthetic",
-        "version": GENERATOR_VERSION,
+        "benchmark": benchmark,
+        "version": spec.version,
         "root": str(out),
         "format": format,
         "seed": seed,
         "image_size": image_size,
         "families": list(families),
         "samples_per_shard": samples_per_shard,
-        "splits": {
-            "train": {
-                "tag": train_stem,
-                "num_samples": len(train),
-                "files": _write_split(out, format, train_stem, train, samples_per_shard),
-                "families": _summary(train),
-            },
-            "eval": {
-                "num_samples": len(evals),
-                "files": _write_split(out, format, "eval", evals, samples_per_shard),
-                "families": _summary(evals),
-            },
-        },
+        "splits": written,
         "shards": [],
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of a synthetic dataset root.
+    """The manifest of a synthetic dataset root (``benchmark`` filled in: ``"tiles"`` for roots written before
+    there were several benchmarks).
 
     Raises:
         FileNotFoundError: no ``synthetic.json`` under ``root``.
-        ValueError: the dataset was written by another generator version (its scenes differ from what
-            this code renders, e.g. version 1 placed the tile anywhere).
+        ValueError: the dataset was written by another generator version of its benchmark (its scenes differ
+            from what this code renders, e.g. version 1 placed the tile anywhere), or by an unknown benchmark.
     """
     path = Path(root) / MANIFEST_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: create the dataset first with write_synthetic_dataset")
     manifest = json.loads(path.read_text())
-    if manifest.get("version") != GENERATOR_VERSION:
+    manifest.setdefault("benchmark", "tiles")
+    spec = get_benchmark(manifest["benchmark"])
+    if manifest.get("version") != spec.version:
         raise ValueError(
-            f"the synthetic dataset at {root} was written by generator version {manifest.get('version')}, "
-            f"this code renders version {GENERATOR_VERSION}: delete that folder (it is regenerated on the next "
-            "run) or point data.path elsewhere"
+            f"the synthetic dataset at {root} was written by generator version {manifest.get('version')} of the "
+            f"{spec.name} benchmark, this code renders version {spec.version}: delete that folder (it is "
+            "regenerated on the next run) or point data.path elsewhere"
         )
     return manifest
+
+
+def manifest_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What a root's manifest differs in from the settings a job asks for (``benchmark``, ``format``, ``seed``,
+    ``image_size``, ``num_train``, ``num_dev``, ``num_eval``, ``families``; keys absent from ``wanted`` are not
+    compared), as
+    ``"num_train: 2000 in the root, 20000 asked for"`` lines; empty when the root is the one asked for."""
+    splits = manifest.get("splits", {})
+    have = {
+        "benchmark": manifest.get("benchmark", "tiles"),
+        "version": manifest.get("version"),
+        "format": manifest.get("format"),
+        "seed": manifest.get("seed"),
+        "image_size": manifest.get("image_size"),
+        "num_train": splits.get("train", {}).get("num_samples"),
+        "num_dev": splits.get("dev", {}).get("num_samples", 0),
+        "num_eval": splits.get("eval", {}).get("num_samples"),
+        "families": manifest.get("families"),
+    }
+    if "benchmark" in wanted:
+        wanted = {**wanted, "version": get_benchmark(wanted["benchmark"]).version}
+        if have["benchmark"] != wanted["benchmark"]:  # its version and families differ with it: say it once
+            wanted = {k: v for k, v in wanted.items() if k not in ("version", "families")}
+    return [
+        f"{key}: {have[key]} in the root, {value} asked for"
+        for key, value in wanted.items()
+        if have[key] != value
+    ]
+
+
+def remove_synthetic_dataset(root: str | Path) -> None:
+    """Delete a synthetic dataset written by this module: the files its manifest lists (splits and shards), the
+    llava format's image folder, then the manifest. Files the manifest does not name are left alone."""
+    out = Path(root)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    if manifest.get("generator") != "pipelines.synthetic":
+        raise ValueError(
+            f"{out / MANIFEST_NAME} was not written by pipelines.synthetic: not deleting anything"
+        )
+    files = [f for split in manifest.get("splits", {}).values() for f in split.get("files", [])]
+    files += [f for shard in manifest.get("shards", []) for f in shard.get("files", [])]
+    for name in files:
+        path = out / name
+        if (
+            manifest.get("format") == "llava" and path.is_file()
+        ):  # the images its records name, and only those
+            for record in json.loads(path.read_text()):
+                (out / record["image"]).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    if (out / "images").is_dir() and not any((out / "images").iterdir()):
+        (out / "images").rmdir()
+    (out / MANIFEST_NAME).unlink()
 
 
 def write_synthetic_shard(root: str | Path, shard_name: str, num_samples: int, seed: int) -> dict[str, Any]:
     """Add a train shard of fresh samples to an existing synthetic dataset (scheduled retraining).
 
-    The shard uses the root's format and image size, its own sample stream (ids
+    The shard uses the root's benchmark, format and image size, its own sample stream (ids
     ``syn-train-<shard_name>-<seed>-...``, disjoint from every other stream) and skips images that
-    equal an eval image. Files: ``train-<shard_name>.json`` (llava) or
+    equal an eval or dev image. Files: ``train-<shard_name>.json`` (llava) or
     ``train-<shard_name>-NNNNNN.tar|.parquet``.
 
     Args:
@@ -586,21 +826,22 @@ def write_synthetic_shard(root: str | Path, shard_name: str, num_samples: int, s
     manifest = read_manifest(out)
     if any(shard["name"] == shard_name for shard in manifest["shards"]):
         raise ValueError(f"shard {shard_name!r} already exists in {out}; choose a new shard_name")
-    image_size, families = manifest["image_size"], manifest["families"]
-    eval_split = manifest["splits"]["eval"]
+    image_size, families, benchmark = manifest["image_size"], manifest["families"], manifest["benchmark"]
     train_stem = f"train-{shard_name}"
-    train_split = manifest["splits"]["train"]
-    _, evals = generate_splits(
-        train_split["num_samples"],
-        eval_split["num_samples"],
+    split = manifest["splits"]
+    held_out = generate_all_splits(
+        split["train"]["num_samples"],
+        split.get("dev", {}).get("num_samples", 0),
+        split["eval"]["num_samples"],
         manifest["seed"],
         image_size,
         families,
-        train_tag=train_split["tag"],
+        split["train"]["tag"],
+        benchmark,
     )
-    eval_hashes = {image_hash(s.image) for s in evals}
+    held_out_hashes = {image_hash(s.image) for name in ("dev", "eval") for s in held_out[name]}
     samples = list(
-        generate_samples(num_samples, seed, train_stem, image_size, families, exclude_hashes=eval_hashes)
+        generate_samples(num_samples, seed, train_stem, image_size, families, held_out_hashes, benchmark)
     )
     files = _write_split(out, manifest["format"], train_stem, samples, manifest["samples_per_shard"])
     shard = {
@@ -611,5 +852,5 @@ def write_synthetic_shard(root: str | Path, shard_name: str, num_samples: int, s
         "families": _summary(samples),
     }
     manifest["shards"].append(shard)
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return shard

@@ -4,6 +4,8 @@ Serving accepts what `dpn_model.configuration.parse_compression` (the one parser
 random routing:
 
 - `"auto"`: the router decides, per request (the default);
+- `"auto:lambda=X"`: the router with the cost dial (`dpn_model.configuration.parse_compression`): one trained model
+  trades accuracy for FLOPs per request, without retraining; `X > 0` pools harder, `X < 0` keeps more;
 - a factor, `2` or `"2"`: that expert at every pooling layer (1 = dense);
 - a schedule, `[1, 2, 4]`, `"1,2,4"` or `"1-2-4"`: one factor per pooling layer, a static pyramid.
 
@@ -15,8 +17,8 @@ It is checked twice, each time as a 400 naming `compression`: for form at the in
 text, integers and not booleans, at most `MAX_SCHEDULE_LENGTH` factors), and against the model on the replica,
 which knows its config ([`for_model`]: factors its experts have, one per pooling layer).
 
-What queues, batch records and usage carry is the [`Rate`]: `"auto"`, an `int` for a factor, or the schedule's
-`compression_label` (`"1-2-4"`). A uniform schedule (`[2, 2, 2]`) is its factor (`2`): the same computation, so it
+What queues, batch records and usage carry is the [`Rate`]: `"auto"`, `"auto:lambda=X"` (its canonical spelling,
+so equal dials share a queue), an `int` for a factor, or the schedule's `compression_label` (`"1-2-4"`). A uniform schedule (`[2, 2, 2]`) is its factor (`2`): the same computation, so it
 shares that queue. The model takes a `Rate` as it is.
 """
 
@@ -33,7 +35,7 @@ from dpn_model.configuration import (
 )
 
 Rate = str | int
-"""A compression as serving runs it: `"auto"`, a factor, or a schedule's label (`"1-2-4"`)."""
+"""A compression as serving runs it: `"auto"`, `"auto:lambda=X"`, a factor, or a schedule's label (`"1-2-4"`)."""
 
 REFUSED_MODES = ("random",)
 """The model's routing modes serving refuses (see above)."""
@@ -44,7 +46,7 @@ MAX_SCHEDULE_LENGTH = 64  # far more pooling layers than any model has (LLaVA-1.
 # the default experts' factors; a model's own are checked on its replica (for_model)
 _FACTORS = ", ".join(str(f) for f in DEFAULT_COMPRESSION_FACTORS)
 FORMS = (
-    f"{' or '.join(repr(mode) for mode in SERVED_MODES)}, a factor ({_FACTORS}; 1 = dense) or one factor per pooling layer "
+    f"{' or '.join(repr(mode) for mode in SERVED_MODES)}, 'auto:lambda=X' (the cost dial), a factor ({_FACTORS}; 1 = dense) or one factor per pooling layer "
     f"([{_FACTORS}] or '{_FACTORS.replace(' ', '')}')"
 )
 
@@ -103,7 +105,8 @@ def allowed(config: Any) -> str:
     layers = len(config.pooling_layers)
     example = [factors[min(i, len(factors) - 1)] for i in range(layers)]
     return (
-        f"This model serves compression 'auto', one of the factors {factors}, or a schedule of {layers} "
+        f"This model serves compression 'auto' (or 'auto:lambda=X', the cost dial), one of the factors {factors}, "
+        f"or a schedule of {layers} "
         f"factor(s) from {factors}, one per pooling layer (e.g. {example} or {','.join(map(str, example))!r})"
     )
 

@@ -48,6 +48,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field
 
+from dpn_model.configuration import routing_mode
 from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.compression import Rate, as_rate, densest
 from serve_apps.events import ErrorEvent, Event, FinalEvent
@@ -123,8 +124,8 @@ def mixed_batch_rate(requested: list[Rate]) -> Rate:
     rates = {as_rate(rate) for rate in requested}
     if len(rates) == 1:
         return next(iter(rates))
-    if "auto" in rates:
-        return 1  # the router may pick 1x for an auto request
+    if any(routing_mode(rate) for rate in rates):
+        return 1  # the router may pick 1x for an auto request (with or without a cost dial)
     return densest(sorted(rates, key=str))
 
 

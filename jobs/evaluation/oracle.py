@@ -67,7 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from jobs.evaluation.report import ROUTED_MODES, UNLABELLED, file_safe, pct, render_table
+from dpn_model.configuration import routing_mode
+from jobs.evaluation.report import UNLABELLED, file_safe, pct, render_table
 
 # ----------------------------------------------------------------------------------------------
 # Paths
@@ -109,6 +110,8 @@ class PathTable:
         family, kind: ``(N,)`` str, the sample's question family and kind (``""`` when unknown).
         ids: ``(N,)`` str, sample ids.
         visual: ``(N, P, L + 1)`` visual tokens before the first pooling layer and after each, or None.
+        split: the data split the samples come from (``"dev"``, ``"eval"``; ``""`` when unknown): choices are
+            made on dev only (jobs.evaluation.protocol).
     """
 
     paths: list[str]
@@ -119,6 +122,7 @@ class PathTable:
     kind: np.ndarray
     ids: np.ndarray
     visual: np.ndarray | None = None
+    split: str = ""
 
     def __post_init__(self) -> None:
         self.correct = np.asarray(self.correct, dtype=bool)
@@ -142,7 +146,7 @@ class PathTable:
         """The table restricted to the samples where ``mask`` is true (a family, a kind)."""
         return PathTable(
             self.paths, self.correct[mask], self.flops[mask], self.dense[mask], self.family[mask],
-            self.kind[mask], self.ids[mask], None if self.visual is None else self.visual[mask],
+            self.kind[mask], self.ids[mask], None if self.visual is None else self.visual[mask], self.split,
         )  # fmt: skip
 
 
@@ -498,7 +502,7 @@ def analyse(table: PathTable, modes: Iterable[Mapping[str, Any]] = ()) -> dict[s
     for row in modes:
         mode = str(row["compression"])
         regrets[mode] = {
-            "routed": mode in ROUTED_MODES,
+            "routed": routing_mode(mode) is not None,
             **regret(table, frontier, float(row["accuracy"]), float(row["flops_ratio"])),
         }
     return {

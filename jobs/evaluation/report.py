@@ -49,9 +49,10 @@ from typing import Any
 
 import numpy as np
 
+from dpn_model.configuration import routing_mode
+
 UNLABELLED = "unlabelled"
 SKIPPED = "skipped"
-ROUTED_MODES = ("auto", "random")  # modes that choose an expert per sample (the others force one)
 REPORT_VERSION = 1
 
 
@@ -147,12 +148,12 @@ class ModeAccumulator:
     @property
     def auto(self) -> bool:
         """The learned router runs (router probabilities are recorded)."""
-        return str(self.compression) == "auto"
+        return routing_mode(str(self.compression)) == "auto"  # "auto" and the cost dial "auto:lambda=X"
 
     @property
     def routed(self) -> bool:
         """The expert is chosen per sample (auto or random), so the choice distribution is reported."""
-        return str(self.compression) in ROUTED_MODES
+        return routing_mode(str(self.compression)) is not None
 
     def _group(self, table: dict[str, _Group], name: str) -> _Group:
         if name not in table:
@@ -329,7 +330,7 @@ def format_family_table(rows: Sequence[Mapping[str, Any]], markdown: bool = Fals
             entry = r.get("per_family", {}).get(f)
             if entry is None:
                 cells.append("-")
-            elif str(r["compression"]) in ROUTED_MODES:
+            elif routing_mode(str(r["compression"])):
                 cells.append(f"{pct(entry['accuracy'])}/{entry['visual_tokens_per_layer'][-1]:.0f}")
             else:
                 cells.append(pct(entry["accuracy"]))
