@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
     "eval": ("jobs.evaluate", "evaluate accuracy against prefill FLOPs per compression mode (Ray Data batch inference)"),
     "retrain": ("jobs.retrain", "scheduled retraining: new shards -> challenger -> gate -> champion alias"),
+    "stack": ("jobs.stack", "the production stack on one machine: Ray (2 nodes), MLflow + PostgreSQL, S3, Prometheus"),
 }  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import tracking
 from jobs import trainer as builders
@@ -108,13 +108,13 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             if cfg.run.export_dir:
                 export_model(hf_dir, cfg.run.export_dir)
         tracking.end_run(run_id, "FINISHED", uri=uri)
-        model_dir_out = hf_dir if "://" not in result.checkpoint.path else ""
+        model_dir_out, checkpoint_uri = checkpoint_location(result.checkpoint, hf_dir)
         out = TrainResult(
             run_id=run_id,
             model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
             registered_version=version or "",
             model_dir=model_dir_out,
-            checkpoint_path=result.checkpoint.path,
+            checkpoint_path=checkpoint_uri,
             steps=state.step,
             metrics=dict(result.metrics or {}),
             seconds=time.time() - start,
@@ -134,6 +134,20 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             import ray
 
             ray.shutdown()
+
+
+def checkpoint_location(checkpoint: Any, hf_dir: str) -> tuple[str, str]:
+    """``(local model dir, checkpoint URI)`` of the final checkpoint. Ray gives a checkpoint's path without its
+    scheme (``bucket/runs/...`` on S3) beside its pyarrow filesystem: the URI gets the scheme back, and the model
+    dir is the checkpoint's own folder only on a local filesystem (on S3, ``as_directory`` was a temporary copy,
+    gone now: use the returned URI or the MLflow model)."""
+    import pyarrow.fs as pafs
+
+    filesystem = checkpoint.filesystem
+    if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+        return hf_dir, checkpoint.path
+    scheme = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}.get(filesystem.type_name, filesystem.type_name)
+    return "", f"{scheme}://{checkpoint.path.lstrip('/')}"
 
 
 def export_model(hf_dir: str, export_dir: str) -> None:
