@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--init", default="checkpoints/tiny-dense-cells", help="the stage-1 checkpoint")
+    parser.add_argument("--init", default="checkpoints/tiny-dense", help="the stage-1 checkpoint")
     parser.add_argument("--data", default=str(runner.REPO / "runs" / "data" / "cells"),
                         help="a cells dataset root with dev and eval splits")  # fmt: skip
     parser.add_argument("--run-dir", default=str(runner.REPO / "runs" / "headroom"))

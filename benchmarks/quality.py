@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--init", default="checkpoints/tiny-dense-cells")
+    parser.add_argument("--init", default="checkpoints/tiny-dense")
     parser.add_argument("--data", default=str(runner.REPO / "runs" / "data" / "cells"))
     parser.add_argument("--run-dir", default=str(runner.REPO / "runs" / "headroom"))
     parser.add_argument("--experiment", default="dpn-headroom")
