@@ -34,7 +34,7 @@ class ModelConfig(ConfigModel):
             dense (compression 1, no routing) and route after that. The paper trains DPN from the
             stage-1 model (LLM + projector), routers from step 0 (``init`` from a dense model and 0 here);
             a model trained from random weights needs the dense phase, or its router collapses to the
-            heaviest pooling before the visual features are worth keeping (BENCHMARKS.md).
+            heaviest pooling before the visual features are worth keeping (BENCHMARKS_HISTORY.md).
         paths_per_sample: with ``compression: auto`` and ``router_estimator: reinforce``, route each
             training sample this many times in one forward (its rows repeated, each path sampled on its
             own; the decoder trains on every path) and judge each path against the sample's other paths
