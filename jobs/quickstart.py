@@ -206,16 +206,17 @@ def stage_evaluate(
         "accuracy_auto": rows["auto"]["accuracy"],
         "accuracy_dense": rows["1"]["accuracy"],
         "flops_ratio_auto": rows["auto"]["flops_ratio"],
-        "per_kind_auto": {
-            kind: {
-                "accuracy": entry["accuracy"],
-                "flops_ratio": entry["flops_ratio"],
-                "visual_tokens_per_layer": entry["visual_tokens_per_layer"],
-            }
-            for kind, entry in rows["auto"].get("per_kind", {}).items()
-        },  # fmt: skip
+        "per_kind_auto": _groups(rows["auto"].get("per_kind", {})),
+        "per_family_auto": _groups(rows["auto"].get("per_family", {})),
+        "per_family_dense": _groups(rows["1"].get("per_family", {})),
     }
     return summary
+
+
+def _groups(entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per family (or kind) of a report row: accuracy, FLOPs ratio and visual tokens kept per layer."""
+    keys = ("accuracy", "flops_ratio", "visual_tokens_per_layer")
+    return {name: {k: entry[k] for k in keys} for name, entry in entries.items()}
 
 
 def stage_register(out: TextIO, args: argparse.Namespace, trained: dict[str, Any]) -> None:
@@ -364,9 +365,13 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
     state["evaluate"] = stage_evaluate(out, args, work, data, state["train"], state)
     _save_state(state_path, state)
     ev = state["evaluate"]
-    for kind, entry in ev.get("per_kind_auto", {}).items():  # the router at work: fine questions keep more
+    dense = ev.get("per_family_dense", {})
+    for family, entry in ev.get(
+        "per_family_auto", {}
+    ).items():  # the router at work: fine questions keep more
         tokens = ">".join(f"{v:.0f}" for v in entry["visual_tokens_per_layer"])
-        print(f"      {kind} questions: accuracy {entry['accuracy']:.1%}, visual tokens per layer {tokens}, "
+        versus = f" (dense {dense[family]['accuracy']:.1%})" if family in dense else ""
+        print(f"      {family}: accuracy {entry['accuracy']:.1%}{versus}, visual tokens per layer {tokens}, "
               f"prefill FLOPs {entry['flops_ratio']:.0%} of dense", file=out)  # fmt: skip
     _done(out, t, f"accuracy auto {ev['accuracy_auto']:.1%} vs dense {ev['accuracy_dense']:.1%}; "
                   f"auto prefill FLOPs {ev['flops_ratio_auto']:.0%} of dense")  # fmt: skip

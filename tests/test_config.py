@@ -274,7 +274,8 @@ def test_dpn_train_cli_reports_config_errors_and_prints_the_resolved_config(caps
 
 
 def test_the_quickstart_config_is_the_benchmarks_dpn():
-    # issue 14: the config a user runs must train the same DPN as benchmarks/quality.py's dpn-reinforce variant
+    # issue 14: the config a user runs must train the same DPN as benchmarks/quality.py's dpn variant; issue 26:
+    # the benchmark runs it at one path per sample (the baselines' compute), the only difference allowed
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
@@ -282,8 +283,10 @@ def test_the_quickstart_config_is_the_benchmarks_dpn():
     spec.loader.exec_module(quality)
     tiny = ROOT / "configs" / "train_tiny.yaml"
     plain = load_train_config(tiny, [])
-    variant = load_train_config(tiny, list(quality.VARIANTS["dpn-reinforce"][0]))
-    assert variant == plain
-    for name, (overrides, *_) in quality.VARIANTS.items():  # every benchmark variant is a valid job config
+    variant = load_train_config(tiny, list(quality.VARIANTS["dpn"]))
+    assert plain.model.paths_per_sample == 2 and variant.model.paths_per_sample == 1
+    one_path = plain.model_copy(update={"model": plain.model.model_copy(update={"paths_per_sample": 1})})
+    assert variant == one_path
+    for name, overrides in quality.VARIANTS.items():  # every benchmark variant is a valid job config
         assert load_train_config(tiny, list(overrides)).model.compression is not None, name
     assert plain.model.config_overrides["router_estimator"] == "reinforce"

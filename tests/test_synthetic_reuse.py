@@ -124,6 +124,7 @@ def _train_config(root: Path, *overrides: str) -> TrainConfig:
             "data.synthetic.format=llava",
             "data.synthetic.num_train=20",
             "data.synthetic.num_eval=5",
+            "data.synthetic.num_dev=0",
             *overrides,
         ],
     )
