@@ -61,7 +61,9 @@ EVAL_COLUMNS: tuple[str, ...] = (
 )
 
 
-def _actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+def actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    """The ``compute=`` of a stateful ``map_batches``: a fixed pool of ``concurrency`` actors, or an
+    autoscaling one for ``(min, max)`` (Ray 2.51 deprecates ``concurrency=``)."""
     import ray.data
 
     if isinstance(concurrency, int):
@@ -127,7 +129,7 @@ def _build(
         },
         batch_format="numpy",
         batch_size=opts.batch_size,
-        compute=_actor_pool(opts.concurrency),
+        compute=actor_pool(opts.concurrency),
         num_cpus=opts.num_cpus,
     )
     ds = ds.map_batches(drop_bad_rows, fn_kwargs={"accountant": accountant}, batch_format="numpy")
@@ -246,7 +248,7 @@ def inspect_dataset(
         InspectStage,
         fn_constructor_kwargs={"processor_dir": processor_dir, "max_length": max_length, "policy": policy},
         batch_format="numpy",
-        compute=_actor_pool(1),
+        compute=actor_pool(1),
     )
     total, example = BadSampleReport(), None
     for row in ds.iter_rows():

@@ -1,7 +1,7 @@
 """The evaluation's batch inference: the Ray Data ``Predictor`` actor, its model loading, and :func:`predict`.
 
 :func:`predict` builds one model's lazy dataset: ``pipelines.datasets.build_eval_dataset`` (read, tokenise,
-decode images; bad samples counted), then ``map_batches(Predictor, concurrency=num_actors)`` with one GPU per
+decode images; bad samples counted), then ``map_batches(Predictor, compute=ActorPoolStrategy(size=num_actors))`` with one GPU per
 actor on GPU clusters (:mod:`jobs.evaluation.resources`). Each actor loads the model once, generates greedily in
 every requested mode on the same batch and scores the answers with the config's task
 (:mod:`jobs.evaluation.tasks`; exact match by default). The prefill's own outputs (FLOPs, routing) are read with a
@@ -257,7 +257,7 @@ def predict(
     accountant (``(dataset, accountant)``). ``modes``: what every actor runs on each batch (default the
     model's modes; ``--oracle`` adds the static paths, so all of them share one pass over the data)."""
     from pipelines.accounting import BadSampleAccountant
-    from pipelines.datasets import build_eval_dataset
+    from pipelines.datasets import actor_pool, build_eval_dataset
 
     gpus = use_gpus(cfg.device)
     actor_cpus, preprocess_cpus = cpu_budget(cfg, gpus)
@@ -284,7 +284,7 @@ def predict(
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        concurrency=cfg.num_actors,
+        compute=actor_pool(cfg.num_actors),
         num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus,
     )
