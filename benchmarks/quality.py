@@ -95,7 +95,12 @@ def _ratio(flops: np.ndarray, table: PathTable) -> float:
 
 def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     test = mcnemar(a, b)
-    return {"diff": float(a.mean() - b.mean()), "only_a": test.only_a, "only_b": test.only_b, "p": test.p_value}
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "only_a": test.only_a,
+        "only_b": test.only_b,
+        "p": test.p_value,
+    }
 
 
 def _baseline_at(dev: PathTable, test: PathTable, budget: float, by_family: bool) -> np.ndarray | None:
@@ -207,17 +212,17 @@ def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
         passed = front["diff"][0] >= MIN_ABOVE_FRONTIER and all(p < 0.05 for p in front["p"])
         out.append({"target": "auto >= static frontier + 3 points at its FLOPs (paired test, every seed)",
                     "passed": passed, "detail": f"{100 * front['diff'][0]:+.1f} +- {100 * front['diff'][1]:.1f} "
-                    f"points at {s['auto_flops'][0]:.3f}; McNemar p {['%.2g' % p for p in front['p']]}"})  # fmt: skip
+                    f"points at {s['auto_flops'][0]:.3f}; McNemar p {_ps(front['p'])}"})  # fmt: skip
     if router:
         out.append({"target": "auto within 1 point of the budgeted family router at equal FLOPs",
                     "passed": router["diff"][0] >= -MAX_BELOW_ROUTER,
                     "detail": f"{100 * router['diff'][0]:+.1f} +- {100 * router['diff'][1]:.1f} points; "
-                    f"McNemar p {['%.2g' % p for p in router['p']]}"})  # fmt: skip
+                    f"McNemar p {_ps(router['p'])}"})  # fmt: skip
     if dense:
         passed = dense["diff"][0] >= -MAX_BELOW_DENSE and s["auto_flops"][0] <= DENSE_BUDGET
         out.append({"target": "auto >= dense - 0.5 points at <= 0.55 of dense FLOPs", "passed": passed,
                     "detail": f"{100 * s['auto'][0]:.1f}% at {s['auto_flops'][0]:.3f} vs dense {100 * s['dense'][0]:.1f}% "
-                    f"({100 * dense['diff'][0]:+.1f} points; McNemar p {['%.2g' % p for p in dense['p']]})"})  # fmt: skip
+                    f"({100 * dense['diff'][0]:+.1f} points; McNemar p {_ps(dense['p'])})"})  # fmt: skip
     rows = s["dial_at_budget"]
     if rows:
         worst = min(rows, key=lambda r: r["vs_frontier"][0])
@@ -226,6 +231,11 @@ def targets(s: dict[str, Any]) -> list[dict[str, Any]]:
                     "detail": f"worst at {worst['budget']:.2f}: {100 * worst['vs_frontier'][0]:+.1f} points "
                     f"({len(rows)} budgets)"})  # fmt: skip
     return out
+
+
+def _ps(values) -> str:
+    """P-values, two significant digits."""
+    return ", ".join(f"{p:.2g}" for p in values)
 
 
 def _pm(v: tuple[float, float] | None, scale: float = 100.0, digits: int = 1) -> str:
@@ -248,21 +258,33 @@ def markdown(summaries: dict[str, dict[str, Any]], histograms, args, wall_s: flo
         for key, what in (("vs_frontier", "the static frontier"), ("vs_family_router", "the budgeted family router"),
                           ("vs_dense", "dense")):  # fmt: skip
             if s[key]:
-                lines.append(f"- vs {what} at equal FLOPs: {_pm(s[key]['diff'])} points, p {['%.2g' % p for p in s[key]['p']]}")
+                lines.append(
+                    f"- vs {what} at equal FLOPs: {_pm(s[key]['diff'])} points, p {_ps(s[key]['p'])}"
+                )
         lines += ["", "| dial | accuracy % | x dense |", "|---|---|---|"]
-        lines += [f"| {d['mode']} | {_pm(d['accuracy'])} | {_pm(d['flops_ratio'], 1, 3)} |" for d in s["dial"]]
+        lines += [
+            f"| {d['mode']} | {_pm(d['accuracy'])} | {_pm(d['flops_ratio'], 1, 3)} |" for d in s["dial"]
+        ]
         lines += ["", "| budget | dial chosen on dev (per seed) | accuracy % | x dense | vs static frontier (points) | p |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for r in s["dial_at_budget"]:
             lines.append(f"| {r['budget']:.2f} | {', '.join(r['modes'])} | {_pm(r['accuracy'])} | "
-                         f"{_pm(r['flops_ratio'], 1, 3)} | {_pm(r['vs_frontier'])} | {['%.2g' % p for p in r['p']]} |")  # fmt: skip
+                         f"{_pm(r['flops_ratio'], 1, 3)} | {_pm(r['vs_frontier'])} | {_ps(r['p'])} |")  # fmt: skip
         lines += ["", "Targets:", ""]
         for t in s["targets"]:
             mark = "MET" if t["passed"] else "MISSED"
             lines.append(f"- **{mark}** {t['target']}: {t['detail']}")
-        lines += ["", "Paths auto takes per family (test, all seeds):", "", "| family | paths (share) |", "|---|---|"]
+        lines += [
+            "",
+            "Paths auto takes per family (test, all seeds):",
+            "",
+            "| family | paths (share) |",
+            "|---|---|",
+        ]
         for family, shares in histograms[name].items():
-            lines.append(f"| {family} | {', '.join(f'{p} {100 * v:.0f}%' for p, v in list(shares.items())[:4])} |")
+            lines.append(
+                f"| {family} | {', '.join(f'{p} {100 * v:.0f}%' for p, v in list(shares.items())[:4])} |"
+            )
         lines.append("")
     lines += ["![accuracy vs FLOPs](benchmarks/results/quality.png)",
               "![routing per family](benchmarks/results/quality_routing.png)", ""]  # fmt: skip
@@ -279,11 +301,19 @@ def plot(summaries, baseline_summary, histograms, out: Path) -> None:
     for name, p in baseline_summary["points"].items():
         if name == headroom.RANDOM:
             continue
-        ax.errorbar(p["flops_ratio"][0], 100 * p["accuracy"][0], yerr=100 * p["accuracy"][1], fmt="o", color="C0")
+        ax.errorbar(
+            p["flops_ratio"][0], 100 * p["accuracy"][0], yerr=100 * p["accuracy"][1], fmt="o", color="C0"
+        )
         ax.annotate(p["compression"], (p["flops_ratio"][0], 100 * p["accuracy"][0]), fontsize=7,
                     xytext=(3, -9), textcoords="offset points")  # fmt: skip
     rows = baseline_summary["curves"]["separate"]
-    ax.plot([r["budget"] for r in rows], [100 * r["static"][0] for r in rows], "--", color="C0", label="static frontier")
+    ax.plot(
+        [r["budget"] for r in rows],
+        [100 * r["static"][0] for r in rows],
+        "--",
+        color="C0",
+        label="static frontier",
+    )
     for k, (name, s) in enumerate(summaries.items()):
         dial = sorted(s["dial"], key=lambda d: d["flops_ratio"][0])
         x = [d["flops_ratio"][0] for d in dial]

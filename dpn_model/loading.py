@@ -1,8 +1,8 @@
 """Loading a saved DPN checkpoint: `load_model_and_processor(path, device, dtype)`, the one local loader.
 
 Evaluation, serving and the MLflow pyfunc all load through it; references that are not local directories
-(`runs:/`, `models:/`) are resolved first by `tracking.models.load_model_and_processor`. A checkpoint's config
-with fields overridden (training's `model.config_overrides`) comes from [`load_config`].
+(`runs:/`, `models:/`) are resolved first by `tracking.models.load_model_and_processor_from_ref`. A checkpoint's
+config with fields overridden (training's `model.config_overrides`) comes from [`load_config`].
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def load_model_and_processor(
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"{path!r} is not a checkpoint directory; create one with dpn_model.presets.create_checkpoint('tiny', "
-            "DIR) or train one (MLflow references: tracking.models.load_model_and_processor)"
+            "DIR) or train one (MLflow references: "
+            "tracking.models.load_model_and_processor_from_ref)"
         )
     resolved_device = None if device is None else pick_device(device)
     kwargs: dict[str, Any] = {"use_safetensors": True}

@@ -60,19 +60,21 @@ QUESTION_WORDS = (
     "between", "largest", "smallest", "biggest", "object", "objects", "please", "briefly", "background",
     "tile", "half", "quadrant", "diagonal", "have", "show", "shows",
 )  # fmt: skip
-CHAT_TEXT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
 
 
 def default_corpus() -> list[str]:
     """Built-in training text: the chat template, the synthetic benchmark's questions and answers.
 
+    The template's text comes from [`render_turns`], its one writer, so the words the tokenizer learns
+    whole are the ones prompts are made of.
+
     Returns:
         `list[str]`: Lines of text; answer words are repeated so BPE merges each into a single token.
     """
-    lines = [CHAT_TEXT]
+    # Imported here: processing imports this module's token names at its top.
+    from dpn_model.processing import DEFAULT_SYSTEM_PROMPT, render_turns
+
+    lines = [DEFAULT_SYSTEM_PROMPT]
     templates = (
         "What color is the {size} {shape}?",
         "What colour is the {size} {shape} in the {pos}?",
@@ -88,14 +90,16 @@ def default_corpus() -> list[str]:
         templates, SIZES[:4], SHAPES[:4], COLORS, POSITIONS[:5]
     ):
         question = template.format(size=size, shape=shape, color=color, pos=pos)
-        # As the chat template writes it: after "<image>\n" and before " <router> ASSISTANT:".
-        lines.append(
-            f"USER: {IMAGE_TOKEN}\n{question} {ROUTER_TOKEN} ASSISTANT: {color}{EOS_TOKEN}USER: {question}"
-        )
+        # A routed image turn, its answer, then the question again as a later (unrouted) user turn.
+        turns = [("user", f"{IMAGE_TOKEN}\n{question}"), ("assistant", color), ("user", question)]
+        lines.append(render_turns("", turns, {0}, add_generation_prompt=False))
     lines.append(" ".join(QUESTION_WORDS))
     lines.extend(" ".join(ANSWER_WORDS) for _ in range(20))
     # Answers right after the template's "ASSISTANT:" and words at the very start of a text.
-    lines.extend(f"USER: question ASSISTANT: {word}{EOS_TOKEN}" for word in ANSWER_WORDS)
+    lines.extend(
+        render_turns("", [("user", "question"), ("assistant", word)], set(), add_generation_prompt=False)
+        for word in ANSWER_WORDS
+    )
     lines.extend(ANSWER_WORDS)
     return lines
 

@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             derived["derived.global_batch_size"], paths.run_dir, run_id, uri,
         )  # fmt: skip
         spec = builders.build_loop_spec(cfg, model_dir, total_steps, run_id, uri)
-        dataset = builders.build_dataset(cfg, paths.data_path, model_dir)
+        dataset = builders.build_train_dataset(cfg, paths.data_path, model_dir)
         trainer = builders.build_trainer(cfg, spec, dataset, paths.storage_path)
 
         # ---- train ------------------------------------------------------------------------------

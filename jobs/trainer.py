@@ -250,15 +250,16 @@ def build_loop_spec(
     )
 
 
-def build_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
-    """The Ray Data training dataset (streams; preprocessed by ``pipelines``)."""
+def build_train_dataset(cfg: TrainConfig, data_path: str, model_dir: str):
+    """The training job's Ray Data dataset: ``pipelines.datasets.build_dataset`` with the options of
+    ``cfg.data`` (streams; preprocessed by ``pipelines``)."""
     import ray.data
 
-    from pipelines.datasets import build_dataset as build
+    from pipelines.datasets import build_dataset
 
     # progress bars only on a terminal: in job logs they are thousands of lines
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    return build(
+    return build_dataset(
         data_path,
         model_dir,
         split=cfg.data.split,
@@ -334,8 +335,8 @@ def steps_summary(cfg: TrainConfig, num_samples: int, total_steps: int) -> dict[
 
 __all__ = [
     "Paths",
-    "build_dataset",
     "build_loop_spec",
+    "build_train_dataset",
     "build_trainer",
     "count_samples",
     "ensure_synthetic_data",

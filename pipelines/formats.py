@@ -773,8 +773,8 @@ def load_image_bytes(
 def normalise_webdataset_sample(key: str, members: dict[str, Any], source_file: str = "") -> dict[str, Any]:
     """One WebDataset sample (``{extension: bytes}``) -> a normalised row.
 
-    A member that is absent or not bytes (Ray's ``read_webdataset`` gives NaN cells for a missing
-    member) counts as missing: no ``.json`` is ``missing_metadata``, whatever else the sample has.
+    A member that is absent or not bytes counts as missing: no ``.json`` is ``missing_metadata``, whatever
+    else the sample has.
     """
     image = next(
         (bytes(b) for ext in IMAGE_EXTENSIONS if isinstance(b := members.get(ext), bytes | bytearray)), None
@@ -790,21 +790,6 @@ def normalise_webdataset_sample(key: str, members: dict[str, Any], source_file: 
     row["image"] = image if not row["bad_reason"] else None
     row["source_file"] = source_file
     return row
-
-
-def _cell(table: pa.Table, column: str, i: int) -> Any:
-    return table.column(column)[i].as_py() if column in table.column_names else None
-
-
-def normalise_webdataset(table: pa.Table) -> pa.Table:
-    """``map_batches`` stage over ``read_webdataset(decoder=None)`` rows (``__key__``, ``json``,
-    ``png``/``jpg``/...) -> normalised rows. :func:`read_rows` reads tars with
-    :func:`iter_webdataset_rows` instead, which also survives a damaged shard."""
-    rows = []
-    for i in range(table.num_rows):
-        members = {ext: _cell(table, ext, i) for ext in (*IMAGE_EXTENSIONS, "json")}
-        rows.append(normalise_webdataset_sample(str(_cell(table, "__key__", i)), members))
-    return _table(rows)
 
 
 # key = the member's path up to the first dot of its file name, extension = the rest (WebDataset)

@@ -223,13 +223,6 @@ def tokenize_batch(
     return out
 
 
-def encode_prompt(processor: Any, turns: list[dict[str, str]], has_image: bool) -> list[int]:
-    """Prompt ids for generation of a data sample: ``processor.encode(turns, mode="generate")`` (the image
-    first in the first user turn, expanded, ``<router>`` placed as in training)."""
-    images = [None] if has_image else None
-    return processor.encode(turns, images, mode="generate")["input_ids"]
-
-
 # ----------------------------------------------------------------------------------------------
 # The map_batches stage
 # ----------------------------------------------------------------------------------------------

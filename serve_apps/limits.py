@@ -38,8 +38,7 @@ import numpy as np
 import PIL.Image
 from pydantic import Field, field_validator, model_validator
 
-from dpn_model.image_processing import decode_image as decode_image_file
-from dpn_model.image_processing import open_image
+from dpn_model.image_processing import decode_image, open_image
 from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.protocol import APIError, invalid_request
 
@@ -303,15 +302,17 @@ def _open_image(raw: bytes, limits: Limits, param: str) -> PIL.Image.Image:
     return image
 
 
-def decode_image(raw: bytes, limits: Limits, param: str) -> np.ndarray:
-    """Check and decode an image file once: `(H, W, 3)` uint8 RGB, longer side at most `max_padded_side`.
+def decode_request_image(raw: bytes, limits: Limits, param: str) -> np.ndarray:
+    """Check a request's image file against `limits`, then decode it once with dpn_model's decoder:
+    `(H, W, 3)` uint8 RGB, longer side at most `max_padded_side`. Unlike that decoder, every failure is the
+    client's 400.
 
     Raises:
         APIError: 400 naming `param` and the limit, for anything unreadable or beyond the limits.
     """
     image = _open_image(raw, limits, param)
     try:  # decodes now (dpn_model's one decoder), so a truncated file is a 400 here rather than a failed batch
-        return np.asarray(decode_image_file(image, max_side=limits.max_padded_side))
+        return np.asarray(decode_image(image, max_side=limits.max_padded_side))
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data; all are the client's
         raise invalid_request(
             f"image file is corrupt or truncated ({type(exc).__name__}: {exc})",
@@ -540,7 +541,8 @@ async def fetch_remote_image(url: str, limits: Limits, param: str) -> bytes:
 
 
 async def load_image_url(url: str, limits: Limits, param: str) -> np.ndarray:
-    """The decoded, checked image (see [`decode_image`]) of an `image_url.url` value, or an [`APIError`] 400."""
+    """The decoded, checked image ([`decode_request_image`]) of an `image_url.url` value, or an [`APIError`]
+    400."""
     url = url.strip()
     scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme == "data":
@@ -574,7 +576,7 @@ async def load_image_url(url: str, limits: Limits, param: str) -> np.ndarray:
         )
     else:
         raw = decode_base64(url, param)
-    return await asyncio.to_thread(decode_image, raw, limits, param)  # CPU work: off the event loop
+    return await asyncio.to_thread(decode_request_image, raw, limits, param)  # CPU work: off the event loop
 
 
 def check_max_tokens(requested: int | None, limits: Limits, param: str = "max_tokens") -> int:
@@ -617,6 +619,6 @@ __all__ = [
     "prompt_token_bound",
     "request_max_tokens",
     "decode_base64",
-    "decode_image",
+    "decode_request_image",
     "load_image_url",
 ]

@@ -41,7 +41,7 @@ from pipelines.formats import (
     _table,
     iter_parquet_tables,
     iter_webdataset_rows,
-    normalise_webdataset,
+    normalise_webdataset_sample,
     parse_json_files,
 )
 
@@ -88,9 +88,9 @@ def test_webdataset_image_without_json_is_missing_metadata(tmp_path):
     assert _ids(rows) == ["img0", "lonely", "img1"]
     assert _reasons(rows) == ["", BadReason.MISSING_METADATA, ""]
     assert {r["source_file"] for r in rows} == {str(path)}
-    # Ray's read_webdataset gives a missing member as a NaN float cell: missing, not a TypeError
-    table = pa.table({"__key__": ["a"], "png": [png_bytes()], "json": pa.array([float("nan")])})
-    assert normalise_webdataset(table).to_pylist()[0]["bad_reason"] == BadReason.MISSING_METADATA
+    # a member that is not bytes (a NaN cell, say) is missing, not a TypeError
+    row = normalise_webdataset_sample("a", {"png": png_bytes(), "json": float("nan")})
+    assert row["bad_reason"] == BadReason.MISSING_METADATA
 
 
 def test_webdataset_shard_cut_mid_member_keeps_samples_before_the_cut(tmp_path):

@@ -31,8 +31,14 @@ def within_five_percent(prediction: str, reference: str) -> bool:
     return value is not None and target is not None and math.isclose(value, target, rel_tol=0.05)
 
 
+def _scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Register this test's tasks in a copy of the registry, put back at teardown (there is no unregister)."""
+    monkeypatch.setattr(tasks, "_TASKS", dict(tasks._TASKS))
+
+
 @pytest.fixture
-def numeric_task():
+def numeric_task(monkeypatch):
+    _scratch_registry(monkeypatch)
     task = register_task(
         EvalTask(
             "numeric_5pct",
@@ -41,17 +47,16 @@ def numeric_task():
             description="numbers within 5%; other rows by exact match",
         )
     )
-    yield task
-    tasks.unregister_task(task.name)
+    return task
 
 
 @pytest.fixture
-def recording_task():
+def recording_task(monkeypatch):
     """A task that says every answer is right and records what it was asked to score."""
+    _scratch_registry(monkeypatch)
     calls: list[tuple[str, str]] = []
     task = register_task(EvalTask("everything_right", score=lambda p, r: calls.append((p, r)) or True))
-    yield task, calls
-    tasks.unregister_task(task.name)
+    return task, calls
 
 
 def test_the_default_task_is_exact_match():

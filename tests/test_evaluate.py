@@ -213,7 +213,6 @@ def test_flops_ratios_agree_with_dpn_model_flops(report, workspace):
 
     import dpn_model  # noqa: F401
     from dpn_model import flops
-    from pipelines.preprocess import encode_prompt
     from pipelines.synthetic import generate_splits
 
     config = AutoConfig.from_pretrained(workspace["ckpt"])
@@ -221,7 +220,8 @@ def test_flops_ratios_agree_with_dpn_model_flops(report, workspace):
     _, samples = generate_splits(0, NUM_EVAL, seed=1)
     expected = {m: [] for m in (1, 2, 4)}
     for s in samples:
-        ids = encode_prompt(processor, [{"from": "human", "value": f"<image>\n{s.question}"}], True)
+        turns = [{"from": "human", "value": f"<image>\n{s.question}"}]
+        ids = processor.encode(turns, [None], mode="generate")["input_ids"]
         text_len = len(ids) - ids.count(config.image_token_id)
         for m in expected:
             lens = flops.layer_seq_lens_for(config, text_len, m)

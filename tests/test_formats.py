@@ -30,7 +30,7 @@ from pipelines.formats import (
     normalise_conversations,
     normalise_parquet,
     normalise_record,
-    normalise_webdataset,
+    normalise_webdataset_sample,
     parse_json_files,
     resolve_source,
 )
@@ -176,14 +176,13 @@ def test_llava_image_folder_override(tmp_path):
 
 def test_webdataset_rows_and_bad_samples():
     meta = json.dumps({"id": "a", "conversations": conversation("q", "red"), "kind": "fine"}).encode()
-    table = pa.table(
-        {
-            "__key__": ["a", "b", "c", "d"],
-            "png": [png_bytes(), png_bytes(), None, png_bytes()],
-            "json": [meta, b"{oops", meta, None],
-        }
-    )
-    rows = normalise_webdataset(table).to_pylist()
+    samples = {
+        "a": {"png": png_bytes(), "json": meta},
+        "b": {"png": png_bytes(), "json": b"{oops"},
+        "c": {"json": meta},
+        "d": {"png": png_bytes()},
+    }
+    rows = [normalise_webdataset_sample(key, members) for key, members in samples.items()]
     assert rows[0]["id"] == "a" and rows[0]["kind"] == "fine" and rows[0]["bad_reason"] == ""
     assert [r["bad_reason"] for r in rows[1:]] == [
         BadReason.BAD_JSON,

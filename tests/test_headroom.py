@@ -66,7 +66,9 @@ def test_the_gain_is_the_family_routers_over_the_static_frontier(headroom):
 
 
 def test_summary_over_seeds_and_its_verdict(headroom):
-    per_seed = {s: headroom.analyse_seed(_tables(headroom, "dev"), _tables(headroom, "eval")) for s in (0, 1, 2)}
+    per_seed = {
+        s: headroom.analyse_seed(_tables(headroom, "dev"), _tables(headroom, "eval")) for s in (0, 1, 2)
+    }
     summary = headroom.summarise(per_seed)
     assert summary["target"]["met"] and summary["target"]["gain_sd"] == 0.0
     text = headroom.markdown(summary, type("A", (), {"steps": 300, "init": "ckpt", "data": "d"})(), 60.0)

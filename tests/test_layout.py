@@ -1,4 +1,4 @@
-"""The packages' imports point one way (DESIGN.md "Layout"), checked on every import of every module.
+"""The packages' imports point one way (README.md, section "Layout"), checked on every import of every module.
 
 Layers, bottom first: a package may import the packages before it and itself, never one after it.
 Imports inside functions (the lazy ones), under ``if TYPE_CHECKING:`` and ``importlib.import_module("...")``
@@ -79,7 +79,7 @@ def _modules(package: str) -> list[Path]:
 def test_every_package_has_a_layer_and_is_installed():
     packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     assert packages == set(LAYERS), (
-        f"place every package in LAYERS (and DESIGN.md Layout): {sorted(packages)}"
+        f"place every package in LAYERS (and README.md, section 'Layout'): {sorted(packages)}"
     )
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
@@ -96,7 +96,7 @@ def test_imports_point_one_way(package):
         for file in files
         for problem in forbidden_imports(file.read_text(), str(file.relative_to(ROOT)))
     ]
-    assert not problems, "imports against the layering (DESIGN.md Layout):\n" + "\n".join(problems)
+    assert not problems, "imports against the layering (README.md, section 'Layout'):\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize(

@@ -430,7 +430,7 @@ def test_data_pipeline_puts_a_router_after_every_user_turn(processor, config):
     """pipelines.preprocess (training and evaluation rows) places <router> as the processor does."""
     import json
 
-    from pipelines.preprocess import encode_prompt, tokenize_batch
+    from pipelines.preprocess import tokenize_batch
 
     conversation = _two_rounds()
     batch = {
@@ -447,7 +447,7 @@ def test_data_pipeline_puts_a_router_after_every_user_turn(processor, config):
     evaluation = tokenize_batch(batch, processor, max_length=512, mode="eval")
     prompt_ids = evaluation["input_ids"][0].tolist()
     assert prompt_ids.count(config.router_token_id) == 2
-    assert prompt_ids == encode_prompt(processor, conversation[:3], has_image=True)
+    assert prompt_ids == processor.encode(conversation[:3], [None], mode="generate")["input_ids"]
     assert prompt_ids == ids[: len(prompt_ids)]  # the training sequence starts with the same prompt
 
 

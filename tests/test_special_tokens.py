@@ -20,7 +20,7 @@ from tokenizers import AddedToken, normalizers
 
 from dpn_model.image_processing import DPNImageProcessor
 from dpn_model.processing import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, DPNProcessor, ReservedTokenError
-from dpn_model.tokenization import CHAT_TEXT, add_dpn_special_tokens, build_tokenizer
+from dpn_model.tokenization import add_dpn_special_tokens, build_tokenizer
 from pipelines.accounting import BadReason, count_rows
 from pipelines.preprocess import tokenize_batch
 from pipelines.synthetic import ANSWERS, QUESTIONS
@@ -207,7 +207,10 @@ def test_benchmark_text_is_never_refused(tiny, llava):
                     processor.encode(turns, [b"png"], mode="train")
                     processor.encode(turns[:1], [b"png"], mode="generate")
         processor.encode(
-            [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": CHAT_TEXT}],
+            [
+                {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": DEFAULT_SYSTEM_PROMPT},
+            ],
             mode="generate",
         )
 

@@ -287,7 +287,7 @@ def resolve_model_dir(
     return str(_find_hf_dir(target))
 
 
-def load_model_and_processor(
+def load_model_and_processor_from_ref(
     ref: str | os.PathLike,
     device: str | None = None,
     dtype: Any = None,
@@ -301,12 +301,12 @@ def load_model_and_processor(
         device, dtype: see ``dpn_model.loading.load_model_and_processor`` (``auto``: GPU and bf16 when present).
         tracking: tracking URI for registry and run references.
     """
-    from dpn_model.loading import load_model_and_processor as load_local
+    from dpn_model.loading import load_model_and_processor
 
     path = os.path.expanduser(os.fspath(ref))
     if not _is_hf_dir(Path(path)):
         path = resolve_model_dir(ref, tracking=tracking)
-    return load_local(path, device=device, dtype=dtype)
+    return load_model_and_processor(path, device=device, dtype=dtype)
 
 
 __all__ = [
@@ -314,7 +314,7 @@ __all__ = [
     "HF_ARTIFACT",
     "MODEL_ARTIFACT_PATH",
     "fetch_once",
-    "load_model_and_processor",
+    "load_model_and_processor_from_ref",
     "log_hf_model",
     "model_cache_dir",
     "resolve_model_dir",

@@ -234,10 +234,6 @@ class StepMetricLogger:
             if history:
                 self._last[key] = max(m.step for m in history)
 
-    def last_step(self, key: str) -> int:
-        """Highest step logged for ``key`` (-1 if none)."""
-        return self._last.get(key, -1)
-
     def log(self, metrics: Mapping[str, float], step: int, flush: bool = True) -> None:
         """Queue ``metrics`` at ``step`` (dropping keys already logged at this step or later)."""
         import time

@@ -98,14 +98,14 @@ class Predictor:
         import torch
 
         from dpn_model.loading import pick_device
-        from tracking.models import load_model_and_processor
+        from tracking.models import load_model_and_processor_from_ref
 
         self.task = get_task(task)
         if not Path(model_dir).is_dir():  # another node: resolve the URI here
             model_dir = resolve_model_dir(model_uri or model_dir, tracking)
         self.device = torch.device(pick_device(device))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.processor = load_model_and_processor(model_dir, str(self.device), dtype)
+        self.model, self.processor = load_model_and_processor_from_ref(model_dir, str(self.device), dtype)
         self.config = self.model.config
         from dpn_model.configuration import compression_schedule, parse_compression, routing_mode
 

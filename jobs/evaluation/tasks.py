@@ -68,13 +68,6 @@ def register_task(task: EvalTask, *, replace: bool = False) -> EvalTask:
     return task
 
 
-def unregister_task(name: str) -> None:
-    """Remove a task (tests; the default cannot be removed)."""
-    if name == DEFAULT_TASK:
-        raise ValueError(f"the default eval task {DEFAULT_TASK!r} cannot be removed")
-    _TASKS.pop(name, None)
-
-
 def task_names() -> list[str]:
     """The registered task names, in registration order (the default first)."""
     return list(_TASKS)
@@ -134,5 +127,4 @@ __all__ = [
     "register_task",
     "score_answers",
     "task_names",
-    "unregister_task",
 ]
