@@ -94,8 +94,11 @@ def secret_env_values(env: Mapping[str, str] | None = None) -> list[str]:
     longest first (so that a secret containing another is masked whole)."""
     env = os.environ if env is None else env
     found: set[str] = set()
-    for name, value in env.items():
-        if value and len(value) >= MIN_SECRET_LENGTH and is_secret_env_name(name):
+    # names first, then each value by get: another thread (MLflow's telemetry does) may delete a variable
+    # while we read, and os.environ.items() then raises KeyError mid-iteration
+    for name in [n for n in list(env) if is_secret_env_name(n)]:
+        value = env.get(name)
+        if value and len(value) >= MIN_SECRET_LENGTH:
             found.update((value, quote(value, safe="")))
     return sorted(found, key=len, reverse=True)
 

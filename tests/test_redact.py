@@ -7,6 +7,7 @@ the URI with exactly the secrets masked (so no secret survives and nothing else 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ from dpn_base.redact import (
     is_secret_env_name,
     is_secret_param,
     redact,
+    secret_env_values,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +183,27 @@ def test_model_reference_errors_hold_no_tracking_password(tmp_path):
     with pytest.raises(ValueError, match="unsupported model URI") as err:
         tracking.resolve_model_dir("hf://user:pw-123@host/org/model")
     assert "pw-123" not in str(err.value)
+
+
+class _VanishingEnv(Mapping[str, str]):
+    """An environment another thread edits while it is read: ``gone`` is listed, then deleted before its value
+    is read (what MLflow's telemetry thread does to ``_MLFLOW_TELEMETRY_SESSION_ID`` in ``os.environ``)."""
+
+    def __init__(self, values: dict[str, str], gone: str) -> None:
+        self.values, self.gone = values, gone
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.values, self.gone])
+
+    def __len__(self) -> int:
+        return len(self.values) + 1
+
+    def __getitem__(self, name: str) -> str:
+        return self.values[name]  # KeyError for ``gone``: it was deleted after it was listed
+
+
+def test_secret_values_are_read_from_an_environment_that_changes_meanwhile():
+    # issue 26's benchmark died of this: a training job's params are redacted against os.environ while MLflow's
+    # telemetry thread deletes a variable; reading it must skip the deleted name, not raise KeyError
+    env = _VanishingEnv({"AWS_SECRET_ACCESS_KEY": "s3cr3t-value-1234", "HOME": "/root"}, gone="DPN_API_KEY")
+    assert secret_env_values(env)[0] == "s3cr3t-value-1234"
