@@ -137,7 +137,7 @@ FORMAT_BY_EXTENSION: dict[str, str] = {
     ".tar": "webdataset",
     ".parquet": "parquet",
 }
-KNOWN_SPLITS: tuple[str, ...] = ("train", "eval", "val", "validation", "test")
+KNOWN_SPLITS: tuple[str, ...] = ("train", "dev", "eval", "val", "validation", "test")
 # LLaVA's spelling of the processor's one role table (dpn_model.processing.ROLE_ALIASES), system turns excluded
 ROLE_ALIASES: dict[str, str] = {
     alias: LLAVA_ROLES[role] for alias, role in PROCESSOR_ROLE_ALIASES.items() if role != "system"

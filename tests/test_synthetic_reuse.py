@@ -43,6 +43,20 @@ def test_a_fresh_root_is_written_as_configured(tmp_path):
     assert set(manifest["splits"]) == {"train", "dev", "eval"} and manifest["benchmark"] == "cells"
 
 
+@pytest.mark.parametrize("fmt", ["llava", "parquet", "webdataset"])
+def test_each_split_written_is_the_split_the_readers_find(tmp_path, fmt):
+    # the headroom benchmark's dev evaluation failed on this: the dev files were written but the readers did
+    # not know "dev" as a split name ("has split files ['eval', 'train'] but none for split='dev'")
+    from pipelines.formats import resolve_source
+
+    root = tmp_path / "data"
+    ensure_synthetic_data(_config(format=fmt, num_dev=3), str(root))
+    splits = read_manifest(root)["splits"]
+    for split, entry in splits.items():
+        found = [Path(f).name for f in resolve_source(str(root), split).paths]
+        assert found == entry["files"], split
+
+
 def test_the_same_config_reuses_the_root_untouched(tmp_path):
     ensure_synthetic_data(_config(), str(tmp_path))
     before = _stat(tmp_path)
