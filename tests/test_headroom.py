@@ -73,6 +73,12 @@ def test_summary_over_seeds_and_its_verdict(headroom):
     assert summary["target"]["met"] and summary["target"]["gain_sd"] == 0.0
     text = headroom.markdown(summary, type("A", (), {"steps": 300, "init": "ckpt", "data": "d"})(), 60.0)
     assert headroom.SECTION in text and "MET" in text and "| sched-4-4-4 | 4-4-4 |" in text
+    # one seed has no spread: the same gain is reported but the target is not judged on it
+    one = headroom.summarise({0: per_seed[0]})
+    assert one["target"]["gain_mean"] == summary["target"]["gain_mean"]
+    assert not one["target"]["decided"] and not one["target"]["met"]
+    text = headroom.markdown(one, type("A", (), {"steps": 300, "init": "ckpt", "data": "d"})(), 60.0)
+    assert "NOT DECIDED (1 seed; the target is judged over 3)" in text and "MET" not in text
 
 
 @pytest.fixture(scope="module")
