@@ -15,8 +15,8 @@ Pipeline (one pass over the data per model):
    LLaVA JSON / WebDataset / Parquet, or LLaVA-style evaluation JSONL with ``question_id``,
    ``image``, ``question``/``text``, ``answer``), tokenise prompts, decode images; bad samples are
    skipped and counted (the job fails past ``--max-bad-fraction``).
-2. ``map_batches(Predictor, compute=ActorPoolStrategy(size=--num-actors), num_gpus=1 per actor when the cluster has
-   GPUs)`` (:mod:`jobs.evaluation.predictor`): each actor loads the model once (bf16 on GPU, fp32
+2. ``map_batches(Predictor, compute=ActorPoolStrategy(size=--num-actors), num_gpus=1 per actor when the
+   cluster has GPUs)`` (:mod:`jobs.evaluation.predictor`): each actor loads the model once (bf16 on GPU, fp32
    on CPU), pads prompts on the left and runs greedy ``generate(compression=mode)`` for every
    requested mode on the same batch, then scores answers with ``--task`` (:mod:`jobs.evaluation.tasks`;
    default exact match, :mod:`jobs.evaluation.scoring`). The prefill's own outputs (analytic

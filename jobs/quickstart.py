@@ -366,9 +366,8 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
     _save_state(state_path, state)
     ev = state["evaluate"]
     dense = ev.get("per_family_dense", {})
-    for family, entry in ev.get(
-        "per_family_auto", {}
-    ).items():  # the router at work: fine questions keep more
+    routed = ev.get("per_family_auto", {})
+    for family, entry in routed.items():  # the router at work: fine questions keep more
         tokens = ">".join(f"{v:.0f}" for v in entry["visual_tokens_per_layer"])
         versus = f" (dense {dense[family]['accuracy']:.1%})" if family in dense else ""
         print(f"      {family}: accuracy {entry['accuracy']:.1%}{versus}, visual tokens per layer {tokens}, "

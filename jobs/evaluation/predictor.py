@@ -1,9 +1,9 @@
 """The evaluation's batch inference: the Ray Data ``Predictor`` actor, its model loading, and :func:`predict`.
 
 :func:`predict` builds one model's lazy dataset: ``pipelines.datasets.build_eval_dataset`` (read, tokenise,
-decode images; bad samples counted), then ``map_batches(Predictor, compute=ActorPoolStrategy(size=num_actors))`` with one GPU per
-actor on GPU clusters (:mod:`jobs.evaluation.resources`). Each actor loads the model once, generates greedily in
-every requested mode on the same batch and scores the answers with the config's task
+decode images; bad samples counted), then ``map_batches(Predictor, compute=ActorPoolStrategy(size=num_actors))``
+with one GPU per actor on GPU clusters (:mod:`jobs.evaluation.resources`). Each actor loads the model once,
+generates greedily in every requested mode on the same batch and scores the answers with the config's task
 (:mod:`jobs.evaluation.tasks`; exact match by default). The prefill's own outputs (FLOPs, routing) are read with a
 forward hook on ``generate``'s first forward call - no second forward.
 """
