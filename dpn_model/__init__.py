@@ -11,7 +11,8 @@ from dpn_model.cache import DPNCache
 from dpn_model.configuration import DPNConfig
 from dpn_model.image_processing import DPNImageProcessor, decode_image
 from dpn_model.loading import load_model_and_processor
-from dpn_model.modeling import DPNCausalLMOutputWithPast, DPNForConditionalGeneration, DPNModel, routing_loss
+from dpn_model.losses import routing_loss
+from dpn_model.modeling import DPNCausalLMOutputWithPast, DPNForConditionalGeneration, DPNModel
 from dpn_model.processing import IGNORE_INDEX, DPNProcessor, PromptTooLongError, build_prompt, register
 from dpn_model.tokenization import add_dpn_special_tokens, build_tokenizer
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from small_config import IMAGE, ROUTER, make_config
 
 from dpn_model import DPNForConditionalGeneration
-from dpn_model.modeling import exploring, per_sample_lm_loss, reinforce_loss
+from dpn_model.losses import exploring, per_sample_lm_loss, reinforce_loss
 
 
 def _probs(logits: list[list[list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
