@@ -32,6 +32,7 @@ from transformers import (
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -298,10 +299,32 @@ def assemble_llava_from_parts(
         `(LlavaForConditionalGeneration, tokenizer)`: the model (float32, eval mode) and the extended tokenizer.
     """
     llm_dir, vision_dir, projector = Path(llm_dir), Path(vision_dir), Path(projector)
+    vision_config, tensors = _check_parts(llm_dir, vision_dir, projector, vision_feature_layer)
+    logger.info("loading the LLM from %s and the CLIP vision tower from %s", llm_dir, vision_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    ids = add_dpn_special_tokens(tokenizer)
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_config, dtype=torch.float32)
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        llm.resize_token_embeddings(
+            len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=True
+        )
+    config = _llava_config_for_parts(llm, vision_config, ids["image_token_id"], tensors, vision_feature_layer)
+    return _wire_llava(config, llm, vision, tensors).eval(), tokenizer
+
+
+def _check_parts(
+    llm_dir: Path, vision_dir: Path, projector: Path, vision_feature_layer: int
+) -> tuple[CLIPVisionConfig, dict[str, torch.Tensor]]:
+    """Read the configs and the (small) projector and check they fit together, before any large weight is read.
+
+    A mismatch (wrong directory, unsupported LLM, projector for another tower) then fails in seconds, not after
+    gigabytes of weights were loaded. Returns `(vision_config, projector_tensors)`.
+    """
     for name, directory in (("--llm", llm_dir), ("--vision", vision_dir)):
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"{name} {directory} is not a model directory: it has no config.json")
-    # configs and the (small) projector first: a mismatch fails before gigabytes of weights are read
     llm_config = AutoConfig.from_pretrained(llm_dir)
     if llm_config.model_type not in SUPPORTED_LLM_TYPES:
         raise ValueError(
@@ -317,22 +340,21 @@ def assemble_llava_from_parts(
         )
     tensors = load_projector(projector)
     _check_projector(tensors, vision_config.hidden_size, llm_config.hidden_size, projector)
+    return vision_config, tensors
 
-    logger.info("loading the LLM from %s and the CLIP vision tower from %s", llm_dir, vision_dir)
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-    ids = add_dpn_special_tokens(tokenizer)
-    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
-    vision = CLIPVisionModel.from_pretrained(vision_dir, config=vision_config, dtype=torch.float32)
-    vocab = llm.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        llm.resize_token_embeddings(
-            len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=True
-        )
 
-    config = LlavaConfig(
+def _llava_config_for_parts(
+    llm: PreTrainedModel,
+    vision_config: CLIPVisionConfig,
+    image_token_id: int,
+    tensors: dict[str, torch.Tensor],
+    vision_feature_layer: int,
+) -> LlavaConfig:
+    """The llava-hf config that describes LLaVA-1.5 built from these parts (its projector, its CLIP layer)."""
+    return LlavaConfig(
         text_config=llm.config.to_dict(),
         vision_config=vision_config.to_dict(),
-        image_token_id=ids["image_token_id"],
+        image_token_id=image_token_id,
         projector_hidden_act="gelu",  # LLaVA-1.5's mlp2x_gelu: nn.GELU()
         multimodal_projector_bias="linear_1.bias" in tensors,
         vision_feature_layer=vision_feature_layer,
@@ -340,6 +362,18 @@ def assemble_llava_from_parts(
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         tie_word_embeddings=llm.config.tie_word_embeddings,
     )
+
+
+def _wire_llava(
+    config: LlavaConfig,
+    llm: PreTrainedModel,
+    vision: CLIPVisionModel,
+    tensors: dict[str, torch.Tensor],
+) -> LlavaForConditionalGeneration:
+    """Put the loaded parts into a meta-device llava skeleton, so no weight is allocated or copied twice.
+
+    Raises `RuntimeError` if any tensor is still on the meta device: a part the skeleton has and we did not set.
+    """
     with torch.device("meta"):  # a skeleton: every module is replaced by a loaded part below
         llava = LlavaForConditionalGeneration(config)
     llava.model.vision_tower = vision
@@ -351,7 +385,7 @@ def assemble_llava_from_parts(
     left = [n for n, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"assembling LLaVA from parts left tensors unset: {left[:5]}")
-    return llava.eval(), tokenizer
+    return llava
 
 
 def convert_llava_parts(

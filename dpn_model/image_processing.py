@@ -249,27 +249,51 @@ class DPNImageProcessor(BaseImageProcessor):
         images = list(_flatten(images))
         if not images:
             raise ValueError("to_uint8 got an empty list of images")
-        outputs = []
-        for image in images:
-            image = self._to_pil(image)
-            if do_convert_rgb:
-                image = image.convert("RGB")
-            if do_pad:
-                image = self.pad_to_square(image)
-            if do_resize:
-                image = image.resize(
-                    self._output_size(*image.size, size), resample=PILImageResampling(resample)
-                )
-            if do_center_crop:
-                left = (image.width - crop_size.width) // 2
-                top = (image.height - crop_size.height) // 2
-                image = image.crop((left, top, left + crop_size.width, top + crop_size.height))
-            array = np.asarray(image, dtype=np.uint8)
-            if array.ndim != 3 or array.shape[-1] != 3:
-                raise ValueError(
-                    f"Image has mode {image.mode!r} after preprocessing; keep do_convert_rgb=True to get RGB"
-                )
-            outputs.append(array)
+        outputs = [
+            self._image_to_uint8(
+                image, do_convert_rgb, do_pad, do_resize, size, resample, do_center_crop, crop_size
+            )
+            for image in images
+        ]
+        return self._stack_same_size(outputs)
+
+    def _image_to_uint8(
+        self,
+        image: ImageLike,
+        do_convert_rgb: bool,
+        do_pad: bool,
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | int,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+    ) -> np.ndarray:
+        """One image through the LLaVA-1.5 steps, in their order (pad before resize keeps the whole picture).
+
+        Raises `ValueError` when the result is not `(H, W, 3)`: with `do_convert_rgb=False` a grey or RGBA image
+        would otherwise reach the model with the wrong number of channels.
+        """
+        image = self._to_pil(image)
+        if do_convert_rgb:
+            image = image.convert("RGB")
+        if do_pad:
+            image = self.pad_to_square(image)
+        if do_resize:
+            image = image.resize(self._output_size(*image.size, size), resample=PILImageResampling(resample))
+        if do_center_crop:
+            left = (image.width - crop_size.width) // 2
+            top = (image.height - crop_size.height) // 2
+            image = image.crop((left, top, left + crop_size.width, top + crop_size.height))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(
+                f"Image has mode {image.mode!r} after preprocessing; keep do_convert_rgb=True to get RGB"
+            )
+        return array
+
+    @staticmethod
+    def _stack_same_size(outputs: list[np.ndarray]) -> np.ndarray:
+        """Stack the per-image arrays into one batch, with a clear error (not numpy's) when their sizes differ."""
         shapes = {a.shape for a in outputs}
         if len(shapes) > 1:
             raise ValueError(

@@ -725,8 +725,23 @@ class DPNProcessor(ProcessorMixin):
         self._check_messages(conversations, "user_turns" if has_image else None)
         system, rounds = self._conversation_rounds(conversations, has_image)
         start_ids = self.tokenizer("", add_special_tokens=True)["input_ids"]  # e.g. [<s>]
+        pieces = self._round_ids(system, rounds)
+        for num_rounds in range(len(rounds), 0, -1):
+            prompts = self._kept_prompts(pieces, num_rounds, has_image)
+            answers = [piece.answer for piece in pieces[:num_rounds]]
+            length = len(start_ids) + sum(len(ids) for ids in prompts) + sum(len(ids) for ids in answers)
+            if max_length is None or length <= max_length:
+                return {**_with_labels(start_ids, prompts, answers), "truncated": num_rounds < len(rounds)}
+        return self._cut_first_answer(start_ids, pieces, has_image, max_length)
+
+    def _round_ids(self, system: str, rounds: Sequence[tuple[str, str]]) -> list[_RoundIds]:
+        """Each round's prompt (with and without `<router>`) and answer, tokenized apart as they are in context.
+
+        Tokenizing apart keeps an answer's ids those of the answer alone (`" red"` -> `▁red`); both prompt variants
+        are kept because where `<router>` goes depends on how many rounds survive truncation.
+        """
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        pieces = []  # per round: (prompt ids without router, prompt ids with router, answer ids)
+        pieces = []
         for index, (question, answer) in enumerate(rounds):
             head = system if index == 0 else ""
             plain_text, routed_text = (
@@ -736,38 +751,58 @@ class DPNProcessor(ProcessorMixin):
             # Round 0 starts the text (the tokenizer marks its first word); later rounds follow </s>.
             plain = self._expand_image(self._encode(plain_text, after_special_token=index > 0))
             routed = self._expand_image(self._encode(routed_text, after_special_token=index > 0))
-            pieces.append((plain, routed, self._encode(f" {answer}", after_special_token=True) + eos))
-
-        def prompt(index: int, num_rounds: int) -> list[int]:
-            plain, routed, _ = pieces[index]
-            if self.router_placement == "last_user_turn":
-                return routed if index == num_rounds - 1 else plain
-            return routed if has_image else plain  # every user turn of a sample with an image
-
-        def assemble(num_rounds: int, answer_budget: int | None = None) -> dict[str, Any]:
-            input_ids, labels = list(start_ids), [IGNORE_INDEX] * len(start_ids)
-            for index in range(num_rounds):
-                prompt_ids, answer = prompt(index, num_rounds), pieces[index][2]
-                if answer_budget is not None and index == num_rounds - 1:
-                    answer = answer[:answer_budget]
-                input_ids += prompt_ids + answer
-                labels += [IGNORE_INDEX] * len(prompt_ids) + answer
-            return {"input_ids": input_ids, "labels": labels}
-
-        for num_rounds in range(len(rounds), 0, -1):
-            length = len(start_ids) + sum(
-                len(prompt(i, num_rounds)) + len(pieces[i][2]) for i in range(num_rounds)
+            pieces.append(
+                _RoundIds(plain, routed, self._encode(f" {answer}", after_special_token=True) + eos)
             )
-            if max_length is None or length <= max_length:
-                return {**assemble(num_rounds), "truncated": num_rounds < len(rounds)}
-        prompt_length = len(start_ids) + len(prompt(0, 1))
+        return pieces
+
+    def _kept_prompts(self, pieces: Sequence[_RoundIds], num_rounds: int, has_image: bool) -> list[list[int]]:
+        """Prompt ids of the first `num_rounds` rounds, `<router>` placed as [`build_prompt`] places it."""
+        kept = pieces[:num_rounds]
+        if self.router_placement == "last_user_turn":
+            return [
+                piece.routed if index == num_rounds - 1 else piece.plain for index, piece in enumerate(kept)
+            ]
+        # "every_user_turn": every user turn of a sample with an image, none of a text-only one
+        return [piece.routed if has_image else piece.plain for piece in kept]
+
+    def _cut_first_answer(
+        self, start_ids: list[int], pieces: Sequence[_RoundIds], has_image: bool, max_length: int
+    ) -> dict[str, Any]:
+        """The first round alone with its answer cut to fit `max_length`: the last resort before refusing.
+
+        Raises [`PromptTooLongError`] when not even one answer token fits after the first prompt.
+        """
+        prompts = self._kept_prompts(pieces, 1, has_image)
+        prompt_length = len(start_ids) + len(prompts[0])
         if prompt_length + 1 > max_length:
             raise PromptTooLongError(
                 f"the first prompt needs {prompt_length} tokens ({self.image_seq_length if has_image else 0} of them "
                 f"image tokens) plus at least one answer token, more than max_length={max_length}; raise max_length "
                 "or drop this sample"
             )
-        return {**assemble(1, answer_budget=max_length - prompt_length), "truncated": True}
+        answer = pieces[0].answer[: max_length - prompt_length]
+        return {**_with_labels(start_ids, prompts, [answer]), "truncated": True}
+
+
+@dataclass(frozen=True)
+class _RoundIds:
+    """One round of a training conversation, tokenized: its prompt without and with `<router>`, its answer + `</s>`."""
+
+    plain: list[int]
+    routed: list[int]
+    answer: list[int]
+
+
+def _with_labels(
+    start_ids: list[int], prompts: Sequence[list[int]], answers: Sequence[list[int]]
+) -> dict[str, list[int]]:
+    """Concatenate the rounds after `start_ids`; labels are the answers, `IGNORE_INDEX` on every prompt token."""
+    input_ids, labels = list(start_ids), [IGNORE_INDEX] * len(start_ids)
+    for prompt_ids, answer in zip(prompts, answers, strict=True):
+        input_ids += prompt_ids + answer
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def register() -> None:

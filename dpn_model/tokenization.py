@@ -131,43 +131,14 @@ def build_tokenizer(
         [`PreTrainedTokenizerFast`]: Ids 0..5 are `<unk>`, `<s>`, `</s>`, `<pad>`, `<image>`, `<router>`;
         `tokenizer.image_token` and `tokenizer.router_token` name the last two.
     """
-    corpus: list[str] = list(texts) if texts is not None else []
-    if include_default_corpus:
-        corpus.extend(default_corpus())
-    if not corpus:
-        raise ValueError(
-            "build_tokenizer got no training text: pass texts=... or keep include_default_corpus=True"
-        )
+    corpus = _training_corpus(texts, include_default_corpus)
     if vocab_size <= len(SPECIAL_TOKENS) + 100:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: it must exceed the special tokens plus ASCII (~106)"
         )
-
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    # Newlines are tokens of their own (as Llama's <0x0A>); Llama-like word markers after that. split=True keeps
-    # every word its own pre-token, so merges never cross words and a text tokenizes the same whole or cut at a space.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split("\n", behavior="isolated"),
-            pre_tokenizers.Metaspace(replacement=WORD_MARKER, prepend_scheme="first", split=True),
-        ]
-    )
-    tokenizer.decoder = decoders.Metaspace(replacement=WORD_MARKER, prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n", "\t", WORD_MARKER],
-        show_progress=False,
-    )
-    # Special tokens are added whole; keep their spelling out of the merges.
-    special = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(
-        (piece for line in corpus for piece in special.split(line)), trainer=trainer
-    )
-    bos_id = tokenizer.token_to_id(BOS_TOKEN)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
-    )
+    tokenizer = _llama_like_bpe()
+    _train_bpe(tokenizer, corpus, vocab_size)
+    tokenizer.post_processor = _bos_post_processor(tokenizer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token=UNK_TOKEN,
@@ -178,6 +149,60 @@ def build_tokenizer(
         model_max_length=model_max_length,
         padding_side=padding_side,
         model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def _training_corpus(texts: Iterable[str] | None, include_default_corpus: bool) -> list[str]:
+    """The caller's texts plus, by default, [`default_corpus`]; an empty corpus is an error, not an empty vocab."""
+    corpus: list[str] = list(texts) if texts is not None else []
+    if include_default_corpus:
+        corpus.extend(default_corpus())
+    if not corpus:
+        raise ValueError(
+            "build_tokenizer got no training text: pass texts=... or keep include_default_corpus=True"
+        )
+    return corpus
+
+
+def _llama_like_bpe() -> Tokenizer:
+    """An untrained BPE tokenizer that splits text as Llama's does, so the processor treats both the same.
+
+    Newlines are tokens of their own (as Llama's <0x0A>); Llama-like word markers after that. split=True keeps
+    every word its own pre-token, so merges never cross words and a text tokenizes the same whole or cut at a space.
+    """
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement=WORD_MARKER, prepend_scheme="first", split=True),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement=WORD_MARKER, prepend_scheme="first", split=True)
+    return tokenizer
+
+
+def _train_bpe(tokenizer: Tokenizer, corpus: list[str], vocab_size: int) -> None:
+    """Learn the merges in place, with the special tokens at ids 0..5 and every printable ASCII character known.
+
+    Special tokens are added whole; their spelling is cut out of the training text so no merge learns it.
+    """
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n", "\t", WORD_MARKER],
+        show_progress=False,
+    )
+    special = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(
+        (piece for line in corpus for piece in special.split(line)), trainer=trainer
+    )
+
+
+def _bos_post_processor(tokenizer: Tokenizer) -> processors.TemplateProcessing:
+    """Prepend `<s>` as Llama's tokenizer does, so `add_special_tokens=True` gives the same layout for both."""
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    return processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
     )
 
 

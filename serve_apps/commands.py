@@ -17,6 +17,10 @@ import argparse
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
     from serve_apps.app import build_app
 
+    _check_args(args)
+    app = build_app(_app_args(args))
+    _serve_until_interrupted(app, args)
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse, before Ray starts, what would only fail later: an empty replica range, a local start with no key."""
     if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
         raise SystemExit("--max-replicas must be >= max(1, --min-replicas)")
     local = args.address is None and not os.environ.get("RAY_ADDRESS")
@@ -109,7 +118,14 @@ def run(args: argparse.Namespace) -> int:
             f"{args.api_key_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')), "
             "or pass --auth none to serve without authentication (a trusted network only)"
         )
-    app_args = {
+
+
+def _app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as `build_app`'s arguments, the dict a `serve deploy` config's `args:` gives it.
+
+    `target_ongoing_requests` is two batches per replica: Serve adds replicas once each holds more than that.
+    """
+    return {
         "model": args.model,
         "version": args.version,
         "served_model_name": args.served_model_name,
@@ -125,19 +141,28 @@ def run(args: argparse.Namespace) -> int:
         "api_key_env": args.api_key_env,
         "auth": args.auth,
         "allowed_hosts": args.allowed_hosts,
-    }
-    app_args["model_options"] = {
-        "autoscaling_config": {
-            "min_replicas": args.min_replicas,
-            "max_replicas": args.max_replicas,
-            "target_ongoing_requests": 2 * args.max_batch_size,
-            "upscale_delay_s": 10,
-            "downscale_delay_s": 120,
+        "model_options": {
+            "autoscaling_config": {
+                "min_replicas": args.min_replicas,
+                "max_replicas": args.max_replicas,
+                "target_ongoing_requests": 2 * args.max_batch_size,
+                "upscale_delay_s": 10,
+                "downscale_delay_s": 120,
+            },
+            "max_queued_requests": args.max_queued_requests,
+            "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         },
-        "max_queued_requests": args.max_queued_requests,
-        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
     }
-    app = build_app(app_args)
+
+
+def _serve_until_interrupted(app: Application, args: argparse.Namespace) -> None:
+    """Start Ray and Serve, run the app, and keep this process (the cluster's owner, when local) alive until Ctrl-C.
+
+    Serve is shut down on the way out, so a local start leaves no replicas behind.
+    """
+    import ray
+    from ray import serve
+
     ray.init(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="dpn", route_prefix=args.route_prefix)
@@ -155,4 +180,3 @@ def run(args: argparse.Namespace) -> int:
         logger.info("shutting down")
     finally:
         serve.shutdown()
-    return 0

@@ -1,8 +1,13 @@
-"""The packages' imports point one way (README.md, section "Layout"), checked on every import of every module.
+"""The code's shape, checked on the source (ast, no imports): layering, function length, one owner of the prompt.
 
+The packages' imports point one way (README.md, section "Layout"), checked on every import of every module.
 Layers, bottom first: a package may import the packages before it and itself, never one after it.
 Imports inside functions (the lazy ones), under ``if TYPE_CHECKING:`` and ``importlib.import_module("...")``
 with a literal name count like top-level ones: they are dependencies all the same.
+
+No function of ``dpn_model`` or ``serve_apps`` is longer than ``MAX_FUNCTION_LINES`` (the project's code
+standard), and the vicuna-v1 chat text (``USER:``, ``ASSISTANT:``, the default system prompt) is spelled only in
+``dpn_model/processing.py``: every other module builds prompts through it.
 """
 
 from __future__ import annotations
@@ -148,3 +153,160 @@ def test_the_checker_flags_an_import_against_the_layering(path, source, expected
 )
 def test_the_checker_lets_imports_that_point_down_pass(path, source):
     assert forbidden_imports(source, path) == []
+
+
+# ------------------------------------------------------------------------------------------- function length
+MAX_FUNCTION_LINES = 60
+LENGTH_CHECKED = ("dpn_model", "serve_apps")
+
+
+def _functions(
+    node: ast.AST, prefix: str = ""
+) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """``(qualified name, node)`` of every function under ``node``: methods as ``Class.name``, nested ones too."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield prefix + child.name, child
+            yield from _functions(child, f"{prefix}{child.name}.")
+        elif isinstance(child, ast.ClassDef):
+            yield from _functions(child, f"{prefix}{child.name}.")
+        else:
+            yield from _functions(child, prefix)
+
+
+def long_functions(source: str, path: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``"path:line: name is N lines ..."`` for each function longer than ``limit`` lines.
+
+    A function's length runs from its ``def`` line to its last line, docstring included, decorators not.
+    """
+    problems = []
+    for name, node in _functions(ast.parse(source, path)):
+        length = node.end_lineno - node.lineno + 1
+        if length > limit:
+            problems.append(f"{path}:{node.lineno}: {name} is {length} lines (limit {limit})")
+    return problems
+
+
+@pytest.mark.parametrize("package", LENGTH_CHECKED)
+def test_no_function_is_longer_than_the_limit(package):
+    problems = [
+        problem
+        for file in _modules(package)
+        for problem in long_functions(file.read_text(), str(file.relative_to(ROOT)))
+    ]
+    assert not problems, (
+        f"functions over {MAX_FUNCTION_LINES} lines: split each into named steps that read top to bottom:\n"
+        + "\n".join(problems)
+    )
+
+
+def _function_source(name: str, lines: int, indent: str = "") -> str:
+    body = "".join(f"{indent}    x = {i}\n" for i in range(lines - 1))
+    return f"{indent}def {name}():\n{body}"
+
+
+def test_the_length_checker_names_each_long_function():
+    source = (
+        "import functools\n"
+        + _function_source("short", MAX_FUNCTION_LINES)
+        + "@functools.cache\n"  # decorators do not count
+        + _function_source("long", MAX_FUNCTION_LINES + 1)
+        + "class Model:\n"
+        + "    async def forward(self):\n"
+        + _function_source("inner", MAX_FUNCTION_LINES + 2, indent="        ")
+    )
+    # lines: 1 import, 2-61 short, 62 the decorator, 63-123 long, 124 the class, 125-187 forward, 126-187 inner
+    assert long_functions(source, "serve_apps/x.py") == [
+        "serve_apps/x.py:63: long is 61 lines (limit 60)",
+        "serve_apps/x.py:125: Model.forward is 63 lines (limit 60)",
+        "serve_apps/x.py:126: Model.forward.inner is 62 lines (limit 60)",
+    ]
+
+
+# --------------------------------------------------------------------------------- the chat template's owner
+PROMPT_OWNER = "dpn_model/processing.py"
+
+
+def _owner_constants() -> dict[str, str]:
+    """The owner's module-level string constants, read from its source (the markers follow any change to them)."""
+    tree = ast.parse((ROOT / PROMPT_OWNER).read_text(), PROMPT_OWNER)
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if isinstance(value, str):
+                constants[node.targets[0].id] = value
+    return constants
+
+
+def template_markers() -> tuple[str, ...]:
+    """Text that only a writer of the vicuna-v1 prompt spells: ``USER:``, ``ASSISTANT:`` and each sentence of the
+    default system prompt."""
+    constants = _owner_constants()
+    sentences = [s.strip() for s in constants["DEFAULT_SYSTEM_PROMPT"].split(". ") if s.strip()]
+    return (f"{constants['USER_ROLE']}:", f"{constants['ASSISTANT_ROLE']}:", *sentences)
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """``id``s of the string constants that are documentation (a bare string statement), not values."""
+    return {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
+
+
+def template_spellings(source: str, path: str, markers: tuple[str, ...]) -> list[str]:
+    """``"path:line: ..."`` for each string value in ``source`` (f-string parts too) that holds a marker.
+
+    Comments and docstrings may name the format; only values build prompts.
+    """
+    tree = ast.parse(source, path)
+    docs = _docstrings(tree)
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            for marker in markers:
+                if marker in node.value:
+                    problems.append(
+                        f"{path}:{node.lineno}: spells the chat template ({marker[:40]!r}); build prompts with "
+                        f"{PROMPT_OWNER} (render_turns, build_prompt, DPNProcessor.encode)"
+                    )
+    return problems
+
+
+def test_the_chat_template_is_spelled_only_in_the_processor():
+    markers = template_markers()
+    owner = (ROOT / PROMPT_OWNER).read_text()
+    assert template_spellings(owner, PROMPT_OWNER, markers), (
+        "the markers no longer match the owner's template"
+    )
+    problems = [
+        problem
+        for package in LAYERS
+        for file in _modules(package)
+        if str(file.relative_to(ROOT)) != PROMPT_OWNER
+        for problem in template_spellings(file.read_text(), str(file.relative_to(ROOT)), markers)
+    ]
+    assert not problems, "the chat template has one writer, dpn_model/processing.py:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("source", "flagged"),
+    [
+        ('def prompt(q):\n    return f"USER: {q} ASSISTANT:"\n', 2),  # both roles, in one f-string part each
+        ('SYSTEM = (\n    "A chat between a curious human and an artificial intelligence assistant. "\n'
+         '    "The assistant gives helpful, detailed, and polite answers to the human\'s questions."\n)\n', 2),
+        ('def stop():\n    return ["</s>", " ASSISTANT:"]\n', 1),
+        ('"""Renders `USER: ...` turns."""\n# USER: in a comment\n', 0),  # documentation may name the format
+        ('TURN = 32\n"""Bytes per turn (`USER: `, ` ASSISTANT: `)."""\n', 0),
+        ('ROLE = "user"\nprint(f"{ROLE}: hi")\n', 0),
+    ],
+)  # fmt: skip
+def test_the_template_checker_flags_a_copy(source, flagged):
+    assert len(template_spellings(source, "serve_apps/x.py", template_markers())) == flagged
