@@ -38,7 +38,10 @@ import PIL.Image
 import torch
 
 from dpn_model.presets import build_model
+from serve_apps.batch_cache import BatchCache
 from serve_apps.generation import BatchRun, prepare
+
+RATES = [1, 2, 4, "auto"]  # the serving mix's rates, in turn
 
 
 def _request(processor, seed: int, compression):
@@ -71,6 +74,83 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _timer(run: BatchRun):
+    """One decode step of `run`, timed: seconds."""
+
+    def step() -> float:
+        start = time.perf_counter()
+        run.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _merge_table(run: BatchRun, joining: BatchRun, repeats: int) -> None:
+    """A decode step of `run` beside one `absorb` on a copy of it: a row joins, one leaves, both."""
+
+    def fresh() -> BatchRun:
+        other = copy.copy(run)
+        other.cache = BatchCache(copy.deepcopy(run.cache.kv), run.cache.mask)
+        other.rows = [copy.copy(row) for row in run.rows]
+        return other
+
+    def merge(leaves: bool, joins: bool) -> float:
+        """Seconds of one `absorb` on a copy of the batch: its first row finished (`leaves`), `joining` taken in."""
+        other = fresh()
+        other.rows[0].finished = leaves
+        start = time.perf_counter()
+        other.absorb(*([joining] if joins else []))
+        return time.perf_counter() - start
+
+    print(
+        "| decode step | a request joins (absorb) | a request leaves (remove_finished) | one leaves, one joins |"
+    )
+    print("|---:|---:|---:|---:|")
+    cells = [_median_ms(_timer(run), repeats)] + [
+        _median_ms(functools.partial(merge, leaves, joins), repeats)
+        for leaves, joins in ((False, True), (True, False), (True, True))
+    ]
+    print("| " + " | ".join(f"{ms:.1f}" for ms in cells) + " |")
+
+
+def _mix_table(model, processor, rows: int, repeats: int) -> BatchRun:
+    """A decode step of `rows` rows prefilled one by one and merged, at three mixes of rates; the all-dense batch."""
+    print("\n| rows' rates | decode step (ms) | KV-cache width per segment | real tokens per segment |")
+    print("|---|---:|---|---|")
+    mix = ["auto" if i % 3 else RATES[(i // 3) % 3] for i in range(rows)]
+    dense = None
+    for name, row_rates in (("all 1", [1] * rows), ("serving mix", mix), ("all 4", [4] * rows)):
+        merged = [
+            BatchRun(model, processor, [_request(processor, i, r)], r, "row") for i, r in enumerate(row_rates)
+        ]
+        for one in merged:
+            one.prefill()
+        merged[0].absorb(*merged[1:])
+        for _ in range(3):
+            merged[0].step()
+        run = merged[0]
+        dense = dense or run
+        widths = [mask.shape[1] for mask in run.cache.kv.segment_masks]
+        real = [f"{float(mask.float().mean()):.0%}" for mask in run.cache.kv.segment_masks]
+        print(f"| {name} | {_median_ms(_timer(run), repeats):.1f} | {widths} | {', '.join(real)} |")
+    return dense
+
+
+def _padding_table(dense: BatchRun, repeats: int) -> None:
+    """A decode step of the dense batch with a rising share of each segment after the first pooling layer masked
+    out as padding (same shapes, only the mask differs)."""
+    print(
+        "\n| padding in the segments after the first pooling layer (all 1, same shapes) | decode step (ms) |"
+    )
+    print("|---|---:|")
+    for share in (0.0, 0.3, 0.6, 0.9):  # rising: each share pads the leading positions of the current masks
+        for s, mask in enumerate(dense.cache.kv.segment_masks[1:], start=1):
+            padded = mask.clone()
+            padded[:, : int(share * mask.shape[1])] = 0
+            dense.cache.kv.segment_masks[s] = padded
+        print(f"| {share:.0%} | {_median_ms(_timer(dense), repeats):.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,77 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, processor = build_model(args.preset, seed=0)
     model.eval()
-    rates = [1, 2, 4, "auto"]
     run = BatchRun(
-        model, processor, [_request(processor, i, rates[i % 4]) for i in range(args.rows)], 1, "bench"
+        model, processor, [_request(processor, i, RATES[i % 4]) for i in range(args.rows)], 1, "bench"
     )
     run.prefill()
     for _ in range(8):
         run.step()
     joining = BatchRun(model, processor, [_request(processor, 999, 4)], 4, "join")
     joining.prefill()
-
-    def step() -> float:
-        start = time.perf_counter()
-        run.step()
-        return time.perf_counter() - start
-
-    def fresh() -> BatchRun:
-        other = copy.copy(run)
-        other._cache = copy.deepcopy(run._cache)
-        other.rows = [copy.copy(row) for row in run.rows]
-        return other
-
-    def merge(leaves: bool, joins: bool) -> float:
-        """Seconds of one `absorb` on a copy of the batch: its first row finished (`leaves`), `joining` taken in."""
-        other = fresh()
-        other.rows[0].finished = leaves
-        start = time.perf_counter()
-        other.absorb(*([joining] if joins else []))
-        return time.perf_counter() - start
-
-    cache_mib = sum(layer.keys.numel() + layer.values.numel() for layer in run._cache.layers) * 4 / 2**20
+    cache_mib = sum(layer.keys.numel() + layer.values.numel() for layer in run.cache.kv.layers) * 4 / 2**20
     print(
         f"{args.preset}, {args.rows} rows, KV cache {cache_mib:.0f} MiB, {args.threads} thread(s), median ms:"
     )
-    print(
-        "| decode step | a request joins (absorb) | a request leaves (remove_finished) | one leaves, one joins |"
-    )
-    print("|---:|---:|---:|---:|")
-    cells = [_median_ms(step, args.repeats)] + [
-        _median_ms(functools.partial(merge, leaves, joins), args.repeats)
-        for leaves, joins in ((False, True), (True, False), (True, True))
-    ]
-    print("| " + " | ".join(f"{ms:.1f}" for ms in cells) + " |")
-    print("\n| rows' rates | decode step (ms) | KV-cache width per segment | real tokens per segment |")
-    print("|---|---:|---|---|")
-    mix = ["auto" if i % 3 else rates[(i // 3) % 3] for i in range(args.rows)]
-    dense = None
-    for name, row_rates in (("all 1", [1] * args.rows), ("serving mix", mix), ("all 4", [4] * args.rows)):
-        merged = [
-            BatchRun(model, processor, [_request(processor, i, r)], r, "row") for i, r in enumerate(row_rates)
-        ]
-        for one in merged:
-            one.prefill()
-        merged[0].absorb(*merged[1:])
-        for _ in range(3):
-            merged[0].step()
-        run = merged[0]
-        dense = dense or run
-        widths = [mask.shape[1] for mask in run._cache.segment_masks]
-        real = [f"{float(mask.float().mean()):.0%}" for mask in run._cache.segment_masks]
-        print(f"| {name} | {_median_ms(step, args.repeats):.1f} | {widths} | {', '.join(real)} |")
-    print(
-        "\n| padding in the segments after the first pooling layer (all 1, same shapes) | decode step (ms) |"
-    )
-    print("|---|---:|")
-    run = dense
-    for share in (0.0, 0.3, 0.6, 0.9):  # rising: each share pads the leading positions of the current masks
-        for s, mask in enumerate(dense._cache.segment_masks[1:], start=1):
-            padded = mask.clone()
-            padded[:, : int(share * mask.shape[1])] = 0
-            dense._cache.segment_masks[s] = padded
-        print(f"| {share:.0%} | {_median_ms(step, args.repeats):.1f} |")
+    _merge_table(run, joining, args.repeats)
+    _padding_table(_mix_table(model, processor, args.rows, args.repeats), args.repeats)
     return 0
 
 

@@ -6,11 +6,17 @@
 Starts a local Ray cluster and the real Serve app (ingress + model deployment, one model replica with 1 CPU) on
 127.0.0.1 with a random model of `--preset`, then runs each engine variant in turn, side by side in one invocation:
 
-- (a) `continuous-bucketed`: continuous (iteration-level) batching, each step's prefill grouped by rate.
-- (b) `continuous-mixed`: continuous batching, one prefill group per step run at the densest rate any member may
-  need (smallest forced factor, or 1 when `auto` is mixed with others).
-- (c) `continuous-dense`: continuous batching, everything at compression 1.
-- (d) `static-bucketed`: the old static batcher (per-rate queues, a batch's rows stay until its last one finishes).
+- (a) `continuous-bucketed`: what production serves (serve_apps.policy.ContinuousPolicy): continuous
+  (iteration-level) batching, each step's prefill grouped by rate.
+- (b) `continuous-mixed` ([`MixedPolicy`]): continuous batching, one prefill group per step run at the densest rate
+  any member may need (serve_apps.compression.batch_rate: smallest forced factor, or 1 when `auto` is mixed in).
+- (c) `continuous-dense` ([`DensePolicy`]): continuous batching, everything at compression 1.
+- (d) `static-bucketed` ([`StaticPolicy`]): the former static batcher (per-rate queues, a batch's rows stay until
+  its last one finishes).
+
+(b), (c) and (d) are baselines, not served: they are scheduling policies of this script (serve_apps.policy's
+interface), given to the replica in Python (`build_app(args, policy=...)`) and run by the production engine loop
+and executor; no serve config can select them.
 
 For every variant N concurrent clients send the same seeded sequence of image questions over loopback, streaming
 the answers (`stream_options.include_usage`), until the request count or the time limit is reached. Each request
@@ -22,7 +28,7 @@ length from the workload, and generates exactly that many tokens (`ignore_eos`):
 
 Reports per variant: requests/s, generated tokens/s, time to first token p50/p99, time per output token p50, the
 mean prefill group (`GET /v1/dpn/batches`: one record per prefill group, with `size` and the requests `running`
-when it started; a static batch records no `running`), the prefill ms per request and its share of the wall time
+when it started), the prefill ms per request and its share of the wall time
 (the records' `prefill_s`), the replica's RSS after 100 and 1,000 completed requests
 and at the end (psutil on the replica process, a descendant of this driver's Ray), and the issue's targets as
 ratios. Each variant gets a fresh replica and 8 warm-up requests that are not counted. The FLOPs ideal of (a) over (c) is the dense
@@ -53,18 +59,124 @@ import httpx
 import numpy as np
 import PIL.Image
 
+from serve_apps.compression import Rate, batch_rate
+from serve_apps.policy import (
+    BatchingConfig,
+    ContinuousPolicy,
+    EngineState,
+    PrefillGroup,
+    RateQueues,
+    SchedulingPolicy,
+    StepPlan,
+    WaitingRequest,
+)
+
 logger = logging.getLogger("serve_load")
 RATES: list[str | int] = ["auto", 1, 2, 4]
 VARIANTS = {
-    "a": ("continuous-bucketed", "continuous", "bucketed"),
-    "b": ("continuous-mixed", "continuous", "mixed"),
-    "c": ("continuous-dense", "continuous", "dense"),
-    "d": ("static-bucketed", "static", "bucketed"),
+    "a": "continuous-bucketed",
+    "b": "continuous-mixed",
+    "c": "continuous-dense",
+    "d": "static-bucketed",
 }
 WORKLOADS = {"short": (4, 16), "mixed": (4, 128)}
 RSS_AT = (100, 1000)  # answers after which the replica's RSS is read (and once more at the end)
 # the replica engine's phases (`Scheduler.engine_stats`, plus `other`), in the order printed
 ENGINE_PHASES = ("prefill", "decode", "merge", "build", "loop_wait", "idle", "other")
+
+
+# -- the baselines: scheduling policies the production engine runs (serve_apps.policy) --------------------------
+
+
+class MixedPolicy(ContinuousPolicy):
+    """(b): continuous batching with one queue for every rate; a prefill group runs at the densest rate any of its
+    members may need (the padding to the densest visual length that per-rate prefills avoid)."""
+
+    def queue(self, rate: Rate) -> str:
+        return "mixed"
+
+    def group_rate(self, requested: list[Rate]) -> Rate:
+        return batch_rate(requested)
+
+
+class DensePolicy(ContinuousPolicy):
+    """(c): continuous batching, one queue, every prefill at compression 1 (plain LLaVA compute)."""
+
+    def queue(self, rate: Rate) -> str:
+        return "dense"
+
+    def group_rate(self, requested: list[Rate]) -> Rate:
+        return 1
+
+
+class StaticPolicy(RateQueues):
+    """(d): the static batcher continuous batching replaced. A batch is taken from one rate's queue when the model
+    can take it: while nothing runs, once its oldest request waited `batch_wait_timeout_s` or it holds
+    `max_batch_size`; while batches run, once it is full or its oldest waited `max_queue_delay_s`, at most
+    `max_running_batches` at once. Its rows stay together until the last one finishes: none leaves or joins.
+    (Each running batch decodes one token per step, a new one from the step of its prefill.)"""
+
+    def __init__(
+        self,
+        config: BatchingConfig,
+        max_batch_size: int = 8,
+        max_queue_delay_s: float = 0.5,
+        max_running_batches: int = 4,
+    ):
+        self.config = config
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_running_batches = max_running_batches
+
+    @property
+    def capacity(self) -> int:
+        return self.max_batch_size * self.max_running_batches
+
+    def plan(self, state: EngineState) -> StepPlan:
+        queues: dict[str, list[WaitingRequest]] = {}
+        for request in state.by_arrival():
+            queues.setdefault(self.queue(request.rate), []).append(request)
+        batches = len({row.batch for row in state.running}) + state.resuming  # each resumed request: a batch
+        groups = []
+        while (group := self._due(queues, batches, state.now)) is not None:
+            groups.append(group)
+            batches += 1
+        if not batches:
+            heads = [queue[0].arrived for queue in queues.values() if queue]
+            timeout = self.config.batch_wait_timeout_s
+            return StepPlan.wait(max(0.0, min(heads) + timeout - state.now) if heads else None)
+        return StepPlan(prefill=tuple(groups), decode=tuple(row.key for row in state.running if not row.gone))
+
+    def _due(self, queues: dict[str, list[WaitingRequest]], batches: int, now: float) -> PrefillGroup | None:
+        """The next batch to start (from the queue whose oldest request came first), or None."""
+        if batches >= self.max_running_batches:
+            return None
+        limit = self.max_queue_delay_s if batches else self.config.batch_wait_timeout_s
+        ready = [
+            (queue[0].arrived, key)
+            for key, queue in queues.items()
+            if queue and (len(queue) >= self.max_batch_size or now - queue[0].arrived >= limit)
+        ]
+        if not ready:
+            return None
+        key = min(ready)[1]
+        members, queues[key] = queues[key][: self.max_batch_size], queues[key][self.max_batch_size :]
+        (group,) = self.groups(members, joins=False)  # one queue's requests: one group, at its rate
+        return group
+
+
+def variant_policy(
+    variant: str, batching: dict[str, Any], args: argparse.Namespace
+) -> SchedulingPolicy | None:
+    """The scheduling policy of `variant` (None: production's) for a replica with `batching`."""
+    config = BatchingConfig.from_dict(batching)
+    if variant == "b":
+        return MixedPolicy(config)
+    if variant == "c":
+        return DensePolicy(config)
+    if variant == "d":
+        return StaticPolicy(config, args.max_batch_size, args.max_queue_delay_s, args.max_running_batches)
+    return None
 
 
 def _image_url(seed: int) -> str:
@@ -167,6 +279,28 @@ async def _one(http: httpx.AsyncClient, base: str, body: dict[str, Any]) -> dict
     }
 
 
+def _body(compression: str | int, max_tokens: int, image_url: str) -> dict[str, Any]:
+    """One streamed image question of the workload: greedy, exactly `max_tokens` tokens (`ignore_eos`)."""
+    return {
+        "model": "dpn",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "compression": compression,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": "What colour is the large shape?"},
+                ],
+            }
+        ],
+    }
+
+
 async def _load(
     base: str, clients: int, requests: list[tuple[str | int, int, int]], time_limit: float
 ) -> dict[str, Any]:
@@ -183,25 +317,7 @@ async def _load(
         for compression, max_tokens, image in counter:
             if time.perf_counter() > deadline:
                 return
-            body = {
-                "model": "dpn",
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "compression": compression,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image_url", "image_url": {"url": images[image]}},
-                            {"type": "text", "text": "What colour is the large shape?"},
-                        ],
-                    }
-                ],
-            }
-            answer = await _one(http, base, body)
+            answer = await _one(http, base, _body(compression, max_tokens, images[image]))
             if answer is None:
                 failures += 1
                 continue
@@ -232,24 +348,33 @@ async def _load(
 
 
 def _batching(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    _, engine, mode = VARIANTS[variant]
-    if engine == "continuous":
+    """The replica's `batching` section: the continuous engine's knobs, or (d)'s idle wait."""
+    if variant != "d":
         return {
-            "engine": engine,
-            "mode": mode,
             "max_num_seqs": args.max_num_seqs,
             "max_prefill_tokens": args.max_prefill_tokens,
             "waiting_served_ratio": args.waiting_served_ratio,
             "max_waiting_steps": args.max_waiting_steps,
         }
-    return {
-        "engine": engine,
-        "mode": mode,
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_s,
-        "max_queue_delay_s": args.max_queue_delay_s,
-        "max_running_batches": args.max_running_batches,
-    }
+    return {"batch_wait_timeout_s": args.batch_wait_s}
+
+
+def variant_app(variant: str, model: str, args: argparse.Namespace) -> Any:
+    """The Serve app of `variant`: the production app (serve_apps.app.build_app), with the variant's policy."""
+    from serve_apps.app import build_app
+
+    batching = _batching(variant, args)
+    return build_app(
+        {
+            "model": model,
+            "device": "cpu",
+            "auth": "none",  # a local benchmark endpoint
+            "batching": batching,
+            "limits": {"max_tokens": max(WORKLOADS[args.workload][1], 64)},
+            "model_options": {"ray_actor_options": {"num_cpus": 1}},
+        },
+        policy=variant_policy(variant, batching, args),
+    )
 
 
 def run_variant(
@@ -257,18 +382,7 @@ def run_variant(
 ) -> dict[str, Any]:
     from ray import serve
 
-    from serve_apps.app import build_app
-
-    app = build_app(
-        {
-            "model": model,
-            "device": "cpu",
-            "auth": "none",  # a local benchmark endpoint
-            "batching": _batching(variant, args),
-            "limits": {"max_tokens": max(WORKLOADS[args.workload][1], 64)},
-            "model_options": {"ray_actor_options": {"num_cpus": 1}},
-        }
-    )
+    app = variant_app(variant, model, args)
     serve.run(app, name="dpn", route_prefix="/")
     warmup = make_requests(min(8, len(requests)), args.workload, {"auto": 0.25, 1: 0.25, 2: 0.25, 4: 0.25}, 1)
     asyncio.run(_load(base, min(4, args.clients), warmup, 120))  # not counted
@@ -288,7 +402,7 @@ def run_variant(
         prefill_s=sum(b.get("prefill_s", 0.0) for b in data),
         engine=engine,
     )
-    logger.info("%s: %s", VARIANTS[variant][0], result)
+    logger.info("%s: %s", VARIANTS[variant], result)
     serve.delete("dpn")
     return result
 
@@ -368,18 +482,15 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
     ]
     for r in results:
         rss = " / ".join(f"{r['rss'][n] / 2**20:.0f}" if r["rss"].get(n) else "-" for n in (*RSS_AT, "end"))
-        running = (
-            "-" if r["mean_running"] != r["mean_running"] else f"{r['mean_running']:.1f}"
-        )  # static: none
+        running = "-" if r["mean_running"] != r["mean_running"] else f"{r['mean_running']:.1f}"  # no records
         lines.append(
-            f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {r['throughput']:.2f} | {r['tokens_s']:.1f} | "
+            f"| ({r['variant']}) {VARIANTS[r['variant']]} | {r['throughput']:.2f} | {r['tokens_s']:.1f} | "
             f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {1000 * r['tpot_p50']:.0f} | {r['batches']} | "
             f"{r['mean_batch']:.1f} | {running} | {r['flops'] / 1e9:.2f} | "
             f"{1000 * r['prefill_s'] / max(r['completed'], 1):.0f} | {r['prefill_s'] / r['wall_s']:.0%} | {rss} | "
             f"{r['failed']} |"
         )
-    continuous = [r for r in results if VARIANTS[r["variant"]][1] == "continuous"]
-    if continuous:
+    if results:
         lines += [
             "",
             "Where the replica's engine spent its time, ms per completed request (`Scheduler.engine_stats`: "
@@ -388,12 +499,12 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: 
             "| variant | decode steps | ms/step | " + " | ".join(ENGINE_PHASES) + " |",
             "|---|---|---|" + "---|" * len(ENGINE_PHASES),
         ]
-        for r in continuous:
+        for r in results:
             engine, n = r["engine"], max(r["completed"], 1)
             per_step = 1000 * engine["seconds"].get("decode", 0.0) / max(engine["steps"], 1)
             phases = " | ".join(f"{1000 * engine['seconds'].get(p, 0.0) / n:.0f}" for p in ENGINE_PHASES)
             lines.append(
-                f"| ({r['variant']}) {VARIANTS[r['variant']][0]} | {engine['steps']} | {per_step:.0f} | {phases} |"
+                f"| ({r['variant']}) {VARIANTS[r['variant']]} | {engine['steps']} | {per_step:.0f} | {phases} |"
             )
     lines += ["", "Targets:", "", *target_lines(by_variant, args.workload), ""]
     return "\n".join(lines)
@@ -429,7 +540,7 @@ def _write_section(path: str, section: str) -> None:
 
 
 def _variants(text: str) -> list[str]:
-    names = {name: key for key, (name, _, _) in VARIANTS.items()}
+    names = {name: key for key, name in VARIANTS.items()}
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -442,7 +553,9 @@ def _variants(text: str) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; (d)'s knobs are `--max-batch-size`, `--batch-wait-s`, `--max-queue-delay-s` and
+    `--max-running-batches`, the continuous variants' the others."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint dir (default: a random model of --preset)")
     parser.add_argument("--preset", choices=["tiny", "mid"], default="tiny")
@@ -468,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-s", type=float, default=0.5)
     parser.add_argument("--max-running-batches", type=int, default=4)
     parser.add_argument("--write", default=None, help="replace the Serving section of this markdown file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 

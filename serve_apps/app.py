@@ -39,7 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from serve_apps.api import Overloaded, Settings, Unavailable, check_host_patterns, create_api
 from serve_apps.limits import Limits
 from serve_apps.metrics import serve_metrics
-from serve_apps.model import BatchingConfig, ModelDeployment, default_version
+from serve_apps.model import ModelDeployment, default_version
+from serve_apps.policy import BatchingConfig, ContinuousPolicy, SchedulingPolicy
 from serve_apps.protocol import CompressionField
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class AppArgs(BaseModel):
             path.
         served_model_name: Model id clients use.
         device, dtype: Where and how the model runs (`auto`: GPU + bf16 when present, else CPU + fp32).
-        batching: `BatchingConfig` fields (`max_batch_size`, `batch_wait_timeout_s`, `mode`, `history`).
+        batching: `BatchingConfig` fields (`max_num_seqs`, `max_prefill_tokens`, `waiting_served_ratio`,
+            `max_waiting_steps`, `batch_wait_timeout_s`, `history`).
         limits: `Limits` fields (image bytes/pixels/count, prompt bytes and tokens, the per-request token budget,
             max_tokens, remote images).
         api_key_env: Environment variable with the API key, in the ingress replicas' environment (the k8s
@@ -186,18 +188,24 @@ def ingress_settings(settings: dict[str, Any]) -> Settings:
     return parsed
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+def build_app(args: dict[str, Any], policy: SchedulingPolicy | None = None) -> serve.Application:
     """Ray Serve app builder (`import_path: serve_apps.app:build_app`): validate `args`, bind the deployments.
 
     Deployment options (replicas, autoscaling, resources, queue bounds) come from the config's `deployments`
     section (names `DPNServer` and `OpenAIIngress`) and override the defaults set here.
+
+    Args:
+        args: the serve config's `args` ([`AppArgs`]).
+        policy: the replicas' scheduling policy (serve_apps.policy) in place of the production one, for the
+            baselines of benchmarks/serve_load.py; a config file cannot give one (Serve passes `args` only).
     """
     parsed = AppArgs.model_validate(dict(args))
     batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options
     limits = Limits.from_dict(parsed.limits)
+    capacity = (policy if policy is not None else ContinuousPolicy(batching)).capacity
     options = {
-        # room for a full engine (BatchingConfig.capacity) and as many again queued on the replica
-        "max_ongoing_requests": max(64, 2 * batching.capacity),
+        # room for a full engine (the requests it runs at once) and as many again queued on the replica
+        "max_ongoing_requests": max(64, 2 * capacity),
         **parsed.model_options,
         "user_config": {"model": parsed.model, "version": parsed.version or default_version(parsed.model)},
     }
@@ -208,6 +216,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         dtype=parsed.dtype,
         default_compression=parsed.default_compression,
         encoder_cache_bytes=parsed.encoder_cache_bytes,
+        policy=policy,
     )
     settings = {
         "served_model_name": parsed.served_model_name,

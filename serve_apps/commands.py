@@ -55,14 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compression of requests that do not set it: auto, a factor (1, 2, 4) or one factor per pooling "
         "layer (1,2,4) (default auto)",
     )
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch, per rate queue")
-    parser.add_argument("--batch-wait-s", type=float, default=0.02, help="batch wait timeout in seconds")
     parser.add_argument(
-        "--batching-mode",
-        choices=("bucketed", "mixed", "dense"),
-        default="bucketed",
-        help="bucketed: one queue per rate (default); mixed / dense: for comparison",
+        "--max-num-seqs", type=int, default=32, help="most requests running at once per replica (default 32)"
     )
+    parser.add_argument("--batch-wait-s", type=float, default=0.02, help="batch wait timeout in seconds")
     parser.add_argument("--min-replicas", type=int, default=1, help="autoscaling minimum model replicas")
     parser.add_argument("--max-replicas", type=int, default=1, help="autoscaling maximum model replicas")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
@@ -123,7 +119,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as `build_app`'s arguments, the dict a `serve deploy` config's `args:` gives it.
 
-    `target_ongoing_requests` is two batches per replica: Serve adds replicas once each holds more than that.
+    `target_ongoing_requests` is half the engine's `max_num_seqs`: Serve adds replicas once each holds more than that
+    (the shipped configs' 16 of 32).
     """
     return {
         "model": args.model,
@@ -133,9 +130,8 @@ def _app_args(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "default_compression": args.compression_default,
         "batching": {
-            "max_batch_size": args.max_batch_size,
+            "max_num_seqs": args.max_num_seqs,
             "batch_wait_timeout_s": args.batch_wait_s,
-            "mode": args.batching_mode,
         },
         "limits": {"allow_remote_images": args.allow_remote_images},
         "api_key_env": args.api_key_env,
@@ -145,7 +141,7 @@ def _app_args(args: argparse.Namespace) -> dict[str, Any]:
             "autoscaling_config": {
                 "min_replicas": args.min_replicas,
                 "max_replicas": args.max_replicas,
-                "target_ongoing_requests": 2 * args.max_batch_size,
+                "target_ongoing_requests": max(1, args.max_num_seqs // 2),
                 "upscale_delay_s": 10,
                 "downscale_delay_s": 120,
             },

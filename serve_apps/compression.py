@@ -1,4 +1,5 @@
-"""The `compression` of a serving request: its forms, its check against the model, and the rate it runs at.
+"""The `compression` of a serving request: its forms, its check against the model, the rate it runs at, and the
+rate a batch of requests runs at ([`batch_rate`]): the one owner of the rules from a compression to a `Rate`.
 
 Serving accepts what `dpn_model.configuration.parse_compression` (the one parser of a compression) accepts, but
 random routing:
@@ -32,6 +33,7 @@ from dpn_model.configuration import (
     ROUTING_MODES,
     compression_label,
     parse_compression,
+    routing_mode,
 )
 
 Rate = str | int
@@ -149,6 +151,21 @@ def densest(rates: Sequence[Rate]) -> Rate:
     return _canonical(tuple(min(column) for column in zip(*per_layer)))
 
 
+def batch_rate(requested: Sequence[Any]) -> Rate:
+    """The one rate a batch of requests that asked for `requested` runs at (the model applies one rate per forward
+    pass): their rate when they agree; else the densest any member may need, so that none keeps fewer visual
+    tokens than it asked for: 1 when one of them is routed (`auto`, with or without the cost dial: the router may
+    pick 1x), else per pooling layer the smallest factor any member applies there (`[2, "1-2-4", 4]` runs at
+    `"1-2-2"`). The engine's queues keep one rate per batch; the one-queue baseline of benchmarks/serve_load.py
+    mixes them."""
+    rates = {as_rate(rate) for rate in requested}
+    if len(rates) == 1:
+        return next(iter(rates))
+    if any(routing_mode(rate) for rate in rates):
+        return 1
+    return densest(sorted(rates, key=str))
+
+
 __all__ = [
     "FORMS",
     "MAX_SCHEDULE_LENGTH",
@@ -157,6 +174,7 @@ __all__ = [
     "Rate",
     "allowed",
     "as_rate",
+    "batch_rate",
     "check_form",
     "densest",
     "factors_per_layer",

@@ -1,16 +1,21 @@
-"""Batched generation for serving: prompt preparation, one prefill, step-by-step decoding with per-request sampling.
+"""Batched generation for serving: a request prepared for the model, and a batch of them generated step by step.
 
-No Ray here. A [`BatchRun`] takes requests that share one compression rate (`"auto"`, a factor, or a schedule such
-as `"1-2-4"`: see serve_apps.compression), left-pads them into one batch, runs
-the prefill once (where DPN pools the visual tokens) and then decodes one token per step for every unfinished
-request. Each request keeps its own `max_tokens`, `temperature`, `top_p`, `seed` and `stop` strings, which
-`generate()` cannot do in one batch. Each step returns one event per request (serve_apps.events: a `DeltaEvent`,
-the `FinalEvent` with the finish reason and usage, or an `ErrorEvent`), so the caller can stream.
+No Ray here. [`prepare`] turns a request into a [`Prepared`] one (prompt ids, pixel values, sampling settings). A
+[`BatchRun`] takes requests that share one compression rate (`"auto"`, a factor, or a schedule such as `"1-2-4"`:
+see serve_apps.compression), left-pads them into one batch, runs the prefill once (where DPN pools the visual
+tokens) and then decodes one token per step for every unfinished request. Each request keeps its own `max_tokens`,
+`temperature`, `top_p`, `seed` and `stop` strings, which `generate()` cannot do in one batch. Each step returns one
+event per request (serve_apps.events: a `DeltaEvent`, the `FinalEvent` with the finish reason and usage, or an
+`ErrorEvent`), so the caller can stream. Rows of batches prefilled at other rates join a running one, and
+finished rows leave it, with [`BatchRun.absorb`] (continuous batching, serve_apps.executor).
 
-One request never fails another: sampling is numerically safe for any valid temperature and top_p, reserved
-tokens (`<image>`, `<router>`, padding, every special token but end-of-sequence, ids past the tokenizer) are never
-sampled, so nothing fed back can be rejected; and a row whose seed, sampling or decoding raises ends alone, with
-an error event, while the other rows go on.
+`BatchRun` composes named pieces: the KV cache and mask of its rows (serve_apps.batch_cache), the choice of each
+next token (serve_apps.sampling), stop strings and what text may be streamed yet (serve_apps.stopping), and each
+request's usage (serve_apps.usage).
+
+One request never fails another: sampling never raises for a valid request and never emits a reserved token, so
+nothing fed back can be rejected; and a row whose seed or sampling raises ends alone with an error event
+(`_fail_row`), while the other rows go on. (A whole step that raises is serve_apps.scheduler's to isolate.)
 """
 
 from __future__ import annotations
@@ -18,16 +23,19 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dpn_model import flops as flops_lib
-from dpn_model.cache import cat_left_padded
 from dpn_model.processing import ReservedTokenError
+from serve_apps.batch_cache import BatchCache, left_padded, segments
 from serve_apps.compression import Rate, as_rate
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent
+from serve_apps.sampling import ReservedMask, sample_token, seeded_generator, token_logprobs
+from serve_apps.stopping import cut_at_stop, releasable
+from serve_apps.usage import completion_usage, prefill_usage
 
 logger = logging.getLogger(__name__)
 
@@ -59,31 +67,6 @@ class Prepared:
     ignore_eos: bool = False
     logprobs: bool = False  # report each generated token's logprob (OpenAI's `logprobs`)
     top_logprobs: int = 0  # and this many most likely alternatives (0..20)
-
-
-@dataclass
-class _RowState:
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one entry per generated token, when asked
-    emitted: int = 0  # characters of the decoded text already sent
-    finished: bool = False
-    error: str | None = None  # why the row failed before its first token (seed), reported at prefill
-
-
-GREEDY_BELOW = 1e-4
-"""Temperatures below this sample greedily: the distribution is already one-hot to float precision."""
-
-
-def reserved_token_ids(processor: Any, vocab_size: int) -> list[int]:
-    """Ids generation must never emit: the special tokens but end-of-sequence (`<image>`, `<router>`, padding,
-    `<s>`, `<unk>`, ...) and ids the model has but the tokenizer lacks (padded vocabularies)."""
-    tokenizer = processor.tokenizer
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    special |= {getattr(processor, "image_token_id", None), getattr(processor, "router_token_id", None)}
-    special.discard(tokenizer.eos_token_id)
-    special.discard(None)
-    return sorted({i for i in special if 0 <= i < vocab_size} | set(range(len(tokenizer), vocab_size)))
 
 
 def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> Prepared:
@@ -140,57 +123,39 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     )
 
 
-LOGPROB_FLOOR = -9999.0
-"""The logprob reported for a token the model gives no probability (OpenAI's value; JSON has no -inf)."""
+@dataclass
+class Row:
+    """One request in a batch: what it asked for, what it generated so far, its sampler and its records.
+
+    Attributes:
+        request: The prepared request.
+        generator: Its random generator (None: greedy).
+        info: The record of the batch it was prefilled in (rows of other batches join a running one).
+        rate: The rate it was prefilled at.
+        generated: The tokens generated so far.
+        logprobs: One entry per generated token, when the request asked for them.
+        emitted: Characters of the decoded text already sent.
+        finished: Nothing more to generate: its last event was returned (or is its `error`).
+        error: Why the row failed; a row that fails before its prefill (its seed) reports it there.
+        usage: Its prefill's part of the usage (serve_apps.usage), set by the prefill.
+    """
+
+    request: Prepared
+    generator: torch.Generator | None
+    info: dict[str, Any]
+    rate: Rate
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    emitted: int = 0
+    finished: bool = False
+    error: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
 
 
-def _logprob_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
-    text = tokenizer.decode([token], skip_special_tokens=False)
-    value = logprob if logprob == logprob and logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN, -inf
-    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", "backslashreplace"))}
-
-
-def token_logprobs(tokenizer: Any, logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
-    """OpenAI's `logprobs.content` entry of `token` from one row's logits `(V,)` (reserved ids at -inf): the
-    model's log-softmax over the tokens it may emit, before temperature and top_p (what OpenAI reports), and the
-    `top` most likely tokens with theirs."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    entry = _logprob_entry(tokenizer, token, float(logprobs[token]))
-    values, ids = logprobs.topk(min(top, logprobs.shape[-1])) if top else (logprobs[:0], logprobs[:0])
-    entry["top_logprobs"] = [
-        _logprob_entry(tokenizer, int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())
-    ]
-    return entry
-
-
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> int:
-    """Next token from one row's logits `(V,)` (reserved ids already at -inf): greedy below `GREEDY_BELOW`, else
-    temperature + nucleus (top_p) sampling, computed so that no valid parameter can overflow or empty the
-    distribution (max subtracted before dividing by the temperature; the top token always kept)."""
-    logits = logits.float()
-    if temperature < GREEDY_BELOW or generator is None:
-        return int(logits.argmax())
-    scaled = (logits - logits.max()) / temperature  # <= 0 everywhere, the max exactly 0: exp never overflows
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        keep[0] = True  # a top_p that rounds to 0 in float32 still keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs * keep)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
-        return int(logits.argmax())  # non-finite logits from the model: nothing to sample from
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _generator(req: Prepared) -> torch.Generator | None:
-    """The row's random generator (None when greedy); seeded by the request or at random."""
-    if req.temperature < GREEDY_BELOW:
-        return None
-    generator = torch.Generator()
-    generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-    return generator
+def _fail_row(row: Row, message: str) -> ErrorEvent:
+    """End `row` alone with `message`: the one rule for a failure that is this row's (its seed, its sampling)."""
+    row.finished, row.error = True, message
+    return ErrorEvent(message)
 
 
 class BatchRun:
@@ -203,6 +168,7 @@ class BatchRun:
         compression: `"auto"`, a forced factor, or a schedule (`"1-2-4"`, `[1, 2, 4]`) the model runs this batch
             at; kept (and reported) as its `Rate`.
         queue: the name of the queue the batch came from (for observability).
+        resume: rows carried over from a batch whose decode step failed (`split_row`), in place of fresh ones.
     """
 
     def __init__(
@@ -212,96 +178,86 @@ class BatchRun:
         requests: list[Prepared],
         compression: Rate | list[int],
         queue: str,
-        resume: list[tuple[_RowState, torch.Generator | None]] | None = None,
+        resume: list[Row] | None = None,
     ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.requests = requests
         self.compression = as_rate(compression)
         self.batch_id = next(_batch_ids)
-        self.info = {
+        self.info: dict[str, Any] = {
             "id": self.batch_id,
             "queue": queue,
             "rate": self.compression,
             "size": len(requests),
             "requested": [r.compression for r in requests],
         }
-        if resume is not None:  # rows carried over from a failed batch (see `split_row`)
-            self.rows = [row for row, _ in resume]
-            self.generators = [generator for _, generator in resume]
-        else:
-            self.rows = [_RowState() for _ in requests]
-            self.generators = [self._seeded(row, req) for row, req in zip(self.rows, requests)]
-        # ids never emitted, built at the first logits (they give the vocabulary size)
-        self._reserved: torch.Tensor | None = None
+        self.rows = resume if resume is not None else [self._new_row(req) for req in requests]
+        for row in self.rows:
+            row.info, row.rate = self.info, self.compression
+        self.cache: BatchCache | None = None  # from the prefill on
         self.eos_id = self.tokenizer.eos_token_id
-        # per row: the record of the batch it was prefilled in, and the rate it ran at (rows of other batches
-        # join a running one with `absorb`)
-        self.row_info = [self.info] * len(requests)
-        self.row_rates = [self.compression] * len(requests)
-        self._cache = None
-        self._mask: torch.Tensor | None = None
-        self._usage: list[dict[str, Any]] = []
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._reserved = ReservedMask(processor)
 
-    @staticmethod
-    def _seeded(row: _RowState, req: Prepared) -> torch.Generator | None:
+    def _new_row(self, req: Prepared) -> Row:
+        row = Row(req, None, self.info, self.compression)
         try:
-            return _generator(req)
+            row.generator = seeded_generator(req.temperature, req.seed)
         except Exception as exc:  # noqa: BLE001 - a seed torch cannot take fails its own row, not the batch
             logger.warning("request %s: cannot seed its generator (%s)", req.request_id, exc)
-            row.finished, row.error = True, f"invalid seed {req.seed!r}: {exc}"
-            return None
+            _fail_row(row, f"invalid seed {req.seed!r}: {exc}")
+        return row
+
+    @property
+    def requests(self) -> list[Prepared]:
+        """The batch's requests, row by row."""
+        return [row.request for row in self.rows]
+
+    @property
+    def done(self) -> bool:
+        return all(row.finished for row in self.rows)
 
     def split_row(self, i: int) -> BatchRun:
         """Row `i` as a batch of its own on the same model, going on from what it generated: after a decode step
         of this batch raised (its KV cache is lost), each unfinished request re-reads its prompt and its tokens so
         far in a prefill of its own, so only the request at fault fails."""
-        run = BatchRun(
-            self.model,
-            self.processor,
-            [self.requests[i]],
-            self.row_rates[i],
-            self.row_info[i]["queue"],
-            resume=[(self.rows[i], self.generators[i])],
-        )
-        run.info.update(fingerprint=self.row_info[i].get("fingerprint"), resumed_from=self.row_info[i]["id"])
+        row = self.rows[i]
+        came_from = row.info
+        run = BatchRun(self.model, self.processor, [row.request], row.rate, came_from["queue"], resume=[row])
+        run.info.update(fingerprint=came_from.get("fingerprint"), resumed_from=came_from["id"])
         return run
+
+    def mark_failed(self, exc: BaseException) -> None:
+        """Note `exc` in the record of every batch the rows were prefilled in."""
+        for info in {id(row.info): row.info for row in self.rows}.values():
+            info["failed"] = f"{type(exc).__name__}: {exc}"
 
     # -- continuous batching --------------------------------------------------------------------------------
 
-    _ROW_LISTS = ("requests", "rows", "generators", "row_info", "row_rates", "_usage")
-
-    def absorb(self, *others: BatchRun) -> list[int]:
-        """Drop the finished rows (their KV cache freed) and take in the rows of `others`, batches prefilled on
-        the same model (at any rate), so that they decode together from the next `step` on; one copy of the KV
-        cache does both. Each row keeps its own request, sampling state and batch record.
+    def absorb(self, *others: BatchRun, drop: Collection[int] | None = None) -> list[int]:
+        """Drop rows (`drop`, indices; default: the finished rows), their KV cache freed, and take in the rows of
+        `others`, batches prefilled on the same model (at any rate), so that they decode together from the next
+        `step` on; one copy of the KV cache does both. Each row keeps its own request, sampling state and batch
+        record.
 
         Returns:
             `list[int]`: the indices the dropped rows had, in order.
         """
         if any(other.model is not self.model for other in others):
             raise ValueError("rows of batches on different models cannot decode together")
-        gone = [i for i, row in enumerate(self.rows) if row.finished]
+        gone = (
+            sorted(set(drop)) if drop is not None else [i for i, row in enumerate(self.rows) if row.finished]
+        )
         if not gone and not others:
             return gone
-        keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        for name in self._ROW_LISTS:
-            values = getattr(self, name)
-            setattr(
-                self, name, [values[i] for i in keep] + [v for other in others for v in getattr(other, name)]
-            )
+        keep = [i for i in range(len(self.rows)) if i not in set(gone)]
+        self.rows = [self.rows[i] for i in keep] + [row for other in others for row in other.rows]
         if not self.rows:
-            self._cache, self._mask = None, None
+            self.cache = None
             return gone
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device) if gone else None
-        self._cache.append_rows(*(other._cache for other in others), keep=index)
-        self._mask = cat_left_padded([self._mask, *(other._mask for other in others)], dim=1, index=index)
-        if gone:
-            config = self.model.config
-            bounds = [0, *config.pooling_layers, config.text_config.num_hidden_layers]
-            self._cache.drop_leading_padding([range(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
-            self._mask = self._mask[:, int(self._mask.any(0).nonzero()[0, 0]) :]
+        joining = [other.cache for other in others]  # prefilled batches: each has its cache
+        self.cache.regroup(keep if gone else None, joining, segments(self.model.config))
         return gone
 
     def remove_finished(self) -> list[int]:
@@ -316,27 +272,20 @@ class BatchRun:
         batch record gets the seconds it took (`prefill_s`)."""
         start = time.perf_counter()
         device = self.model.device
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        prefixes = [req.input_ids + row.generated for req, row in zip(self.requests, self.rows)]
-        width = max(len(prefix) for prefix in prefixes)
-        ids = torch.full((len(self.requests), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.requests), width), dtype=torch.long)
-        for i, prefix in enumerate(prefixes):  # left padding: prompts end together
-            ids[i, width - len(prefix) :] = torch.tensor(prefix)
-            mask[i, width - len(prefix) :] = 1
-        pixels = [r.pixel_values for r in self.requests if r.pixel_values is not None]
-        pixel_values = torch.cat(pixels).to(device=device, dtype=self.model.dtype) if pixels else None
+        ids, mask = left_padded([row.request.input_ids + row.generated for row in self.rows], self._pad_id)
+        pixels = [row.request.pixel_values for row in self.rows if row.request.pixel_values is not None]
         out = self.model(
             input_ids=ids.to(device),
-            pixel_values=pixel_values,
+            pixel_values=torch.cat(pixels).to(device=device, dtype=self.model.dtype) if pixels else None,
             attention_mask=mask.to(device),
             compression=self.compression,
             use_cache=True,
             logits_to_keep=1,
         )
-        self._cache = out.cache
-        self._mask = mask.to(device)
-        self._usage = self._prefill_usage(out, mask)
+        self.cache = BatchCache(out.cache, mask.to(device))
+        usage = prefill_usage(self.model.config, out, mask.sum(-1).tolist(), self.requests, self.compression)
+        for row, prefilled in zip(self.rows, usage):
+            row.usage = prefilled
         events = self._advance(out.logits[:, -1].float())
         self.info["prefill_s"] = round(time.perf_counter() - start, 4)
         return [ErrorEvent(row.error) if row.error else event for row, event in zip(self.rows, events)]
@@ -344,138 +293,67 @@ class BatchRun:
     @torch.inference_mode()
     def step(self) -> list[Event | None]:
         """Decode one token for every request (finished ones are fed padding and ignored)."""
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        last = [row.generated[-1] if row.generated and not row.finished else pad_id for row in self.rows]
-        device = self._mask.device
-        self._mask = torch.cat(
-            [self._mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=device)], dim=1
-        )
+        last = [
+            row.generated[-1] if row.generated and not row.finished else self._pad_id for row in self.rows
+        ]
+        mask = self.cache.grow()
         out = self.model(
-            input_ids=torch.tensor(last, device=device)[:, None],
-            attention_mask=self._mask,
-            cache=self._cache,
+            input_ids=torch.tensor(last, device=mask.device)[:, None],
+            attention_mask=mask,
+            cache=self.cache.kv,
             use_cache=True,
             compression=self.compression,
             logits_to_keep=1,
         )
-        self._cache = out.cache
+        self.cache.kv = out.cache
         return self._advance(out.logits[:, -1].float())
 
-    @property
-    def done(self) -> bool:
-        return all(row.finished for row in self.rows)
-
-    # -- bookkeeping ---------------------------------------------------------------------------------------
-
-    def _prefill_usage(self, out: Any, mask: torch.Tensor) -> list[dict[str, Any]]:
-        """Per request: prompt tokens, visual tokens per decoder layer, chosen compression, FLOPs saved."""
-        config = self.model.config
-        factors = list(config.compression_factors)
-        usage = []
-        prompt_lens = mask.sum(-1).tolist()  # the prompt, and the tokens a resumed row had generated
-        for i, req in enumerate(self.requests):
-            prompt_len = int(prompt_lens[i])
-            has_image = req.pixel_values is not None
-            lens = [int(x) for x in out.layer_seq_lens[i].tolist()]
-            visual0 = int(out.visual_tokens[i, 0]) if has_image else 0
-            text_len = prompt_len - visual0
-            per_layer = [length - text_len for length in lens]
-            choices = [int(c) for c in out.expert_choices[i].tolist()]
-            spent = float(out.prefill_flops[i])
-            dense = float(
-                flops_lib.prefill_flops(
-                    config,
-                    [prompt_len] * config.text_config.num_hidden_layers,
-                    num_images=int(has_image),
-                    lm_head_tokens=1,
-                    num_routed_layers=0,
-                )
-            )
-            usage.append(
-                {
-                    "prompt_tokens": len(req.input_ids),
-                    "visual_tokens_per_layer": per_layer if has_image else [],
-                    "compression_per_pooling_layer": [factors[c] if c >= 0 else None for c in choices]
-                    if has_image
-                    else [],
-                    "compression_requested": req.compression,
-                    "compression_run": self.compression,
-                    "prefill_flops": spent,
-                    "prefill_flops_dense": dense,
-                    "prefill_flops_saved": round(1.0 - spent / dense, 6) if dense else 0.0,
-                }
-            )
-        return usage
+    # -- one token per row ---------------------------------------------------------------------------------
 
     def _advance(self, logits: torch.Tensor) -> list[Event | None]:
         """One event per row from the step's logits `(B, V)`: a failing row ends alone with an error event."""
-        if self._reserved is None:
-            self._reserved = torch.tensor(
-                reserved_token_ids(self.processor, logits.shape[-1]), dtype=torch.long
-            )
-        # reserved tokens are never emitted, greedy or sampled
-        logits = logits.cpu().float().index_fill(1, self._reserved, float("-inf"))
+        logits = self._reserved(logits)  # reserved tokens are never emitted, greedy or sampled
         events: list[Event | None] = []
-        for i, (row, req) in enumerate(zip(self.rows, self.requests)):
+        for i, row in enumerate(self.rows):
             if row.finished:
                 events.append(None)
                 continue
             try:
-                events.append(self._advance_row(i, logits[i]))
+                events.append(self._advance_row(row, logits[i]))
             except Exception as exc:  # noqa: BLE001 - this row's failure must not end its batch-mates
-                logger.exception("batch %s: request %s failed", self.batch_id, req.request_id)
-                row.finished = True
-                events.append(ErrorEvent(f"generation failed: {exc}"))
+                logger.exception("batch %s: request %s failed", self.batch_id, row.request.request_id)
+                events.append(_fail_row(row, f"generation failed: {exc}"))
         return events
 
-    def _advance_row(self, i: int, logits: torch.Tensor) -> DeltaEvent | FinalEvent | None:
-        """Sample row `i`'s next token; its text delta, its final event, or None (text held back)."""
-        row, req = self.rows[i], self.requests[i]
-        token = sample_token(logits, req.temperature, req.top_p, self.generators[i])
+    def _advance_row(self, row: Row, logits: torch.Tensor) -> DeltaEvent | FinalEvent | None:
+        """Sample the row's next token; its text delta, its final event, or None (text held back)."""
+        req = row.request
+        token = sample_token(logits, req.temperature, req.top_p, row.generator)
         finish = None
         if token == self.eos_id and not req.ignore_eos:
-            finish = "stop"
+            finish = "stop"  # end-of-sequence is not part of the answer
         else:
             row.generated.append(token)
             if req.logprobs:
                 row.logprobs.append(token_logprobs(self.tokenizer, logits, token, req.top_logprobs))
             if len(row.generated) >= req.max_tokens:
                 finish = "length"
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        if req.stop:
-            hits = [text.find(s) for s in req.stop if s in text]
-            if hits:
-                text, finish = text[: min(hits)], "stop"
+        text, finish = cut_at_stop(
+            self.tokenizer.decode(row.generated, skip_special_tokens=True), req.stop, finish
+        )
         if finish is None:
-            # hold back what could still become a stop string or an incomplete character
-            hold = max((len(s) - 1 for s in req.stop), default=0)
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
-            delta = text[row.emitted : max(safe, row.emitted)]
-            row.emitted = max(safe, row.emitted)
+            delta, row.emitted = releasable(text, row.emitted, req.stop)
             return DeltaEvent(delta) if delta else None
         row.finished = True
-        delta = text[row.emitted :]
-        row.emitted = len(text)
-        usage = dict(self._usage[i], completion_tokens=len(row.generated))
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        delta, row.emitted = text[row.emitted :], len(text)
         return FinalEvent(
             text=delta,
             full_text=text,
             finish_reason=finish,
-            usage=usage,
-            batch=self.row_info[i],
+            usage=completion_usage(row.usage, len(row.generated)),
+            batch=row.info,
             logprobs=row.logprobs if req.logprobs else None,
         )
 
 
-__all__ = [
-    "BatchRun",
-    "Prepared",
-    "PromptError",
-    "prepare",
-    "reserved_token_ids",
-    "sample_token",
-    "token_logprobs",
-]
+__all__ = ["BatchRun", "Prepared", "PromptError", "Row", "prepare"]

@@ -1,30 +1,22 @@
 """The model deployment (`DPNServer`): one DPN model per replica, an engine that batches requests continuously.
 
-The default engine (`batching.engine: continuous`, serve_apps.scheduler) works in steps: each step decodes one
-token for every running request (rows of every rate in one batch: after its prefill a row's rate only shows in its
-per-segment cache lengths), and prefills the requests that may join, grouped by rate, within `max_num_seqs` and
-`max_prefill_tokens`; a finished or cancelled request leaves at once. `engine: static` keeps the former
-behaviour described below, where a batch's rows stay together until its last one finishes.
+The engine (serve_apps.scheduler, deciding with serve_apps.policy, running on serve_apps.executor) works in steps:
+each step decodes one token for every running request (rows of every rate in one batch: after its prefill a row's
+rate only shows in its per-segment cache lengths), and prefills the requests that may join, within `max_num_seqs`
+and `max_prefill_tokens`, one prefill per rate; a finished or cancelled request leaves at once.
 
 Each request's `compression` is checked against the model's config on arrival (factors its experts have, one per
 pooling layer for a schedule: a 400 naming `compression` otherwise, listing what the model serves; see
-serve_apps.compression); the request is tokenized, then waits in the queue of the rate it runs at: `auto` (the
-router decides per sample), 1 (dense), 2, 4, or a schedule such as `1-2-4` (serve_apps.scheduler). A batch is
-taken from one queue only, so every sequence of a batch has the same visual length after each pooling layer: no
-compute is spent on padding between rates. Batches are formed when the model can take them (not on a fixed
-timer), and running batches share one compute thread, advancing one step each in turn.
+serve_apps.compression); the request is tokenized, then waits for its prefill, grouped with the others of the rate
+it runs at: `auto` (the router decides per sample), 1 (dense), 2, 4, or a schedule such as `1-2-4`. A prefill
+holds one rate only, so every sequence of it has the same visual length after each pooling layer: no compute is
+spent on padding between rates.
 
-`mode` exists to measure what the per-rate queues buy (see benchmarks/serve_load.py):
-
-- `bucketed` (default): one queue per rate, as above.
-- `mixed`: one queue for everything. The model applies one rate per forward pass, so a batch holding several
-  rates runs at the densest rate any of its requests may need (per pooling layer the smallest forced factor, or
-  1 when `auto` requests are mixed with others): the compute of padding every sequence to the densest visual
-  length.
-- `dense`: one queue, every batch at compression 1 (plain LLaVA compute).
-
-Every batch is recorded (id, queue, rate run, rates requested, size) in a bounded history served by `batches()`,
-and each response carries its batch's record, so anyone can check that a batch never mixes rates.
+Every batch is recorded (id, queue, rate run, rates requested, size, requests running when it started) in a
+bounded history served by `batches()`, and each response carries its batch's record, so anyone can check that a
+prefill never mixes rates. What per-rate prefills and continuous batching buy is measured by
+benchmarks/serve_load.py against baselines it gives the replica as other scheduling policies (`policy`, in
+Python only: no config selects them).
 
 Moving to a new model version without downtime: the model comes from the deployment's `user_config = {"model":
 REF, "version": V}` (set from the app args). Redeploying with a changed `user_config` in the config's `DPNServer`
@@ -51,7 +43,8 @@ from serve_apps import compression, loading, metrics
 from serve_apps.events import ErrorEvent, Event, StartEvent
 from serve_apps.generation import Prepared, PromptError, prepare
 from serve_apps.limits import Limits
-from serve_apps.scheduler import MODES, BatchingConfig, Scheduler, mixed_batch_rate
+from serve_apps.policy import BatchingConfig, SchedulingPolicy
+from serve_apps.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +69,8 @@ class DPNServer:
             reconfigure, the replica goes on serving the model it has.
         encoder_cache_bytes: size of each loaded model's vision-encoder cache (`dpn_model.EncoderCache`: a
             repeated image, e.g. every turn of a chat about one image, skips the vision tower); 0 disables it.
+        policy: the engine's scheduling policy (serve_apps.policy); default `ContinuousPolicy(batching)`. Only
+            Python passes another (benchmarks/serve_load.py's baselines); no config can.
     """
 
     def __init__(
@@ -87,6 +82,7 @@ class DPNServer:
         model: str | None = None,
         default_compression: Any = "auto",
         encoder_cache_bytes: int = 0,
+        policy: SchedulingPolicy | None = None,
     ):
         self.batching = BatchingConfig.from_dict(batching)
         self.limits = Limits.from_dict(limits)
@@ -111,7 +107,7 @@ class DPNServer:
             if self.replica_id != "local"
             else (lambda waiting, running, rows: None)
         )
-        self.scheduler = Scheduler(self.batching, self._model_for_batch, self._record_batch, on_step)
+        self.scheduler = Scheduler(self.batching, self._model_for_batch, self._record_batch, on_step, policy)
         if model is not None:
             self._swap(model, "", *loading.load_model(model, device, dtype, encoder_cache_bytes))
 
@@ -237,4 +233,4 @@ ModelDeployment = serve.deployment(
     health_check_period_s=10,
 )
 
-__all__ = ["BatchingConfig", "DPNServer", "MODES", "ModelDeployment", "default_version", "mixed_batch_rate"]
+__all__ = ["DPNServer", "ModelDeployment", "default_version"]

@@ -259,7 +259,7 @@ def _serve(path: str, dtype: str, compressions: list[str | int]) -> tuple[dict[s
     from serve_apps.model import DPNServer
 
     server = DPNServer(
-        batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.05}, device="cpu", dtype=dtype, model=path
+        batching={"max_num_seqs": 8, "batch_wait_timeout_s": 0.05}, device="cpu", dtype=dtype, model=path
     )
 
     async def one(req: dict[str, Any]) -> list[Any]:

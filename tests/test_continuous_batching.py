@@ -1,5 +1,6 @@
-"""Continuous batching: `DPNCache` row insertion/removal and the replica's engine loop (serve_apps.scheduler),
-driven directly with a tiny random model (no Ray)."""
+"""Continuous batching: `DPNCache` row insertion/removal and the replica's engine loop (serve_apps.scheduler, with
+the production policy or a baseline of benchmarks/serve_load.py), driven directly with a tiny random model (no
+Ray)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from test_serve import image_message, png_bytes
+from test_serve import image_message, png_bytes, serve_load
 
 from dpn_model.cache import DPNCache
 from serve_apps.events import DeltaEvent, FinalEvent
 from serve_apps.generation import BatchRun, prepare
-from serve_apps.scheduler import BatchingConfig, Scheduler
+from serve_apps.policy import BatchingConfig
+from serve_apps.scheduler import Scheduler
 
 RATES = [1, 2, 4, "auto", [1, 2, 4]]
 
@@ -66,13 +68,13 @@ async def collect(scheduler: Scheduler, item, delay: float = 0.0) -> list:
     return [event async for event in scheduler.submit(item)]
 
 
-def run_engine(tiny, items, delays, records=None, **config):
+def run_engine(tiny, items, delays, records=None, policy=None, **config):
     model, processor = tiny
     records = [] if records is None else records
     settings = BatchingConfig(**{"batch_wait_timeout_s": 0.0, **config})
 
     async def main():
-        scheduler = Scheduler(settings, lambda: (model, processor, "v1"), records.append)
+        scheduler = Scheduler(settings, lambda: (model, processor, "v1"), records.append, policy=policy)
         return await asyncio.gather(*(collect(scheduler, it, d) for it, d in zip(items, delays)))
 
     return asyncio.run(main())
@@ -163,7 +165,7 @@ def test_absorbed_rows_of_other_rates_decode_as_alone(tiny):
         solo = BatchRun(model, processor, run.requests, run.compression, "solo")
         solo.prefill()
         refs.append(solo)
-    assert a._cache.segment_masks[-1].shape[1] != b._cache.segment_masks[-1].shape[1]
+    assert a.cache.kv.segment_masks[-1].shape[1] != b.cache.kv.segment_masks[-1].shape[1]
     a.absorb(b)
     for _ in range(3):
         a.step()
@@ -228,7 +230,7 @@ def test_max_num_seqs_and_prefill_budget(tiny):
         )
         tasks = [asyncio.ensure_future(collect(scheduler, it)) for it in items]
         while not all(t.done() for t in tasks):
-            peak = max(peak, scheduler.running_requests() + sum(len(e.waiters) for e in scheduler._pending))
+            peak = max(peak, scheduler.running_requests() + sum(len(b.handles) for b in scheduler._queued))
             await asyncio.sleep(0.001)
         return [t.result() for t in tasks], records
 
@@ -328,16 +330,20 @@ def test_reconfigure_running_requests_finish_on_their_model(tiny, checkpoints):
 
 
 def test_static_and_mixed_modes_still_serve(tiny):
+    """The baselines of benchmarks/serve_load.py (the static batcher, one queue for every rate) run on the
+    production engine loop and executor."""
     model, processor = tiny
     items = [request(processor, i, RATES[i % 4], max_tokens=2 + i % 3) for i in range(6)]
-    for config in ({"engine": "static"}, {"mode": "mixed"}):
+    baselines = serve_load()
+    config = BatchingConfig(batch_wait_timeout_s=0.0)
+    for policy in (baselines.StaticPolicy(config), baselines.MixedPolicy(config)):
         records: list[dict[str, Any]] = []
-        outputs = run_engine(tiny, items, [0.0] * 6, records, **config)
+        outputs = run_engine(tiny, items, [0.0] * 6, records, policy=policy)
         for item, events in zip(items, outputs):
             assert isinstance(events[-1], FinalEvent)
             ran = dataclasses.replace(item, compression=events[-1].batch["rate"])  # mixed: the densest needed
             assert events[-1].full_text == alone(model, processor, ran).full_text
-        if config.get("mode") == "mixed":
+        if isinstance(policy, baselines.MixedPolicy):
             assert any(len({str(x) for x in r["requested"]}) > 1 for r in records)
 
 

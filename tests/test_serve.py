@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import importlib.util
 import io
 import os
 import threading
@@ -27,11 +29,23 @@ from pydantic import ValidationError
 from serve_cluster import free_port
 
 from serve_apps.api import Overloaded, Settings, create_api
+from serve_apps.compression import batch_rate
 from serve_apps.events import DeltaEvent, ErrorEvent, FinalEvent, StartEvent
 from serve_apps.limits import Limits
-from serve_apps.model import BatchingConfig, mixed_batch_rate
+from serve_apps.policy import RETIRED_KEYS, BatchingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.cache
+def serve_load() -> Any:
+    """benchmarks/serve_load.py as a module: its baseline scheduling policies and variant builder."""
+    spec = importlib.util.spec_from_file_location(
+        "serve_load", os.path.join(ROOT, "benchmarks", "serve_load.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -368,18 +382,16 @@ def test_openai_client_against_in_process_app(client):
 
 
 def test_mixed_queue_runs_at_densest_needed_rate():
-    assert mixed_batch_rate([4, 4]) == 4
-    assert mixed_batch_rate([2, 4, 4]) == 2
-    assert mixed_batch_rate(["auto", 4]) == 1
-    assert mixed_batch_rate(["auto", "auto"]) == "auto"
+    assert batch_rate([4, 4]) == 4
+    assert batch_rate([2, 4, 4]) == 2
+    assert batch_rate(["auto", 4]) == 1
+    assert batch_rate(["auto", "auto"]) == "auto"
     # schedules: per pooling layer, the smallest factor any member applies there
-    assert mixed_batch_rate(["1-2-4", [1, 2, 4]]) == "1-2-4"
-    assert mixed_batch_rate([2, "1-2-4"]) == "1-2-2"
-    assert mixed_batch_rate(["1-2-4", "4-2-1", 4]) == "1-2-1"
-    assert mixed_batch_rate(["2-2-2", 4]) == 2  # a uniform schedule is its factor
-    assert mixed_batch_rate(["auto", "1-2-4"]) == 1
-    with pytest.raises(ValueError, match=r"batching\.mode: must be one of 'bucketed', 'mixed' or 'dense'"):
-        BatchingConfig.from_dict({"mode": "fifo"})
+    assert batch_rate(["1-2-4", [1, 2, 4]]) == "1-2-4"
+    assert batch_rate([2, "1-2-4"]) == "1-2-2"
+    assert batch_rate(["1-2-4", "4-2-1", 4]) == "1-2-1"
+    assert batch_rate(["2-2-2", 4]) == 2  # a uniform schedule is its factor
+    assert batch_rate(["auto", "1-2-4"]) == 1
     with pytest.raises(ValueError, match=r"unknown config key limits\.max_image_byte .*valid keys"):
         Limits.from_dict({"max_image_byte": 1})
 
@@ -397,6 +409,7 @@ def test_serve_configs_are_valid(name):
     assert app["import_path"] == "serve_apps.app:build_app"
     args = AppArgs.model_validate(app["args"])
     Limits.from_dict(args.limits), BatchingConfig.from_dict(args.batching)
+    assert not set(args.batching) & set(RETIRED_KEYS)  # each key the shipped configs set does something
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"DPNServer", "OpenAIIngress"}
     for deployment in deployments.values():
@@ -545,21 +558,23 @@ def test_reserved_tokens_and_long_prompts_are_prompt_errors(tiny):
 
 
 def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
-    """Submit requests of `rates` at once to a Scheduler (no Ray); return the batch records."""
+    """Submit requests of `rates` at once to a Scheduler (no Ray); return the batch records. `mode`: `bucketed`
+    (production's policy) or `mixed` (the one-queue baseline of benchmarks/serve_load.py)."""
     import asyncio
 
-    from serve_apps.scheduler import BatchingConfig, Scheduler
+    from serve_apps.scheduler import Scheduler
 
     model, processor = tiny
     records: list[dict[str, Any]] = []
-    config = BatchingConfig(max_batch_size=4, batch_wait_timeout_s=0.05, mode=mode)
+    config = BatchingConfig(batch_wait_timeout_s=0.05)
+    policy = serve_load().MixedPolicy(config) if mode == "mixed" else None
     items = [
         prepared_request(processor, f"Question {i}?", compression=rate, max_tokens=2)
         for i, rate in enumerate(rates)
     ]
 
     async def main():
-        scheduler = Scheduler(config, lambda: (model, processor, "v"), records.append)
+        scheduler = Scheduler(config, lambda: (model, processor, "v"), records.append, policy=policy)
 
         async def one(item):
             return [event async for event in scheduler.submit(item)]
@@ -583,7 +598,7 @@ def test_scheduler_batches_hold_one_rate(tiny):
     # the one-queue baseline does mix rates in a batch and runs it at the densest rate needed
     mixed = _schedule(tiny, "mixed", rates)
     assert any(len(set(r["requested"])) > 1 for r in mixed)
-    assert all(r["rate"] == mixed_batch_rate(r["requested"]) for r in mixed)
+    assert all(r["rate"] == batch_rate(r["requested"]) for r in mixed)
 
 
 # ------------------------------------------------------------------------------------------- compression schedules
@@ -658,7 +673,7 @@ def local(checkpoints):
     from serve_apps.model import DPNServer
 
     server = DPNServer(
-        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.02},
+        batching={"batch_wait_timeout_s": 0.02},
         device="cpu",
         dtype="float32",
         model=checkpoints[0],
@@ -756,7 +771,7 @@ def test_one_schedule_one_queue_whatever_its_form(tiny):
         sizes[record["rate"]] += record["size"]
     assert sizes == {"1-2-4": 3, 2: 2, "4-2-1": 1}  # [2, 2, 2] is factor 2: the same computation, its queue
     mixed = _schedule(tiny, "mixed", rates)
-    assert all(r["rate"] == mixed_batch_rate(r["requested"]) for r in mixed)
+    assert all(r["rate"] == batch_rate(r["requested"]) for r in mixed)
     assert any(isinstance(r["rate"], str) and "-" in r["rate"] for r in mixed)
 
 
@@ -771,7 +786,7 @@ def _app_args(model: str, version: str, **extra) -> dict[str, Any]:
         "version": version,
         "device": "cpu",
         "api_key_env": "DPN_SERVE_TEST_KEY",
-        "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.2},
+        "batching": {"batch_wait_timeout_s": 0.2},
         "limits": {"max_prompt_tokens": 400, "max_tokens": 16, "default_max_tokens": 8},
         "model_options": {"ray_actor_options": {"num_cpus": 1}},
         **extra,

@@ -337,7 +337,7 @@ def model_client(tmp_path_factory):
 
     checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("fuzz") / "ckpt"), seed=0)
     server = DPNServer(
-        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+        batching={"batch_wait_timeout_s": 0.01},
         limits=LIMITS.to_dict(),
         device="cpu",
         dtype="float32",

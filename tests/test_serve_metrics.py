@@ -174,7 +174,7 @@ def served(tmp_path_factory):
             tmp_path_factory.mktemp("metrics"),
             {
                 "api_key_env": "DPN_METRICS_TEST_UNSET_KEY",
-                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "batching": {"batch_wait_timeout_s": 0.01},
                 "limits": {"default_max_tokens": 4},
                 "model_options": {"ray_actor_options": {"num_cpus": 1}},
             },

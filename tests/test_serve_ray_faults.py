@@ -29,7 +29,7 @@ def served(tmp_path_factory):
                 "api_key_env": "DPN_FAULT_TEST_UNSET_KEY",
                 "retry_after_s": 2,
                 "health_timeout_s": HEALTH_TIMEOUT_S,
-                "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+                "batching": {"batch_wait_timeout_s": 0.01},
                 "limits": {"max_tokens": 900, "default_max_tokens": 4},
                 "model_options": {"ray_actor_options": {"num_cpus": 1}},
             },

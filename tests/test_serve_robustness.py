@@ -34,9 +34,11 @@ from test_serve import (
 
 from serve_apps.api import Settings, Unavailable, create_api
 from serve_apps.events import ErrorEvent, FinalEvent, StartEvent
-from serve_apps.generation import BatchRun, reserved_token_ids, sample_token
+from serve_apps.generation import BatchRun
 from serve_apps.limits import Limits
-from serve_apps.scheduler import BatchingConfig, Scheduler
+from serve_apps.policy import BatchingConfig
+from serve_apps.sampling import reserved_token_ids, sample_token
+from serve_apps.scheduler import Scheduler
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -486,7 +488,7 @@ def run_scheduler(
     model, processor = tiny
     records = [] if records is None else records
     scheduler = Scheduler(
-        BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.05),
+        BatchingConfig(batch_wait_timeout_s=0.05),
         current_model or (lambda: (model, processor, "v")),
         records.append,
     )
