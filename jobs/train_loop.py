@@ -86,7 +86,9 @@ def load_model(
     model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None
 ):
     """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden (validated
-    like constructor arguments; an unknown key raises ValueError naming it)."""
+    like constructor arguments; an unknown key raises ValueError naming it), its parameters in ``torch_dtype``
+    (None = fp32). A worker passes :func:`training_dtype`: loading in the dtype DeepSpeed trains in holds one
+    copy of the weights in host memory at that size, not an fp32 copy for DeepSpeed to cast."""
     from dpn_model import DPNForConditionalGeneration
     from dpn_model.loading import load_config
 
@@ -214,6 +216,40 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     })  # fmt: skip
     return merge_dicts(cfg, overrides or {})
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The parameter dtype of a resolved precision (bf16 / fp16 / fp32, as :func:`deepspeed_config` takes it).
+
+    ``auto`` is the driver's to resolve (``jobs.trainer.resolve_precision``: it knows whether the run has
+    GPUs), so it is refused here rather than guessed from this process's devices.
+    """
+    from dpn_model.loading import pick_dtype
+
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(
+            f"precision {precision!r} is not resolved: pass bf16, fp16 or fp32 "
+            "(the driver resolves auto with jobs.trainer.resolve_precision)"
+        )
+    return pick_dtype(precision, "cpu")
+
+
+def training_dtype(ds_config: Mapping[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed trains the module's parameters in, read from the worker's DeepSpeed config.
+
+    DeepSpeed casts every parameter to bf16 / fp16 when that mode is enabled (and leaves buffers alone), then
+    builds its fp32 master weights from the cast parameters; loading in this dtype gives it the same parameters
+    without an fp32 copy first. It is read from the config, not the training config's ``deepspeed.precision``,
+    because that is what DeepSpeed obeys: :func:`deepspeed_config` writes the resolved precision into it and
+    ``deepspeed.overrides`` may change it after.
+    """
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
+    if bf16 and fp16:
+        raise ValueError(
+            "the DeepSpeed config enables both bf16 and fp16: keep one (deepspeed.precision, deepspeed.overrides)"
+        )
+    return precision_dtype("bf16" if bf16 else "fp16" if fp16 else "fp32")
 
 
 def setup_engine(
@@ -525,11 +561,12 @@ class DPNTrainRecipe:
         self.saved_hf = self.spec.save_hf_model
 
     def _setup_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
-        """The model to train, frozen per ``spec.freeze``; also its trainable and total parameter counts."""
+        """The model to train, loaded in the dtype DeepSpeed trains it in and frozen per ``spec.freeze``; also
+        its trainable and total parameter counts."""
         from dpn_model.configuration import parse_compression
 
         spec = self.spec
-        model = load_model(self.model_dir, spec.config_overrides)
+        model = load_model(self.model_dir, spec.config_overrides, training_dtype(spec.ds_config))
         # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
         self.routed_compression = parse_compression(spec.compression, model.config)
         if spec.paths_per_sample > 1 and model.config.router_estimator != "reinforce":
@@ -760,8 +797,10 @@ __all__ = [
     "full_state_dict",
     "load_model",
     "make_optimizer",
+    "precision_dtype",
     "save_hf_model",
     "setup_engine",
     "train_loop_per_worker",
+    "training_dtype",
     "warmup_cosine",
 ]
