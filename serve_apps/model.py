@@ -43,7 +43,7 @@ from serve_apps import compression, loading, metrics
 from serve_apps.events import ErrorEvent, Event, StartEvent
 from serve_apps.generation import Prepared, PromptError, prepare
 from serve_apps.limits import Limits
-from serve_apps.policy import BatchingConfig, SchedulingPolicy
+from serve_apps.policy import RETIRED_KEYS, BatchingConfig, SchedulingPolicy
 from serve_apps.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class DPNServer:
             "replica": self.replica_id,
             "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""),
-            "batching": self.batching.model_dump(),
+            "batching": self.batching.model_dump(exclude=set(RETIRED_KEYS)),
             "waiting": self.scheduler.waiting(),
             "running_batches": len(self.scheduler.running),
             "running": self.scheduler.running_requests(),

@@ -81,13 +81,13 @@ class BatchingConfig(ConfigModel):
                 f"{asked} is no longer served: the static engine and the mixed and dense modes are baselines of "
                 "benchmarks/serve_load.py now (--variants static-bucketed, continuous-mixed, continuous-dense); "
                 "remove engine and mode: the engine batches continuously, one prefill per rate, sized by "
-                "max_num_seqs and max_prefill_tokens"
+                "max_num_seqs and max_prefill_tokens (to serve every request dense, set default_compression: 1)"
             )
         given = [key for key in RETIRED_KEYS if getattr(self, key) is not None]
         if given:
             logger.warning(
-                "batching: %s no longer configure anything (the static engine they sized is gone; the engine "
-                "batches continuously by rate): remove them, and size the engine with max_num_seqs and "
+                "batching: retired keys %s are ignored (they configured the static engine, which is gone; the "
+                "engine batches continuously by rate): remove them, and size the engine with max_num_seqs and "
                 "max_prefill_tokens",
                 ", ".join(given),
             )

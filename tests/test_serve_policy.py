@@ -103,6 +103,8 @@ def test_retired_batching_keys_load_with_a_warning_or_say_where_the_engine_went(
             match=r"^batching: (engine|mode): \w+ is no longer served: .*benchmarks/serve_load\.py",
         ):
             BatchingConfig.from_dict(retired)
+    with pytest.raises(ConfigError, match=r"to serve every request dense, set default_compression: 1"):
+        BatchingConfig.from_dict({"mode": "dense"})
     # an old config's typo gets the message it got before
     with pytest.raises(ConfigError, match=r"batching\.mode: must be one of 'bucketed', 'mixed' or 'dense'"):
         BatchingConfig.from_dict({"mode": "fifo"})
