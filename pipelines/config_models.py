@@ -1,7 +1,7 @@
 """Typed config sections: the pydantic base every section of every config derives from, and readable errors.
 
 Shared by the jobs' configs (``jobs.config`` loads them from YAML with ``key=value`` overrides) and by serving's
-sections (``serve_apps.limits.Limits``, ``serve_apps.scheduler.BatchingConfig``). It lives here, in the lowest
+sections (``serve_apps.limits.Limits``, ``serve_apps.policy.BatchingConfig``). It lives here, in the lowest
 package whose import is free (as ``cli_harness``), so that every package can use it; it imports only pydantic.
 
 A section is a :class:`ConfigModel`: fields with type hints, defaults and constraints (``Field(ge=1)``,

@@ -372,4 +372,4 @@ def _finish(waiter: _Waiter, event: FinalEvent | ErrorEvent) -> None:
     waiter.events.put_nowait(None)
 
 
-__all__ = ["BatchingConfig", "Scheduler"]  # BatchingConfig: its home is serve_apps.policy
+__all__ = ["Scheduler"]

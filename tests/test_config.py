@@ -241,7 +241,7 @@ def test_retrain_eval_compression_takes_one_mode_or_schedule():
 
 def test_serve_sections_name_the_key_and_the_allowed_values():
     from serve_apps.limits import Limits
-    from serve_apps.scheduler import BatchingConfig
+    from serve_apps.policy import BatchingConfig
 
     with pytest.raises(
         ConfigError, match=r"batching\.mode: must be one of 'bucketed', 'mixed' or 'dense', got 'fifo'"
