@@ -444,3 +444,28 @@ def test_random_routing_rows_report_the_choice_distribution():
     assert row["routing"]["per_layer"][1] == {"1": 0.0, "2": 0.5, "4": 0.0, "skipped": 0.5}
     assert row["routing"]["mean_router_probs"] is None
     assert "0.0/" in eval_report.format_family_table([row])  # routed: accuracy/visual tokens kept
+
+
+def test_cost_dial_modes_are_logged_under_names_mlflow_accepts(tmp_path):
+    """MLflow refuses '=' in a metric name: one dial mode (auto:lambda=-4) used to fail the whole run's logging."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.evaluation.mlflow_log import log_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = EvalConfig(
+        models=[ModelSpec(label="dpn", uri="runs:/0123abcd/model", compressions=["auto", "auto:lambda=-4"])],
+        data=str(tmp_path), tracking_uri=uri, run_name="dial", experiment="dial",
+    )  # fmt: skip
+    row = {"per_family": {"cell_color": {"accuracy": 0.5}}, "per_kind": {}, "visual_tokens_per_layer": [16]}
+    report = {
+        "meta": {"device": "cpu"},
+        "rows": [
+            {**row, "label": "dpn", "compression": "auto", "accuracy": 0.75, "flops_ratio": 0.6},
+            {**row, "label": "dpn", "compression": "auto:lambda=-4", "accuracy": 0.9, "flops_ratio": 0.8},
+        ],
+    }
+    metrics = MlflowClient(uri).get_run(log_run(cfg, report, [])).data.metrics
+    assert metrics["dpn/auto:lambda_-4/accuracy"] == 0.9
+    assert metrics["dpn/auto:lambda_-4/accuracy/cell_color"] == 0.5
+    assert metrics["dpn/auto/flops_ratio"] == 0.6

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from dpn_base.redact import redact_value
 from jobs.evaluation.config import EvalConfig
+
+
+_NOT_IN_METRIC_NAMES = re.compile(r"[^\w\-. :/]")  # what MLflow refuses in a metric's name
+
+
+def metric_key(name: str) -> str:
+    """``name`` as MLflow accepts it: the cost dial's ``auto:lambda=-4`` becomes ``auto:lambda_-4`` (MLflow refuses
+    ``=`` in metric names, and one refused name fails the whole evaluation's logging)."""
+    return _NOT_IN_METRIC_NAMES.sub("_", name)
 
 
 def log_run(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> str:
@@ -46,7 +56,7 @@ def log_run(cfg: EvalConfig, report: dict[str, Any], artifacts: list[Path]) -> s
             for label, section in report["oracle"].items():
                 metrics.update(oracle.mlflow_metrics(label, section))
         mlflow.log_params(redact_value(params))  # model refs and data URIs may carry credentials
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({metric_key(name): value for name, value in metrics.items()})
         for path in artifacts:
             mlflow.log_artifact(str(path))
         return run.info.run_id
