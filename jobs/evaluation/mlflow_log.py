@@ -9,7 +9,6 @@ from typing import Any
 from dpn_base.redact import redact_value
 from jobs.evaluation.config import EvalConfig
 
-
 _NOT_IN_METRIC_NAMES = re.compile(r"[^\w\-. :/]")  # what MLflow refuses in a metric's name
 
 
