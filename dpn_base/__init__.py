@@ -6,8 +6,11 @@ without slowing `dpn --help`.
 
 - :mod:`dpn_base.redact`: credentials out of text (URIs, query strings, secret environment variables) and
   the logging filter that applies it to every record.
+- :mod:`dpn_base.model_ref`: a model reference (``preset:``, a directory, ``runs:/``, ``models:/``,
+  ``mlflow-artifacts:/``) parsed once into a typed :class:`ModelRef`, for every stage that names a model.
 """
 
+from dpn_base.model_ref import ModelRef, RefKind
 from dpn_base.redact import (
     MASK,
     RedactingFilter,
@@ -19,7 +22,9 @@ from dpn_base.redact import (
 
 __all__ = [
     "MASK",
+    "ModelRef",
     "RedactingFilter",
+    "RefKind",
     "install_log_redaction",
     "is_secret_env_name",
     "redact",

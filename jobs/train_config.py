@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dpn_base.model_ref import ModelRef
 from jobs.config import Compression, ConfigModel, load_config
 from pipelines.policy import ReadPolicy
 
@@ -22,8 +23,10 @@ class ModelConfig(ConfigModel):
     Attributes:
         init: ``preset:<name>`` (random weights of a ``dpn_model.presets`` preset: tiny, mid,
             llava-1.5-7b needs a converted checkpoint instead), a converted DPN checkpoint directory
-            (``dpn convert``), or any model URI :func:`tracking.resolve_model_dir` accepts
-            (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``): dense -> DPN.
+            (``dpn convert``), or any model reference :class:`dpn_base.model_ref.ModelRef` parses
+            (``runs:/<id>/model``, ``models:/dpn@champion``, ``models:/dpn/3``, ``mlflow-artifacts:/...``): dense
+            -> DPN. Parsed when the config loads (a bad form or an unknown preset is an error naming this key) and
+            kept as its canonical text; :attr:`init_ref` is the parsed reference.
         compression: ``"auto"`` trains DPN (router + routing loss); ``"random"`` routes each sample
             to a uniformly drawn expert per pooling layer (no router; the paper's random-routing
             ablation; the training token floor applies); 1 (dense), 2 or 4 force that expert at every
@@ -58,6 +61,18 @@ class ModelConfig(ConfigModel):
     freeze_projector: bool = False
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
+
+    @field_validator("init")
+    @classmethod
+    def _parse_init(cls, value: str) -> str:
+        from dpn_model.presets import PRESETS
+
+        return str(ModelRef.parse(value).check_preset(PRESETS))
+
+    @property
+    def init_ref(self) -> ModelRef:
+        """``init``, parsed (:class:`dpn_base.model_ref.ModelRef`)."""
+        return ModelRef.parse(self.init)
 
     @model_validator(mode="after")
     def _check_compression(self) -> ModelConfig:
@@ -98,11 +113,12 @@ class ModelConfig(ConfigModel):
         from dpn_model.presets import PRESETS
 
         overrides = self.config_overrides
+        preset = self.init_ref.preset_name
         layers = overrides.get("pooling_layers")
-        if layers is None and self.init.startswith("preset:"):
-            layers = PRESETS.get(self.init.split(":", 1)[1], {}).get("pooling_layers")
+        if layers is None and preset is not None:
+            layers = PRESETS.get(preset, {}).get("pooling_layers")
         strides = overrides.get("expert_strides")
-        if strides is None and self.init.startswith("preset:"):
+        if strides is None and preset is not None:
             strides = DEFAULT_EXPERT_STRIDES
         if layers is None or strides is None:
             return None

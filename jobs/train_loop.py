@@ -481,17 +481,19 @@ class WorkerSpec:
 
 
 def _local_model_dir(spec: WorkerSpec) -> str:
-    """The initial model directory on this node: the driver's, or re-created here (multi-node)."""
+    """The initial model directory on this node: the driver's, or re-created here (multi-node): a preset with
+    the driver's seed and overrides, anything else resolved (downloaded) as the driver did."""
     if os.path.isdir(spec.model_dir):
         return spec.model_dir
-    if spec.init.startswith("preset:"):
-        from dpn_model.presets import create_checkpoint
-
-        name = spec.init.split(":", 1)[1]
-        return create_checkpoint(name, spec.model_dir, seed=spec.seed, **spec.preset_overrides)
     from tracking import resolve_model_dir
 
-    return resolve_model_dir(spec.init, tracking=spec.tracking_uri)
+    return resolve_model_dir(
+        spec.init,
+        tracking=spec.tracking_uri,
+        preset_dir=spec.model_dir,
+        preset_seed=spec.seed,
+        preset_overrides=spec.preset_overrides,
+    )
 
 
 def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: bool) -> str:

@@ -100,30 +100,26 @@ def ensure_synthetic_data(synthetic: SyntheticConfig | None, data_path: str, rep
 def prepare_initial_model(cfg: TrainConfig, paths: Paths, tracking_uri: str) -> str:
     """Local directory of the model training starts from (weights + processor).
 
-    ``preset:<name>`` writes a seeded random model of that preset under the work dir (every worker
-    loads the same weights); anything else goes through :func:`tracking.resolve_model_dir`.
+    ``model.init`` is resolved by :func:`tracking.resolve_model_dir`; a preset's seeded random model is written
+    under the work dir (``<run.name>/init_model``, reused by a restarted job), so every worker loads the same
+    weights.
     """
-    init = cfg.model.init
-    if init.startswith("preset:"):
-        from dpn_model.presets import PRESETS, create_checkpoint
-
-        name = init.split(":", 1)[1]
-        if name not in PRESETS:
-            raise ConfigError(f"model.init: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        out = paths.work_dir / cfg.run.name / "init_model"
-        if not (out / "config.json").exists():
-            logger.info("creating a random %s model (seed %d) in %s", name, cfg.model.seed, out)
-            create_checkpoint(name, str(out), seed=cfg.model.seed, **preset_overrides(cfg))
-        return str(out)
     from tracking import resolve_model_dir
 
-    model_dir = resolve_model_dir(init, tracking=tracking_uri)
+    init = cfg.model.init_ref
+    model_dir = resolve_model_dir(
+        init,
+        tracking=tracking_uri,
+        preset_dir=paths.work_dir / cfg.run.name / "init_model",
+        preset_seed=cfg.model.seed,
+        preset_overrides=preset_overrides(cfg),
+    )
     if "://" not in model_dir:
         model_dir = str(Path(model_dir).resolve())  # workers run in another directory
     model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     if model_type != "dpn_llava":
         raise ConfigError(
-            f"model.init {init!r} is a {model_type!r} checkpoint, not DPN: convert a llava-hf checkpoint "
+            f"model.init {str(init)!r} is a {model_type!r} checkpoint, not DPN: convert a llava-hf checkpoint "
             "first with `dpn convert <llava dir> <out dir>` and point model.init at the output"
         )
     return model_dir
@@ -218,7 +214,7 @@ def build_loop_spec(
         seed=m.seed,
         preset_overrides=preset_overrides(cfg),
         # presets were built with the overrides already; loaded checkpoints get them at load time
-        config_overrides={} if m.init.startswith("preset:") else dict(m.config_overrides),
+        config_overrides={} if m.init_ref.is_preset else dict(m.config_overrides),
         compression=m.compression,
         dense_warmup_steps=m.dense_warmup_steps,
         paths_per_sample=m.paths_per_sample,

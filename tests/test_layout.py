@@ -1,4 +1,5 @@
-"""The code's shape, checked on the source (ast, no imports): layering, function length, one owner of the prompt.
+"""The code's shape, checked on the source (ast, no imports): layering, function length, one owner of the prompt
+and of model references.
 
 The packages' imports point one way (README.md, section "Layout"), checked on every import of every module.
 Layers, bottom first: a package may import the packages before it and itself, never one after it.
@@ -7,7 +8,9 @@ with a literal name count like top-level ones: they are dependencies all the sam
 
 No function of ``dpn_model`` or ``serve_apps`` is longer than ``MAX_FUNCTION_LINES`` (the project's code
 standard), and the vicuna-v1 chat text (``USER:``, ``ASSISTANT:``, the default system prompt) is spelled only in
-``dpn_model/processing.py``: every other module builds prompts through it.
+``dpn_model/processing.py``: every other module builds prompts through it. Likewise a model reference's schemes
+(``preset:``, ``runs:/``, ``models:/``, ``mlflow-artifacts:/``) are tested only in ``dpn_base/model_ref.py``: every
+other module parses references with its ``ModelRef``.
 """
 
 from __future__ import annotations
@@ -310,3 +313,101 @@ def test_the_chat_template_is_spelled_only_in_the_processor():
 )  # fmt: skip
 def test_the_template_checker_flags_a_copy(source, flagged):
     assert len(template_spellings(source, "serve_apps/x.py", template_markers())) == flagged
+
+
+# ------------------------------------------------------------------------------- the model reference's owner
+MODEL_REF_OWNER = "dpn_base/model_ref.py"
+MODEL_REF_SCHEMES = ("preset:", "runs:", "models:", "mlflow-artifacts:")  # "runs:/", "models:/", ... start so
+_TEXT_TESTS = frozenset({
+    "startswith", "endswith", "removeprefix", "partition", "rpartition", "split", "rsplit", "find", "rfind",
+    "index", "rindex", "count", "replace", "len",
+})  # fmt: skip
+
+
+def _scheme_literals(nodes: list[ast.expr]) -> Iterator[ast.Constant]:
+    """The string constants among ``nodes`` (tuples, lists and sets opened) that start with a scheme."""
+    for node in nodes:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            yield from _scheme_literals(node.elts)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith(MODEL_REF_SCHEMES)
+        ):
+            yield node
+
+
+def model_ref_scheme_tests(source: str, path: str) -> list[str]:
+    """``"path:line: ..."`` for each place in ``source`` that parses a model reference by its scheme: a scheme
+    literal (``"models:/"``, ``"preset:"``, ...) given to a text test (``startswith``, ``partition``, ``len``, ...)
+    or compared (``==``, ``in``), and a bare scheme (``"runs:/"``: a scheme list's item, a prefix constant).
+
+    Documentation, messages and f-strings that build a reference (``f"models:/{name}/{version}"``) may spell them.
+    """
+    tree = ast.parse(source, path)
+    skipped = _docstrings(tree) | {
+        id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values
+    }
+    found: dict[int, tuple[ast.Constant, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in _TEXT_TESTS:
+                for literal in _scheme_literals(node.args):
+                    found.setdefault(id(literal), (literal, f"tests text with {name}()"))
+        elif isinstance(node, ast.Compare):
+            for literal in _scheme_literals([node.left, *node.comparators]):
+                found.setdefault(id(literal), (literal, "compares text with it"))
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in skipped
+            and node.value.rstrip("/") in MODEL_REF_SCHEMES
+        ):
+            found.setdefault(id(node), (node, "spells a bare scheme"))
+    return [
+        f"{path}:{literal.lineno}: {literal.value!r}: {why}; parse model references with "
+        f"{MODEL_REF_OWNER} (ModelRef.parse, ref.kind, ref.is_preset, ref.is_mlflow)"
+        for literal, why in sorted(found.values(), key=lambda item: (item[0].lineno, item[0].col_offset))
+    ]
+
+
+def test_model_references_are_parsed_only_by_their_owner():
+    owner = (ROOT / MODEL_REF_OWNER).read_text()
+    assert model_ref_scheme_tests(owner, MODEL_REF_OWNER), (
+        "the checker no longer sees the owner's scheme tests"
+    )
+    problems = [
+        problem
+        for package in LAYERS
+        for file in _modules(package)
+        if str(file.relative_to(ROOT)) != MODEL_REF_OWNER
+        for problem in model_ref_scheme_tests(file.read_text(), str(file.relative_to(ROOT)))
+    ]
+    assert not problems, f"a model reference has one parser, {MODEL_REF_OWNER}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("source", "flagged"),
+    [
+        ('def f(init):\n    return init.startswith("preset:")\n', ["2: 'preset:': tests text with startswith()"]),
+        ('def f(t):\n    return t.startswith(("runs:/", "models:/"))\n',
+         ["2: 'runs:/': tests text with startswith()", "2: 'models:/': tests text with startswith()"]),
+        ('_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")\n',
+         ["1: 'models:/': spells a bare scheme", "1: 'runs:/': spells a bare scheme",
+          "1: 'mlflow-artifacts:/': spells a bare scheme"]),
+        ('def f(t):\n    return t[len("models:/"):]\n', ["2: 'models:/': tests text with len()"]),
+        ('def f(t):\n    return t.partition("@")[0] == "models:/dpn"\n', ["2: 'models:/dpn': compares text with it"]),
+        ('def f(t):\n    return "mlflow-artifacts:/" in t\n', ["2: 'mlflow-artifacts:/': compares text with it"]),
+        ('def f(name, v):\n    return f"models:/{name}/{v}"\n', []),  # building a reference is fine
+        ('"""Give ``runs:/<id>/model`` or ``preset:tiny``."""\n', []),  # so is documenting one
+        ('HELP = "a checkpoint directory, runs:/<run_id>/<path> or models:/<name>@<alias>"\n', []),
+        ('def f(key):\n    return key == "models"\n', []),  # a word, not a scheme
+    ],
+)  # fmt: skip
+def test_the_model_ref_checker_flags_a_scheme_test(source, flagged):
+    problems = model_ref_scheme_tests(source, "serve_apps/x.py")
+    assert [p.removeprefix("serve_apps/x.py:").split("; parse")[0] for p in problems] == flagged
+    assert all(p.endswith(f"parse model references with {MODEL_REF_OWNER} (ModelRef.parse, ref.kind, "
+                          "ref.is_preset, ref.is_mlflow)") for p in problems)  # fmt: skip

@@ -5,8 +5,9 @@ The ground floor under the jobs and serving: it imports ``dpn_model`` and ``pipe
 
 - :mod:`tracking.runs`: the tracking store, one run per job (resumable, leased to the process that runs it),
   exactly-once step metrics, leases in MLflow tags.
-- :mod:`tracking.models`: a trained checkpoint as a registered MLflow model; a model reference (directory,
-  ``runs:/``, ``models:/``) -> local checkpoint directory, through an atomic, download-once cache.
+- :mod:`tracking.models`: a trained checkpoint as a registered MLflow model; the one resolver of a model
+  reference (:class:`dpn_base.model_ref.ModelRef`: preset, directory, ``runs:/``, ``models:/``,
+  ``mlflow-artifacts:/``) -> local checkpoint directory, MLflow's through an atomic, download-once cache.
 - :mod:`tracking.registry`: champion / challenger aliases (promotion as a compare-and-set), the retrain
   lease and the retraining tags on model versions.
 - :mod:`tracking.pyfunc_model`: the MLflow pyfunc flavour of a DPN model (logged as code, never imported).

@@ -3,9 +3,9 @@
 - :func:`log_hf_model`: the final model as an MLflow pyfunc model (:mod:`tracking.pyfunc_model`, logged as
   code) whose artifacts hold the Hugging Face checkpoint directory, registered as a new version of a
   registered model.
-- :func:`resolve_model_dir`: a local directory, ``runs:/<run_id>/<path>``, ``models:/<name>@<alias>``
-  or ``models:/<name>/<version>`` -> local Hugging Face checkpoint directory (what serving, evaluation
-  and ``model.init`` load).
+- :func:`resolve_model_dir`: the one resolver of a model reference (:class:`dpn_base.model_ref.ModelRef`: a
+  preset, a local directory, ``runs:/``, ``models:/``, ``mlflow-artifacts:/``) -> local Hugging Face checkpoint
+  directory (what training's ``model.init``, evaluation and serving load).
 
 **The model cache** (``$DPN_MODEL_CACHE``, default ``~/.cache/dpn/models``; one folder per tracking store,
 model version and source run) is shared by every process on the machine: the replicas of a Ray Serve app,
@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,11 @@ import filelock
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from dpn_base.model_ref import HF_MODEL_DIR, ModelRef, RefKind, find_hf_dir, is_hf_dir
 from dpn_base.redact import redact
 from tracking.runs import setup_tracking, tracking_uri
 
-HF_ARTIFACT = "hf_model"  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
+HF_ARTIFACT = HF_MODEL_DIR  # key in the pyfunc model's artifacts: the Hugging Face checkpoint directory
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc model, logged as code (no pickle)
 MODEL_ARTIFACT_PATH = "model"  # name of the logged MLflow model inside its run
 _CACHE_ENV = "DPN_MODEL_CACHE"
@@ -89,21 +90,6 @@ def log_hf_model(
     if registered_model:
         logger.info("registered %s version %s from run %s", registered_model, version, run_id)
     return str(version) if version is not None else None
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _find_hf_dir(root: Path) -> Path:
-    """The Hugging Face checkpoint inside a downloaded MLflow model or artifact folder."""
-    for candidate in (root, root / "artifacts" / HF_ARTIFACT, root / HF_ARTIFACT):
-        if _is_hf_dir(candidate):
-            return candidate
-    found = sorted(p.parent for p in root.rglob("config.json"))
-    if found:
-        return found[0]
-    raise FileNotFoundError(f"no Hugging Face checkpoint (config.json) under {root}")
 
 
 def _cache_root() -> Path:
@@ -192,43 +178,42 @@ def fetch_once(
         ) from err
 
 
-def _is_registry_ref(text: str) -> bool:
-    return text.startswith(("runs:/", "models:/"))
-
-
-def _cache_key(text: str, uri: str) -> tuple[str, str]:
-    """``(artifact URI to download, identity)`` of a ``runs:/`` or ``models:/`` reference.
+def _cache_key(ref: ModelRef, uri: str) -> tuple[str, str]:
+    """``(artifact URI to download, identity)`` of an MLflow reference.
 
     Aliases and versions resolve to a fixed version, so the cache never serves a moved alias, and the key
     names the run the version was made from too: a registry recreated at the same URI reuses version numbers.
     """
-    if not text.startswith("models:/"):
-        return text, text
+    if not ref.is_registry:
+        return str(ref), str(ref)
     client = MlflowClient(uri)
-    ref = text[len("models:/") :].strip("/")
-    name, _, rest = ref.partition("@") if "@" in ref else (ref.split("/")[0], "", "")
     try:
-        if "@" in ref:
-            found = client.get_model_version_by_alias(name, rest)
+        if ref.kind is RefKind.REGISTRY_ALIAS:
+            found = client.get_model_version_by_alias(ref.name, ref.alias)
         else:
-            parts = ref.split("/")
-            if len(parts) != 2:
-                raise ValueError(
-                    f"model URI {text!r} must be models:/<name>@<alias> or models:/<name>/<version>"
-                )
-            found = client.get_model_version(name, parts[1])
+            found = client.get_model_version(ref.name, ref.version)
     except mlflow.exceptions.MlflowException as err:
         raise FileNotFoundError(
-            f"model {text!r} not found in the registry at {redact(uri)}: {redact(str(err))}"
+            f"model {str(ref)!r} not found in the registry at {redact(uri)}: {redact(str(err))}"
         ) from err
-    key = f"models:/{name}/{found.version}"
+    key = str(ModelRef(RefKind.REGISTRY_VERSION, name=ref.name, version=str(found.version)))
     return key, f"{key}|{found.run_id}|{found.source}"
 
 
-def model_cache_dir(uri: str, tracking: str | None = None, cache_dir: str | None = None) -> Path:
-    """The cache folder of a ``runs:/`` or ``models:/`` reference (aliases resolved now), downloaded or not."""
+def _mlflow_ref(ref: str | os.PathLike | ModelRef) -> ModelRef:
+    parsed = ModelRef.parse(ref)
+    if not parsed.is_mlflow:
+        raise ValueError(
+            f"{str(parsed)!r} is a {parsed.kind.value} reference: only runs:/, models:/ and mlflow-artifacts:/ "
+            "references are downloaded into the model cache"
+        )
+    return parsed
+
+
+def model_cache_dir(uri: str | ModelRef, tracking: str | None = None, cache_dir: str | None = None) -> Path:
+    """The cache folder of an MLflow reference (aliases resolved now), downloaded or not."""
     uri_in_effect = tracking_uri(tracking)
-    return _cache_target(uri_in_effect, _cache_key(str(uri), uri_in_effect)[1], cache_dir)
+    return _cache_target(uri_in_effect, _cache_key(_mlflow_ref(uri), uri_in_effect)[1], cache_dir)
 
 
 def _cache_target(uri: str, identity: str, cache_dir: str | None) -> Path:
@@ -236,40 +221,10 @@ def _cache_target(uri: str, identity: str, cache_dir: str | None) -> Path:
     return (Path(cache_dir) if cache_dir else _cache_root()) / digest
 
 
-def resolve_model_dir(
-    uri: str | os.PathLike, tracking: str | None = None, cache_dir: str | None = None
-) -> str:
-    """Local Hugging Face checkpoint directory of a model reference.
-
-    Args:
-        uri: a local directory (a checkpoint, an MLflow model folder, or a training checkpoint with
-            ``hf_model/``), ``runs:/<run_id>/<path>``, ``models:/<name>@<alias>`` or
-            ``models:/<name>/<version>``.
-        tracking: tracking URI (default: :func:`tracking_uri`).
-        cache_dir: where downloads go (default $DPN_MODEL_CACHE or ``~/.cache/dpn/models``); a model
-            version or run artifact is downloaded once, atomically (:func:`fetch_once`), and reused.
-
-    Returns:
-        Path of a directory holding ``config.json``, ``model.safetensors`` and the processor files.
-
-    Raises:
-        FileNotFoundError / ValueError: the reference names nothing loadable (the message says why).
-    """
-    text = str(uri)
-    if not _is_registry_ref(text) and ("://" not in text or text.startswith("file://")):
-        path = Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"model {text!r} not found: give a checkpoint directory, runs:/<run_id>/model, "
-                "models:/<name>@<alias> or models:/<name>/<version>"
-            )
-        return str(_find_hf_dir(path))
-    if not _is_registry_ref(text):
-        raise ValueError(
-            f"unsupported model URI {redact(text)!r}: use a local directory, runs:/... or models:/..."
-        )
+def _download_once(ref: ModelRef, tracking: str | None, cache_dir: str | None) -> str:
+    """The checkpoint directory of an MLflow reference, downloaded into the cache unless it is there."""
     uri_in_effect = tracking_uri(tracking)
-    key, identity = _cache_key(text, uri_in_effect)
+    key, identity = _cache_key(ref, uri_in_effect)
     target = _cache_target(uri_in_effect, identity, cache_dir)
 
     def download(into: Path) -> None:
@@ -280,11 +235,63 @@ def resolve_model_dir(
             )
         except mlflow.exceptions.MlflowException as err:
             raise FileNotFoundError(
-                f"could not download {text!r} from {redact(uri_in_effect)}: {redact(str(err))}"
+                f"could not download {redact(str(ref))!r} from {redact(uri_in_effect)}: {redact(str(err))}"
             ) from err
 
     fetch_once(target, download, identity)
-    return str(_find_hf_dir(target))
+    return str(find_hf_dir(target))
+
+
+def _create_preset(
+    ref: ModelRef, preset_dir: str | os.PathLike | None, seed: int, overrides: Mapping[str, Any]
+) -> str:
+    """A random model of the preset ``ref`` names, written to ``preset_dir`` unless a checkpoint is there already
+    (every worker and every attempt of a job loads the same weights), or to a new temporary folder."""
+    from dpn_model.presets import PRESETS, create_checkpoint
+
+    name = ref.check_preset(PRESETS).name
+    out = Path(preset_dir) if preset_dir else Path(tempfile.mkdtemp(prefix=f"dpn-preset-{name}-"))
+    if not is_hf_dir(out):
+        logger.info("creating a random %s model (seed %d) in %s", name, seed, out)
+        create_checkpoint(name, str(out), seed=seed, **overrides)
+    return str(out)
+
+
+def resolve_model_dir(
+    uri: str | os.PathLike | ModelRef,
+    tracking: str | None = None,
+    cache_dir: str | None = None,
+    preset_dir: str | os.PathLike | None = None,
+    preset_seed: int = 0,
+    preset_overrides: Mapping[str, Any] | None = None,
+) -> str:
+    """Local Hugging Face checkpoint directory of a model reference: the one resolver of every kind.
+
+    Args:
+        uri: a :class:`~dpn_base.model_ref.ModelRef` or its text (parsed by ``ModelRef.parse``): ``preset:<name>``,
+            a local directory (a checkpoint, an MLflow model folder, or a training checkpoint with
+            ``hf_model/``), ``runs:/<run_id>/<path>``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``
+            or ``mlflow-artifacts:/<path>``.
+        tracking: tracking URI (default: :func:`tracking_uri`).
+        cache_dir: where downloads go (default $DPN_MODEL_CACHE or ``~/.cache/dpn/models``); a model
+            version or run artifact is downloaded once, atomically (:func:`fetch_once`), and reused.
+        preset_dir: where a preset's random model is written (reused if it holds one; default: a new
+            temporary folder).
+        preset_seed, preset_overrides: the preset model's seed and ``DPNConfig`` overrides.
+
+    Returns:
+        Path of a directory holding ``config.json``, ``model.safetensors`` and the processor files.
+
+    Raises:
+        ValueError: a reference that does not parse, or an unknown preset (the message lists the accepted forms).
+        FileNotFoundError: the reference names nothing loadable (the message says why).
+    """
+    ref = ModelRef.parse(uri)
+    if ref.is_preset:
+        return _create_preset(ref, preset_dir, preset_seed, preset_overrides or {})
+    if ref.is_local:
+        return ref.hf_dir()
+    return _download_once(ref, tracking, cache_dir)
 
 
 def load_model_and_processor_from_ref(
@@ -293,8 +300,8 @@ def load_model_and_processor_from_ref(
     dtype: Any = None,
     tracking: str | None = None,
 ) -> tuple[Any, Any]:
-    """``(model, processor)`` of a model reference: a local checkpoint, ``runs:/``, ``models:/`` or an MLflow model
-    folder, resolved by :func:`resolve_model_dir`, then loaded by ``dpn_model.load_model_and_processor``.
+    """``(model, processor)`` of a model reference (any form :func:`resolve_model_dir` takes), resolved by it, then
+    loaded by ``dpn_model.load_model_and_processor``.
 
     Args:
         ref: see :func:`resolve_model_dir`.
@@ -303,10 +310,7 @@ def load_model_and_processor_from_ref(
     """
     from dpn_model.loading import load_model_and_processor
 
-    path = os.path.expanduser(os.fspath(ref))
-    if not _is_hf_dir(Path(path)):
-        path = resolve_model_dir(ref, tracking=tracking)
-    return load_model_and_processor(path, device=device, dtype=dtype)
+    return load_model_and_processor(resolve_model_dir(ref, tracking=tracking), device=device, dtype=dtype)
 
 
 __all__ = [

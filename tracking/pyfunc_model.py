@@ -12,7 +12,9 @@ from typing import Any
 import mlflow.models
 import mlflow.pyfunc
 
-HF_ARTIFACT = "hf_model"  # = tracking.models.HF_ARTIFACT; this file cannot import tracking (see above)
+# = tracking.models.HF_ARTIFACT (dpn_base.model_ref.HF_MODEL_DIR); this file imports neither (only dpn_model
+# travels with the logged model, see above)
+HF_ARTIFACT = "hf_model"
 
 
 class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -20,7 +22,7 @@ class DPNPyfuncModel(mlflow.pyfunc.PythonModel):
 
     ``predict`` takes rows with ``prompt`` (a user message) and optional ``image`` (PNG/JPEG bytes or
     base64 string) and returns the generated answers; serving uses the checkpoint directly
-    (:func:`resolve_model_dir`), this is for ``mlflow.pyfunc.load_model`` users.
+    (:func:`tracking.models.resolve_model_dir`), this is for ``mlflow.pyfunc.load_model`` users.
     """
 
     def load_context(self, context: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from dpn_base.model_ref import ModelRef
 from jobs.config import ConfigModel, load_config
 from jobs.evaluation.tasks import DEFAULT_TASK, get_task
 from pipelines.policy import ReadPolicy
@@ -89,7 +90,9 @@ class ModelSpec(ConfigModel):
 
     Attributes:
         label: its name in the report, the tables and the plots.
-        uri: a local Hugging Face directory, ``runs:/<id>/model`` or ``models:/<name>@<alias>`` / ``models:/<name>/3``.
+        uri: the model reference (:class:`dpn_base.model_ref.ModelRef`): a local Hugging Face directory,
+            ``runs:/<id>/model``, ``models:/<name>@<alias>`` / ``models:/<name>/3``, ``mlflow-artifacts:/...`` or
+            ``preset:<name>``; parsed when the config loads and kept as its canonical text (:attr:`ref`: parsed).
         compressions: its modes, as a list or as ``--compression`` text (``auto,1,2,4``; schedules ``1-2-4`` or
             ``[1,2,4]``); parsed by :func:`parse_compressions`. Default ``auto,1,2,4``.
     """
@@ -102,6 +105,16 @@ class ModelSpec(ConfigModel):
     @classmethod
     def _parse_modes(cls, value: Any) -> list[str | int]:
         return parse_compressions(_modes_text(value))
+
+    @field_validator("uri")
+    @classmethod
+    def _parse_uri(cls, value: str) -> str:
+        return str(ModelRef.parse(value))
+
+    @property
+    def ref(self) -> ModelRef:
+        """``uri``, parsed."""
+        return ModelRef.parse(self.uri)
 
 
 class EvalConfig(ReadPolicy):

@@ -28,16 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model resolution
+# The model's config
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(uri: str, tracking: str | None = None) -> str:
-    """Local Hugging Face directory of a model: a path, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>``
-    (``tracking.resolve_model_dir``: downloads once into a local cache)."""
-    from tracking import resolve_model_dir as resolve
-
-    return resolve(uri, tracking=tracking)
 
 
 def load_model_config(model_dir: str) -> Any:
@@ -101,7 +93,9 @@ class Predictor:
         from tracking.models import load_model_and_processor_from_ref
 
         self.task = get_task(task)
-        if not Path(model_dir).is_dir():  # another node: resolve the URI here
+        if not Path(model_dir).is_dir():  # another node: resolve the reference here
+            from tracking import resolve_model_dir
+
             model_dir = resolve_model_dir(model_uri or model_dir, tracking)
         self.device = torch.device(pick_device(device))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
