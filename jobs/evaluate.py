@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from dpn_base.redact import redact
+from jobs.console import JobFailed, ProgressView, active_console, add_console_arguments, job_console
 from jobs.evaluation import oracle
 from jobs.evaluation import report as eval_report
 from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compressions: also imported from here
@@ -66,7 +67,7 @@ from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compression
     parse_compressions,
 )
 from jobs.evaluation.mlflow_log import log_run
-from jobs.evaluation.predictor import load_model_config, predict, resolve_model_dir
+from jobs.evaluation.predictor import load_model_config, predict
 from jobs.evaluation.resources import init_ray, use_gpus
 from jobs.evaluation.tasks import task_names
 from pipelines.cli_harness import run_module
@@ -173,12 +174,11 @@ def _consume(
     ds: Any, spec: ModelSpec, cfg: EvalConfig, sinks: dict[str, Any], predictions: Any, num_modes: int
 ) -> None:
     """Stream the result rows into the mode accumulators, the oracle's path collector and the predictions
-    file (requested modes only)."""
-    from tqdm import tqdm
-
+    file (requested modes only). The samples' progress goes to the job's console (stderr without one)."""
     accumulators, collector = sinks["accumulators"], sinks["collector"]
     first = accumulators[str(spec.compressions[0])].total
-    with tqdm(desc=f"eval {spec.label}", unit="sample", total=cfg.max_samples, file=sys.stderr) as bar:
+    console = active_console() or sys.stderr
+    with ProgressView(console, cfg.max_samples, unit="sample", label=f"eval {spec.label}") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             modes = np.asarray(batch["compression"]).astype(str)
             for mode, acc in accumulators.items():
@@ -189,8 +189,7 @@ def _consume(
                 collector.add(batch)
             for i in np.flatnonzero(np.isin(modes, list(accumulators))):
                 predictions.write(json.dumps(_predictions_record(batch, i, spec.label)) + "\n")
-            bar.update(len(modes) // num_modes)
-            bar.set_postfix(acc=f"{first.correct / max(first.n, 1):.3f}")
+            bar.update_to(bar.n + len(modes) // num_modes, acc=f"{first.correct / max(first.n, 1):.3f}")
 
 
 def evaluate_model(
@@ -203,7 +202,9 @@ def evaluate_model(
         ``(rows, info, table)``: one report row per requested mode, facts about the model (directory,
         counts), and the oracle's :class:`jobs.evaluation.oracle.PathTable` (None without ``--oracle``).
     """
-    model_dir = resolve_model_dir(spec.uri, cfg.tracking_uri)
+    from tracking import resolve_model_dir
+
+    model_dir = resolve_model_dir(spec.ref, cfg.tracking_uri)
     config = load_model_config(model_dir)
     run_modes = _model_modes(spec, config, cfg)
     accumulators = {
@@ -382,6 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--title", help="title of the accuracy-vs-FLOPs plot")
+    add_console_arguments(parser, "<output dir>/logs/eval-<time>.log")
 
 
 # flags whose dest is the EvalConfig key they set (the others: --model, --compression, --baseline, --no-mlflow)
@@ -425,7 +427,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``dpn eval``: run the job; 0 on success, 2 on a usage error."""
+    """``dpn eval``: run the job; 0 on success, 2 on a usage error, 1 when the job failed (the console shows the
+    error and the log's last lines). The tables end on stdout, after the console's lines."""
     try:
         cfg = config_from_args(args)
     except ValueError as err:
@@ -436,11 +439,17 @@ def run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dump_config(cfg))
         return 0
+    cfg.output_dir = str(_output_dir(cfg))  # the log's folder too: fixed before the job starts
     try:
-        evaluate(cfg)
+        with job_console("eval", args, cfg.output_dir, expected=(UsageError,)) as log_path:
+            evaluate(cfg)
     except UsageError as err:  # a mode that does not fit the model, found once its config is read
         logger.error("%s", err)
         return 2
+    except JobFailed as failed:
+        return failed.exit_code
+    if log_path is not None:  # the tables evaluate() printed went to the log: the result on stdout too
+        sys.stdout.write("\n" + (Path(cfg.output_dir) / "table.txt").read_text())
     return 0
 
 

@@ -3,6 +3,10 @@
     dpn retrain --config configs/retrain_tiny.yaml [key=value ...]
     ray job submit --working-dir . -- python -m jobs.retrain --config configs/retrain_llava7b.yaml
 
+The console shows the steps below, the training's and evaluation's progress and the result lines (``status=``,
+``run_id=``, ... on stdout); Ray, DeepSpeed and MLflow print to ``<work_dir>/retrain/logs/`` (:mod:`jobs.console`;
+``--log-file PATH`` elsewhere, ``-v`` everything on the console).
+
 One run of the job (one Ray job: data, training and evaluation share one Ray cluster):
 
 1. **discover**: shards under ``data.root`` (:mod:`jobs.shards`) that no registered version was
@@ -87,6 +91,7 @@ import tracking
 from jobs import gate as gate_lib
 from jobs import shards as shard_lib
 from jobs.config import ConfigError, dump_config, flatten, load_config
+from jobs.console import JobFailed, add_console_arguments, job_console
 from jobs.retrain_config import RetrainConfig, load_retrain_config
 from jobs.train_config import TrainConfig
 from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
@@ -644,6 +649,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         overrides_help="dotted overrides, e.g. gate.accuracy_tolerance=0.02 data.min_new_samples=500",
     )
     parser.add_argument("--json", dest="json_path", help="also write the result as JSON to this file")
+    add_console_arguments(parser, "<training run.work_dir>/retrain/logs/retrain-<time>.log")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -652,16 +658,20 @@ def run(args: argparse.Namespace) -> int:
     Also 0, with ``status=lease_held`` in the summary and a warning naming the holder, when another retrain
     holds the lease: overlapping schedules are expected, the next tick tries again, and a failed Job would only
     be retried into the same lease; 0 with ``status=champion_moved`` when the decision was refused (the next
-    run evaluates again). A crash is a non-zero exit as before.
+    run evaluates again). A crash is exit 1, its error and the log's last lines on the console.
     """
 
     def cycle(cfg: RetrainConfig) -> dict[str, Any]:
-        result = retrain(cfg)
+        with job_console("retrain", args, _work_dir(training_config(cfg))):
+            result = retrain(cfg)
         if args.json_path:
             atomic_write_text(args.json_path, json.dumps(result.__dict__, indent=1, default=str) + "\n")
         return {k: v for k, v in result.__dict__.items() if k != "comparison"}
 
-    return run_config_job(args, load=_load_checked, dump=dump_config, job=cycle, invalid=ConfigError)
+    try:
+        return run_config_job(args, load=_load_checked, dump=dump_config, job=cycle, invalid=ConfigError)
+    except JobFailed as failed:
+        return failed.exit_code
 
 
 def _load_checked(path: str, overrides: list[str]) -> RetrainConfig:

@@ -3,6 +3,10 @@
     dpn train --config configs/train_tiny.yaml [key=value ...]                 # local Ray
     ray job submit --working-dir . -- python -m jobs.train --config configs/train_llava7b.yaml
 
+The console shows the job's stages, a progress bar of the steps and the result lines (``run_id=``,
+``model_uri=``, ... on stdout, what scripts parse); Ray, DeepSpeed and MLflow print to a log beside the
+checkpoints (:mod:`jobs.console`; ``--log-file PATH`` elsewhere, ``-v`` everything on the console).
+
 The job is resumable: a worker failure restarts the workers from the latest checkpoint (up to
 ``run.max_failures`` times); submitting the same ``run.name`` again after the whole job died resumes
 from the latest checkpoint under ``<run.storage_path>/<run.name>`` and continues the same MLflow run.
@@ -24,7 +28,7 @@ from typing import Any, TextIO
 import tracking
 from jobs import trainer as builders
 from jobs.config import ConfigError, dump_config, flatten
-from jobs.console import TrainingProgress
+from jobs.console import JobFailed, TrainingProgress, active_console, add_console_arguments, job_console
 from jobs.train_config import TrainConfig, load_train_config
 from jobs.train_loop import HF_DIR, TrainState
 from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
@@ -62,9 +66,11 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
 
     Args:
         cfg: the validated training config.
-        progress: if given, a progress bar of the steps (read back from MLflow) is drawn on this stream.
+        progress: if given, a progress bar of the steps (read back from MLflow) is drawn on this stream;
+            default: the console of the job running now (:func:`jobs.console.active_console`), if any.
     """
     start = time.time()
+    progress = progress if progress is not None else active_console()
     # ---- setup ----------------------------------------------------------------------------------
     paths = builders.resolve_paths(cfg)
     paths.work_dir.mkdir(parents=True, exist_ok=True)
@@ -170,17 +176,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         config_help="training config YAML (configs/train_*.yaml)",
         overrides_help="dotted overrides, e.g. optim.lr=3e-4 run.name=exp2",
     )
+    add_console_arguments(parser, "<run.storage_path>/<run.name>/logs/train-<time>.log")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``dpn train``: 0 when training finished, 2 on a bad config."""
-    return run_config_job(
-        args, load=load_train_config, dump=dump_config, job=_train_summary, invalid=ConfigError
-    )
+    """``dpn train``: 0 when training finished, 2 on a bad config, 1 when the job failed (the console shows
+    the error and the log's last lines)."""
+    try:
+        return run_config_job(
+            args, load=load_train_config, dump=dump_config, job=lambda cfg: _train_summary(cfg, args),
+            invalid=ConfigError,
+        )  # fmt: skip
+    except JobFailed as failed:
+        return failed.exit_code
 
 
-def _train_summary(cfg: TrainConfig) -> dict[str, object]:
-    result = train(cfg)
+def log_folder(cfg: TrainConfig) -> Path:
+    """Where ``dpn train`` writes its log: the run's folder ``<run.storage_path>/<run.name>``, beside its
+    checkpoints, or ``<run.work_dir>/<run.name>`` when the storage is remote (``s3://``: a log is a local file)."""
+    paths = builders.resolve_paths(cfg)
+    return paths.work_dir / cfg.run.name if "://" in paths.run_dir else Path(paths.run_dir)
+
+
+def _train_summary(cfg: TrainConfig, args: argparse.Namespace) -> dict[str, object]:
+    with job_console("train", args, log_folder(cfg)):
+        result = train(cfg)
     return {
         "run_id": result.run_id,
         "model_uri": result.model_uri,

@@ -88,7 +88,8 @@ class DatasetOptions:
             section's ``read_policy()``.
         filesystem: pyarrow filesystem to read with instead of the one the URI names.
         batch_size: rows per preprocessing batch.
-        concurrency: preprocessing actors (int, or ``(min, max)`` to autoscale).
+        concurrency: preprocessing actors (int, or ``(min, max)`` to autoscale), handed to Ray Data as
+            ``compute=`` (:func:`actor_pool`), never as its ``concurrency=`` (deprecated since Ray 2.51).
         num_cpus: CPUs reserved per preprocessing actor.
     """
 

@@ -14,7 +14,7 @@ Stages, applied to rows of :data:`pipelines.formats.ROW_SCHEMA`:
    without an image, with ``has_image=False``). Images stay uint8 until collation.
 
 :class:`Preprocessor` runs both in one callable class so Ray actors load the processor once
-(``map_batches(Preprocessor, fn_constructor_kwargs={...}, concurrency=...)``). Bad rows are kept,
+(``map_batches(Preprocessor, fn_constructor_kwargs={...}, compute=actor_pool(n))``). Bad rows are kept,
 flagged in ``bad_reason``, for :func:`pipelines.accounting.drop_bad_rows`.
 
 :func:`collate_batch` pads to the batch's longest sample and turns uint8 images into normalised

@@ -223,7 +223,9 @@ def test_a_second_retrain_exits_0_naming_the_lease_holder(mlflow_uri, tmp_path, 
 
     config = tmp_path / "retrain.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    assert main(["--config", str(config)]) == 0  # what a schedule wants: the next tick tries again
+    assert (
+        main(["--config", str(config), "--log-file", str(tmp_path / "retrain.log")]) == 0
+    )  # what a schedule wants: the next tick tries again
     assert "status=lease_held" in capsys.readouterr().out
 
 
