@@ -71,7 +71,14 @@ def _words(name: str) -> list[str]:
 def is_secret_param(name: str) -> bool:
     """Whether a query-string parameter named ``name`` carries a credential (its last word says so)."""
     words = _words(name)
-    return bool(words) and (words[-1] in _QUERY_SECRET_WORDS or "".join(words[-2:]) in _QUERY_SECRET_WORDS)
+    if not words:
+        return False
+    # a name free text masks (``secretkey=``, ``private_key=``) is masked in a query string too: one rule per name
+    return (
+        words[-1] in _QUERY_SECRET_WORDS
+        or "".join(words[-2:]) in _QUERY_SECRET_WORDS
+        or _is_secret_text_name(name)
+    )
 
 
 def _is_secret_text_name(name: str) -> bool:

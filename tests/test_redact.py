@@ -128,7 +128,7 @@ def test_env_secret_values_are_masked_in_log_records(monkeypatch, caplog):
 
 def test_the_command_harness_installs_the_filter(monkeypatch, capsys):
     """`dpn <command>` / `python -m <module>` set logging up in one place: its handlers redact."""
-    from pipelines.cli_harness import run_parsed
+    from dpn_base.cli_harness import run_parsed
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-pw")
     root = logging.getLogger()
@@ -207,3 +207,12 @@ def test_secret_values_are_read_from_an_environment_that_changes_meanwhile():
     # telemetry thread deletes a variable; reading it must skip the deleted name, not raise KeyError
     env = _VanishingEnv({"AWS_SECRET_ACCESS_KEY": "s3cr3t-value-1234", "HOME": "/root"}, gone="DPN_API_KEY")
     assert secret_env_values(env)[0] == "s3cr3t-value-1234"
+
+
+@pytest.mark.parametrize("name", ["secretkey", "private_key", "accessKey", "apikey"])
+def test_a_query_parameter_free_text_masks_is_masked_in_a_uri_too(name):
+    """One rule per name: a parameter the free-text pass masks (``secretkey=``) is a secret parameter."""
+    assert is_secret_param(name)
+    assert redact(f"postgresql://u:pw@db.internal/?{name}=0&page=2", env={}) == (
+        f"postgresql://u:***@db.internal/?{name}=***&page=2"
+    )
