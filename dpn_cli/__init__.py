@@ -1,7 +1,7 @@
 """The `dpn` command line: one entry point, one module per subcommand.
 
 Each subcommand lives in its own package's module, which exposes ``add_arguments(parser)`` and
-``run(args) -> int`` (:mod:`pipelines.cli_harness` runs it, here and under ``python -m``).
+``run(args) -> int`` (:mod:`dpn_base.cli_harness` runs it, here and under ``python -m``).
 Modules are imported only when their subcommand runs, so `dpn info` never pays for importing Ray.
 This package sits on top: it may import every package, and none imports it.
 """
@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from pipelines.cli_harness import add_log_level, mount, run_parsed
+from dpn_base.cli_harness import add_log_level, mount, run_parsed
 
 # name -> (module, one-line help). Keep the list sorted by the order a newcomer meets them.
 COMMANDS: dict[str, tuple[str, str]] = {

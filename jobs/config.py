@@ -1,6 +1,6 @@
 """YAML configs -> typed config models, with ``key=value`` dotted overrides. Shared by every job.
 
-A job declares its config as nested :class:`ConfigModel` s (pydantic models, see :mod:`pipelines.config_models`:
+A job declares its config as nested :class:`ConfigModel` s (pydantic models, see :mod:`dpn_base.config_models`:
 fields with type hints, defaults and constraints; unknown keys are errors). :func:`load_config` reads a YAML file,
 merges a mapping and command-line overrides over it, and validates the result::
 
@@ -26,7 +26,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator
 
-from pipelines.config_models import ConfigError, ConfigModel, format_errors, validate_config
+from dpn_base.config_models import ConfigError, ConfigModel, format_errors, validate_config
 
 M = TypeVar("M", bound=BaseModel)
 

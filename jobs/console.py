@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from dpn_base.cli_harness import LOG_FORMAT
 from dpn_base.redact import install_log_redaction
-from pipelines.cli_harness import LOG_FORMAT
 
 logger = logging.getLogger(__name__)
 

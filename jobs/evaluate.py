@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from dpn_base.cli_harness import run_module
 from dpn_base.redact import redact
 from jobs.console import JobFailed, ProgressView, active_console, add_console_arguments, job_console
 from jobs.evaluation import oracle
@@ -70,7 +71,6 @@ from jobs.evaluation.mlflow_log import log_run
 from jobs.evaluation.predictor import load_model_config, predict
 from jobs.evaluation.resources import init_ray, use_gpus
 from jobs.evaluation.tasks import task_names
-from pipelines.cli_harness import run_module
 
 logger = logging.getLogger(__name__)
 

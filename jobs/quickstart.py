@@ -33,9 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from dpn_base.cli_harness import run_module
+from dpn_base.config_models import ConfigError
 from jobs.console import console_and_log
-from pipelines.cli_harness import run_module
-from pipelines.config_models import ConfigError
 
 if TYPE_CHECKING:
     from jobs.train_config import TrainConfig

@@ -88,14 +88,14 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 import tracking
+from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
+from dpn_base.config_models import merge_dicts
 from jobs import gate as gate_lib
 from jobs import shards as shard_lib
 from jobs.config import ConfigError, dump_config, flatten, load_config
 from jobs.console import JobFailed, add_console_arguments, job_console
 from jobs.retrain_config import RetrainConfig, load_retrain_config
 from jobs.train_config import TrainConfig
-from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
-from pipelines.config_models import merge_dicts
 from pipelines.storage import atomic_write_text
 from tracking import registry as reg_lib
 from tracking.registry import ChampionMoved, Registry

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import tracking
+from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
 from jobs import trainer as builders
 from jobs.config import ConfigError, dump_config, flatten
 from jobs.console import JobFailed, TrainingProgress, active_console, add_console_arguments, job_console
 from jobs.train_config import TrainConfig, load_train_config
 from jobs.train_loop import HF_DIR, TrainState
-from pipelines.cli_harness import add_config_arguments, run_config_job, run_module
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.config_models import ConfigModel
+from dpn_base.config_models import ConfigModel
 
 MIB = 1 << 20
 DEFAULT_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")

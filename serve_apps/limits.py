@@ -38,8 +38,8 @@ import numpy as np
 import PIL.Image
 from pydantic import Field, field_validator, model_validator
 
+from dpn_base.config_models import ConfigModel, validate_config
 from dpn_model.image_processing import decode_image, open_image
-from pipelines.config_models import ConfigModel, validate_config
 from serve_apps.protocol import APIError, invalid_request
 
 _DATA_URL = re.compile(
@@ -170,7 +170,7 @@ class Limits(ConfigModel):
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> Limits:
         """Build from the serve config's `limits` mapping, refusing unknown keys (a typo would otherwise be silently
-        ignored); a `pipelines.config_models.ConfigError` (a `ValueError`) names each wrong key."""
+        ignored); a `dpn_base.config_models.ConfigError` (a `ValueError`) names each wrong key."""
         return validate_config(cls, values or {}, section="limits")
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from pipelines.config_models import ConfigModel, validate_config
+from dpn_base.config_models import ConfigModel, validate_config
 
 if TYPE_CHECKING:
     from serve_apps.compression import Rate
@@ -95,7 +95,7 @@ class BatchingConfig(ConfigModel):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> BatchingConfig:
-        """Build from the serve config's `batching` mapping; a `pipelines.config_models.ConfigError` (a
+        """Build from the serve config's `batching` mapping; a `dpn_base.config_models.ConfigError` (a
         `ValueError`) names each wrong key."""
         return validate_config(cls, values or {}, section="batching")
 

@@ -82,8 +82,8 @@ def test_generate_takes_the_dial(model, batch):
 
 
 def test_training_config_refuses_the_dial():
+    from dpn_base.config_models import ConfigError
     from jobs.train_config import load_train_config
-    from pipelines.config_models import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="inference-time knob"):
         load_train_config("configs/train_tiny.yaml", ["model.compression=auto:lambda=1"])

@@ -144,7 +144,7 @@ def test_the_checker_flags_an_import_against_the_layering(path, source, expected
         ("serve_apps/loading.py", "def load():\n    from tracking import resolve_model_dir\n"),
         (
             "tracking/models.py",
-            "import mlflow\nimport dpn_model\nfrom pipelines.cli_harness import run_module\n",
+            "import mlflow\nimport dpn_model\nfrom dpn_base.cli_harness import run_module\n",
         ),
         (
             "dpn_cli/__init__.py",

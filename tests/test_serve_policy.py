@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 from test_serve import serve_load
 
-from pipelines.config_models import ConfigError
+from dpn_base.config_models import ConfigError
 from serve_apps.policy import (
     RETIRED_KEYS,
     BatchingConfig,

@@ -1,8 +1,10 @@
 """Typed config sections: the pydantic base every section of every config derives from, and readable errors.
 
 Shared by the jobs' configs (``jobs.config`` loads them from YAML with ``key=value`` overrides) and by serving's
-sections (``serve_apps.limits.Limits``, ``serve_apps.policy.BatchingConfig``). It lives here, in the lowest
-package whose import is free (as ``cli_harness``), so that every package can use it; it imports only pydantic.
+sections (``serve_apps.limits.Limits``, ``serve_apps.policy.BatchingConfig``) and the readers'
+(``pipelines.policy.ReadPolicy``). It lives in ``dpn_base``, below every layer, so that each package takes its
+config base from the floor rather than from a package beside it; it imports only pydantic (and
+``dpn_base/__init__`` does not import it).
 
 A section is a :class:`ConfigModel`: fields with type hints, defaults and constraints (``Field(ge=1)``,
 ``Literal[...]``, validators for relations between fields); unknown keys are errors. :func:`validate_config` builds

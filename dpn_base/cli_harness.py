@@ -7,9 +7,9 @@ with ``sys.exit(run_module("jobs.train"))``. Both ways take ``--log-level`` and 
 Jobs configured by one YAML file share their flags and their ``run`` too: :func:`add_config_arguments`,
 :func:`run_config_job`.
 
-It lives here, in the lowest package whose import is free (``pipelines/__init__`` imports nothing), so
-that every package's commands can use it without importing the CLI and `dpn --help` stays instant.
-It imports no other module of the project but ``dpn_base`` (standard library only, below every layer).
+It lives in ``dpn_base``, below every layer, so that every package's commands can use it without importing
+the CLI or a package above them, and `dpn --help` stays instant: it imports only the standard library and
+:mod:`dpn_base.redact`.
 """
 
 from __future__ import annotations
