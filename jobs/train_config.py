@@ -74,6 +74,12 @@ class ModelConfig(ConfigModel):
         """``init``, parsed (:class:`dpn_base.model_ref.ModelRef`)."""
         return ModelRef.parse(self.init)
 
+    @property
+    def load_overrides(self) -> dict[str, Any]:
+        """The ``config_overrides`` to apply when the initial model is loaded: none for a preset, which is
+        built with them already (architecture included), all of them for a checkpoint."""
+        return {} if self.init_ref.is_preset else dict(self.config_overrides)
+
     @model_validator(mode="after")
     def _check_compression(self) -> ModelConfig:
         from dpn_model.configuration import parse_compression, routing_mode

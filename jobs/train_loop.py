@@ -34,14 +34,14 @@ import socket
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from dpn_model.configuration import Compression
+from jobs.config import ConfigModel
+from jobs.train_config import CheckpointConfig, ModelConfig, OptimConfig, TrainLoopConfig
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def deepspeed_config(
 
     ``precision`` is bf16 / fp16 / fp32 (``auto`` must be resolved by the caller).
     """
-    from pipelines.config_models import merge_dicts
+    from dpn_base.config_models import merge_dicts
 
     cfg = merge_dicts(base, {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -255,20 +255,21 @@ def training_dtype(ds_config: Mapping[str, Any]) -> torch.dtype:
 def setup_engine(
     model: torch.nn.Module,
     ds_config: dict[str, Any],
-    optim: OptimSpec | Mapping[str, Any],
+    optim: OptimConfig | Mapping[str, Any],
     total_steps: int,
     dist_backend: str,
     router_start: int = 0,
 ):
     """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule.
 
-    ``optim``: an :class:`OptimSpec` or a mapping of its fields. ``router_start``: optimizer steps before
-    the routers train (the dense warm-up).
+    ``optim``: the ``optim`` section (:class:`jobs.train_config.OptimConfig`) or a mapping of its keys
+    (validated into one; ``grad_clip`` is DeepSpeed's, from ``ds_config``). ``router_start``: optimizer steps
+    before the routers train (the dense warm-up).
     """
     import deepspeed
 
     if isinstance(optim, Mapping):
-        optim = OptimSpec(**optim)
+        optim = OptimConfig.model_validate(dict(optim))
     deepspeed.init_distributed(dist_backend=dist_backend)  # reuses the initialised torch process group
     optimizer = make_optimizer(
         model, optim.lr, optim.weight_decay, optim.betas, optim.eps, optim.router_lr_scale
@@ -317,11 +318,61 @@ def save_hf_model(engine, processor_dir: str, out_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-OFFSET = 7  # StepStats.values: the scalars before the per-layer compression sums
+@dataclass
+class StepSums:
+    """Sums over the micro-batches of one optimizer step, on one worker or on all (:meth:`StepStats.reduce`).
+
+    The scalars are named fields; with the per-layer compression sums they travel as one float64 tensor
+    (:meth:`pack`, :meth:`unpack`), so that a logged step costs one ``all_reduce`` whatever is counted.
+
+    Attributes:
+        loss, lm_loss, routing_loss, reinforce_loss: summed over micro-batches (a loss the model did not
+            compute counts 0; ``reinforce_loss`` is 0 unless ``router_estimator="reinforce"``).
+        micro_batches, samples, tokens: counted (tokens: attention-mask ones, image tokens included).
+        compression_sum: ``(L,)``, per pooling layer, the sum of the compression factors of the samples pooled
+            there.
+        compression_count: ``(L,)``, per pooling layer, the samples pooled there (``-1`` choices are not).
+    """
+
+    compression_sum: torch.Tensor
+    compression_count: torch.Tensor
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    routing_loss: float = 0.0
+    reinforce_loss: float = 0.0
+    micro_batches: float = 0.0
+    samples: float = 0.0
+    tokens: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_pool_layers: int) -> StepSums:
+        return cls(*(torch.zeros(num_pool_layers, dtype=torch.float64) for _ in PER_LAYER_FIELDS))
+
+    def pack(self) -> torch.Tensor:
+        """``[scalars in field order, compression_sum, compression_count]``: one float64 tensor."""
+        scalars = torch.tensor([getattr(self, name) for name in SCALAR_FIELDS], dtype=torch.float64)
+        return torch.cat([scalars, self.compression_sum, self.compression_count])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor, num_pool_layers: int) -> StepSums:
+        """The inverse of :meth:`pack`."""
+        scalars, sums, counts = packed.split([len(SCALAR_FIELDS), num_pool_layers, num_pool_layers])
+        return cls(sums.clone(), counts.clone(), **dict(zip(SCALAR_FIELDS, scalars.tolist(), strict=True)))
+
+
+PER_LAYER_FIELDS = ("compression_sum", "compression_count")
+# the other fields of StepSums, the scalars, in the order pack() lays them out (derived once, from the class)
+SCALAR_FIELDS = tuple(f.name for f in fields(StepSums) if f.name not in PER_LAYER_FIELDS)
+
+
+def _summed(loss: torch.Tensor | None) -> float:
+    """A loss of one micro-batch as a number to add up (0 for a loss the model did not compute)."""
+    return float(loss.detach()) if loss is not None else 0.0
 
 
 class StepStats:
-    """Sums over the micro-batches of one optimizer step, reduced over workers before logging."""
+    """Sums over the micro-batches of one optimizer step (:class:`StepSums`), reduced over workers before
+    logging, and the metrics logged from them."""
 
     def __init__(self, num_pool_layers: int, factors: list[int]):
         self.factors = torch.tensor(factors, dtype=torch.float64)
@@ -329,49 +380,50 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        # loss, lm_loss, routing_loss, micro-batches, samples, tokens, reinforce_loss, comp_sum[L], comp_count[L]
-        self.values = torch.zeros(OFFSET + 2 * self.n_layers, dtype=torch.float64)
+        self.sums = StepSums.zeros(self.n_layers)
         self.data_wait = 0.0
 
     def add(self, out, batch_size: int, tokens: int) -> None:
-        v = self.values
-        v[0] += float(out.loss.detach())
-        v[1] += float(out.lm_loss.detach()) if out.lm_loss is not None else 0.0
-        v[2] += float(out.routing_loss.detach()) if out.routing_loss is not None else 0.0
-        v[3] += 1
-        v[4] += batch_size
-        v[5] += tokens
-        v[6] += float(out.reinforce_loss.detach()) if out.reinforce_loss is not None else 0.0
+        """Count one micro-batch: the model's output ``out`` (losses, ``expert_choices``) and its size."""
+        s = self.sums
+        s.loss += float(out.loss.detach())
+        s.lm_loss += _summed(out.lm_loss)
+        s.routing_loss += _summed(out.routing_loss)
+        s.reinforce_loss += _summed(out.reinforce_loss)
+        s.micro_batches += 1
+        s.samples += batch_size
+        s.tokens += tokens
         if out.expert_choices is not None:
             choices = out.expert_choices.detach().cpu()  # (B, L); -1 = not pooled
             pooled = choices >= 0
             factor = self.factors[choices.clamp(min=0)]
-            v[OFFSET : OFFSET + self.n_layers] += (factor * pooled).sum(0)
-            v[OFFSET + self.n_layers :] += pooled.sum(0)
+            s.compression_sum += (factor * pooled).sum(0)
+            s.compression_count += pooled.sum(0)
 
-    def reduce(self) -> torch.Tensor:
-        """Sum over workers (collective)."""
-        total = self.values.clone()
+    def reduce(self) -> StepSums:
+        """The sums over all workers (collective: one ``all_reduce``)."""
+        packed = self.sums.pack()
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        return total
+            torch.distributed.all_reduce(packed)
+        return StepSums.unpack(packed, self.n_layers)
 
-    def metrics(self, total: torch.Tensor, step_time: float, lr: float) -> dict[str, float]:
-        n = max(total[3].item(), 1)
+    def metrics(self, total: StepSums, step_time: float, lr: float) -> dict[str, float]:
+        """The logged metrics of a step: mean losses per micro-batch, throughput, and per pooling layer the
+        mean compression of the samples pooled there (``compression_layer<i>``, absent when none was)."""
+        n = max(total.micro_batches, 1)
         out = {
-            "loss": total[0].item() / n,
-            "lm_loss": total[1].item() / n,
-            "routing_loss": total[2].item() / n,
-            "reinforce_loss": total[6].item() / n,  # router_estimator="reinforce" only (0 otherwise)
-            "samples_per_s": total[4].item() / step_time,
-            "tokens_per_s": total[5].item() / step_time,
+            "loss": total.loss / n,
+            "lm_loss": total.lm_loss / n,
+            "routing_loss": total.routing_loss / n,
+            "reinforce_loss": total.reinforce_loss / n,  # router_estimator="reinforce" only (0 otherwise)
+            "samples_per_s": total.samples / step_time,
+            "tokens_per_s": total.tokens / step_time,
             "lr": lr,
             "step_time_s": step_time,
         }
-        sums, counts = total[OFFSET : OFFSET + self.n_layers], total[OFFSET + self.n_layers :]
         for i in range(self.n_layers):
-            if counts[i] > 0:
-                out[f"compression_layer{i}"] = (sums[i] / counts[i]).item()
+            if total.compression_count[i] > 0:
+                out[f"compression_layer{i}"] = (total.compression_sum[i] / total.compression_count[i]).item()
         return out
 
 
@@ -389,90 +441,52 @@ def _fmt_eta(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class OptimSpec:
-    """AdamW and its warmup + cosine schedule (``optim.*`` of the training config)."""
+class WorkerSpec(ConfigModel):
+    """Everything a Ray Train worker needs, built on the driver by :func:`jobs.trainer.build_loop_spec`: the
+    training config's sections the loop reads, as validated on the driver, and what only the driver derives.
 
-    lr: float
-    weight_decay: float
-    betas: list[float]
-    eps: float
-    warmup_ratio: float
-    min_lr_ratio: float
-    router_lr_scale: float = 1.0
-
-
-@dataclass
-class FreezeSpec:
-    """Which parts of the model stay frozen (True = no gradient)."""
-
-    vision_tower: bool = False
-    projector: bool = False
-    language_model: bool = False
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a Ray Train worker needs, built on the driver by :func:`jobs.trainer.build_loop_spec`.
-
-    Ray hands it to the workers as a plain dict (:meth:`to_config`, rebuilt by :meth:`from_config`).
+    Ray hands it to the workers as plain JSON data (:meth:`to_config`); :meth:`from_config` validates it again
+    into the same sections, so a worker reads exactly the config's keys (``spec.model.seed``,
+    ``spec.optim.lr``), never a hand-kept copy of them, and a section that does not fit fails naming its key.
 
     Attributes:
+        model: ``model.*``: the initial model (``init``, ``seed``, ``config_overrides``), ``compression``
+            (checked against the loaded model's experts by ``parse_compression``), the dense warm-up, paths
+            per sample, freezing and gradient checkpointing.
+        optim: ``optim.*``: AdamW and its warmup + cosine schedule (``grad_clip`` is applied by DeepSpeed,
+            from ``ds_config``).
+        train: ``train.*``: the micro-batch size, epochs and ``log_every`` (``grad_accum_steps`` is in
+            ``ds_config``, ``max_steps`` in ``total_steps``).
+        checkpoint: ``checkpoint.*``: ``every_steps`` and ``save_hf_model`` (``keep`` is Ray Train's, on the
+            driver).
         model_dir: the initial model on the driver's node (weights + processor).
-        init: ``model.init`` (``preset:<name>`` or a model URI), to re-create ``model_dir`` on other nodes.
-        seed: ``model.seed``: the preset's weights and the router sampling.
-        preset_overrides: DPNConfig fields a preset is built with.
-        config_overrides: DPNConfig fields applied when loading ``model_dir``.
-        compression: ``model.compression`` (checked against the model by ``parse_compression``).
-        dense_warmup_steps: optimizer steps trained with compression 1 before the routers train.
-        paths_per_sample: ``model.paths_per_sample``: routed copies of each sample (REINFORCE's RLOO groups).
-        freeze: the frozen parts.
-        gradient_checkpointing: recompute activations in the backward pass.
-        ds_config: the DeepSpeed config dict (:func:`deepspeed_config`).
+        ds_config: the DeepSpeed config dict (:func:`deepspeed_config`, precision resolved).
         dist_backend: ``nccl`` (GPU) or ``gloo`` (CPU).
-        optim: optimizer and schedule.
-        micro_batch_size: samples per worker per forward pass.
-        epochs: passes over the data at most.
         total_steps: optimizer steps of the run (the schedule's length).
-        log_every: optimizer steps between logged metrics.
-        checkpoint_every: optimizer steps between checkpoints.
-        save_hf_model: write the Hugging Face model into every checkpoint (else only the final one).
         mlflow_run_id: the MLflow run this training writes to.
         tracking_uri: the MLflow tracking URI.
     """
 
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainLoopConfig
+    checkpoint: CheckpointConfig
     model_dir: str
-    init: str
-    seed: int
-    preset_overrides: dict[str, Any]
-    config_overrides: dict[str, Any]
-    compression: Compression
-    dense_warmup_steps: int
-    paths_per_sample: int
-    freeze: FreezeSpec
-    gradient_checkpointing: bool
     ds_config: dict[str, Any]
     dist_backend: str
-    optim: OptimSpec
-    micro_batch_size: int
-    epochs: int
     total_steps: int
-    log_every: int
-    checkpoint_every: int
-    save_hf_model: bool
     mlflow_run_id: str
     tracking_uri: str
 
     def to_config(self) -> dict[str, Any]:
-        """The ``train_loop_config`` Ray passes to :func:`train_loop_per_worker` (plain, picklable values)."""
-        return asdict(self)
+        """The ``train_loop_config`` Ray passes to :func:`train_loop_per_worker`: plain JSON data."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> WorkerSpec:
-        fields = dict(config)
-        fields["freeze"] = FreezeSpec(**fields["freeze"])
-        fields["optim"] = OptimSpec(**fields["optim"])
-        return cls(**fields)
+        """The spec :meth:`to_config` gave, validated again (a pydantic ``ValidationError`` names a wrong
+        key, e.g. ``optim.lr``)."""
+        return cls.model_validate(dict(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,11 +502,11 @@ def _local_model_dir(spec: WorkerSpec) -> str:
     from tracking import resolve_model_dir
 
     return resolve_model_dir(
-        spec.init,
+        spec.model.init,
         tracking=spec.tracking_uri,
         preset_dir=spec.model_dir,
-        preset_seed=spec.seed,
-        preset_overrides=spec.preset_overrides,
+        preset_seed=spec.model.seed,
+        preset_overrides=dict(spec.model.config_overrides),
     )
 
 
@@ -541,13 +555,13 @@ class DPNTrainRecipe:
             self.spec.optim,
             self.spec.total_steps,
             self.spec.dist_backend,
-            self.spec.dense_warmup_steps,
+            self.spec.model.dense_warmup_steps,
         )
         self.device = self.engine.device
         self.dtype = next(self.engine.module.parameters()).dtype
         self.resumed = self.resume()
         # router sampling, resumable
-        torch.manual_seed(self.spec.seed * 1009 + self.rank * 7919 + self.state.step)
+        torch.manual_seed(self.spec.model.seed * 1009 + self.rank * 7919 + self.state.step)
         self._setup_metric_logger()
         cfg = model.config
         self.stats = StepStats(len(cfg.pooling_layers), cfg.compression_factors)
@@ -560,31 +574,30 @@ class DPNTrainRecipe:
         self._setup_data()
         # the checkpoint this attempt holds already (-1: none) and whether it has the HF model
         self.saved_step = self.state.step if self.resumed else -1
-        self.saved_hf = self.spec.save_hf_model
+        self.saved_hf = self.spec.checkpoint.save_hf_model
 
     def _setup_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
-        """The model to train, loaded in the dtype DeepSpeed trains it in and frozen per ``spec.freeze``; also
-        its trainable and total parameter counts."""
+        """The model to train, loaded in the dtype DeepSpeed trains it in and frozen per ``model.freeze_*``;
+        also its trainable and total parameter counts."""
         from dpn_model.configuration import parse_compression
 
-        spec = self.spec
-        model = load_model(self.model_dir, spec.config_overrides, training_dtype(spec.ds_config))
+        cfg = self.spec.model
+        model = load_model(self.model_dir, cfg.load_overrides, training_dtype(self.spec.ds_config))
         # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
-        self.routed_compression = parse_compression(spec.compression, model.config)
-        if spec.paths_per_sample > 1 and model.config.router_estimator != "reinforce":
+        self.routed_compression = parse_compression(cfg.compression, model.config)
+        if cfg.paths_per_sample > 1 and model.config.router_estimator != "reinforce":
             raise ValueError(
-                f"model.paths_per_sample={spec.paths_per_sample} needs router_estimator 'reinforce' (the model's "
+                f"model.paths_per_sample={cfg.paths_per_sample} needs router_estimator 'reinforce' (the model's "
                 f"is {model.config.router_estimator!r}): set model.config_overrides.router_estimator=reinforce "
                 f"or paths_per_sample to 1"
             )
-        freeze = spec.freeze
         counts = apply_freezing(
             model,
-            freeze_vision_tower=freeze.vision_tower,
-            freeze_projector=freeze.projector,
-            freeze_language_model=freeze.language_model,
+            freeze_vision_tower=cfg.freeze_vision_tower,
+            freeze_projector=cfg.freeze_projector,
+            freeze_language_model=cfg.freeze_language_model,
         )
-        if spec.gradient_checkpointing:
+        if cfg.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.config.text_config.use_cache = False
@@ -635,7 +648,7 @@ class DPNTrainRecipe:
 
         self.shard = ray.train.get_dataset_shard("train")
         self.collate = Collator(self.model_dir)
-        warmup = self.spec.dense_warmup_steps
+        warmup = self.spec.model.dense_warmup_steps
         if self.rank == 0 and self.state.step < warmup:
             logger.info("dense warm-up: steps 1-%d train with compression 1, routing starts at step %d",
                         warmup, warmup + 1)  # fmt: skip
@@ -644,7 +657,7 @@ class DPNTrainRecipe:
         """This worker's micro-batches of the current epoch, past those it already trained on."""
         iterator = iter(
             self.shard.iter_torch_batches(
-                batch_size=self.spec.micro_batch_size,
+                batch_size=self.spec.train.micro_batch_size,
                 collate_fn=self.collate,
                 drop_last=True,
                 prefetch_batches=2,
@@ -664,7 +677,7 @@ class DPNTrainRecipe:
         self.step_start = time.perf_counter()
         self.run_start, self.run_start_step = self.step_start, state.step
         done = state.step >= total_steps
-        while not done and state.epoch < self.spec.epochs:
+        while not done and state.epoch < self.spec.train.epochs:
             done = self._train_epoch()
             if not done:
                 state.epoch += 1
@@ -696,9 +709,9 @@ class DPNTrainRecipe:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-        compression = 1 if self.state.step < self.spec.dense_warmup_steps else self.routed_compression
+        compression = 1 if self.state.step < self.spec.model.dense_warmup_steps else self.routed_compression
         samples, tokens = int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
-        k = self.spec.paths_per_sample
+        k = self.spec.model.paths_per_sample
         if k > 1 and compression == "auto":
             # each sample k times, one group per sample: its paths are judged against each other (RLOO)
             batch = {name: t.repeat_interleave(k, dim=0) for name, t in batch.items()}
@@ -716,7 +729,7 @@ class DPNTrainRecipe:
         state, stats = self.state, self.stats
         state.step += 1
         total = stats.reduce()
-        state.samples_seen += int(total[4].item())
+        state.samples_seen += int(total.samples)
         now = time.perf_counter()
         step_time = now - self.step_start
         self.step_times.append(step_time)
@@ -725,10 +738,10 @@ class DPNTrainRecipe:
         metrics["epoch"] = state.epoch
         self.last_metrics = metrics
         stats.reset()
-        if self.rank == 0 and (state.step % self.spec.log_every == 0 or state.step == self.spec.total_steps):
-            self._log_step(metrics, now)
         done = state.step >= self.spec.total_steps
-        if done or state.step % self.spec.checkpoint_every == 0:
+        if self.rank == 0 and (state.step % self.spec.train.log_every == 0 or done):
+            self._log_step(metrics, now)
+        if done or state.step % self.spec.checkpoint.every_steps == 0:
             self.save(done, metrics)
         self.step_start = time.perf_counter()
         return done
@@ -758,7 +771,7 @@ class DPNTrainRecipe:
         """
         import ray.train
 
-        step, save_hf = self.state.step, self.spec.save_hf_model or final
+        step, save_hf = self.state.step, self.spec.checkpoint.save_hf_model or final
         if self.saved_step == step and (self.saved_hf or not final):
             return  # this step is checkpointed already
         name = f"checkpoint_{step:08d}" + ("_final" if self.saved_step == step else "")
@@ -788,9 +801,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 __all__ = [
     "DPNTrainRecipe",
-    "FreezeSpec",
-    "OptimSpec",
     "StepStats",
+    "StepSums",
     "TrainState",
     "WorkerSpec",
     "apply_freezing",

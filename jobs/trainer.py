@@ -188,8 +188,9 @@ def load_deepspeed_json(cfg: TrainConfig) -> dict[str, Any]:
 def build_loop_spec(
     cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str
 ) -> WorkerSpec:
-    """Everything a worker needs (see :class:`jobs.train_loop.WorkerSpec`)."""
-    from jobs.train_loop import FreezeSpec, OptimSpec, WorkerSpec, deepspeed_config
+    """Everything a worker needs (see :class:`jobs.train_loop.WorkerSpec`): the config's validated ``model``,
+    ``optim``, ``train`` and ``checkpoint`` sections, with what is derived here from the whole config."""
+    from jobs.train_loop import WorkerSpec, deepspeed_config
 
     precision = resolve_precision(cfg)
     # DeepSpeed's CPU accelerator runs bf16 (ZeRO keeps fp32 master weights): the GPU recipe's precision can be
@@ -207,40 +208,15 @@ def build_loop_spec(
         grad_clip=cfg.optim.grad_clip,
         overrides=cfg.deepspeed.overrides,
     )
-    m, o = cfg.model, cfg.optim
     return WorkerSpec(
+        model=cfg.model,
+        optim=cfg.optim,
+        train=cfg.train,
+        checkpoint=cfg.checkpoint,
         model_dir=model_dir,
-        init=m.init,
-        seed=m.seed,
-        preset_overrides=preset_overrides(cfg),
-        # presets were built with the overrides already; loaded checkpoints get them at load time
-        config_overrides={} if m.init_ref.is_preset else dict(m.config_overrides),
-        compression=m.compression,
-        dense_warmup_steps=m.dense_warmup_steps,
-        paths_per_sample=m.paths_per_sample,
-        freeze=FreezeSpec(
-            vision_tower=m.freeze_vision_tower,
-            projector=m.freeze_projector,
-            language_model=m.freeze_language_model,
-        ),
-        gradient_checkpointing=m.gradient_checkpointing,
         ds_config=ds,
         dist_backend="nccl" if cfg.run.use_gpu else "gloo",
-        optim=OptimSpec(
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            betas=list(o.betas),
-            eps=o.eps,
-            warmup_ratio=o.warmup_ratio,
-            min_lr_ratio=o.min_lr_ratio,
-            router_lr_scale=o.router_lr_scale,
-        ),
-        micro_batch_size=cfg.train.micro_batch_size,
-        epochs=cfg.train.epochs,
         total_steps=total_steps,
-        log_every=cfg.train.log_every,
-        checkpoint_every=cfg.checkpoint.every_steps,
-        save_hf_model=cfg.checkpoint.save_hf_model,
         mlflow_run_id=run_id,
         tracking_uri=tracking_uri,
     )
