@@ -8,7 +8,7 @@ Importing this package registers `dpn_llava` with transformers' Auto classes, so
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from dpn_model.cache import DPNCache
-from dpn_model.configuration import DPNConfig
+from dpn_model.configuration import CompressionSpec, DPNConfig
 from dpn_model.image_processing import DPNImageProcessor, decode_image
 from dpn_model.loading import load_model_and_processor
 from dpn_model.losses import routing_loss
@@ -22,6 +22,7 @@ AutoModelForImageTextToText.register(DPNConfig, DPNForConditionalGeneration, exi
 
 __all__ = [
     "IGNORE_INDEX",
+    "CompressionSpec",
     "DPNCache",
     "DPNCausalLMOutputWithPast",
     "DPNConfig",

@@ -3,8 +3,9 @@
 The defaults are the authors' training semantics (aihao2000/DPN-LLaVA). A `config.json` written before
 those fields existed has no `dpn_config_version`; [`DPNConfig.from_dict`] fills its missing keys with
 the values that checkpoint was trained with ([`LEGACY_DEFAULTS`]), so old checkpoints keep behaving as
-they did. Also here: [`parse_compression`], the one parser of a `compression` value (the model's
-`forward`/`generate`, the training and evaluation jobs and serving all call it).
+they did. Also here: [`CompressionSpec`], a `compression` value parsed once by its one parser
+[`CompressionSpec.parse`] (the model's `forward`/`generate`, the training and evaluation jobs and serving all go
+through it; [`parse_compression`] returns its plain form).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "router_token_reduction": "last",
 }
 
-# A `compression` value: "auto", "random", one factor for every pooling layer, or a schedule (one factor per
-# pooling layer). The model's `forward`/`generate` take any sequence for a schedule; `parse_compression` returns a
-# tuple.
+# A `compression` value as written: "auto", "auto:lambda=X", "random", one factor for every pooling layer, or one
+# factor per pooling layer (a schedule). The model's `forward`/`generate` take any sequence for the latter;
+# `parse_compression` returns a tuple. `CompressionSpec` is the parsed, typed value.
 Compression = str | int | Sequence[int]
 
 
@@ -323,6 +324,141 @@ class DPNConfig(LlavaConfig):
 # compression: "auto", "random", one factor, or one factor per pooling layer
 # ----------------------------------------------------------------------------------------------------------
 _SCHEDULE_SEPARATOR = re.compile(r"\s*[,\-]\s*|\s+")
+COMPRESSION_MODES = (*ROUTING_MODES, "forced")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionSpec:
+    """A `compression` once parsed ([`CompressionSpec.parse`], the one parser): what it asks for, by name.
+
+    Every form a user may write (`"auto"`, `"AUTO"`, `"auto:lambda=0.50"`, `2`, `"2"`, `[1, 2, 4]`, `"1-2-4"`,
+    `"[1, 2, 4]"`) becomes one of these, so the model, the jobs and serving read the mode, the cost dial and the
+    factors off it instead of re-parsing the raw value each in its own way.
+
+    Attributes:
+        mode: `"auto"` (the router, with or without the cost dial), `"random"`, or `"forced"` (a factor or one
+            factor per pooling layer).
+        cost: the cost dial `lambda` of `"auto:lambda=X"`, as its canonical `%g` spelling reads back (so equal
+            labels mean equal dials); 0 for plain `"auto"` and every other mode.
+        factors: forced only: one `int` factor for every pooling layer (`2`), or a tuple with one factor per
+            pooling layer (`(1, 2, 4)`; `(4, 4, 4)` stays a tuple, as it was written); None for routed modes.
+    """
+
+    mode: str
+    cost: float = 0.0
+    factors: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in COMPRESSION_MODES:
+            raise ValueError(f"CompressionSpec mode must be one of {COMPRESSION_MODES}, got {self.mode!r}")
+        factors_misplaced = (self.mode == "forced") != (self.factors is not None)
+        cost_misplaced = bool(self.cost) and self.mode != "auto"
+        if factors_misplaced or cost_misplaced or not math.isfinite(self.cost):
+            raise ValueError(
+                f"CompressionSpec({self.mode!r}, cost={self.cost!r}, factors={self.factors!r}): factors go with "
+                "mode 'forced' only, a finite cost with mode 'auto' only"
+            )
+
+    @classmethod
+    def parse(cls, value: Any, config: DPNConfig | None = None) -> CompressionSpec:
+        """Parse and validate a `compression` value: the one parser every entry point uses.
+
+        Accepted forms:
+            - `"auto"`: the learned router (samples in training, argmax otherwise);
+            - `"auto:lambda=X"`: the router with a cost dial, an inference-time knob that trades accuracy for FLOPs
+              without retraining: each sample takes `argmax_e log p_e - X * kept_e` over the feasible experts,
+              `kept_e` the share of the visual tokens expert `e` keeps (1, 1/2, 1/4); `X = 0` is `"auto"`, a
+              larger `X` pools harder, a negative one keeps more (training ignores it: it samples);
+            - `"random"`: a uniformly drawn expert per sample and pooling layer, among the experts the token floor
+              allows (the paper's random-routing ablation);
+            - a factor, `2` or `"2"`: that expert at every pooling layer (1 is dense);
+            - factors per layer, `[1, 2, 4]`, `(1, 2, 4)`, `"1,2,4"`, `"1-2-4"` or `"[1, 2, 4]"`: one factor per
+              pooling layer, a static pyramid as PyramidDrop uses;
+            - a `CompressionSpec` (checked against `config` when given).
+
+        Args:
+            value: the compression as given (YAML, command line, request field or Python).
+            config (`DPNConfig`, *optional*): the model's config (or any object with its `expert_strides` and
+                `pooling_layers`); when given, factors must be those of its experts (`h * w` of each expert
+                stride) and factors per layer need one per pooling layer. Without it only the form is checked.
+
+        Raises:
+            `ValueError`: an unknown mode, a factor no expert has, or factors per layer of the wrong length.
+        """
+        if isinstance(value, CompressionSpec):
+            return value if config is None else value.check(config)
+        spec = cls._from_raw(_parse_syntax(value))
+        return spec if config is None else spec.check(config, value)
+
+    @classmethod
+    def _from_raw(cls, raw: Compression) -> CompressionSpec:
+        """The spec of a form-checked raw value (`_parse_syntax`'s output)."""
+        if raw in ROUTING_MODES:
+            return cls(str(raw))
+        if isinstance(raw, str):  # "auto:lambda=X", canonical and X != 0
+            return cls("auto", float(raw[len(COST_PREFIX) :]))
+        return cls("forced", factors=raw)
+
+    def check(self, config: DPNConfig, shown: Any = None) -> CompressionSpec:
+        """`self`, once its factors are checked against `config`'s experts and pooling layers.
+
+        `shown` is the value as the user gave it, quoted by the errors (the spec's `raw` form by default).
+        """
+        if self.factors is None:
+            return self
+        shown = self.raw if shown is None else shown
+        factors = [h * w for h, w in config.expert_strides]
+        schedule = self.factors if isinstance(self.factors, tuple) else (self.factors,)
+        unknown = sorted({f for f in schedule if f not in factors})
+        if unknown:
+            raise ValueError(
+                f"compression {shown!r}: factor(s) {unknown} match no pooling expert of this model; its experts "
+                f"(expert_strides {config.expert_strides}) give factors {factors}"
+            )
+        if isinstance(self.factors, tuple) and len(self.factors) != len(config.pooling_layers):
+            raise ValueError(
+                f"compression schedule {shown!r} has {len(self.factors)} factor(s) but the model pools after "
+                f"{len(config.pooling_layers)} layer(s) ({config.pooling_layers}): give one factor per pooling layer"
+            )
+        return self
+
+    @property
+    def raw(self) -> Compression:
+        """The plain value [`parse_compression`] returns: `"auto"`, `"auto:lambda=X"`, `"random"`, an `int` or a
+        tuple of factors per layer."""
+        return self.label if self.factors is None else self.factors
+
+    @property
+    def label(self) -> str:
+        """Canonical text: `"auto"`, `"auto:lambda=0.5"` (`%g`), `"random"`, `"2"`, or `"1-2-4"` for factors per
+        layer. Safe inside comma-separated lists and MLflow metric names; [`CompressionSpec.parse`] reads it back."""
+        if self.mode == "auto" and self.cost:
+            return f"{COST_PREFIX}{self.cost:g}"
+        if self.factors is None:
+            return self.mode
+        if isinstance(self.factors, tuple):
+            return "-".join(str(f) for f in self.factors)
+        return str(self.factors)
+
+    def factors_per_layer(self, layers: int) -> tuple[int, ...] | None:
+        """The factor at each of `layers` pooling layers (a tuple of factors is returned as it is); None for the
+        routed modes."""
+        if self.factors is None:
+            return None
+        return self.factors if isinstance(self.factors, tuple) else (self.factors,) * layers
+
+    def expert_indices(self, config: DPNConfig) -> list[int] | None:
+        """Index (into `config.expert_strides`) of the expert forced at each pooling layer; None for routed modes.
+
+        Raises:
+            `ValueError`: the factors do not fit `config` (see [`check`]).
+        """
+        self.check(config)
+        per_layer = self.factors_per_layer(len(config.pooling_layers))
+        if per_layer is None:
+            return None
+        factors = [h * w for h, w in config.expert_strides]
+        return [factors.index(f) for f in per_layer]
 
 
 def _as_factor(item: Any, value: Any) -> int:
@@ -352,7 +488,11 @@ def _parse_cost(text: str, value: Any) -> str:
 
 
 def routing_mode(value: Any) -> str | None:
-    """`"auto"` (the router, with or without a cost dial), `"random"`, or None for a forced factor or schedule."""
+    """`"auto"` (the router, with or without a cost dial), `"random"`, or None for a forced factor or schedule.
+
+    A lenient reading of an already parsed value (a report row's mode, a `Rate`): it checks nothing, and
+    returns None for anything that is not routed text. To parse, use [`CompressionSpec.parse`] and its `mode`.
+    """
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ROUTING_MODES:
@@ -364,8 +504,7 @@ def routing_mode(value: Any) -> str | None:
 
 def router_cost(value: Any) -> float:
     """The cost dial `lambda` of an `"auto:lambda=X"` compression (0 for plain `"auto"` and the other forms)."""
-    text = _parse_syntax(value)
-    return float(text[len(COST_PREFIX) :]) if isinstance(text, str) and text.startswith(COST_PREFIX) else 0.0
+    return CompressionSpec.parse(value).cost
 
 
 def _parse_syntax(value: Any) -> Compression:
@@ -397,80 +536,35 @@ def _parse_syntax(value: Any) -> Compression:
 
 
 def parse_compression(value: Any, config: DPNConfig | None = None) -> Compression:
-    """Parse and validate a `compression` value: the one parser every entry point uses.
-
-    Accepted forms:
-        - `"auto"`: the learned router (samples in training, argmax otherwise);
-        - `"auto:lambda=X"`: the router with a cost dial, an inference-time knob that trades accuracy for FLOPs
-          without retraining: each sample takes `argmax_e log p_e - X * kept_e` over the feasible experts, `kept_e`
-          the share of the visual tokens expert `e` keeps (1, 1/2, 1/4); `X = 0` is `"auto"`, a larger `X` pools
-          harder, a negative one keeps more (training ignores it: it samples);
-        - `"random"`: a uniformly drawn expert per sample and pooling layer, among the experts the token floor
-          allows (the paper's random-routing ablation);
-        - a factor, `2` or `"2"`: that expert at every pooling layer (1 is dense);
-        - a schedule, `[1, 2, 4]`, `(1, 2, 4)`, `"1,2,4"`, `"1-2-4"` or `"[1, 2, 4]"`: one factor per pooling
-          layer, a static pyramid as PyramidDrop uses.
-
-    Args:
-        value: the compression as given (YAML, command line, request field or Python).
-        config (`DPNConfig`, *optional*): the model's config (or any object with its `expert_strides` and
-            `pooling_layers`); when given, factors must be those of its experts (`h * w` of each expert stride)
-            and a schedule needs one factor per pooling layer. Without it only the form is checked.
+    """[`CompressionSpec.parse`] (see its forms and errors), returned as the plain value callers have always had.
 
     Returns:
         `"auto"`, `"auto:lambda=X"` (canonical `%g` spelling), `"random"`, an `int`, or a `tuple[int, ...]`
-        (a schedule).
-
-    Raises:
-        `ValueError`: an unknown mode, a factor no expert has, or a schedule of the wrong length.
+        (one factor per pooling layer): the spec's `raw`.
     """
-    parsed = _parse_syntax(value)
-    if config is None or routing_mode(parsed):
-        return parsed
-    factors = [h * w for h, w in config.expert_strides]
-    schedule = parsed if isinstance(parsed, tuple) else (parsed,)
-    unknown = sorted({f for f in schedule if f not in factors})
-    if unknown:
-        raise ValueError(
-            f"compression {value!r}: factor(s) {unknown} match no pooling expert of this model; its experts "
-            f"(expert_strides {config.expert_strides}) give factors {factors}"
-        )
-    if isinstance(parsed, tuple) and len(parsed) != len(config.pooling_layers):
-        raise ValueError(
-            f"compression schedule {value!r} has {len(parsed)} factor(s) but the model pools after "
-            f"{len(config.pooling_layers)} layer(s) ({config.pooling_layers}): give one factor per pooling layer"
-        )
-    return parsed
+    return CompressionSpec.parse(value, config).raw
 
 
 def compression_schedule(value: Any, config: DPNConfig) -> list[int] | None:
-    """Expert index forced at each pooling layer, or `None` for the routed modes ("auto", "random")."""
-    parsed = parse_compression(value, config)
-    if routing_mode(parsed):
-        return None
-    factors = [h * w for h, w in config.expert_strides]
-    schedule = parsed if isinstance(parsed, tuple) else (parsed,) * len(config.pooling_layers)
-    return [factors.index(f) for f in schedule]
+    """Expert index forced at each pooling layer, or `None` for the routed modes: [`CompressionSpec.expert_indices`]
+    (the name is historical: these are expert indices, not factors per layer)."""
+    return CompressionSpec.parse(value, config).expert_indices(config)
 
 
 def compression_label(value: Any) -> str:
-    """Canonical text of a compression: `"auto"`, `"random"`, `"2"`, or `"1-2-4"` for a schedule.
-
-    Safe inside comma-separated lists and MLflow metric names; `parse_compression` reads it back.
-    """
-    parsed = _parse_syntax(value)
-    if isinstance(parsed, tuple):
-        return "-".join(str(f) for f in parsed)
-    return str(parsed)
+    """Canonical text of a compression: `"auto"`, `"random"`, `"2"`, or `"1-2-4"`: [`CompressionSpec.label`]."""
+    return CompressionSpec.parse(value).label
 
 
 __all__ = [
+    "COMPRESSION_MODES",
     "DEFAULT_COMPRESSION_FACTORS",
     "DEFAULT_EXPERT_STRIDES",
     "DPN_CONFIG_VERSION",
     "LEGACY_DEFAULTS",
     "POOLING_TYPES",
     "Compression",
+    "CompressionSpec",
     "DPNConfig",
     "compression_label",
     "compression_schedule",

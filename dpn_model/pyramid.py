@@ -25,14 +25,7 @@ import torch
 from torch import nn
 
 from dpn_model.cache import DPNCache
-from dpn_model.configuration import (
-    Compression,
-    DPNConfig,
-    compression_schedule,
-    parse_compression,
-    router_cost,
-    routing_mode,
-)
+from dpn_model.configuration import Compression, CompressionSpec, DPNConfig
 from dpn_model.losses import exploring, feasible_distribution
 from dpn_model.pooling import DynamicPoolingExperts, pooled_grid, router_input
 from dpn_model.ragged import GroupRun, merge_padded, merge_rows, select_rows
@@ -44,22 +37,21 @@ class RoutingPlan:
 
     Attributes:
         mode: `"auto"` (the router), `"random"`, or `"forced"` (a factor or a schedule).
-        schedule: expert index per pooling layer (forced only; else None).
+        expert_indices: the expert index forced at each pooling layer (forced only; else None).
         cost: the cost dial `lambda` of `"auto:lambda=X"` (inference: argmax of `log p - lambda * kept share`).
     """
 
     mode: str
-    schedule: list[int] | None = None
+    expert_indices: list[int] | None = None
     cost: float = 0.0
 
     @classmethod
-    def from_compression(cls, compression: Compression, config: DPNConfig) -> RoutingPlan:
-        """The plan of a `compression` (see [`parse_compression`]); invalid values raise `ValueError`."""
-        parsed = parse_compression(compression, config)
-        mode = routing_mode(parsed)
-        if mode:
-            return cls(mode, None, router_cost(parsed))
-        return cls("forced", compression_schedule(parsed, config))
+    def from_compression(cls, compression: Compression | CompressionSpec, config: DPNConfig) -> RoutingPlan:
+        """The plan of a `compression` (parsed by [`CompressionSpec.parse`]); invalid values raise `ValueError`."""
+        spec = CompressionSpec.parse(compression, config)
+        if spec.mode == "forced":
+            return cls("forced", spec.expert_indices(config))
+        return cls(spec.mode, None, spec.cost)
 
 
 @dataclass(frozen=True)
@@ -462,7 +454,7 @@ class PyramidPrefill:
         stage, state = self.stages[s], group.state
         n_visual = state.rows * state.cols
         eligible = (n_visual >= self.config.min_visual_tokens) & (n_visual > 0)
-        forced = self.plan.schedule[s] if self.plan.schedule is not None else None
+        forced = self.plan.expert_indices[s] if self.plan.expert_indices is not None else None
         routing = self._route(stage, state, forced)
         chosen = torch.where(eligible, routing.choice, -1)
         record = StageRecord(group.rows, chosen, routing.probs, routing.feasible, routing.value)

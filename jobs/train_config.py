@@ -82,22 +82,22 @@ class ModelConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check_compression(self) -> ModelConfig:
-        from dpn_model.configuration import parse_compression, routing_mode
+        from dpn_model.configuration import CompressionSpec
 
         # the form is checked by the field; the factors against the model's experts when the config tells them
-        parsed = parse_compression(self.compression, self.known_pyramid())
-        if parsed != "auto" and routing_mode(parsed) == "auto":
+        spec = CompressionSpec.parse(self.compression, self.known_pyramid())
+        if spec.mode == "auto" and spec.cost:
             raise ValueError(
                 f"compression {self.compression}: the cost dial (auto:lambda=X) is an inference-time knob; training "
                 "samples the router's experts whatever it is: train with compression auto, and pass the dial to "
                 "dpn eval, generate() or a serving request"
             )
-        if self.dense_warmup_steps and parsed != "auto":
+        if self.dense_warmup_steps and spec.label != "auto":
             raise ValueError(
                 f"dense_warmup_steps only applies to compression 'auto' (there is no router to warm up "
                 f"with compression {self.compression}); set it to 0"
             )
-        if self.paths_per_sample > 1 and parsed != "auto":
+        if self.paths_per_sample > 1 and spec.label != "auto":
             raise ValueError(
                 f"paths_per_sample only applies to compression 'auto' (compression {self.compression} routes "
                 f"every sample one way); set it to 1"

@@ -1,11 +1,11 @@
 """The `compression` of a serving request: its forms, its check against the model, the rate it runs at, and the
 rate a batch of requests runs at ([`batch_rate`]): the one owner of the rules from a compression to a `Rate`.
 
-Serving accepts what `dpn_model.configuration.parse_compression` (the one parser of a compression) accepts, but
+Serving accepts what `dpn_model.configuration.CompressionSpec.parse` (the one parser of a compression) accepts, but
 random routing:
 
 - `"auto"`: the router decides, per request (the default);
-- `"auto:lambda=X"`: the router with the cost dial (`dpn_model.configuration.parse_compression`): one trained model
+- `"auto:lambda=X"`: the router with the cost dial (`dpn_model.configuration.CompressionSpec`): one trained model
   trades accuracy for FLOPs per request, without retraining; `X > 0` pools harder, `X < 0` keeps more;
 - a factor, `2` or `"2"`: that expert at every pooling layer (1 = dense);
 - a schedule, `[1, 2, 4]`, `"1,2,4"` or `"1-2-4"`: one factor per pooling layer, a static pyramid.
@@ -28,13 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dpn_model.configuration import (
-    DEFAULT_COMPRESSION_FACTORS,
-    ROUTING_MODES,
-    compression_label,
-    parse_compression,
-    routing_mode,
-)
+from dpn_model.configuration import DEFAULT_COMPRESSION_FACTORS, ROUTING_MODES, CompressionSpec
 
 Rate = str | int
 """A compression as serving runs it: `"auto"`, `"auto:lambda=X"`, a factor, or a schedule's label (`"1-2-4"`)."""
@@ -66,10 +60,11 @@ def _check_text(value: Any) -> None:
         )
 
 
-def _canonical(parsed: str | int | tuple[int, ...]) -> Rate:
-    if isinstance(parsed, tuple) and len(set(parsed)) == 1:
-        return parsed[0]  # a uniform schedule is its factor: the same computation, the same queue
-    return compression_label(parsed) if isinstance(parsed, tuple) else parsed
+def _canonical(spec: CompressionSpec) -> Rate:
+    """The `Rate` of a parsed compression: its label, but a factor (or a uniform schedule) as an `int`."""
+    if isinstance(spec.factors, tuple) and len(set(spec.factors)) == 1:
+        return spec.factors[0]  # a uniform schedule is its factor: the same computation, the same queue
+    return spec.factors if isinstance(spec.factors, int) else spec.label
 
 
 def check_form(value: Any) -> str | int | list[int]:
@@ -81,6 +76,12 @@ def check_form(value: Any) -> str | int | list[int]:
     Raises:
         `ValueError`: a boolean, a non-integer, non-ASCII text, `"random"`, an empty or over-long schedule.
     """
+    raw = _checked(value).raw
+    return list(raw) if isinstance(raw, tuple) else raw
+
+
+def _checked(value: Any) -> CompressionSpec:
+    """A request's `compression`, checked for form as [`check_form`] says, parsed."""
     if isinstance(value, str) and len(value) > 4 * MAX_SCHEDULE_LENGTH:
         raise ValueError(f"compression is {len(value)} characters long; give {FORMS}")
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) > MAX_SCHEDULE_LENGTH:
@@ -91,14 +92,15 @@ def check_form(value: Any) -> str | int | list[int]:
         raise ValueError(f"compression schedule is empty; give {FORMS}")
     _check_text(value)
     try:
-        parsed = parse_compression(value)
+        spec = CompressionSpec.parse(value)
     except ValueError as exc:  # its list of forms names 'random', which serving refuses: give serving's
         raise ValueError(f"{str(exc).split('; ')[0]}; give {FORMS}") from None
-    if isinstance(parsed, tuple) and len(parsed) > MAX_SCHEDULE_LENGTH:
+    if isinstance(spec.factors, tuple) and len(spec.factors) > MAX_SCHEDULE_LENGTH:
         raise ValueError(
-            f"compression schedule has {len(parsed)} factors; at most {MAX_SCHEDULE_LENGTH}, one per pooling layer"
+            f"compression schedule has {len(spec.factors)} factors; at most {MAX_SCHEDULE_LENGTH}, one per pooling "
+            "layer"
         )
-    return list(parsed) if isinstance(parsed, tuple) else parsed
+    return spec
 
 
 def allowed(config: Any) -> str:
@@ -120,35 +122,45 @@ def for_model(value: Any, config: Any) -> Rate:
         `ValueError`: a form serving refuses (see [`check_form`]), a factor no expert of the model has, or a
             schedule whose length is not the number of pooling layers; the message lists what the model serves.
     """
-    check_form(value)
+    spec = _checked(value)
     try:
-        parsed = parse_compression(value, config)
+        spec.check(config, value)
     except ValueError as exc:
         raise ValueError(f"{exc}. {allowed(config)}") from None
-    return _canonical(parsed)
+    return _canonical(spec)
 
 
 def as_rate(value: Any) -> Rate:
     """`value` (checked for form) as a `Rate`, without a model config: for callers that build batches directly."""
-    return _canonical(parse_compression(check_form(value)))
+    return _canonical(_checked(value))
+
+
+def _forced(rate: Rate) -> CompressionSpec:
+    """A forced `rate` parsed (a routed one has no factors to compare: [`batch_rate`] runs those at 1)."""
+    spec = CompressionSpec.parse(rate)
+    if spec.factors is None:
+        raise ValueError(
+            f"rate {rate!r} is routed: it has no factors per layer (give a factor or a schedule)"
+        )
+    return spec
 
 
 def factors_per_layer(rate: Rate, layers: int) -> tuple[int, ...]:
-    """The factor of each of `layers` pooling layers under a forced `rate` (a factor or a schedule's label)."""
-    parsed = parse_compression(rate)
-    return parsed if isinstance(parsed, tuple) else (int(parsed),) * layers
+    """The factor of each of `layers` pooling layers under a forced `rate` (a factor or a schedule's label; a
+    schedule gives its own factors, whatever `layers` is)."""
+    return _forced(rate).factors_per_layer(layers)
 
 
 def densest(rates: Sequence[Rate]) -> Rate:
     """The rate a batch holding several forced `rates` runs at so that each member keeps at least the visual
     tokens it asked for at every layer: per layer, the smallest factor any member applies there."""
-    schedules = [parse_compression(r) for r in rates]
-    lengths = {len(s) for s in schedules if isinstance(s, tuple)}
+    specs = [_forced(r) for r in rates]
+    lengths = {len(s.factors) for s in specs if isinstance(s.factors, tuple)}
     if len(lengths) > 1:  # schedules of different models (a swap in between): the smallest factor everywhere
-        return min(min(factors_per_layer(r, 1)) for r in rates)
+        return min(min(s.factors_per_layer(1)) for s in specs)
     layers = lengths.pop() if lengths else 1
-    per_layer = [factors_per_layer(r, layers) for r in rates]
-    return _canonical(tuple(min(column) for column in zip(*per_layer)))
+    per_layer = [s.factors_per_layer(layers) for s in specs]
+    return _canonical(CompressionSpec("forced", factors=tuple(min(column) for column in zip(*per_layer))))
 
 
 def batch_rate(requested: Sequence[Any]) -> Rate:
@@ -158,10 +170,11 @@ def batch_rate(requested: Sequence[Any]) -> Rate:
     pick 1x), else per pooling layer the smallest factor any member applies there (`[2, "1-2-4", 4]` runs at
     `"1-2-2"`). The engine's queues keep one rate per batch; the one-queue baseline of benchmarks/serve_load.py
     mixes them."""
-    rates = {as_rate(rate) for rate in requested}
+    specs = [_checked(rate) for rate in requested]
+    rates = {_canonical(spec) for spec in specs}
     if len(rates) == 1:
         return next(iter(rates))
-    if any(routing_mode(rate) for rate in rates):
+    if any(spec.factors is None for spec in specs):
         return 1
     return densest(sorted(rates, key=str))
 

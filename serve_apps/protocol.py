@@ -42,7 +42,7 @@ CompressionField = Annotated[
     Field(description=f"{FORMS}; the model's factors and pooling layers are checked on the replica"),
 ]
 """The type of a request's `compression` field, checked for form (serve_apps.compression.check_form, over the
-model's own parser `dpn_model.configuration.parse_compression`): `"auto"` (the model's routing modes but random
+model's own parser `dpn_model.configuration.CompressionSpec.parse`): `"auto"` (the model's routing modes but random
 routing, `SERVED_MODES`), a factor, or a schedule as a list of factors. Whether the model has those factors and that
 many pooling layers is checked on the replica. (The parsed value's plain type is
 `dpn_model.configuration.Compression`.)"""

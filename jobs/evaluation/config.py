@@ -47,9 +47,9 @@ def split_modes(text: str) -> list[str]:
 def parse_compressions(text: str, config: Any | None = None) -> list[str | int]:
     """``"auto,1,2,4,[1,2,4]"`` -> ``["auto", 1, 2, 4, "1-2-4"]`` (order kept, duplicates dropped).
 
-    Each mode is parsed by ``dpn_model.configuration.parse_compression``: ``auto``, ``random``, an expert's
+    Each mode is parsed by ``dpn_model.configuration.CompressionSpec.parse``: ``auto``, ``random``, an expert's
     factor (kept as an ``int``, as report rows always had it) or a schedule, one factor per pooling layer, as
-    ``[1,2,4]`` or ``1-2-4`` (stored as its ``compression_label``, ``"1-2-4"``).
+    ``[1,2,4]`` or ``1-2-4`` (stored as its ``label``, ``"1-2-4"``).
 
     Args:
         text: comma-separated modes; a schedule inside the list needs brackets or dashes.
@@ -59,15 +59,15 @@ def parse_compressions(text: str, config: Any | None = None) -> list[str | int]:
     Raises:
         ValueError: a mode that is not understood or does not fit the model, naming the mode.
     """
-    from dpn_model.configuration import compression_label, parse_compression
+    from dpn_model.configuration import CompressionSpec
 
     modes: list[str | int] = []
     for part in split_modes(text):
         try:
-            parsed = parse_compression(part, config)
+            spec = CompressionSpec.parse(part, config)
         except ValueError as err:
             raise ValueError(f"compression mode {part!r} of {text!r}: {err}") from None
-        mode: str | int = parsed if isinstance(parsed, (str, int)) else compression_label(parsed)
+        mode: str | int = spec.factors if isinstance(spec.factors, int) else spec.label
         if mode not in modes:
             modes.append(mode)
     if not modes:
