@@ -31,19 +31,24 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    StringConstraints,
     ValidationError,
 )
 
+from dpn_model.configuration import COST_PREFIX
 from serve_apps.compression import FORMS, SERVED_MODES, check_form
 
+# the cost dial in its canonical spelling, as check_form returns it ("auto:lambda=0.5")
+CostDial = Annotated[StrictStr, StringConstraints(pattern=f"^{COST_PREFIX}")]
+
 CompressionField = Annotated[
-    Literal[SERVED_MODES] | StrictInt | list[StrictInt],
+    Literal[SERVED_MODES] | CostDial | StrictInt | list[StrictInt],
     BeforeValidator(check_form, json_schema_input_type=str | int | list[int]),
     Field(description=f"{FORMS}; the model's factors and pooling layers are checked on the replica"),
 ]
 """The type of a request's `compression` field, checked for form (serve_apps.compression.check_form, over the
 model's own parser `dpn_model.configuration.CompressionSpec.parse`): `"auto"` (the model's routing modes but random
-routing, `SERVED_MODES`), a factor, or a schedule as a list of factors. Whether the model has those factors and that
+routing, `SERVED_MODES`), the cost dial `"auto:lambda=X"` (canonical spelling), a factor, or a schedule as a list of factors. Whether the model has those factors and that
 many pooling layers is checked on the replica. (The parsed value's plain type is
 `dpn_model.configuration.Compression`.)"""
 

@@ -613,6 +613,9 @@ COMPRESSION_FORMS = [
     ("1-2-4", [1, 2, 4]),
     ("[1, 2, 4]", [1, 2, 4]),
     (["1", "2", "4"], [1, 2, 4]),
+    ("auto:lambda=0.5", "auto:lambda=0.5"),  # the cost dial, in its canonical spelling
+    ("auto:lambda=+2.0", "auto:lambda=2"),
+    ("auto:lambda=0", "auto"),
 ]
 
 
@@ -620,6 +623,13 @@ COMPRESSION_FORMS = [
 def test_compression_forms_reach_the_replica_parsed(client, backend, given, sent):
     assert post(client, {"messages": HELLO, "compression": given}).status_code == 200
     assert backend.requests[0]["compression"] == sent
+
+
+@pytest.mark.parametrize("given", ["auto:lambda=x", "auto:lambda=nan", "auto:lambda="])
+def test_a_malformed_cost_dial_is_400_naming_compression(client, backend, given):
+    response = post(client, {"messages": HELLO, "compression": given})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "compression"
+    assert "auto:lambda=X" in response.json()["error"]["message"] and not backend.requests
 
 
 def test_default_compression_and_cli_flag_take_a_schedule(backend, capsys):
