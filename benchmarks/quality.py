@@ -314,6 +314,13 @@ def plot(summaries, baseline_summary, histograms, out: Path) -> None:
         color="C0",
         label="static frontier",
     )
+    ax.plot(
+        [r["family_router_flops"][0] for r in rows],
+        [100 * r["family_router"][0] for r in rows],
+        ":",
+        color="C2",
+        label="budgeted family router (the bound)",
+    )
     for k, (name, s) in enumerate(summaries.items()):
         dial = sorted(s["dial"], key=lambda d: d["flops_ratio"][0])
         x = [d["flops_ratio"][0] for d in dial]
@@ -325,7 +332,8 @@ def plot(summaries, baseline_summary, histograms, out: Path) -> None:
         ax.plot(s["auto_flops"][0], 100 * s["auto"][0], "*", color=color, markersize=14)
     ax.set_xlabel("prefill FLOPs (x dense)")
     ax.set_ylabel("test accuracy %")
-    ax.set_title("cells benchmark: DPN's cost dial vs trained static schedules (mean +- SD over seeds)")
+    ax.set_title("cells benchmark, test: DPN's cost dial vs trained static schedules", fontsize=10)
+    ax.text(0.01, 0.01, "mean +- SD over seeds", transform=ax.transAxes, fontsize=7)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120)
