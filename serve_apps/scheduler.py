@@ -95,6 +95,9 @@ class Scheduler:
         self.on_step = on_step
         self._waiting: list[_Waiter] = []  # arrival order
         self._queued: list[Batch] = []  # built, prefilled at the next step (requests resumed after a failure)
+        # taken out of `_queued` by the step under way and not yet running or answered: if the step itself fails,
+        # the loop answers these too (else their streams would wait for ever)
+        self._taken: list[Batch] = []
         self._keys = itertools.count()
         self._wake = asyncio.Event()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpn-compute")
@@ -202,8 +205,10 @@ class Scheduler:
             try:
                 await self._step()
             except Exception:  # noqa: BLE001 - last line of defence: a bug here must not stop the replica's serving
-                logger.exception("engine step failed; ending the running batches")
-                for batch in list(self.running):
+                logger.exception("engine step failed; ending the running batches and those it had taken")
+                stranded = [batch for batch in self._taken if batch not in self.running]
+                self._taken = []
+                for batch in [*self.running, *stranded]:
                     self._recover(
                         batch, RuntimeError("internal scheduler error"), prefill=False, isolate=False
                     )
@@ -219,14 +224,15 @@ class Scheduler:
         with self._timed("build"):
             for group in plan.prefill:
                 self._start(group)
-        batches, self._queued = self._queued, []
+        self._taken, self._queued = self._queued, []
         joining = []
-        for batch in batches:
+        for batch in list(self._taken):
             if (ready := await self._prefill(batch)) is not None:
                 joining.append(ready)
             await asyncio.sleep(0)
         with self._timed("merge"):
             grown = self.executor.merge(joining, set(plan.leave))
+        self._taken = []  # each is running now, merged into a running batch, or answered
         await self._decode_all(plan, grown)
 
     def _state(self) -> EngineState:
@@ -291,6 +297,7 @@ class Scheduler:
         try:
             events = await self._compute_call(functools.partial(self.executor.prefill, batch), "prefill")
         except Exception as exc:  # noqa: BLE001 - a failed prefill answers its members instead of hanging them
+            self._taken.remove(batch)  # _recover answers or re-queues its requests
             self._recover(batch, exc, prefill=True)
             return None
         self._deliver(batch, events)

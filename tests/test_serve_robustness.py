@@ -586,6 +586,29 @@ def test_a_failing_decode_step_fails_only_the_request_at_fault(tiny, poison):
     assert _outcome(after[0]) == "final"
 
 
+@pytest.mark.parametrize("stage", ["settle", "merge"])
+def test_a_step_that_fails_between_prefill_and_decode_answers_every_request_it_took(tiny, monkeypatch, stage):
+    """The batches a step had taken but not yet made running (settle, merge) used to get no event: their
+    streams waited for ever. Now the loop answers them with the error, and goes on serving."""
+    from serve_apps.executor import Executor
+
+    _, processor = tiny
+    original, calls = getattr(Executor, stage), []
+
+    def failing_once(self, *args, **kwargs):
+        calls.append(stage)
+        if len(calls) == 1:
+            raise RuntimeError(f"injected {stage} failure")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Executor, stage, failing_once)
+    wave = [prepared_request(processor, request_id=f"r{i}", max_tokens=4, ignore_eos=True) for i in range(2)]
+    first, after = run_scheduler(tiny, [wave, [prepared_request(processor, request_id="later")]])
+    assert [_outcome(events) for events in first] == ["error", "error"]
+    assert all(events[-1].status == 500 for events in first)
+    assert _outcome(after[0]) == "final"
+
+
 def test_a_batch_that_cannot_start_answers_its_requests(tiny):
     _, processor = tiny
     calls = []
