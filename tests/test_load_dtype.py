@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_config import make_config
 
-from dpn_model import DPNForConditionalGeneration
 from jobs.config import load_config
 from jobs.train_config import TrainConfig
 from jobs.train_loop import DPNTrainRecipe, WorkerSpec, precision_dtype, training_dtype
@@ -35,15 +33,6 @@ def worker_model(model_dir: Path, precision: str) -> torch.nn.Module:
     recipe.model_dir = str(model_dir)  # what setup() takes from _local_model_dir
     model, _ = recipe._setup_model()
     return model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A small random fp32 checkpoint, as presets and `dpn convert` save them."""
-    out = tmp_path_factory.mktemp("load-dtype")
-    torch.manual_seed(0)
-    DPNForConditionalGeneration(make_config()).save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -79,20 +68,20 @@ def test_precision_dtype_maps_resolved_values_and_refuses_the_rest():
         training_dtype({"bf16": {"enabled": True}, "fp16": {"enabled": True}})
 
 
-def test_worker_loads_bf16_for_bf16_and_fp32_for_auto_on_cpu(model_dir: Path):
-    bf16 = worker_model(model_dir, "bf16")
+def test_worker_loads_bf16_for_bf16_and_fp32_for_auto_on_cpu(small_checkpoint: Path):
+    bf16 = worker_model(small_checkpoint, "bf16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    auto = worker_model(model_dir, "auto")  # auto on CPU resolves to fp32
+    auto = worker_model(small_checkpoint, "auto")  # auto on CPU resolves to fp32
     assert {p.dtype for p in auto.parameters()} == {torch.float32}
     # buffers keep their saved dtype in both (DeepSpeed's cast leaves them alone too)
     assert {n: b.dtype for n, b in bf16.named_buffers()} == {n: b.dtype for n, b in auto.named_buffers()}
 
 
-def test_bf16_load_equals_fp32_load_then_cast(model_dir: Path):
+def test_bf16_load_equals_fp32_load_then_cast(small_checkpoint: Path):
     """Loading in bf16 loses nothing beyond the cast DeepSpeed would have made of the fp32 load: every parameter
     is bit-identical to the fp32 one cast to bf16, and every buffer equals the fp32 load's."""
-    bf16 = worker_model(model_dir, "bf16")
-    fp32 = worker_model(model_dir, "fp32")
+    bf16 = worker_model(small_checkpoint, "bf16")
+    fp32 = worker_model(small_checkpoint, "fp32")
     fp32_params = dict(fp32.named_parameters())
     assert fp32_params.keys() == dict(bf16.named_parameters()).keys()
     for name, p in bf16.named_parameters():

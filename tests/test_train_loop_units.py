@@ -14,9 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from pydantic import ValidationError
-from small_config import make_config
 
-from dpn_model import DPNForConditionalGeneration
 from jobs.config import load_config
 from jobs.train_config import TrainConfig
 from jobs.train_loop import SCALAR_FIELDS, DPNTrainRecipe, StepStats, StepSums, WorkerSpec
@@ -199,21 +197,13 @@ def test_a_preset_is_loaded_without_the_overrides_it_was_built_with():
     }  # to re-create the preset on other nodes
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("worker-spec")
-    torch.manual_seed(0)
-    DPNForConditionalGeneration(make_config()).save_pretrained(out)
-    return out
-
-
-def test_the_worker_builds_its_model_from_the_sections_it_was_handed(model_dir: Path):
+def test_the_worker_builds_its_model_from_the_sections_it_was_handed(small_checkpoint: Path):
     """A checkpoint's overrides applied at load time, freezing per `model.freeze_*`, compression parsed
     against the loaded model: from the spec as Ray hands it over."""
-    data = {**CONFIG, "model": {**CONFIG["model"], "init": str(model_dir)}}
-    _, spec = spec_for(data, model_dir=str(model_dir))
+    data = {**CONFIG, "model": {**CONFIG["model"], "init": str(small_checkpoint)}}
+    _, spec = spec_for(data, model_dir=str(small_checkpoint))
     recipe = DPNTrainRecipe(WorkerSpec.from_config(spec.to_config()))
-    recipe.model_dir = str(model_dir)  # what setup() takes from _local_model_dir
+    recipe.model_dir = str(small_checkpoint)  # what setup() takes from _local_model_dir
     model, counts = recipe._setup_model()
     assert model.config.routing_loss_weight == 0.5
     assert recipe.routed_compression == (1, 2, 4)
