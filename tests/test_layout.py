@@ -283,19 +283,24 @@ def template_spellings(source: str, path: str, markers: tuple[str, ...]) -> list
     return problems
 
 
+def _found_outside(owner: str, check) -> list[str]:
+    """What `check(source, path)` reports in every production module but `owner`, the one allowed to do it."""
+    return [
+        problem
+        for package in LAYERS
+        for file in _modules(package)
+        if str(file.relative_to(ROOT)) != owner
+        for problem in check(file.read_text(), str(file.relative_to(ROOT)))
+    ]
+
+
 def test_the_chat_template_is_spelled_only_in_the_processor():
     markers = template_markers()
     owner = (ROOT / PROMPT_OWNER).read_text()
     assert template_spellings(owner, PROMPT_OWNER, markers), (
         "the markers no longer match the owner's template"
     )
-    problems = [
-        problem
-        for package in LAYERS
-        for file in _modules(package)
-        if str(file.relative_to(ROOT)) != PROMPT_OWNER
-        for problem in template_spellings(file.read_text(), str(file.relative_to(ROOT)), markers)
-    ]
+    problems = _found_outside(PROMPT_OWNER, lambda source, path: template_spellings(source, path, markers))
     assert not problems, "the chat template has one writer, dpn_model/processing.py:\n" + "\n".join(problems)
 
 
@@ -378,13 +383,7 @@ def test_model_references_are_parsed_only_by_their_owner():
     assert model_ref_scheme_tests(owner, MODEL_REF_OWNER), (
         "the checker no longer sees the owner's scheme tests"
     )
-    problems = [
-        problem
-        for package in LAYERS
-        for file in _modules(package)
-        if str(file.relative_to(ROOT)) != MODEL_REF_OWNER
-        for problem in model_ref_scheme_tests(file.read_text(), str(file.relative_to(ROOT)))
-    ]
+    problems = _found_outside(MODEL_REF_OWNER, model_ref_scheme_tests)
     assert not problems, f"a model reference has one parser, {MODEL_REF_OWNER}:\n" + "\n".join(problems)
 
 
