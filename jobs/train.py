@@ -27,11 +27,12 @@ from typing import Any, TextIO
 
 import tracking
 from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
+from dpn_base.model_ref import HF_MODEL_DIR
 from jobs import trainer as builders
 from jobs.config import ConfigError, dump_config, flatten
 from jobs.console import JobFailed, TrainingProgress, active_console, add_console_arguments, job_console
 from jobs.train_config import TrainConfig, load_train_config
-from jobs.train_loop import HF_DIR, TrainState
+from jobs.train_loop import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             raise RuntimeError(f"training of {cfg.run.name} ended without a checkpoint")
         with result.checkpoint.as_directory() as ckpt:
             state = TrainState.load(ckpt)
-            hf_dir = str(Path(ckpt) / HF_DIR)
+            hf_dir = str(Path(ckpt) / HF_MODEL_DIR)
             version = tracking.log_hf_model(run_id, hf_dir, cfg.mlflow.registered_model, uri=uri)
             if cfg.run.export_dir:
                 export_model(hf_dir, cfg.run.export_dir)

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from dpn_base.model_ref import HF_MODEL_DIR  # where a checkpoint holds its HF model (what resolvers look for)
 from jobs.config import ConfigModel
 from jobs.train_config import CheckpointConfig, ModelConfig, OptimConfig, TrainLoopConfig
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
-HF_DIR = "hf_model"
 
 
 @dataclass
@@ -516,7 +516,7 @@ def _save_checkpoint(engine, state: TrainState, processor_dir: str, save_hf: boo
     folder = tempfile.mkdtemp(prefix=f"dpn-ckpt-r{rank}-")
     engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
     if save_hf:
-        save_hf_model(engine, processor_dir, os.path.join(folder, HF_DIR))
+        save_hf_model(engine, processor_dir, os.path.join(folder, HF_MODEL_DIR))
     if rank == 0:
         state.save(folder)
     return folder
