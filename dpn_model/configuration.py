@@ -23,7 +23,7 @@ POOLING_TYPES = ("max", "avg", "conv")
 ROUTING_LOSS_EXPERTS = ("argmax", "sampled")
 ROUTING_LOSS_REDUCTIONS = ("global", "per_layer")
 ROUTER_TOKEN_REDUCTIONS = ("mean", "last")
-ROUTER_ESTIMATORS = ("scale", "reinforce")
+ROUTER_ESTIMATORS = ("scale", "reinforce", "outcome")
 ROUTER_BASELINES = ("batch", "critic")
 ROUTING_MODES = ("auto", "random")
 COST_PREFIX = "auto:lambda="  # the cost dial: "auto:lambda=0.5" (see parse_compression)
@@ -103,6 +103,15 @@ class DPNConfig(LlavaConfig):
             rewarding each sample's path with `-(its LM loss + router_cost_weight * its visual-token cost)`
             against the leave-one-out mean of the batch, so an expert that loses a sample's answer is
             penalised for that sample. The pooling, the scaling and inference are unchanged.
+            `"outcome"` (ours): a contextual bandit. In training every sample takes a uniformly drawn feasible
+            expert at every pooling layer (so the decoder learns every path, as with `"random"`, at one path's
+            compute) and the pooled tokens are not scaled; each router predicts, per expert, the probability
+            that the sample is answered when it takes that expert here (a sigmoid per expert, not a softmax),
+            fitted by binary cross-entropy to the answer's probability on the path taken (`exp(-its LM loss)`,
+            [`outcome_loss`]). At inference `"auto"` takes the expert most likely to answer and the cost dial
+            (`"auto:lambda=X"`) the best `log p_e - X * kept_e`: the likelihood of an answer traded for tokens,
+            the knob that makes the pooling per question. The paper's routing loss is not applied (it prices
+            softmax probabilities, which this router does not give).
         router_baseline (`str`):
             Baseline of the REINFORCE term (`"reinforce"` only). `"batch"`: the leave-one-out mean reward of the
             batch. `"critic"`: that mean plus a learned per-sample correction, a linear head on each router's
@@ -111,7 +120,8 @@ class DPNConfig(LlavaConfig):
             its choice, not for the question it was given. The head adds `hidden_size + 1` parameters per
             pooling layer and is used in training only.
         router_reinforce_weight (`float`):
-            Weight of the REINFORCE term in the loss (`router_estimator="reinforce"` only).
+            Weight of the router's own term in the loss: the REINFORCE term (`"reinforce"`) or the outcome
+            fit (`"outcome"`); unused with `"scale"`.
         router_cost_weight (`float`):
             Price, in nats of LM loss, of a sample's visual-token cost: the mean over the pooling layers of the
             fraction of its visual tokens still kept (1 for the dense path, ~0.17 for 4x, 2x, 1x after the
@@ -243,6 +253,12 @@ class DPNConfig(LlavaConfig):
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
         if self.min_visual_tokens < 1:
             raise ValueError(f"min_visual_tokens must be >= 1, got {self.min_visual_tokens}")
+
+    @property
+    def router_predicts_outcome(self) -> bool:
+        """Whether each router predicts, per expert, the probability of an answer (`router_estimator="outcome"`)
+        instead of a softmax over the experts."""
+        return self.router_estimator == "outcome"
 
     @property
     def uses_router_critic(self) -> bool:

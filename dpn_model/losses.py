@@ -1,4 +1,5 @@
-"""The routers' losses: the paper's routing loss and our REINFORCE term, on the tensors a forward returns.
+"""The routers' losses: the paper's routing loss, our REINFORCE term and our outcome fit, on the tensors a forward
+returns.
 
 `routing_loss` keeps compression up: it rewards probability on the experts that pool more. `reinforce_loss`
 (`router_estimator="reinforce"`; ours, not the authors') prices each sample's path instead. A sample's reward is
@@ -161,6 +162,31 @@ def reinforce_loss(
     return -(corrected * log_q).sum() / n + extra
 
 
+def outcome_loss(probs: torch.Tensor, choices: torch.Tensor, sample_loss: torch.Tensor) -> torch.Tensor:
+    """The outcome router's fit (`router_estimator="outcome"`): binary cross-entropy between the probability of
+    an answer each router predicted for the expert the sample took and the answer's probability on the path it
+    took, `exp(-sample_loss)` (the geometric mean of its answer tokens' probabilities; no gradient through it).
+
+    The paths were drawn uniformly (the bandit's exploration), so each router learns, per question, how likely
+    each of its experts is to keep the answer when the later layers' experts are drawn at random.
+
+    Args:
+        probs (`torch.Tensor` of shape `(batch, layers, experts)`): each expert's predicted probability of an
+            answer (sigmoid outputs, float32).
+        choices (`torch.LongTensor` of shape `(batch, layers)`): expert taken per sample and layer, -1: not routed.
+        sample_loss (`torch.Tensor` of shape `(batch,)`): each sample's LM loss on the path it took.
+
+    Returns:
+        `torch.Tensor`: scalar, the mean over the routed (sample, layer) pairs; 0 (with a graph) when none was.
+    """
+    routed = choices >= 0
+    if not routed.any():
+        return probs.sum() * 0.0
+    target = torch.exp(-sample_loss.detach().float())[:, None].expand_as(choices)
+    predicted = _chosen(probs, choices).clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(predicted[routed], target[routed])
+
+
 def _baseline_mates(has: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
     """`(B, B)` bool: the rows whose reward enters row i's baseline (routed, not i, of i's group if grouped)."""
     mates = has[:, None] & has[None, :] & ~torch.eye(has.shape[0], dtype=torch.bool, device=has.device)
@@ -209,6 +235,7 @@ def _regularised(
 __all__ = [
     "exploring",
     "feasible_distribution",
+    "outcome_loss",
     "per_sample_lm_loss",
     "reinforce_loss",
     "routing_loss",

@@ -28,7 +28,13 @@ from dpn_model import flops as flops_lib
 from dpn_model.cache import DPNCache
 from dpn_model.configuration import Compression, DPNConfig
 from dpn_model.encoder_cache import EncoderCache
-from dpn_model.losses import per_sample_lm_loss, reinforce_loss, routing_loss, visual_token_cost
+from dpn_model.losses import (
+    outcome_loss,
+    per_sample_lm_loss,
+    reinforce_loss,
+    routing_loss,
+    visual_token_cost,
+)
 from dpn_model.pooling import DynamicPoolingExperts, PoolingConv, RouterCritic
 from dpn_model.pyramid import PyramidPrefill, RoutingPlan, additive_mask, initial_state, run_layers
 from dpn_model.ragged import reassemble_cache
@@ -389,9 +395,9 @@ class DPNModel(LlavaModel, DPNPreTrainedModel):
 
     def _routing_loss(self, router_probs: torch.Tensor | None, choices: torch.Tensor) -> torch.Tensor | None:
         """The configured [`routing_loss`] of a prefill; None when no router ran (not `compression="auto"`)."""
-        if router_probs is None:
-            return None
         cfg = self.config
+        if router_probs is None or cfg.router_predicts_outcome:
+            return None
         return routing_loss(
             router_probs,
             choices,
@@ -490,7 +496,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
 
     def _losses(self, out: DPNModelOutput, logits, labels, logits_to_keep: int, reinforce_groups, **kwargs):
         """`(loss, lm_loss, reinforce_loss)`: the next-token loss on the labels moved to the output positions,
-        plus the weighted routing loss (auto mode) and REINFORCE term (auto mode, training, `"reinforce"`)."""
+        plus the weighted routing loss (auto mode) and the routers' own term (auto mode, training, `"reinforce"` or
+        `"outcome"`; returned as `reinforce_loss`)."""
         cfg = self.config
         src = out.token_positions
         moved = labels.gather(1, src.clamp(min=0)).masked_fill(src < 0, -100)
@@ -503,25 +510,34 @@ class DPNForConditionalGeneration(DPNPreTrainedModel, GenerationMixin):
         if out.routing_loss is not None:
             loss = lm_loss + cfg.routing_loss_weight * out.routing_loss
         rf_loss = None
-        if self.training and out.router_probs is not None and cfg.router_estimator == "reinforce":
-            with torch.no_grad():
-                sample_loss = per_sample_lm_loss(logits, moved)
-                cost = visual_token_cost(out.visual_tokens)
-            rf_loss = reinforce_loss(
-                out.router_probs,
-                out.router_feasible,
-                out.expert_choices,
-                sample_loss,
-                cost,
-                cfg.router_cost_weight,
-                values=out.router_values,
-                explore=cfg.router_explore,
-                groups=reinforce_groups,
-                entropy_weight=cfg.router_entropy_weight,
-                imitation_weight=cfg.router_imitation_weight,
-            )
+        if self.training and out.router_probs is not None and cfg.router_estimator != "scale":
+            rf_loss = self._router_term(out, logits, moved, reinforce_groups)
             loss = loss + cfg.router_reinforce_weight * rf_loss
         return loss, lm_loss, rf_loss
+
+    def _router_term(self, out: DPNModelOutput, logits, labels, reinforce_groups) -> torch.Tensor:
+        """The routers' own loss in training: the REINFORCE term ([`reinforce_loss`]) or the outcome fit
+        ([`outcome_loss`]), from each sample's LM loss on the path it took (`labels` moved to the outputs)."""
+        cfg = self.config
+        with torch.no_grad():
+            sample_loss = per_sample_lm_loss(logits, labels)
+        if cfg.router_predicts_outcome:
+            return outcome_loss(out.router_probs, out.expert_choices, sample_loss)
+        with torch.no_grad():
+            cost = visual_token_cost(out.visual_tokens)
+        return reinforce_loss(
+            out.router_probs,
+            out.router_feasible,
+            out.expert_choices,
+            sample_loss,
+            cost,
+            cfg.router_cost_weight,
+            values=out.router_values,
+            explore=cfg.router_explore,
+            groups=reinforce_groups,
+            entropy_weight=cfg.router_entropy_weight,
+            imitation_weight=cfg.router_imitation_weight,
+        )
 
     def _prefill_flops(self, out: DPNModelOutput, logits_to_keep: int) -> torch.Tensor | None:
         """Analytic FLOPs of a prefill per sample (`dpn_model.flops`), from the lengths its layers ran on; None

@@ -81,13 +81,22 @@ class PoolingConv(nn.Conv2d):
 
 
 class DPNRouter(nn.Module):
-    """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts, bias optional); logits / temperature."""
+    """LayerNorm -> Linear(h, h/4, no bias) -> GELU -> Linear(h/4, n_experts, bias optional); logits / temperature,
+    then a softmax over the experts, or with `outcome` a sigmoid per expert (`router_estimator="outcome"`: the
+    probability that a sample taking that expert is answered)."""
 
     def __init__(
-        self, hidden_size: int, num_experts: int, temperature: float, bias: bool = False, critic: bool = False
+        self,
+        hidden_size: int,
+        num_experts: int,
+        temperature: float,
+        bias: bool = False,
+        critic: bool = False,
+        outcome: bool = False,
     ):
         super().__init__()
         self.temperature = temperature
+        self.outcome = outcome
         self.norm = nn.LayerNorm(hidden_size)
         self.down = nn.Linear(hidden_size, max(hidden_size // 4, 1), bias=False)
         self.act = nn.GELU()
@@ -100,10 +109,11 @@ class DPNRouter(nn.Module):
             router_hidden (`torch.Tensor` of shape `(batch, hidden)`): what the router reads ([`router_input`]).
 
         Returns:
-            `torch.Tensor` of shape `(batch, num_experts)`: expert probabilities (float32).
+            `torch.Tensor` of shape `(batch, num_experts)`: expert probabilities (float32), or with `outcome` each
+            expert's predicted probability of an answer.
         """
-        logits = self.out(self.act(self.down(self.norm(router_hidden))))
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        logits = self.out(self.act(self.down(self.norm(router_hidden)))).float() / self.temperature
+        return torch.sigmoid(logits) if self.outcome else torch.softmax(logits, dim=-1)
 
     def value(self, router_hidden: torch.Tensor) -> torch.Tensor | None:
         """The critic's predicted reward advantage over the batch, `(batch,)` float32 (None without a critic).
@@ -130,6 +140,7 @@ class DynamicPoolingExperts(nn.Module):
             config.router_temperature,
             bias=config.router_bias,
             critic=config.uses_router_critic,
+            outcome=config.router_predicts_outcome,
         )
         if self.pooling_type == "conv":
             # Depthwise conv per expert, kernel = stride; initialised to average pooling in _init_weights.

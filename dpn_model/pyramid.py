@@ -90,7 +90,7 @@ class Routing:
     Args:
         choice (`torch.LongTensor` of shape `(B,)`): expert per sample (also for samples that are not pooled).
         gate (`torch.FloatTensor` of shape `(B,)`, *optional*): the chosen expert's probability; None when no
-            router ran (forced or random).
+            router ran (forced or random) and for an outcome router (`router_estimator="outcome"`).
         probs, feasible (`(B, E)`, *optional*): router probabilities and the experts the token floor allowed
             (auto only).
         value (`torch.FloatTensor` of shape `(B,)`, *optional*): the critic's value (training with
@@ -495,13 +495,17 @@ class PyramidPrefill:
         if self.plan.mode == "random":
             return Routing(torch.multinomial(feasible.float(), 1).squeeze(-1))
         features = router_input(hidden, state.is_router, cfg.router_token_reduction)
+        if cfg.router_predicts_outcome:  # the outcome fit trains the router only: the decoder learns as random's
+            features = features.detach()
         probs = stage.router(features)  # (B, E) f32
         value = stage.router.value(features) if self.training and cfg.uses_router_critic else None
         allowed = probs.detach() * feasible
         if self.training:
             explore = cfg.router_explore if cfg.router_estimator == "reinforce" else 0.0
             sampling = allowed
-            if explore:
+            if cfg.router_predicts_outcome:  # the bandit explores every feasible expert uniformly
+                sampling = feasible.float()
+            elif explore:
                 sampling = exploring(feasible_distribution(probs.detach(), feasible), feasible, explore)
             choice = torch.multinomial(sampling, 1).squeeze(-1)
         elif self.plan.cost:
@@ -510,5 +514,7 @@ class PyramidPrefill:
             choice = score.masked_fill(~feasible, float("-inf")).argmax(-1)
         else:
             choice = allowed.argmax(-1)
-        gate = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        # the chosen probability scales the pooled tokens (the reference's gradient path); an outcome router
+        # learns from the answer instead, and leaves the tokens as they are
+        gate = None if cfg.router_predicts_outcome else probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         return Routing(choice, gate, probs, feasible, value)
