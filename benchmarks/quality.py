@@ -9,7 +9,9 @@ schedules, dense and random-routing models and their dev/test evaluations (same 
 seed it trains each DPN variant (:data:`VARIANTS`) with the same budget: ``configs/train_tiny.yaml`` from the same
 stage-1 checkpoint, the same steps, batch and schedule, **one routed path per sample** (so a DPN step costs what a
 baseline step costs; the shipped quickstart config routes each sample twice, and is not what is compared here).
-Each is evaluated on dev and test in ``auto`` and along the cost dial (``auto:lambda=X`` for :data:`DIAL`).
+Each is evaluated on dev and test in ``auto`` and along its cost dial (``auto:lambda=X`` for :attr:`Variant.dial`).
+The outcome router (``dpn-outcome``) takes the likeliest path in plain ``auto``; its reported operating point is
+the cheapest dial point within half a point of the best on dev (:func:`auto_column`), scored once on test.
 
 Protocol (``jobs/evaluation/protocol.py``): every choice on dev (the static mix at a budget, each family's mix,
 the dial's ``lambda`` for a budget), every figure on test, once; per seed, then mean +- SD over seeds; every
@@ -35,7 +37,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,20 +58,49 @@ from jobs.evaluation.protocol import (  # noqa: E402
 )
 
 ONE_PATH = "model.paths_per_sample=1"
-# name -> overrides of configs/train_tiny.yaml (on top of the headroom check's common ones)
-VARIANTS: dict[str, list[str]] = {
+DIAL = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0, 8.0)
+# the outcome router's auto takes the likeliest path (lambda 0: the densest it trusts); its dial only pools harder
+OUTCOME_DIAL = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+AUTO_TOLERANCE = (
+    0.005  # "at no loss of accuracy": a dev accuracy within half a point of the best dial point's
+)
+
+
+class Variant(NamedTuple):
+    """A DPN variant: its overrides of ``configs/train_tiny.yaml`` (on top of the headroom check's common ones),
+    its dial, and how its reported ``auto`` operating point is chosen: the router's own (``"auto"``), or, with
+    ``auto_on_dev``, the cheapest mode on dev whose dev accuracy is within :data:`AUTO_TOLERANCE` of the best mode's
+    (the paper's claim: compute saved at no loss of accuracy), then scored once on test."""
+
+    overrides: tuple[str, ...]
+    dial: tuple[float, ...] = DIAL
+    auto_on_dev: bool = False
+
+    def modes(self) -> list[str]:
+        return ["auto", *(f"auto:lambda={x:g}" for x in self.dial)]
+
+
+VARIANTS: dict[str, Variant] = {
     # configs/train_tiny.yaml's router (REINFORCE with a learned baseline, exploration and self-imitation; ours),
     # at one path per sample: the baselines' compute
-    "dpn": ["model.compression=auto", ONE_PATH],
+    "dpn": Variant(("model.compression=auto", ONE_PATH)),
     # the authors' estimator (the router learns only through the probability scaling the pooled tokens)
-    "dpn-ref": [
-        "model.compression=auto",
-        ONE_PATH,
-        "model.config_overrides.router_estimator=scale",
-        "optim.router_lr_scale=1",
-    ],
+    "dpn-ref": Variant(
+        (
+            "model.compression=auto",
+            ONE_PATH,
+            "model.config_overrides.router_estimator=scale",
+            "optim.router_lr_scale=1",
+        )
+    ),
+    # the outcome router (ours): paths drawn uniformly in training (random routing's decoder, one path per
+    # sample), each router fitted to predict whether the answer survives each expert; auto chosen on dev
+    "dpn-outcome": Variant(
+        ("model.compression=auto", ONE_PATH, "model.config_overrides.router_estimator=outcome"),
+        dial=OUTCOME_DIAL,
+        auto_on_dev=True,
+    ),
 }
-DIAL = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0, 8.0)
 DIAL_BUDGETS = (0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80)
 SECTION = "## Quality: DPN on the cells benchmark"
 MIN_ABOVE_FRONTIER, MAX_BELOW_ROUTER, MAX_BELOW_DENSE, DENSE_BUDGET = 0.03, 0.01, 0.005, 0.55
@@ -78,15 +109,28 @@ logger = logging.getLogger("quality")
 
 
 def modes() -> list[str]:
-    return ["auto", *(f"auto:lambda={x:g}" for x in DIAL)]
+    """``auto`` and the default dial (the variants' modes: :meth:`Variant.modes`)."""
+    return Variant(()).modes()
 
 
 def dpn_tables(model_dir: str, name: str, split: str, seed: int, args, run_dir, state) -> PathTable:
-    """A DPN model's table on ``split``: one column per mode (``auto`` first, then the dial)."""
+    """A DPN model's table on ``split``: one column per mode (``auto`` first, then the variant's dial)."""
+    modes_ = VARIANTS[name].modes()
     records = runner.evaluate(
-        {name: (model_dir, modes())}, split, f"{name}-s{seed}", run_dir, args.data, args.experiment, state
+        {name: (model_dir, modes_)}, split, f"{name}-s{seed}", run_dir, args.data, args.experiment, state
     )
-    return table_from_predictions(records, name, modes(), split)
+    return table_from_predictions(records, name, modes_, split)
+
+
+def auto_column(dev: PathTable, on_dev: bool) -> int:
+    """The column reported as ``auto``: the router's own (0), or with ``on_dev`` the cheapest on dev within
+    :data:`AUTO_TOLERANCE` of the most accurate column (:class:`Variant`)."""
+    if not on_dev:
+        return 0
+    acc = dev.correct.mean(axis=0)
+    flops = dev.flops.sum(axis=0)
+    near = [p for p in range(len(dev.paths)) if acc[p] >= acc.max() - AUTO_TOLERANCE - 1e-12]
+    return min(near, key=lambda p: (flops[p], -acc[p]))
 
 
 def _ratio(flops: np.ndarray, table: PathTable) -> float:
@@ -112,14 +156,20 @@ def _baseline_at(dev: PathTable, test: PathTable, budget: float, by_family: bool
     return apply_route(route, test)[0] if route.feasible else None
 
 
-def analyse_seed(statics: tuple[PathTable, PathTable], dense: PathTable, dpn: tuple[PathTable, PathTable]):
-    """One seed of one DPN variant: auto against the frontier, the family router and dense; the dial's
-    operating points (each chosen on dev for a budget) against the frontier; per-family routing on test."""
+def analyse_seed(
+    statics: tuple[PathTable, PathTable],
+    dense: PathTable,
+    dpn: tuple[PathTable, PathTable],
+    auto_on_dev: bool = False,
+):
+    """One seed of one DPN variant: auto (:func:`auto_column`) against the frontier, the family router and
+    dense; the dial's operating points (each chosen on dev for a budget) against the frontier."""
     s_dev, s_test = statics
     d_dev, d_test = dpn
-    auto_ok, auto_flops = d_test.correct[:, 0], _ratio(d_test.flops[:, 0], d_test)
+    col = auto_column(d_dev, auto_on_dev)
+    auto_ok, auto_flops = d_test.correct[:, col], _ratio(d_test.flops[:, col], d_test)
     out: dict[str, Any] = {
-        "auto": {"accuracy": float(auto_ok.mean()), "flops_ratio": auto_flops},
+        "auto": {"mode": d_test.paths[col], "accuracy": float(auto_ok.mean()), "flops_ratio": auto_flops},
         "dense": {"accuracy": float(dense.correct[:, 0].mean())},
     }
     frontier = _baseline_at(s_dev, s_test, auto_flops, by_family=False)
@@ -153,14 +203,17 @@ def analyse_seed(statics: tuple[PathTable, PathTable], dense: PathTable, dpn: tu
     return out
 
 
-def routing_histogram(records: list[dict[str, Any]], name: str) -> dict[str, dict[str, float]]:
-    """Per family, the share of test questions whose path (factors per pooling layer) auto took."""
+def routing_counts(records: list[dict[str, Any]], name: str, mode: str, counts: dict[str, Counter]) -> None:
+    """Add to ``counts`` (per family) the paths (factors per pooling layer) ``mode`` took on ``records``."""
     factors = (1, 2, 4)
-    counts: dict[str, Counter] = {}
     for r in records:
-        if r["label"] == name and r["compression"] == "auto":
+        if r["label"] == name and r["compression"] == mode:
             path = "-".join(str(factors[c]) if c >= 0 else "x" for c in r["expert_choices"])
             counts.setdefault(r["family"], Counter())[path] += 1
+
+
+def routing_histogram(counts: dict[str, Counter]) -> dict[str, dict[str, float]]:
+    """Per family, the share of the test questions on each path."""
     return {f: {p: n / sum(c.values()) for p, n in c.most_common()} for f, c in sorted(counts.items())}
 
 
@@ -172,6 +225,7 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         return None if any(v is None for v in values) else mean_sd(values)
 
     summary: dict[str, Any] = {"seeds": seeds}
+    summary["auto_modes"] = [per_seed[s]["auto"].get("mode", "auto") for s in seeds]
     summary["auto"] = over(lambda r: r["auto"]["accuracy"])
     summary["auto_flops"] = over(lambda r: r["auto"]["flops_ratio"])
     summary["dense"] = over(lambda r: r["dense"]["accuracy"])
@@ -253,8 +307,11 @@ def markdown(summaries: dict[str, dict[str, Any]], histograms, args, wall_s: flo
         "baseline on the same questions, with McNemar's p per seed.", "",
     ]  # fmt: skip
     for name, s in summaries.items():
-        lines += [f"**{name}** ({' '.join(VARIANTS[name])}), seeds {s['seeds']}:", "",
-                  f"- auto: {_pm(s['auto'])}% at {_pm(s['auto_flops'], 1, 3)} of dense FLOPs (dense {_pm(s['dense'])}%)"]  # fmt: skip
+        variant = VARIANTS[name]
+        chosen = f"; chosen on dev per seed: {', '.join(s['auto_modes'])}" if variant.auto_on_dev else ""
+        lines += [f"**{name}** ({' '.join(variant.overrides)}), seeds {s['seeds']}:", "",
+                  f"- auto{chosen}: {_pm(s['auto'])}% at {_pm(s['auto_flops'], 1, 3)} of dense FLOPs "
+                  f"(dense {_pm(s['dense'])}%)"]  # fmt: skip
         for key, what in (("vs_frontier", "the static frontier"), ("vs_family_router", "the budgeted family router"),
                           ("vs_dense", "dense")):  # fmt: skip
             if s[key]:
@@ -374,10 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     baselines = headroom.train_all(args, run_dir, state)  # read back from the headroom check's state
     base_per_seed, summaries, histograms = {}, {}, {}
     for name in [v for v in args.variants.split(",") if v]:
-        per_seed, records = {}, []
+        variant, per_seed, counts = VARIANTS[name], {}, {}
         for seed in args.seeds:
             common = ["model.paths_per_sample=1", f"train.max_steps={args.steps}", f"model.init={args.init}"]
-            model = runner.train(name, seed, [*common, *VARIANTS[name], *args.override], run_dir, args.data,
+            model = runner.train(name, seed, [*common, *variant.overrides, *args.override], run_dir, args.data,
                                  args.experiment, state)["model_dir"]  # fmt: skip
             dev = headroom.seed_tables(baselines[seed], "dev", seed, args, run_dir, state)
             test = headroom.seed_tables(baselines[seed], "eval", seed, args, run_dir, state)
@@ -386,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
                        columns_table({n: test[n] for n in headroom.STATIC}, dict(headroom.STATIC), "eval"))  # fmt: skip
             dpn = (dpn_tables(model, name, "dev", seed, args, run_dir, state),
                    dpn_tables(model, name, "eval", seed, args, run_dir, state))  # fmt: skip
-            per_seed[seed] = analyse_seed(statics, test["dense"], dpn)
-            records += runner.evaluate({name: (model, modes())}, "eval", f"{name}-s{seed}", run_dir, args.data,
-                                       args.experiment, state)  # fmt: skip
+            per_seed[seed] = analyse_seed(statics, test["dense"], dpn, variant.auto_on_dev)
+            records = runner.evaluate({name: (model, variant.modes())}, "eval", f"{name}-s{seed}", run_dir,
+                                      args.data, args.experiment, state)  # fmt: skip
+            routing_counts(records, name, per_seed[seed]["auto"]["mode"], counts)
         summaries[name] = summarise(per_seed)
-        histograms[name] = routing_histogram(records, name)
+        histograms[name] = routing_histogram(counts)
     baseline_summary = headroom.summarise(base_per_seed)
     out = {"summaries": summaries, "histograms": histograms, "baselines": baseline_summary}
     (run_dir / "quality.json").write_text(json.dumps(out, indent=1))

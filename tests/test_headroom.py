@@ -126,3 +126,24 @@ def test_dpn_that_routes_like_the_family_router_beats_the_frontier(headroom, qua
     assert verdict["static"] and verdict["1"] and verdict["dense"]
     text = quality.markdown({"dpn": summary}, {"dpn": {}}, type("A", (), {})(), 1.0)
     assert quality.SECTION in text and "**MET** auto >= static frontier" in text
+
+
+def test_outcome_auto_is_the_cheapest_dev_point_at_no_loss_of_accuracy(quality):
+    # dev: plain auto 99% at 0.66, lambda=1 98.8% at 0.52 (within half a point), lambda=4 90% at 0.46
+    n = 1000
+    paths = ["auto", "auto:lambda=1", "auto:lambda=4"]
+    correct = np.zeros((n, 3), dtype=bool)
+    for p, share in enumerate((0.99, 0.988, 0.90)):
+        correct[: int(share * n), p] = True
+    flops = np.tile([0.66, 0.52, 0.46], (n, 1))
+    family = np.array(["f"] * n)
+    table = PathTable(
+        paths, correct, flops, np.ones(n), family, family, np.arange(n).astype(str), split="dev"
+    )
+    assert quality.auto_column(table, on_dev=False) == 0
+    assert quality.auto_column(table, on_dev=True) == 1
+    correct[: int(0.984 * n), 1], correct[int(0.984 * n) :, 1] = (
+        True,
+        False,
+    )  # 0.6 points below: not at no loss
+    assert quality.auto_column(table, on_dev=True) == 0
