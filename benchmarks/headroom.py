@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir} holds an earlier run: pass --resume to continue it, or another --run-dir")
     state = runner.State(run_dir)
     start = time.time()
-    from jobs.train_config import SyntheticConfig
-    from jobs.trainer import ensure_synthetic_data
+    from jobs.training.config import SyntheticConfig
+    from jobs.training.driver import ensure_synthetic_data
 
     ensure_synthetic_data(SyntheticConfig(num_train=20000, num_dev=600, num_eval=600), args.data)
     models = train_all(args, run_dir, state)

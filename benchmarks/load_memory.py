@@ -2,7 +2,7 @@
 
     python benchmarks/load_memory.py [--preset mid] [--repeats 1] [--write]
 
-A worker now loads its weights with ``jobs.train_loop.load_model`` in :func:`jobs.train_loop.training_dtype` (the
+A worker now loads its weights with ``jobs.training.loop.load_model`` in :func:`jobs.training.loop.training_dtype` (the
 dtype DeepSpeed trains in, ``new``); before, it always loaded fp32 and DeepSpeed 0.19 cast every parameter to
 bf16 when it wrapped the model (``old``: replayed here with the same per-parameter cast, without the rest of
 DeepSpeed). This saves a random model of ``--preset`` (``dpn_model.presets.build_model``) as an fp32
@@ -14,7 +14,7 @@ that peaks do not mix. Importing torch and transformers peaks above a mid-size l
 peak is that mark minus the RSS before the load.
 
 For the 7B preset the same model class is built on ``torch.device("meta")`` (no memory) and its parameters
-counted in each precision's dtype (:func:`jobs.train_loop.precision_dtype`): the host memory a worker needs
+counted in each precision's dtype (:func:`jobs.training.loop.precision_dtype`): the host memory a worker needs
 for the weights alone, before any load transient.
 
 ``--write`` puts the section "Training: load memory" into BENCHMARKS.md.
@@ -73,7 +73,7 @@ def child(model_dir: str, load: str, cast: str) -> dict[str, Any]:
 
     import torch
 
-    from jobs.train_loop import load_model, precision_dtype
+    from jobs.training.loop import load_model, precision_dtype
 
     gc.collect()
     before = _status_bytes("VmRSS")
@@ -145,7 +145,7 @@ def seven_b_weights() -> dict[str, Any]:
 
     from dpn_model.modeling import DPNForConditionalGeneration
     from dpn_model.presets import preset_config
-    from jobs.train_loop import precision_dtype
+    from jobs.training.loop import precision_dtype
 
     with torch.device("meta"):
         model = DPNForConditionalGeneration(preset_config(SEVEN_B))
@@ -212,7 +212,7 @@ def markdown(lines: list[str], command: str, wall_s: float) -> str:
             SECTION,
             "",
             f"Command: `{command}` ({wall_s:.0f} s in all). Machine: {runner.machine()}, {ram:.0f} GiB RAM.  ",
-            "Each case in a fresh subprocess through `jobs.train_loop.load_model` (the worker's path), random "
+            "Each case in a fresh subprocess through `jobs.training.loop.load_model` (the worker's path), random "
             "weights saved as safetensors in fp32 (presets, `dpn convert`) and in bf16 (a bf16 run's export). "
             "`old`: the worker loaded fp32 and DeepSpeed cast each parameter to bf16 as it wrapped the model "
             "(replayed with the same cast); `new`: it loads in `training_dtype`. Load peak: the process's "

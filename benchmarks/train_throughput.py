@@ -1,6 +1,6 @@
 """Training throughput: samples/s of DPN (compression auto) vs dense on the tiny and mid presets.
 
-Runs the real training job (:func:`jobs.train.train`: Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 fp32,
+Runs the real training job (:func:`jobs.training.job.train`: Ray Train, 2 CPU workers, DeepSpeed ZeRO-2 fp32,
 Ray Data streaming) for a few steps per (preset, compression) on the synthetic benchmark, all in
 one local Ray cluster and a throwaway MLflow store, and reads the per-step metrics back from MLflow:
 global samples/s and tokens/s (median over the steps after ``--skip`` warm-up steps) and the fraction
@@ -34,8 +34,8 @@ def measure(root: Path, preset: str, compression: str | int, steps: int, micro_b
     from mlflow.tracking import MlflowClient
 
     from jobs.config import load_config
-    from jobs.train import train
-    from jobs.train_config import TrainConfig
+    from jobs.training.config import TrainConfig
+    from jobs.training.job import train
 
     name = f"{preset}-{compression}"
     cfg = load_config(TrainConfig, data={

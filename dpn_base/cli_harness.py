@@ -1,9 +1,10 @@
 """How a command module runs, as `dpn <name>` or as `python -m <module>`: one harness for both.
 
-A command module (``jobs.train``, ``pipelines.commands``, ``serve_apps.commands``, ...) exposes
+A command module (``jobs.training.job``, ``pipelines.commands``, ``serve_apps.commands``, ...) exposes
 ``add_arguments(parser)`` and ``run(args) -> int``. The `dpn` CLI (:mod:`dpn_cli`) mounts it as a
-subcommand; a job that is also launched on its own (``ray job submit -- python -m jobs.train ...``) ends
-with ``sys.exit(run_module("jobs.train"))``. Both ways take ``--log-level`` and set up logging alike.
+subcommand; a job that is also launched on its own (``ray job submit -- python -m jobs.train ...``) has a
+``main`` that returns ``run_module("jobs.training.job", prog="python -m jobs.train")``, which the entry-point
+module (``jobs/train.py``) exits with. Both ways take ``--log-level`` and set up logging alike.
 Jobs configured by one YAML file share their flags and their ``run`` too: :func:`add_config_arguments`,
 :func:`run_config_job`.
 
@@ -50,15 +51,17 @@ def run_parsed(args: argparse.Namespace) -> int:
     return int(args._run(args) or 0)
 
 
-def run_module(module_name: str, argv: Sequence[str] | None = None) -> int:
+def run_module(module_name: str, argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """`python -m <module_name> ...`: the module's command on its own, with the flags of its `dpn` subcommand.
 
     The module is imported by its name rather than used as ``__main__``, so that what it hands to Ray
     (e.g. ``jobs.evaluation.predictor.Predictor``) pickles by its importable name, as under `dpn`.
+    ``prog``: the command line users type, when a thin entry-point module launches it
+    (``python -m jobs.train`` runs :mod:`jobs.training.job`); ``python -m <module_name>`` by default.
     """
     module = importlib.import_module(module_name)
     summary = (module.__doc__ or "").strip().split("\n", 1)[0]
-    parser = argparse.ArgumentParser(prog=f"python -m {module_name}", description=summary or None)
+    parser = argparse.ArgumentParser(prog=prog or f"python -m {module_name}", description=summary or None)
     add_log_level(parser)
     mount(parser, module)
     return run_parsed(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))

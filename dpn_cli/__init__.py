@@ -20,10 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dpn_model.commands.info", "parameters and prefill FLOPs of a preset or checkpoint"),
     "convert": ("dpn_model.commands.convert", "convert a llava-hf checkpoint, or LLaVA-1.5 stage-1 parts, to DPN"),
     "serve": ("serve_apps.commands", "serve a model behind an OpenAI-compatible Ray Serve endpoint"),
-    "train": ("jobs.train", "train DPN on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
+    "train": ("jobs.training.job", "train DPN on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
     "data": ("pipelines.commands", "datasets: `data inspect PATH`, `data synth OUT`"),
-    "eval": ("jobs.evaluate", "evaluate accuracy against prefill FLOPs per compression mode (Ray Data batch inference)"),
-    "retrain": ("jobs.retrain", "scheduled retraining: new shards -> challenger -> gate -> champion alias"),
+    "eval": ("jobs.evaluation.job", "evaluate accuracy against prefill FLOPs per compression mode (Ray Data batch inference)"),
+    "retrain": ("jobs.retraining.job", "scheduled retraining: new shards -> challenger -> gate -> champion alias"),
     "stack": ("jobs.stack", "the production stack on one machine: Ray (2 nodes), MLflow + PostgreSQL, S3, Prometheus"),
 }  # fmt: skip
 

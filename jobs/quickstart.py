@@ -3,8 +3,8 @@
     dpn quickstart [--work-dir work] [--max-steps 300] [--dense-warmup-steps N] [--keep-serving] [--port 8000]
 
 1. data      the synthetic benchmark, written as Parquet shards        (pipelines.synthetic)
-2. train     the tiny DPN, 2 CPU workers, DeepSpeed ZeRO-2             (jobs.train, configs/train_tiny.yaml)
-3. evaluate  DPN (router) against dense on the held-out split          (jobs.evaluate)
+2. train     the tiny DPN, 2 CPU workers, DeepSpeed ZeRO-2             (jobs.training, configs/train_tiny.yaml)
+3. evaluate  DPN (router) against dense on the held-out split          (jobs.evaluation)
 4. register  the trained version becomes `champion` in the MLflow registry
 5. serve     the OpenAI-compatible Ray Serve app on models:/dpn@champion (serve_apps)
 6. ask       a real chat request with an image, through the `openai` client
@@ -38,7 +38,7 @@ from dpn_base.config_models import ConfigError
 from jobs.console import console_and_log
 
 if TYPE_CHECKING:
-    from jobs.train_config import TrainConfig
+    from jobs.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _version_exists(name: str, version: str) -> bool:
 
 def training_config(args: argparse.Namespace, work: Path) -> TrainConfig:
     """The training config of the quickstart: ``--config`` with its work dir, data, steps and names set."""
-    from jobs.train_config import load_train_config
+    from jobs.training.config import load_train_config
 
     overrides = [
         f"run.work_dir={work}",
@@ -128,7 +128,7 @@ def training_config(args: argparse.Namespace, work: Path) -> TrainConfig:
 
 
 def stage_data(out: TextIO, cfg: TrainConfig) -> Path:
-    from jobs.trainer import ensure_synthetic_data
+    from jobs.training.driver import ensure_synthetic_data
 
     root = Path(cfg.data.path)
     syn = cfg.data.synthetic
@@ -151,7 +151,7 @@ def stage_data(out: TextIO, cfg: TrainConfig) -> Path:
 def stage_train(
     out: TextIO, args: argparse.Namespace, cfg: TrainConfig, state: dict[str, Any]
 ) -> dict[str, Any]:
-    from jobs.train import train
+    from jobs.training.job import train
 
     previous = state.get("train")
     if previous and not args.retrain and _version_exists(args.registered_model, previous["version"]):
@@ -179,7 +179,7 @@ def stage_evaluate(
     trained: dict[str, Any],
     state: dict[str, Any],
 ) -> dict[str, Any]:
-    from jobs.evaluate import EvalConfig, ModelSpec, evaluate
+    from jobs.evaluation.job import EvalConfig, ModelSpec, evaluate
 
     previous = state.get("evaluate")
     if previous and previous.get("version") == trained["version"]:

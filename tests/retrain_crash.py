@@ -1,7 +1,7 @@
 """Crash injection for tests of the retrain job's crash recovery (test-only; production has none).
 
-The job announces each step boundary as the audit event ``dpn.retrain.step`` (``jobs.retrain.STEP_EVENT``)
-with the step's name. :func:`crash_after` installs, once per process, an audit hook that raises
+The job announces each step boundary as the audit event ``dpn.retrain.step``
+(``jobs.retraining.job.STEP_EVENT``) with the step's name. :func:`crash_after` installs, once per process, an audit hook that raises
 :class:`InjectedCrash` at the named steps; audit hooks cannot be removed, so the hook only reads a switch
 (a ContextVar) that the context manager sets and resets::
 
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-from jobs.retrain import STEP_EVENT, STEPS
+from jobs.retraining.job import STEP_EVENT, STEPS
 
 
 class InjectedCrash(RuntimeError):

@@ -300,12 +300,12 @@ def test_serving_bf16_answers_as_fp32(fitted):
 @pytest.mark.slow
 def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
     """DeepSpeed 0.19's CPU accelerator runs bf16 with ZeRO-2 over gloo: two optimizer steps through the training
-    loop's own engine setup (`jobs.train_loop.setup_engine`, `deepspeed_config`, configs/deepspeed/zero2.json)."""
+    loop's own engine setup (`jobs.training.loop.setup_engine`, `deepspeed_config`, configs/deepspeed/zero2.json)."""
     import deepspeed
     import torch.distributed as dist
 
-    from jobs.train_loop import apply_freezing, deepspeed_config, load_model, setup_engine
-    from jobs.trainer import DEEPSPEED_CONFIG_DIR
+    from jobs.training.driver import DEEPSPEED_CONFIG_DIR
+    from jobs.training.loop import apply_freezing, deepspeed_config, load_model, setup_engine
 
     port = free_port()
     for key, value in {
@@ -377,9 +377,9 @@ def test_cpu_training_config_takes_bf16_and_auto_stays_fp32():
     """`deepspeed.precision=bf16` with `run.use_gpu=false` builds a bf16 DeepSpeed config over gloo (the GPU recipe's
     precision, checkable on CPU); `auto` is fp32 on CPU; fp16 stays GPU-only."""
     from jobs.config import ConfigError, load_config
-    from jobs.train_config import TrainConfig
-    from jobs.train_loop import WorkerSpec
-    from jobs.trainer import build_loop_spec
+    from jobs.training.config import TrainConfig
+    from jobs.training.driver import build_loop_spec
+    from jobs.training.loop import WorkerSpec
 
     def spec(precision: str) -> WorkerSpec:
         data = {"deepspeed": {"precision": precision}, "run": {"use_gpu": False}}

@@ -11,7 +11,7 @@ import yaml
 from pydantic import Field
 
 from jobs.config import ConfigError, ConfigModel, dump_config, flatten, load_config, parse_overrides
-from jobs.train_config import TrainConfig, load_train_config
+from jobs.training.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted((ROOT / "configs").glob("train_*.yaml"))
@@ -226,14 +226,14 @@ def test_compression_choices_come_from_the_model_config_module(monkeypatch):
     ],
 )  # fmt: skip
 def test_retrain_config_errors_name_the_key(overrides, expected):
-    from jobs.retrain_config import load_retrain_config
+    from jobs.retraining.config import load_retrain_config
 
     with pytest.raises(ConfigError, match=expected):
         load_retrain_config(ROOT / "configs" / "retrain_tiny.yaml", overrides)
 
 
 def test_retrain_eval_compression_takes_one_mode_or_schedule():
-    from jobs.retrain_config import load_retrain_config
+    from jobs.retraining.config import load_retrain_config
 
     assert load_retrain_config(None, ["eval.compression=1-2-4"]).eval.compression == "1-2-4"
     assert load_retrain_config(None, ["eval.compression=2"]).eval.compression == "2"  # text, as before
@@ -283,10 +283,10 @@ def test_the_quickstart_config_is_the_benchmarks_dpn():
     spec.loader.exec_module(quality)
     tiny = ROOT / "configs" / "train_tiny.yaml"
     plain = load_train_config(tiny, [])
-    variant = load_train_config(tiny, list(quality.VARIANTS["dpn"]))
+    variant = load_train_config(tiny, list(quality.VARIANTS["dpn"].overrides))
     assert plain.model.paths_per_sample == 2 and variant.model.paths_per_sample == 1
     one_path = plain.model_copy(update={"model": plain.model.model_copy(update={"paths_per_sample": 1})})
     assert variant == one_path
-    for name, overrides in quality.VARIANTS.items():  # every benchmark variant is a valid job config
-        assert load_train_config(tiny, list(overrides)).model.compression is not None, name
+    for name, variant in quality.VARIANTS.items():  # every benchmark variant is a valid job config
+        assert load_train_config(tiny, list(variant.overrides)).model.compression is not None, name
     assert plain.model.config_overrides["router_estimator"] == "reinforce"

@@ -164,8 +164,8 @@ def test_the_jobs_take_verbose_and_log_file(command):
 
 
 def test_train_logs_beside_its_checkpoints_or_in_its_work_dir(tmp_path):
-    from jobs.train import log_folder
-    from jobs.train_config import load_train_config
+    from jobs.training.config import load_train_config
+    from jobs.training.job import log_folder
 
     local = load_train_config(TRAIN_TINY, [f"run.storage_path={tmp_path / 'runs'}", "run.name=exp"])
     assert log_folder(local) == tmp_path / "runs" / "exp"

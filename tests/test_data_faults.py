@@ -410,7 +410,7 @@ def test_damaged_shard_never_raises_and_counts_add_up(fmt, data):
 
 
 # ------------------------------------------------------------------------------------------------
-# Counting a damaged file gives the rows its reader yields (shard discovery, jobs/shards.py)
+# Counting a damaged file gives the rows its reader yields (shard discovery, jobs/retraining/shards.py)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -183,7 +183,7 @@ def _damaged_root(root, fmt: str):
 def test_damaged_shard_below_threshold_does_not_stop_training(ray_cluster, processor_dir, tmp_path, fmt):
     damaged, num_good = _damaged_root(tmp_path, fmt)
     accountant = BadSampleAccountant(max_bad_fraction=0.2)
-    # the dataset the training job builds (jobs.trainer.build_train_dataset), iterated as its loop does
+    # the dataset the training job builds (jobs.training.driver.build_train_dataset), iterated as its loop does
     ds = build_dataset(str(tmp_path), processor_dir, split="train", max_length=128, accountant=accountant)
     assert sum(len(b["input_ids"]) for b in _collect(ds, processor_dir)) == num_good
     report = accountant.check()  # the end-of-epoch check passes: 1 bad of num_good + 1

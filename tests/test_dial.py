@@ -83,7 +83,7 @@ def test_generate_takes_the_dial(model, batch):
 
 def test_training_config_refuses_the_dial():
     from dpn_base.config_models import ConfigError
-    from jobs.train_config import load_train_config
+    from jobs.training.config import load_train_config
 
     with pytest.raises((ConfigError, ValueError), match="inference-time knob"):
         load_train_config("configs/train_tiny.yaml", ["model.compression=auto:lambda=1"])
@@ -92,7 +92,7 @@ def test_training_config_refuses_the_dial():
 def test_dpn_eval_dial_adds_the_sweep_to_models_evaluated_in_auto():
     import argparse
 
-    from jobs import evaluate
+    from jobs.evaluation import job as evaluate
 
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)

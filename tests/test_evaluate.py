@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from eval_workspace import make_eval_workspace, preprocessed_eval_batch
 
-from jobs.evaluate import evaluate, parse_model_specs
 from jobs.evaluation import report as eval_report
 from jobs.evaluation.config import EvalConfig, ModelSpec, parse_compressions, split_modes
+from jobs.evaluation.job import evaluate, parse_model_specs
 
 NUM_EVAL = 12
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -329,7 +329,7 @@ def test_cli_usage_errors_exit_2(tmp_path):
 def _eval_config(argv: list[str]) -> EvalConfig:
     import argparse
 
-    from jobs.evaluate import add_arguments, config_from_args
+    from jobs.evaluation.job import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -25,8 +25,9 @@ from mlflow.tracking import MlflowClient
 from test_tracking import mlflow_uri  # noqa: F401 - the tracking tests' fixture
 
 import tracking
-from jobs.gate import comparison_table, decide
-from jobs.retrain import (
+from jobs.retraining.config import GateConfig, RetrainConfig
+from jobs.retraining.gate import comparison_table, decide
+from jobs.retraining.job import (
     CHAMPION_MOVED,
     LEASE_HELD,
     ROLE_TAG,
@@ -35,7 +36,6 @@ from jobs.retrain import (
     decide_and_apply,
     retrain,
 )
-from jobs.retrain_config import GateConfig, RetrainConfig
 from tracking import registry as reg_lib
 from tracking.registry import ChampionMoved, Registry
 from tracking.runs import LeaseHeld, LeaseLost, LeaseOwner
@@ -210,7 +210,7 @@ def test_a_nan_challenger_is_rejected_by_the_job_and_the_champion_kept(mlflow_ur
 
 
 def test_a_second_retrain_exits_0_naming_the_lease_holder(mlflow_uri, tmp_path, capsys):  # noqa: F811
-    from jobs.retrain import main
+    from jobs.retraining.job import main
 
     registry = _registry(mlflow_uri, "busy", 1, tmp_path)
     holder = registry.retrain_lease(ttl_s=60, owner=FOREIGN)

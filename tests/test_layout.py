@@ -4,7 +4,9 @@ and of model references.
 The packages' imports point one way (README.md, section "Layout"), checked on every import of every module.
 Layers, bottom first: a package may import the packages before it and itself, never one after it.
 Imports inside functions (the lazy ones), under ``if TYPE_CHECKING:`` and ``importlib.import_module("...")``
-with a literal name count like top-level ones: they are dependencies all the same.
+with a literal name count like top-level ones: they are dependencies all the same. The jobs' entry points
+(``python -m jobs.train|evaluate|retrain``) only launch their job: nothing imports them, so every import names
+the module's home (``jobs.training.job``, ...).
 
 No function of ``dpn_model`` or ``serve_apps`` is longer than ``MAX_FUNCTION_LINES`` (the project's code
 standard), and the vicuna-v1 chat text (``USER:``, ``ASSISTANT:``, the default system prompt) is spelled only in
@@ -125,8 +127,8 @@ def test_imports_point_one_way(package):
         ("tracking/x.py", "from serve_apps.app import build_app\n",
          "tracking/x.py:1: tracking imports serve_apps.app "
          "(tracking may import only dpn_base, dpn_model, pipelines, tracking)"),
-        ("jobs/train.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import dpn_cli\n",
-         "jobs/train.py:3: jobs imports dpn_cli (nothing imports dpn_cli, it sits on top)"),
+        ("jobs/training/job.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import dpn_cli\n",
+         "jobs/training/job.py:3: jobs imports dpn_cli (nothing imports dpn_cli, it sits on top)"),
         ("jobs/x.py", "import importlib\nimportlib.import_module('dpn_cli')\n",
          "jobs/x.py:2: jobs imports dpn_cli (nothing imports dpn_cli, it sits on top)"),
         ("benchmarks/x.py", "from dpn_cli import main\n",
@@ -148,14 +150,82 @@ def test_the_checker_flags_an_import_against_the_layering(path, source, expected
         ),
         (
             "dpn_cli/__init__.py",
-            "import importlib\nimport jobs.train\nimportlib.import_module('jobs.retrain')\n",
+            "import importlib\nimport jobs.training.job\nimportlib.import_module('jobs.retraining.job')\n",
         ),
         ("dpn_model/commands/info.py", "from .. import presets\nfrom . import convert\n"),
-        ("benchmarks/x.py", "from jobs.train import train\nimport ray\n"),
+        ("jobs/retraining/job.py", "from ..training import job\nfrom . import gate\n"),  # nested: resolved
+        ("benchmarks/x.py", "from jobs.training.job import train\nimport ray\n"),
     ],
 )
 def test_the_checker_lets_imports_that_point_down_pass(path, source):
     assert forbidden_imports(source, path) == []
+
+
+# ------------------------------------------------------------------------------------------ job entry points
+ENTRY_POINTS = {"jobs.train": "jobs.training.job", "jobs.evaluate": "jobs.evaluation.job",
+                "jobs.retrain": "jobs.retraining.job"}  # fmt: skip
+
+
+def _imported(tree: ast.AST, package: tuple[str, ...]) -> Iterator[tuple[int, str]]:
+    """What :func:`_imports` yields, plus ``module.name`` for each name of a ``from module import name``."""
+    yield from _imports(tree, package)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+
+
+def entry_point_problems(source: str, path: str) -> list[str]:
+    """``"path:line: ..."`` for each import of an entry point in ``source``, and, when ``path`` is an entry
+    point, each import but ``sys`` and its job's ``main``."""
+    parts = Path(path).with_suffix("").parts
+    module = ".".join(parts)
+    imported = sorted(set(_imported(ast.parse(source, path), parts[:-1])))
+    if module in ENTRY_POINTS:
+        home = ENTRY_POINTS[module]
+        return [
+            f"{path}:{line}: the entry point imports {name}; it imports only sys and {home}.main"
+            for line, name in imported
+            if name not in ("sys", home, f"{home}.main")
+        ]
+    return [
+        f"{path}:{line}: imports the entry point {name}; import from {ENTRY_POINTS[name]}"
+        for line, name in imported
+        if name in ENTRY_POINTS
+    ]
+
+
+def test_the_job_entry_points_only_launch_their_job():
+    assert all((ROOT / f"{name.replace('.', '/')}.py").is_file() for name in ENTRY_POINTS)
+    problems = [
+        problem
+        for package in (*LAYERS, *SCRIPTS, "tests")
+        for file in _modules(package)
+        for problem in entry_point_problems(file.read_text(), str(file.relative_to(ROOT)))
+    ]
+    assert not problems, "`python -m jobs.X` modules only launch a job:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        ("jobs/train.py", "import sys\n\nfrom jobs.training.job import main\n", []),
+        ("jobs/train.py", "from jobs.training.job import main, train\n",
+         ["jobs/train.py:1: the entry point imports jobs.training.job.train; it imports only sys and "
+          "jobs.training.job.main"]),
+        ("jobs/retrain.py", "from jobs.retraining.job import *\n",
+         ["jobs/retrain.py:1: the entry point imports jobs.retraining.job.*; it imports only sys and "
+          "jobs.retraining.job.main"]),
+        ("tests/test_x.py", "from jobs.evaluate import evaluate\n",
+         ["tests/test_x.py:1: imports the entry point jobs.evaluate; import from jobs.evaluation.job"]),
+        ("jobs/quickstart.py", "def f():\n    from jobs import train\n",
+         ["jobs/quickstart.py:2: imports the entry point jobs.train; import from jobs.training.job"]),
+        ("dpn_cli/__init__.py", "import importlib\nimportlib.import_module('jobs.retrain')\n",
+         ["dpn_cli/__init__.py:2: imports the entry point jobs.retrain; import from jobs.retraining.job"]),
+        ("benchmarks/x.py", "from jobs.training.job import train\nfrom jobs.training import driver\n", []),
+    ],
+)  # fmt: skip
+def test_the_entry_point_checker_flags_an_import_of_an_entry_point(path, source, expected):
+    assert entry_point_problems(source, path) == expected
 
 
 # ------------------------------------------------------------------------------------------- function length

@@ -3,7 +3,7 @@
 DeepSpeed casts every parameter to bf16 / fp16 when that mode is on, so a worker that loaded fp32 first held fp32
 weights until then (a 7B model's: 28 GB instead of 14 GB) and upcast bf16 checkpoints for nothing. These tests load a
 small checkpoint through the worker's own model setup (`DPNTrainRecipe._setup_model`, no Ray) with the
-`WorkerSpec` the driver builds (`jobs.trainer.build_loop_spec`), so the dtype comes from where the precision
+`WorkerSpec` the driver builds (`jobs.training.driver.build_loop_spec`), so the dtype comes from where the precision
 is resolved. dpn_model keeps no module in fp32 by design (no `_keep_in_fp32_modules`; DeepSpeed would cast it
 anyway), so every parameter is expected in the training dtype; buffers (rotary frequencies) stay as saved.
 """
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from jobs.config import load_config
-from jobs.train_config import TrainConfig
-from jobs.train_loop import DPNTrainRecipe, WorkerSpec, precision_dtype, training_dtype
-from jobs.trainer import build_loop_spec
+from jobs.training.config import TrainConfig
+from jobs.training.driver import build_loop_spec
+from jobs.training.loop import DPNTrainRecipe, WorkerSpec, precision_dtype, training_dtype
 
 
 def worker_spec(precision: str, use_gpu: bool, model_dir: str = "model") -> WorkerSpec:

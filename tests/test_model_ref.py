@@ -17,7 +17,7 @@ import tracking
 from dpn_base.model_ref import ACCEPTED_FORMS, ModelRef, RefKind, find_hf_dir
 from jobs.config import ConfigError
 from jobs.evaluation.config import ModelSpec
-from jobs.train_config import load_train_config
+from jobs.training.config import load_train_config
 from serve_apps.loading import resolve_model_ref
 
 GOOD = [

@@ -153,10 +153,10 @@ def test_the_command_harness_installs_the_filter(monkeypatch, capsys):
 
 
 def test_training_params_hold_no_tracking_password(tmp_path, monkeypatch):
-    """The MLflow params of a training config (``flatten(cfg)``, as jobs.train logs them) contain no password."""
+    """The MLflow params of a training config (``flatten(cfg)``, as jobs.training.job logs them) hold no password."""
     import tracking
     from jobs.config import flatten
-    from jobs.train_config import load_train_config
+    from jobs.training.config import load_train_config
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.gate import decide
-from jobs.retrain_config import GateConfig
-from jobs.shards import list_shards
+from jobs.retraining.config import GateConfig
+from jobs.retraining.gate import decide
+from jobs.retraining.shards import list_shards
 
 REPO = Path(__file__).resolve().parents[1]
 WRONG_ANSWER = "zebra"  # never a correct answer of the synthetic benchmark
@@ -62,8 +62,8 @@ def test_list_shards_counts_and_filters(tmp_path):
 
 
 def test_shipped_retrain_config_writes_a_missing_data_root_and_a_missing_root_names_the_command(tmp_path):
-    from jobs.retrain_config import load_retrain_config
-    from jobs.trainer import ensure_synthetic_data
+    from jobs.retraining.config import load_retrain_config
+    from jobs.training.driver import ensure_synthetic_data
 
     root = tmp_path / "work" / "data" / "synthetic"
     cfg = load_retrain_config(
@@ -95,8 +95,8 @@ def _row(acc: float, flops: float) -> dict:
 def test_shipped_retrain_config_starts_the_first_champion_from_the_shipped_dense_model(monkeypatch):
     """The first champion follows the authors' recipe from the shipped stage-1 checkpoint (routers from step 0,
     a longer schedule); a challenger fine-tunes the champion briefly."""
-    from jobs.retrain import training_config
-    from jobs.retrain_config import load_retrain_config
+    from jobs.retraining.config import load_retrain_config
+    from jobs.retraining.job import training_config
 
     monkeypatch.chdir(REPO)  # the config names its training config relative to the repository
     cfg = load_retrain_config("configs/retrain_tiny.yaml")
@@ -155,7 +155,7 @@ def test_promote_moves_previous_then_champion_and_survives_a_crash_between(tmp_p
 def test_crash_hook_raises_at_the_named_step_boundary_only_inside_its_block():
     from retrain_crash import InjectedCrash, crash_after
 
-    from jobs.retrain import STEPS, step_done
+    from jobs.retraining.job import STEPS, step_done
 
     step_done("plan")  # no switch set: the audit event passes
     with crash_after("mix", "alias") as seen:
@@ -228,8 +228,8 @@ def world(tmp_path_factory):
 
 
 def _run(world, *overrides: str):
-    from jobs.retrain import retrain
-    from jobs.retrain_config import load_retrain_config
+    from jobs.retraining.config import load_retrain_config
+    from jobs.retraining.job import retrain
 
     return retrain(load_retrain_config(world["config"], list(overrides)))
 
@@ -297,7 +297,7 @@ def test_new_shard_challenger_is_trained_evaluated_and_promoted(world):
 
 @pytest.mark.ray
 def test_no_new_data_is_a_no_op_with_exit_0(world):
-    from jobs.retrain import main
+    from jobs.retraining.job import main
 
     before = len(_registry().versions())
     runs = _training_runs()
@@ -310,7 +310,7 @@ def test_no_new_data_is_a_no_op_with_exit_0(world):
 def test_mix_counts_the_rows_a_damaged_new_shard_loses(world, tmp_path):
     from data_samples import good_records, truncate, write_parquet
 
-    from jobs.shards import build_mix, list_shards
+    from jobs.retraining.shards import build_mix, list_shards
 
     root = tmp_path / "root"
     write_parquet(root, good_records(6, text_only=0), name="train-a.parquet")

@@ -1,4 +1,5 @@
-"""Retraining that keeps running (issue 25): shard discovery on damaged shards, and the state files of jobs/shards.
+"""Retraining that keeps running (issue 25): shard discovery on damaged shards, and the state files of
+jobs/retraining/shards.
 
 No Ray: discovery counts a cut ``.json``, invalid UTF-8, a cut ``.parquet``, a truncated or compressed tar as the
 readers read them (counted, named, never raised), counts a tar from its headers (memory bounded with a 50 MB
@@ -26,7 +27,14 @@ from data_samples import (
     write_webdataset,
 )
 
-from jobs.shards import MIX_MARKER, build_mix, list_shards, read_mix, shards_from_json, shards_to_json
+from jobs.retraining.shards import (
+    MIX_MARKER,
+    build_mix,
+    list_shards,
+    read_mix,
+    shards_from_json,
+    shards_to_json,
+)
 from pipelines.formats import ReadPolicy
 from pipelines.storage import atomic_write_text
 
@@ -82,7 +90,7 @@ DAMAGED = {
 
 def test_discovery_counts_damaged_shards_as_the_readers_do_names_them_and_never_raises(tmp_path, caplog):
     root = _damaged_root(tmp_path / "root")
-    with caplog.at_level(logging.WARNING, logger="jobs.shards"):
+    with caplog.at_level(logging.WARNING, logger="jobs.retraining.shards"):
         shards = list_shards(str(root))
     assert {s.name: s.num_samples for s in shards} == EXPECTED
     damaged = {s.name: s.damaged for s in shards if s.damaged}
@@ -171,7 +179,7 @@ def test_a_torn_marker_is_rebuilt_not_failed_on(tmp_path, caplog):
     (out / "data").mkdir(parents=True)
     (out / "data" / "part-0.parquet").write_bytes(b"half a file")
     (out / MIX_MARKER).write_text(json.dumps(MARKER)[:20])  # torn by a crash while written in place
-    with caplog.at_level(logging.WARNING, logger="jobs.shards"):
+    with caplog.at_level(logging.WARNING, logger="jobs.retraining.shards"):
         assert read_mix(out) is None
     assert any("torn" in r.getMessage() and "rebuilt" in r.getMessage() for r in caplog.records)
     (out / MIX_MARKER).write_text(json.dumps({"path": "/x"}))  # parses, but is no complete marker

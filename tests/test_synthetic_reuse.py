@@ -1,4 +1,4 @@
-"""A synthetic root is reused only when its manifest matches the config: ``jobs.trainer.ensure_synthetic_data``
+"""A synthetic root is reused only when its manifest matches the config: ``jobs.training.driver.ensure_synthetic_data``
 (training and retraining) and the quickstart's data stage, which says what it did."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from jobs.quickstart import stage_data
-from jobs.train_config import SyntheticConfig, TrainConfig, load_train_config
-from jobs.trainer import ensure_synthetic_data
+from jobs.training.config import SyntheticConfig, TrainConfig, load_train_config
+from jobs.training.driver import ensure_synthetic_data
 from pipelines.synthetic import MANIFEST_NAME, manifest_differences, read_manifest, write_synthetic_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.config import load_config
-from jobs.train_config import TrainConfig
-from jobs.train_loop import StepStats, deepspeed_config, delayed_start, make_optimizer, warmup_cosine
-from jobs.trainer import plan_steps
+from jobs.training.config import TrainConfig
+from jobs.training.driver import plan_steps
+from jobs.training.loop import StepStats, deepspeed_config, delayed_start, make_optimizer, warmup_cosine
 
 # ----------------------------------------------------------------------------------------------
 # Units
@@ -225,7 +225,7 @@ def test_training_survives_worker_kills_and_resubmission_with_every_step_logged_
     from ray.train import TrainingFailedError
 
     from dpn_model import DPNForConditionalGeneration
-    from jobs.train import train
+    from jobs.training.job import train
     from tracking import find_job_run, resolve_model_dir
 
     uri = cluster["uri"]
@@ -306,7 +306,7 @@ def test_zero3_partitions_resume_after_a_kill_and_save_whole_weights(cluster):
     workers, so a resumed worker must reload its own partition and the saved model must be gathered.
     The run also starts with a dense warm-up (model.dense_warmup_steps): no pooling until step 4."""
     from dpn_model import DPNForConditionalGeneration
-    from jobs.train import train
+    from jobs.training.job import train
 
     uri = cluster["uri"]
     cfg = make_config(

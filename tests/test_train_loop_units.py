@@ -16,9 +16,9 @@ import torch
 from pydantic import ValidationError
 
 from jobs.config import load_config
-from jobs.train_config import TrainConfig
-from jobs.train_loop import SCALAR_FIELDS, DPNTrainRecipe, StepStats, StepSums, WorkerSpec
-from jobs.trainer import build_loop_spec
+from jobs.training.config import TrainConfig
+from jobs.training.driver import build_loop_spec
+from jobs.training.loop import SCALAR_FIELDS, DPNTrainRecipe, StepStats, StepSums, WorkerSpec
 
 # ------------------------------------------------------------------------------------------------- StepStats
 

@@ -1,4 +1,4 @@
-"""Champion / challenger bookkeeping in the MLflow model registry (used by :mod:`jobs.retrain`).
+"""Champion / challenger bookkeeping in the MLflow model registry (used by :mod:`jobs.retraining.job`).
 
 Registry conventions (registered model ``dpn`` by default):
 

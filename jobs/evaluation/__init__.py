@@ -1,4 +1,5 @@
-"""The evaluation job's parts; :mod:`jobs.evaluate` runs them (orchestration and the ``dpn eval`` CLI).
+"""The evaluation job's parts; :mod:`jobs.evaluation.job` runs them (orchestration, ``dpn eval`` and
+``python -m jobs.evaluate``).
 
 - :mod:`jobs.evaluation.config`: :class:`EvalConfig` / :class:`ModelSpec` (``configs/eval_*.yaml`` and the flags),
   compression-mode parsing.
@@ -10,6 +11,7 @@
 - :mod:`jobs.evaluation.report`: per-sample results -> report rows, tables, JSON, plots.
 - :mod:`jobs.evaluation.oracle`: every static path and the oracle router (``--oracle``).
 - :mod:`jobs.evaluation.mlflow_log`: the MLflow run (params, metrics, artifacts).
+- :mod:`jobs.evaluation.job`: the orchestration and the command line.
 
 Importing the package imports none of them.
 """

@@ -1,6 +1,6 @@
 """Driver side of the training job: resolve paths, data and the initial model, build the TorchTrainer.
 
-The recipe in :mod:`jobs.train` calls these in order; the workers run :mod:`jobs.train_loop`.
+The recipe in :mod:`jobs.training.job` calls these in order; the workers run :mod:`jobs.training.loop`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.config import ConfigError
-from jobs.train_config import SyntheticConfig, TrainConfig
+from jobs.training.config import SyntheticConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from jobs.train_loop import WorkerSpec
+    from jobs.training.loop import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+# <repo>/configs/deepspeed (this file is <repo>/jobs/training/driver.py)
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 @dataclass
@@ -188,9 +189,9 @@ def load_deepspeed_json(cfg: TrainConfig) -> dict[str, Any]:
 def build_loop_spec(
     cfg: TrainConfig, model_dir: str, total_steps: int, run_id: str, tracking_uri: str
 ) -> WorkerSpec:
-    """Everything a worker needs (see :class:`jobs.train_loop.WorkerSpec`): the config's validated ``model``,
+    """Everything a worker needs (see :class:`jobs.training.loop.WorkerSpec`): the config's validated ``model``,
     ``optim``, ``train`` and ``checkpoint`` sections, with what is derived here from the whole config."""
-    from jobs.train_loop import WorkerSpec, deepspeed_config
+    from jobs.training.loop import WorkerSpec, deepspeed_config
 
     precision = resolve_precision(cfg)
     # DeepSpeed's CPU accelerator runs bf16 (ZeRO keeps fp32 master weights): the GPU recipe's precision can be
@@ -249,7 +250,7 @@ def build_trainer(cfg: TrainConfig, spec: WorkerSpec, dataset, storage_path: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.train_loop import train_loop_per_worker
+    from jobs.training.loop import train_loop_per_worker
 
     resources = {"CPU": cfg.run.cpus_per_worker, **cfg.run.resources_per_worker}
     if cfg.run.use_gpu:

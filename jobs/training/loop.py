@@ -42,7 +42,7 @@ import torch
 
 from dpn_base.model_ref import HF_MODEL_DIR  # where a checkpoint holds its HF model (what resolvers look for)
 from jobs.config import ConfigModel
-from jobs.train_config import CheckpointConfig, ModelConfig, OptimConfig, TrainLoopConfig
+from jobs.training.config import CheckpointConfig, ModelConfig, OptimConfig, TrainLoopConfig
 
 logger = logging.getLogger(__name__)
 
@@ -221,15 +221,15 @@ def deepspeed_config(
 def precision_dtype(precision: str) -> torch.dtype:
     """The parameter dtype of a resolved precision (bf16 / fp16 / fp32, as :func:`deepspeed_config` takes it).
 
-    ``auto`` is the driver's to resolve (``jobs.trainer.resolve_precision``: it knows whether the run has
-    GPUs), so it is refused here rather than guessed from this process's devices.
+    ``auto`` is the driver's to resolve (``jobs.training.driver.resolve_precision``: it knows whether the run
+    has GPUs), so it is refused here rather than guessed from this process's devices.
     """
     from dpn_model.loading import pick_dtype
 
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(
             f"precision {precision!r} is not resolved: pass bf16, fp16 or fp32 "
-            "(the driver resolves auto with jobs.trainer.resolve_precision)"
+            "(the driver resolves auto with jobs.training.driver.resolve_precision)"
         )
     return pick_dtype(precision, "cpu")
 
@@ -262,7 +262,7 @@ def setup_engine(
 ):
     """Attach DeepSpeed to Ray Train's process group and wrap model, AdamW and the schedule.
 
-    ``optim``: the ``optim`` section (:class:`jobs.train_config.OptimConfig`) or a mapping of its keys
+    ``optim``: the ``optim`` section (:class:`jobs.training.config.OptimConfig`) or a mapping of its keys
     (validated into one; ``grad_clip`` is DeepSpeed's, from ``ds_config``). ``router_start``: optimizer steps
     before the routers train (the dense warm-up).
     """
@@ -442,8 +442,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class WorkerSpec(ConfigModel):
-    """Everything a Ray Train worker needs, built on the driver by :func:`jobs.trainer.build_loop_spec`: the
-    training config's sections the loop reads, as validated on the driver, and what only the driver derives.
+    """Everything a Ray Train worker needs, built on the driver by :func:`jobs.training.driver.build_loop_spec`:
+    the training config's sections the loop reads, as validated on the driver, and what only the driver derives.
 
     Ray hands it to the workers as plain JSON data (:meth:`to_config`); :meth:`from_config` validates it again
     into the same sections, so a worker reads exactly the config's keys (``spec.model.seed``,
@@ -792,7 +792,7 @@ class DPNTrainRecipe:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function. ``config`` is :meth:`WorkerSpec.to_config` (see ``jobs.trainer.build_trainer``)."""
+    """Ray Train worker function. ``config`` is :meth:`WorkerSpec.to_config` (see ``jobs.training.driver.build_trainer``)."""
     recipe = DPNTrainRecipe(WorkerSpec.from_config(config))
     recipe.setup()
     recipe.train()

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs.retrain_config import GateConfig
+from jobs.retraining.config import GateConfig
 
 
 @dataclass(frozen=True)

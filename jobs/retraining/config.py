@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from jobs.config import ConfigModel, compression_choices, load_config
-from jobs.train_config import SyntheticConfig
+from jobs.training.config import SyntheticConfig
 from pipelines.policy import ReadPolicy
 
 
@@ -77,7 +77,7 @@ class TrainingConfig(ConfigModel):
 
 
 class RetrainEvalConfig(ConfigModel):
-    """The held-out evaluation both models run on (``jobs.evaluate``).
+    """The held-out evaluation both models run on (:mod:`jobs.evaluation.job`).
 
     Attributes:
         data: evaluation dataset (``null``: ``data.root``, split ``split``).
