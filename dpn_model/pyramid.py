@@ -495,8 +495,6 @@ class PyramidPrefill:
         if self.plan.mode == "random":
             return Routing(torch.multinomial(feasible.float(), 1).squeeze(-1))
         features = router_input(hidden, state.is_router, cfg.router_token_reduction)
-        if cfg.router_predicts_outcome:  # its fit trains the router only: the decoder learns as random's does
-            features = features.detach()
         probs = stage.router(features)  # (B, E) f32
         value = stage.router.value(features) if self.training and cfg.uses_router_critic else None
         allowed = probs.detach() * feasible

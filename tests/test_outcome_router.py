@@ -2,8 +2,8 @@
 survives, learnt from uniformly explored paths at one path's compute.
 
 Hand-made tensors check the fit's direction and what it ignores; the model checks that training routes exactly
-as `compression="random"` does (same draws, unscaled tokens, so the decoder learns what random routing teaches
-it), that the fit trains the routers only, and that inference and the cost dial read the predictions.
+as `compression="random"` does (same draws, unscaled tokens), that the fit is the routers' own term, and that
+inference and the cost dial read the predictions.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_training_explores_every_feasible_expert_whatever_the_router_predicts():
     assert set(model.model(input_ids=ids, pixel_values=images).expert_choices[:, 0].tolist()) - {-1} == {0}
 
 
-def test_the_fit_is_the_routers_own_term_and_trains_the_routers_only():
+def test_the_fit_is_the_routers_own_term_and_replaces_the_routing_loss():
     model = _model(router_reinforce_weight=2.0)
     ids, labels, images = _batch()
     model.train()
@@ -102,8 +102,8 @@ def test_the_fit_is_the_routers_own_term_and_trains_the_routers_only():
     assert out.loss.item() == pytest.approx((out.lm_loss + 2.0 * out.reinforce_loss).item(), rel=1e-6)
     out.reinforce_loss.backward()
     assert all(stage.router.out.weight.grad.abs().sum() > 0 for stage in model.model.pyramid)
-    decoder = [p for n, p in model.named_parameters() if "pyramid" not in n and p.grad is not None]
-    assert all(p.grad.abs().sum() == 0 for p in decoder)
+    # the fit shapes what the routers read (the decoder's state at <router>), as the REINFORCE term does
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.eval()
     assert model(input_ids=ids, pixel_values=images, labels=labels).reinforce_loss is None
 
