@@ -42,7 +42,7 @@ def encode(samples, processor) -> list[tuple[list[int], list[int], np.ndarray, s
     """(input_ids, labels, uint8 image, family) per sample, with the training job's chat template."""
     out = []
     for s in samples:
-        ids = processor.encode_conversation(s.conversations(), has_image=True)
+        ids = processor.encode(s.conversations(), has_image=True)
         pixels = processor.image_processor.to_uint8(PIL.Image.fromarray(s.image))[0]
         out.append((ids["input_ids"], ids["labels"], pixels, s.family))
     return out

@@ -9,7 +9,7 @@ Starts a local Ray cluster and the real Serve app (ingress + model deployment, o
 - (a) `continuous-bucketed`: what production serves (serve_apps.policy.ContinuousPolicy): continuous
   (iteration-level) batching, each step's prefill grouped by rate.
 - (b) `continuous-mixed` ([`MixedPolicy`]): continuous batching, one prefill group per step run at the densest rate
-  any member may need (serve_apps.compression.batch_rate: smallest forced factor, or 1 when `auto` is mixed in).
+  any member may need ([`batch_rate`]: smallest forced factor, or 1 when `auto` is mixed in).
 - (c) `continuous-dense` ([`DensePolicy`]): continuous batching, everything at compression 1.
 - (d) `static-bucketed` ([`StaticPolicy`]): the former static batcher (per-rate queues, a batch's rows stay until
   its last one finishes).
@@ -53,13 +53,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import numpy as np
 import PIL.Image
 
-from serve_apps.compression import Rate, batch_rate
+from dpn_model.configuration import CompressionSpec
+from serve_apps.compression import Rate, as_rate, factors_per_layer
 from serve_apps.policy import (
     BatchingConfig,
     ContinuousPolicy,
@@ -86,6 +88,32 @@ ENGINE_PHASES = ("prefill", "decode", "merge", "build", "loop_wait", "idle", "ot
 
 
 # -- the baselines: scheduling policies the production engine runs (serve_apps.policy) --------------------------
+
+
+def densest(rates: Sequence[Rate]) -> Rate:
+    """The rate a batch holding several forced `rates` runs at so that each member keeps at least the visual
+    tokens it asked for at every layer: per layer, the smallest factor any member applies there."""
+    own = [factors_per_layer(rate, 1) for rate in rates]  # a factor: (f,); a schedule: its own factors
+    lengths = {len(factors) for factors in own if len(factors) > 1}
+    if len(lengths) > 1:  # schedules of different models (a swap in between): the smallest factor everywhere
+        return min(min(factors) for factors in own)
+    layers = lengths.pop() if lengths else 1
+    per_layer = [factors_per_layer(rate, layers) for rate in rates]
+    return as_rate([min(column) for column in zip(*per_layer)])
+
+
+def batch_rate(requested: Sequence[Any]) -> Rate:
+    """The one rate a batch of requests that asked for `requested` runs at under [`MixedPolicy`] (the model applies
+    one rate per forward pass): their rate when they agree; else the densest any member may need, so that none
+    keeps fewer visual tokens than it asked for: 1 when one of them is routed (`auto`, with or without the cost
+    dial: the router may pick 1x), else per pooling layer the smallest factor any member applies there (`[2,
+    "1-2-4", 4]` runs at `"1-2-2"`). Production's queues keep one rate per batch (serve_apps.policy)."""
+    rates = {as_rate(value) for value in requested}
+    if len(rates) == 1:
+        return next(iter(rates))
+    if any(CompressionSpec.parse(rate).factors is None for rate in rates):
+        return 1
+    return densest(sorted(rates, key=str))
 
 
 class MixedPolicy(ContinuousPolicy):

@@ -12,6 +12,8 @@ and everything above can depend on it without a cycle and without slowing `dpn -
   config section (the jobs', serving's, the readers'), and its readable
   :class:`~dpn_base.config_models.ConfigError`.
 - :mod:`dpn_base.cli_harness`: how a command module runs, as `dpn X` and as `python -m <module>`.
+- :mod:`dpn_base.ray_session`: how every command joins Ray (which cluster; the variables its workers get),
+  importing Ray only when called.
 """
 
 from dpn_base.model_ref import ModelRef, RefKind

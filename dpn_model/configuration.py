@@ -506,16 +506,15 @@ def _parse_cost(text: str, value: Any) -> str:
 def routing_mode(value: Any) -> str | None:
     """`"auto"` (the router, with or without a cost dial), `"random"`, or None for a forced factor or schedule.
 
-    A lenient reading of an already parsed value (a report row's mode, a `Rate`): it checks nothing, and
-    returns None for anything that is not routed text. To parse, use [`CompressionSpec.parse`] and its `mode`.
+    A lenient reading of an already parsed value (a report row's mode label): [`CompressionSpec.parse`]'s `mode`,
+    so the syntax has one reader, but None instead of an error for a value that does not parse, since its callers
+    (reports, the oracle) only ask "is this row routed?" of labels the parser wrote. To validate, parse.
     """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ROUTING_MODES:
-            return text
-        if text.startswith("auto:"):
-            return "auto"
-    return None
+    try:
+        mode = CompressionSpec.parse(value).mode
+    except ValueError:
+        return None
+    return None if mode == "forced" else mode
 
 
 def router_cost(value: Any) -> float:
@@ -561,9 +560,9 @@ def parse_compression(value: Any, config: DPNConfig | None = None) -> Compressio
     return CompressionSpec.parse(value, config).raw
 
 
-def compression_schedule(value: Any, config: DPNConfig) -> list[int] | None:
-    """Expert index forced at each pooling layer, or `None` for the routed modes: [`CompressionSpec.expert_indices`]
-    (the name is historical: these are expert indices, not factors per layer)."""
+def forced_expert_indices(value: Any, config: DPNConfig) -> list[int] | None:
+    """Expert index (into `config.expert_strides`) forced at each pooling layer, or `None` for the routed modes:
+    [`CompressionSpec.expert_indices`]. Not a schedule: a schedule is factors per layer, these index the experts."""
     return CompressionSpec.parse(value, config).expert_indices(config)
 
 
@@ -583,7 +582,7 @@ __all__ = [
     "CompressionSpec",
     "DPNConfig",
     "compression_label",
-    "compression_schedule",
+    "forced_expert_indices",
     "parse_compression",
     "router_cost",
     "routing_mode",

@@ -266,15 +266,15 @@ def flop_counter(display: bool = False, depth: int = 2) -> FlopCounterMode:
 
 def _strides_per_pooling_layer(config: Any, compression: Any) -> list[tuple[int, int]]:
     """Stride of the expert each pooling layer applies under a forced `compression` (a factor or a schedule)."""
-    from dpn_model.configuration import compression_schedule
+    from dpn_model.configuration import forced_expert_indices
 
-    schedule = compression_schedule(compression, config)
-    if schedule is None:
+    experts = forced_expert_indices(compression, config)
+    if experts is None:
         raise ValueError(
             f"compression {compression!r} routes per sample, so its FLOPs depend on the data; give a factor or a "
             "schedule here, or pass the layer lengths the model reports (`layer_seq_lens`) to prefill_flops"
         )
-    return [tuple(config.expert_strides[expert]) for expert in schedule]
+    return [tuple(config.expert_strides[expert]) for expert in experts]
 
 
 def visual_tokens_per_layer(config: Any, compression: Any) -> list[int]:

@@ -600,7 +600,7 @@ class DPNProcessor(ProcessorMixin):
     def encode(
         self,
         messages: Sequence[Mapping[str, Any]],
-        images: Sequence[Any] | None = None,
+        has_image: bool = False,
         mode: str = "train",
         max_length: int | None = None,
         *,
@@ -612,12 +612,14 @@ class DPNProcessor(ProcessorMixin):
         Args:
             messages (`list[dict]`):
                 LLaVA `{"from", "value"}` or `{"role", "content"}` messages (see [`normalize_messages`]).
-            images (`list`, *optional*):
-                The sample's images, in any form (bytes, PIL, arrays): only how many there are matters here;
-                pixel values come from `self.image_processor` (see [`generation_inputs`]).
+            has_image (`bool`, *optional*, defaults to `False`):
+                Whether the sample has an image: ids do not depend on the image itself, only on its `<image>`
+                placeholder, so the image is not passed here (its pixel values come from `self.image_processor`,
+                see [`generation_inputs`] and `__call__`). Train mode: `<image>` is moved to (or added at) the start
+                of the first user turn, and without an image any `<image>` is an error.
             mode (`str`, *optional*, defaults to `"train"`):
-                `"train"`: the whole conversation with `labels` (only the answers learned, see
-                [`encode_conversation`]). `"generate"`: the prompt up to the trailing ` ASSISTANT:`, no labels.
+                `"train"`: the whole conversation with `labels` (only the answers and their `</s>` are learned).
+                `"generate"`: the prompt up to the trailing ` ASSISTANT:`, no labels.
             max_length (`int`, *optional*):
                 Longest sequence, image tokens included. Train mode drops trailing rounds / cuts the answer; generate
                 mode raises [`PromptTooLongError`] for a longer prompt.
@@ -631,8 +633,13 @@ class DPNProcessor(ProcessorMixin):
         Raises:
             [`ReservedTokenError`]: the text of a message (any role) holds a special or added token of the
             tokenizer ([`check_text`]); the error names the message and the token.
+            `TypeError`: `has_image` is not a `bool` (e.g. a list of images: pass `len(images) > 0`).
         """
-        has_image = images is not None and len(images) > 0
+        if not isinstance(has_image, bool):
+            raise TypeError(
+                f"has_image must be a bool (whether the sample has an image), got {type(has_image).__name__}; "
+                "pass `len(images) > 0` rather than the images"
+            )
         if mode == "train":
             return self._encode_train(messages, has_image, max_length)
         if mode != "generate":
@@ -672,21 +679,15 @@ class DPNProcessor(ProcessorMixin):
         """
         import torch
 
-        ids = self.encode(messages, images, mode="generate", max_length=max_length, image_first=image_first)
+        has_image = images is not None and len(images) > 0
+        ids = self.encode(
+            messages, has_image, mode="generate", max_length=max_length, image_first=image_first
+        )
         input_ids = torch.tensor([ids["input_ids"]], dtype=torch.long)
         data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if images is not None and len(images) > 0:
+        if has_image:
             data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return BatchFeature(data)
-
-    def encode_conversation(
-        self,
-        conversations: Sequence[Mapping[str, Any]],
-        has_image: bool,
-        max_length: int | None = None,
-    ) -> dict[str, Any]:
-        """[`encode`] in train mode, for callers that know only whether the sample has an image."""
-        return self._encode_train(conversations, has_image, max_length)
 
     def _encode_train(
         self,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dpn_base.cli_harness import run_module
 from dpn_base.config_models import ConfigError
+from dpn_base.model_ref import ModelRef, RefKind
 from jobs.console import console_and_log
 
 if TYPE_CHECKING:
@@ -188,7 +189,8 @@ def stage_evaluate(
         )
         return previous
     where = work / "quickstart" / "eval"
-    model_uri = f"models:/{args.registered_model}/{trained['version']}"
+    version = str(trained["version"])
+    model_uri = str(ModelRef(RefKind.REGISTRY_VERSION, name=args.registered_model, version=version))
     report = evaluate(
         EvalConfig(
             models=[ModelSpec(label="dpn", uri=model_uri, compressions=["auto", 1])],
@@ -231,17 +233,16 @@ def stage_register(out: TextIO, args: argparse.Namespace, trained: dict[str, Any
 
 
 def stage_serve(args: argparse.Namespace, version: str) -> str:
-    import ray
     from ray import serve
 
+    from dpn_base.ray_session import connect_ray
     from serve_apps.app import build_app
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    connect_ray()  # $RAY_ADDRESS or a new local Ray; the replicas get the driver's WORKER_ENV_VARS
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     app = build_app(
         {
-            "model": f"models:/{args.registered_model}@champion",
+            "model": str(ModelRef(RefKind.REGISTRY_ALIAS, name=args.registered_model, alias="champion")),
             "version": f"champion-{version}",
             "api_key_env": API_KEY_ENV,
         }

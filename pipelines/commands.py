@@ -105,13 +105,6 @@ def run(args: argparse.Namespace) -> int:
     return int(args._data_run(args) or 0)
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-
-
 def format_inspection(path: str, result: dict[str, Any]) -> str:
     """Human-readable report of :func:`pipelines.datasets.inspect_dataset`'s result."""
     lines = [
@@ -142,10 +135,11 @@ def format_inspection(path: str, result: dict[str, Any]) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from dpn_base.ray_session import connect_ray
     from pipelines.datasets import inspect_dataset
     from pipelines.policy import ReadPolicy
 
-    _init_ray(args.address)
+    connect_ray(args.address, log_to_driver=False)  # dpn_base.ray_session: the rule every job follows
     policy = ReadPolicy(allowed_image_roots=args.allow_image_root, tar_compression=args.tar_compression)
     result = inspect_dataset(
         args.path,

@@ -186,16 +186,16 @@ def tokenize_batch(
         ids, labs, answer, question = empty, empty, "", ""
         if not reasons[i]:
             turns = json.loads(batch["conversations"][i])
+            image = bool(has_image[i])  # encode reads only whether the sample has an image
             try:
-                images = [batch["image"][i]] if has_image[i] else None  # only their number matters here
                 if mode == "eval":
                     prompt, answer = split_prompt(turns)
                     processor.check_text(answer)  # never tokenized, but data text like every other turn
                     question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
-                    encoded = processor.encode(prompt, images, mode="generate", max_length=max_length)
+                    encoded = processor.encode(prompt, image, mode="generate", max_length=max_length)
                     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
                 else:
-                    encoded = processor.encode(turns, images, mode="train", max_length=max_length)
+                    encoded = processor.encode(turns, image, mode="train", max_length=max_length)
                     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
                     labs = np.asarray(encoded["labels"], dtype=np.int32)
             except PromptTooLongError:

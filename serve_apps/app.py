@@ -36,6 +36,7 @@ from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from dpn_base.config_models import validate_config
 from serve_apps.api import Overloaded, Settings, Unavailable, check_host_patterns, create_api
 from serve_apps.limits import Limits
 from serve_apps.metrics import serve_metrics
@@ -58,10 +59,10 @@ class AppArgs(BaseModel):
             path.
         served_model_name: Model id clients use.
         device, dtype: Where and how the model runs (`auto`: GPU + bf16 when present, else CPU + fp32).
-        batching: `BatchingConfig` fields (`max_num_seqs`, `max_prefill_tokens`, `waiting_served_ratio`,
-            `max_waiting_steps`, `batch_wait_timeout_s`, `history`).
-        limits: `Limits` fields (image bytes/pixels/count, prompt bytes and tokens, the per-request token budget,
-            max_tokens, remote images).
+        batching: The engine's `BatchingConfig` (`max_num_seqs`, `max_prefill_tokens`, `waiting_served_ratio`,
+            `max_waiting_steps`, `batch_wait_timeout_s`, `history`), validated here with the rest of the args.
+        limits: The request `Limits` (image bytes/pixels/count, prompt bytes and tokens, the per-request token
+            budget, max_tokens, remote images), validated here; both deployments receive the validated object.
         api_key_env: Environment variable with the API key, in the ingress replicas' environment (the k8s
             manifest reads it from the Secret `dpn-secrets`). Required unless `auth` is `none`: without it the
             ingress refuses to start.
@@ -87,8 +88,8 @@ class AppArgs(BaseModel):
     served_model_name: str = "dpn"
     device: str = "auto"
     dtype: str = "auto"
-    batching: dict[str, Any] = Field(default_factory=dict)
-    limits: dict[str, Any] = Field(default_factory=dict)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: Limits = Field(default_factory=Limits)
     api_key_env: str = "DPN_API_KEY"
     auth: Literal["api_key", "none"] = "api_key"
     allowed_hosts: list[str] = Field(default_factory=list)
@@ -170,12 +171,13 @@ class OpenAIIngress:
 
 
 def ingress_settings(settings: dict[str, Any]) -> Settings:
-    """The ingress's `Settings` from what `build_app` bound, checked where the replica starts: without an API key
+    """The ingress's `Settings` from what `build_app` bound (`limits`: the validated `Limits`, taken as it is),
+    checked where the replica starts: without an API key
     in its environment (and without `auth: none`) this raises `serve_apps.api.AuthNotConfigured`, naming the
     variable and the option, and the replica does not start."""
     parsed = Settings(
         served_model_name=settings["served_model_name"],
-        limits=Limits.from_dict(settings.get("limits")),
+        limits=settings.get("limits", Limits()),
         api_key_env=settings["api_key_env"],
         auth=settings.get("auth", "api_key"),
         allowed_hosts=tuple(settings.get("allowed_hosts", ())),
@@ -191,6 +193,9 @@ def ingress_settings(settings: dict[str, Any]) -> Settings:
 def build_app(args: dict[str, Any], policy: SchedulingPolicy | None = None) -> serve.Application:
     """Ray Serve app builder (`import_path: serve_apps.app:build_app`): validate `args`, bind the deployments.
 
+    `args` are validated once, here, sections included (a `dpn_base.config_models.ConfigError` names each wrong
+    key, `batching.max_num_seqs: must be >= 1, got 0`); the deployments receive the validated sections.
+
     Deployment options (replicas, autoscaling, resources, queue bounds) come from the config's `deployments`
     section (names `DPNServer` and `OpenAIIngress`) and override the defaults set here.
 
@@ -199,10 +204,8 @@ def build_app(args: dict[str, Any], policy: SchedulingPolicy | None = None) -> s
         policy: the replicas' scheduling policy (serve_apps.policy) in place of the production one, for the
             baselines of benchmarks/serve_load.py; a config file cannot give one (Serve passes `args` only).
     """
-    parsed = AppArgs.model_validate(dict(args))
-    batching = BatchingConfig.from_dict(parsed.batching)  # fail at build time on bad options
-    limits = Limits.from_dict(parsed.limits)
-    capacity = (policy if policy is not None else ContinuousPolicy(batching)).capacity
+    parsed = validate_config(AppArgs, args)  # fail at build time on bad options
+    capacity = (policy if policy is not None else ContinuousPolicy(parsed.batching)).capacity
     options = {
         # room for a full engine (the requests it runs at once) and as many again queued on the replica
         "max_ongoing_requests": max(64, 2 * capacity),
@@ -211,7 +214,7 @@ def build_app(args: dict[str, Any], policy: SchedulingPolicy | None = None) -> s
     }
     model = ModelDeployment.options(**options).bind(
         batching=parsed.batching,
-        limits=limits.to_dict(),
+        limits=parsed.limits,
         device=parsed.device,
         dtype=parsed.dtype,
         default_compression=parsed.default_compression,
@@ -220,7 +223,7 @@ def build_app(args: dict[str, Any], policy: SchedulingPolicy | None = None) -> s
     )
     settings = {
         "served_model_name": parsed.served_model_name,
-        "limits": limits.to_dict(),
+        "limits": parsed.limits,
         "api_key_env": parsed.api_key_env,
         "auth": parsed.auth,
         "allowed_hosts": parsed.allowed_hosts,

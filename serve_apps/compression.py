@@ -1,5 +1,6 @@
-"""The `compression` of a serving request: its forms, its check against the model, the rate it runs at, and the
-rate a batch of requests runs at ([`batch_rate`]): the one owner of the rules from a compression to a `Rate`.
+"""The `compression` of a serving request: its forms, its check against the model and the rate it runs at: the one
+owner of the rules from a compression to a `Rate`. (The rate a batch runs at is its queue's, serve_apps.policy's
+`RateQueues.group_rate`; the one-queue baseline's densest rate is benchmarks/serve_load.py's.)
 
 Serving accepts what `dpn_model.configuration.CompressionSpec.parse` (the one parser of a compression) accepts, but
 random routing:
@@ -16,7 +17,8 @@ answer, and no client gains from it.
 
 It is checked twice, each time as a 400 naming `compression`: for form at the ingress ([`check_form`]: ASCII
 text, integers and not booleans, at most `MAX_SCHEDULE_LENGTH` factors), and against the model on the replica,
-which knows its config ([`for_model`]: factors its experts have, one per pooling layer).
+which knows its config ([`for_model`]: factors its experts have, one per pooling layer). The `Rate` `for_model`
+returns is the request's from then on: it travels in the prepared request (serve_apps.generation) as it is.
 
 What queues, batch records and usage carry is the [`Rate`]: `"auto"`, `"auto:lambda=X"` (its canonical spelling,
 so equal dials share a queue), an `int` for a factor, or the schedule's `compression_label` (`"1-2-4"`). A uniform schedule (`[2, 2, 2]`) is its factor (`2`): the same computation, so it
@@ -131,12 +133,13 @@ def for_model(value: Any, config: Any) -> Rate:
 
 
 def as_rate(value: Any) -> Rate:
-    """`value` (checked for form) as a `Rate`, without a model config: for callers that build batches directly."""
+    """`value` (checked for form) as a `Rate`, without a model config: for code that has no model at hand (the
+    benchmarks' baselines); a replica uses [`for_model`]."""
     return _canonical(_checked(value))
 
 
 def _forced(rate: Rate) -> CompressionSpec:
-    """A forced `rate` parsed (a routed one has no factors to compare: [`batch_rate`] runs those at 1)."""
+    """A forced `rate` parsed (a routed one has no factors per layer)."""
     spec = CompressionSpec.parse(rate)
     if spec.factors is None:
         raise ValueError(
@@ -151,34 +154,6 @@ def factors_per_layer(rate: Rate, layers: int) -> tuple[int, ...]:
     return _forced(rate).factors_per_layer(layers)
 
 
-def densest(rates: Sequence[Rate]) -> Rate:
-    """The rate a batch holding several forced `rates` runs at so that each member keeps at least the visual
-    tokens it asked for at every layer: per layer, the smallest factor any member applies there."""
-    specs = [_forced(r) for r in rates]
-    lengths = {len(s.factors) for s in specs if isinstance(s.factors, tuple)}
-    if len(lengths) > 1:  # schedules of different models (a swap in between): the smallest factor everywhere
-        return min(min(s.factors_per_layer(1)) for s in specs)
-    layers = lengths.pop() if lengths else 1
-    per_layer = [s.factors_per_layer(layers) for s in specs]
-    return _canonical(CompressionSpec("forced", factors=tuple(min(column) for column in zip(*per_layer))))
-
-
-def batch_rate(requested: Sequence[Any]) -> Rate:
-    """The one rate a batch of requests that asked for `requested` runs at (the model applies one rate per forward
-    pass): their rate when they agree; else the densest any member may need, so that none keeps fewer visual
-    tokens than it asked for: 1 when one of them is routed (`auto`, with or without the cost dial: the router may
-    pick 1x), else per pooling layer the smallest factor any member applies there (`[2, "1-2-4", 4]` runs at
-    `"1-2-2"`). The engine's queues keep one rate per batch; the one-queue baseline of benchmarks/serve_load.py
-    mixes them."""
-    specs = [_checked(rate) for rate in requested]
-    rates = {_canonical(spec) for spec in specs}
-    if len(rates) == 1:
-        return next(iter(rates))
-    if any(spec.factors is None for spec in specs):
-        return 1
-    return densest(sorted(rates, key=str))
-
-
 __all__ = [
     "FORMS",
     "MAX_SCHEDULE_LENGTH",
@@ -187,9 +162,7 @@ __all__ = [
     "Rate",
     "allowed",
     "as_rate",
-    "batch_rate",
     "check_form",
-    "densest",
     "factors_per_layer",
     "for_model",
 ]

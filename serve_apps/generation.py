@@ -31,7 +31,7 @@ import torch
 
 from dpn_model.processing import ReservedTokenError
 from serve_apps.batch_cache import BatchCache, left_padded, segments
-from serve_apps.compression import Rate, as_rate
+from serve_apps.compression import Rate
 from serve_apps.events import DeltaEvent, ErrorEvent, Event, FinalEvent
 from serve_apps.sampling import ReservedMask, sample_token, seeded_generator, token_logprobs
 from serve_apps.stopping import cut_at_stop, releasable
@@ -62,7 +62,9 @@ class Prepared:
     top_p: float
     seed: int | None
     stop: list[str]
-    compression: Rate  # what the request asked for: "auto", a factor, or a schedule's label ("1-2-4")
+    # what the request asked for, as serve_apps.compression.for_model made it on arrival (its one parse): "auto",
+    # "auto:lambda=X", a factor, or a schedule's label ("1-2-4"); queues, batches and usage take it as it is
+    compression: Rate
     request_id: str = ""
     ignore_eos: bool = False
     logprobs: bool = False  # report each generated token's logprob (OpenAI's `logprobs`)
@@ -76,7 +78,8 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         processor: a `DPNProcessor`.
         request: `messages` (OpenAI role/content, images as `image_url` parts), `images` (in order: the
             ingress's decoded `(H, W, 3)` uint8 arrays, or encoded image bytes), `max_tokens`, `temperature`,
-            `top_p`, `seed`, `stop`, `compression`, `request_id`.
+            `top_p`, `seed`, `stop`, `compression` (the `Rate` serve_apps.compression.for_model gave it, kept as
+            it is; default `"auto"`), `request_id`.
         max_prompt_tokens: longest prompt allowed, counting the image tokens.
 
     Raises:
@@ -85,7 +88,7 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
     """
     images = request.get("images") or None
     try:  # a chat request: its image parts stay where the client put them
-        input_ids = processor.encode(request["messages"], images, mode="generate", image_first=False)[
+        input_ids = processor.encode(request["messages"], bool(images), mode="generate", image_first=False)[
             "input_ids"
         ]
     except ReservedTokenError as exc:  # the processor's one special-token rule (DPNProcessor.check_text)
@@ -115,7 +118,7 @@ def prepare(processor: Any, request: dict[str, Any], max_prompt_tokens: int) -> 
         top_p=1.0 if request.get("top_p") is None else float(request["top_p"]),
         seed=request.get("seed"),
         stop=list(request.get("stop") or []),
-        compression=as_rate(request.get("compression", "auto")),
+        compression=request.get("compression", "auto"),
         request_id=request.get("request_id", ""),
         ignore_eos=bool(request.get("ignore_eos", False)),
         logprobs=bool(request.get("logprobs", False)),
@@ -165,8 +168,8 @@ class BatchRun:
         model: a `DPNForConditionalGeneration` in eval mode.
         processor: its `DPNProcessor` (tokenizer for padding, stop handling and detokenization).
         requests: the batch; all run with `compression`.
-        compression: `"auto"`, a forced factor, or a schedule (`"1-2-4"`, `[1, 2, 4]`) the model runs this batch
-            at; kept (and reported) as its `Rate`.
+        compression: the `Rate` the model runs this batch at (`"auto"`, a forced factor, or a schedule's label
+            such as `"1-2-4"`: its prefill group's, serve_apps.policy), kept and reported as it is.
         queue: the name of the queue the batch came from (for observability).
         resume: rows carried over from a batch whose decode step failed (`split_row`), in place of fresh ones.
     """
@@ -176,14 +179,14 @@ class BatchRun:
         model: Any,
         processor: Any,
         requests: list[Prepared],
-        compression: Rate | list[int],
+        compression: Rate,
         queue: str,
         resume: list[Row] | None = None,
     ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.compression = as_rate(compression)
+        self.compression = compression
         self.batch_id = next(_batch_ids)
         self.info: dict[str, Any] = {
             "id": self.batch_id,

@@ -39,6 +39,7 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from dpn_base.config_models import ConfigModel
 from serve_apps import compression, loading, metrics
 from serve_apps.events import ErrorEvent, Event, StartEvent
 from serve_apps.generation import Prepared, PromptError, prepare
@@ -55,12 +56,26 @@ def default_version(ref: str) -> str:
     return "model-" + hashlib.sha256(ref.encode()).hexdigest()[:12]
 
 
+def _section(value: Any, cls: type[ConfigModel], name: str) -> Any:
+    """`value`, a validated config section (its defaults when None): the app args validated it once, so a replica
+    takes it as it is; a mapping here is a caller's mistake, said so rather than failing later."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise TypeError(
+            f"{name} must be a {cls.__name__} (serve_apps.app.AppArgs validates the serve config's {name!r} "
+            f"section), got {type(value).__name__}: build it with {cls.__name__}.from_dict"
+        )
+    return value
+
+
 class DPNServer:
     """A replica: the model, its processor, per-rate batch queues and a record of the batches run.
 
     Args:
-        batching: `BatchingConfig` fields.
-        limits: `Limits` fields (the replica checks `max_prompt_tokens`).
+        batching: the engine's `BatchingConfig`, validated where the app args are (serve_apps.app.AppArgs);
+            default: its defaults.
+        limits: the request `Limits`, validated likewise (the replica checks `max_prompt_tokens`).
         device: `auto`, `cpu`, `cuda`, ...
         dtype: `auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`.
         model: model ref to load at start when no `user_config` is given (e.g. in tests without Serve).
@@ -75,8 +90,8 @@ class DPNServer:
 
     def __init__(
         self,
-        batching: dict[str, Any] | None = None,
-        limits: dict[str, Any] | None = None,
+        batching: BatchingConfig | None = None,
+        limits: Limits | None = None,
         device: str = "auto",
         dtype: str = "auto",
         model: str | None = None,
@@ -84,8 +99,8 @@ class DPNServer:
         encoder_cache_bytes: int = 0,
         policy: SchedulingPolicy | None = None,
     ):
-        self.batching = BatchingConfig.from_dict(batching)
-        self.limits = Limits.from_dict(limits)
+        self.batching = _section(batching, BatchingConfig, "batching")
+        self.limits = _section(limits, Limits, "limits")
         self.device, self.dtype = device, dtype
         if encoder_cache_bytes < 0:
             raise ValueError(

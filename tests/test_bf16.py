@@ -257,9 +257,13 @@ def _serve(path: str, dtype: str, compressions: list[str | int]) -> tuple[dict[s
     """Every test prompt at every rate through one replica (`DPNServer` without Ray Serve): its info and
     each request's events."""
     from serve_apps.model import DPNServer
+    from serve_apps.policy import BatchingConfig
 
     server = DPNServer(
-        batching={"max_num_seqs": 8, "batch_wait_timeout_s": 0.05}, device="cpu", dtype=dtype, model=path
+        batching=BatchingConfig(max_num_seqs=8, batch_wait_timeout_s=0.05),
+        device="cpu",
+        dtype=dtype,
+        model=path,
     )
 
     async def one(req: dict[str, Any]) -> list[Any]:
@@ -305,7 +309,7 @@ def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
     import torch.distributed as dist
 
     from jobs.training.driver import DEEPSPEED_CONFIG_DIR
-    from jobs.training.loop import apply_freezing, deepspeed_config, load_model, setup_engine
+    from jobs.training.loop import apply_freezing, deepspeed_config, load_train_model, setup_engine
 
     port = free_port()
     for key, value in {
@@ -317,7 +321,7 @@ def test_deepspeed_bf16_zero2_trains_on_cpu(fitted, monkeypatch):
         "LOCAL_WORLD_SIZE": "1",
     }.items():
         monkeypatch.setenv(key, value)
-    model = load_model(fitted["random"])  # the plain random tiny model, fp32 as the loop loads it
+    model = load_train_model(fitted["random"])  # the plain random tiny model, fp32 as the loop loads it
     apply_freezing(model, freeze_vision_tower=False, freeze_projector=False, freeze_language_model=False)
     model.config.use_cache = False
     model.config.text_config.use_cache = False

@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from small_config import make_config
 
 from dpn_model import CompressionSpec, DPNConfig
-from dpn_model.configuration import compression_label, compression_schedule, parse_compression, router_cost
+from dpn_model.configuration import (
+    compression_label,
+    forced_expert_indices,
+    parse_compression,
+    router_cost,
+    routing_mode,
+)
 from dpn_model.pyramid import RoutingPlan
 from jobs.evaluation.config import parse_compressions
 from serve_apps import compression as serving
@@ -54,8 +60,19 @@ def test_every_form_parses_to_one_typed_value(config, value, expected):
     # the thin functions are the typed value's views
     assert parse_compression(value, config) == spec.raw
     assert compression_label(value) == label
-    assert compression_schedule(value, config) == indices
+    assert forced_expert_indices(value, config) == indices
     assert router_cost(value) == cost
+    assert routing_mode(value) == (None if mode == "forced" else mode)
+    assert routing_mode(label) == routing_mode(value)  # a report row's label reads the same as the value
+
+
+@pytest.mark.parametrize(
+    "value", ["auto:lambda=x", "auto:", "autox", "junk", "(1, 2, 4)", "", None, 2.5, True]
+)
+def test_routing_mode_of_what_does_not_parse_is_none(value):
+    """The lenient view asks the one parser: text it refuses, even text that starts like the dial, is not routed
+    (a second reading of the syntax used to call "auto:" and "auto:lambda=x" routed)."""
+    assert routing_mode(value) is None
 
 
 @pytest.mark.parametrize("value", [v for v, _ in FORMS], ids=[repr(v) for v, _ in FORMS])
@@ -153,8 +170,6 @@ def test_serving_rates_and_evaluation_modes_are_unchanged(config):
     assert rates == ["auto", "auto:lambda=0.5", 2, 2, 2, "1-2-4"]
     assert serving.as_rate([1, 2, 4]) == "1-2-4" and serving.as_rate("4") == 4
     assert serving.factors_per_layer(2, 3) == (2, 2, 2) and serving.factors_per_layer("1-2-4", 3) == (1, 2, 4)
-    assert serving.densest([2, "1-2-4", 4]) == "1-2-2" and serving.densest([4, "4-2-4"]) == "4-2-4"
-    assert serving.batch_rate(["auto:lambda=1", 4]) == 1 and serving.batch_rate([[4, 4, 4], 4]) == 4
     with pytest.raises(ValueError, match="is routed"):
         serving.factors_per_layer("auto", 3)
     assert parse_compressions("auto,1,[1,2,4],1-2-4,auto:lambda=0.50,[2]") == [

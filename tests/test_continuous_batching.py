@@ -20,7 +20,8 @@ from serve_apps.generation import BatchRun, prepare
 from serve_apps.policy import BatchingConfig
 from serve_apps.scheduler import Scheduler
 
-RATES = [1, 2, 4, "auto", [1, 2, 4]]
+# as the replica's serve_apps.compression.for_model gives them to `prepare` (a schedule as its label)
+RATES = [1, 2, 4, "auto", "1-2-4"]
 
 
 @pytest.fixture(scope="module")

@@ -119,4 +119,3 @@ def test_serving_accepts_the_dial_and_runs_it_as_its_own_rate():
     assert compression.for_model("auto:lambda=0", config) == "auto"
     with pytest.raises(ValueError, match="auto:lambda=X"):
         compression.check_form("auto:lambda=fast")
-    assert compression.batch_rate(["auto:lambda=2", 4]) == 1  # a routed member may need every visual token

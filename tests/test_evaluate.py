@@ -221,7 +221,7 @@ def test_flops_ratios_agree_with_dpn_model_flops(report, workspace):
     expected = {m: [] for m in (1, 2, 4)}
     for s in samples:
         turns = [{"from": "human", "value": f"<image>\n{s.question}"}]
-        ids = processor.encode(turns, [None], mode="generate")["input_ids"]
+        ids = processor.encode(turns, True, mode="generate")["input_ids"]
         text_len = len(ids) - ids.count(config.image_token_id)
         for m in expected:
             lens = flops.layer_seq_lens_for(config, text_len, m)

@@ -64,7 +64,7 @@ def test_no_api_key_refuses_to_start(monkeypatch):
     # where the Serve ingress replica starts: it does not start
     bound = {
         "served_model_name": "dpn",
-        "limits": Limits().to_dict(),
+        "limits": Limits(),
         "api_key_env": KEY_ENV,
         "auth": "api_key",
         "allowed_hosts": [],

@@ -285,7 +285,7 @@ def test_label_masking_only_answers_are_learned(processor, config):
         {"from": "human", "value": "How many small squares are there?"},
         {"from": "gpt", "value": "3"},
     ]
-    encoded = processor.encode_conversation(conversation, has_image=True, max_length=512)
+    encoded = processor.encode(conversation, has_image=True, max_length=512)
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert len(ids) == len(labels) and not encoded["truncated"]
     tokenizer = processor.tokenizer
@@ -312,15 +312,15 @@ def test_label_masking_only_answers_are_learned(processor, config):
 
 def test_answer_tokens_match_standalone_encoding(processor):
     for answer in ("red", "top left", "3", "yes"):
-        encoded = processor.encode_conversation(_conversation(answer=answer), has_image=True)
+        encoded = processor.encode(_conversation(answer=answer), has_image=True)
         learned = [label for label in encoded["labels"] if label != IGNORE_INDEX]
         assert learned == processor.tokenizer.encode(answer, add_special_tokens=False) + [
             processor.tokenizer.eos_token_id
         ]
 
 
-def test_encode_conversation_without_image(processor, config):
-    encoded = processor.encode_conversation(
+def test_encode_without_image(processor, config):
+    encoded = processor.encode(
         [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}], has_image=False
     )
     assert config.image_token_id not in encoded["input_ids"]
@@ -328,16 +328,25 @@ def test_encode_conversation_without_image(processor, config):
         config.router_token_id not in encoded["input_ids"]
     )  # text only: never pooled, no router (reference)
     with pytest.raises(ReservedTokenError, match="'<image>'"):  # typed <image>, no image: not a marker
-        processor.encode_conversation(_conversation(), has_image=False)
+        processor.encode(_conversation(), has_image=False)
     image_part = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]}]
     with pytest.raises(ValueError, match="has_image=False"):  # an image part, no image
-        processor.encode_conversation([*image_part, {"role": "assistant", "content": "red"}], has_image=False)
-    added = processor.encode_conversation(
+        processor.encode([*image_part, {"role": "assistant", "content": "red"}], has_image=False)
+    added = processor.encode(
         [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "red"}], has_image=True
     )
     assert added["input_ids"].count(config.image_token_id) == config.image_seq_length
     with pytest.raises(ValueError, match="no assistant answer"):
-        processor.encode_conversation([{"from": "human", "value": "<image>\nColor?"}], has_image=True)
+        processor.encode([{"from": "human", "value": "<image>\nColor?"}], has_image=True)
+
+
+def test_encode_takes_whether_there_is_an_image_not_the_images(processor):
+    """`encode` reads only whether the sample has an image: the images themselves are refused, so a caller
+    written for the old `encode(messages, images)` fails loudly rather than passing a list where a flag goes."""
+    with pytest.raises(TypeError, match="has_image must be a bool"):
+        processor.encode(_conversation(), [b"png"])
+    with pytest.raises(TypeError, match="has_image must be a bool"):
+        processor.encode(_conversation(), None, mode="generate")
 
 
 def test_truncation_drops_rounds_and_never_cuts_image(processor, config):
@@ -345,22 +354,22 @@ def test_truncation_drops_rounds_and_never_cuts_image(processor, config):
         {"from": "human", "value": "Where is the small dot?"},
         {"from": "gpt", "value": "top left"},
     ]
-    full = processor.encode_conversation(conversation, has_image=True)
-    one_round = processor.encode_conversation(_conversation(), has_image=True)
+    full = processor.encode(conversation, has_image=True)
+    one_round = processor.encode(_conversation(), has_image=True)
     # Too long for two rounds: the second round goes, the router moves to the first question.
-    kept = processor.encode_conversation(conversation, has_image=True, max_length=len(full["input_ids"]) - 1)
+    kept = processor.encode(conversation, has_image=True, max_length=len(full["input_ids"]) - 1)
     assert kept["truncated"] and kept["input_ids"] == one_round["input_ids"]
     assert kept["input_ids"].count(config.router_token_id) == 1
     # Too long even for one full answer: the answer is cut, the image tokens stay whole.
-    cut = processor.encode_conversation(_conversation(answer="top left"), has_image=True)
-    short = processor.encode_conversation(
+    cut = processor.encode(_conversation(answer="top left"), has_image=True)
+    short = processor.encode(
         _conversation(answer="top left"), has_image=True, max_length=len(cut["input_ids"]) - 1
     )
     assert short["truncated"] and len(short["input_ids"]) == len(cut["input_ids"]) - 1
     assert short["input_ids"].count(config.image_token_id) == config.image_seq_length
     prompt_length = len(cut["input_ids"]) - sum(label != IGNORE_INDEX for label in cut["labels"])
     with pytest.raises(PromptTooLongError, match="max_length"):
-        processor.encode_conversation(_conversation(), has_image=True, max_length=prompt_length)
+        processor.encode(_conversation(), has_image=True, max_length=prompt_length)
     assert issubclass(PromptTooLongError, ValueError)
 
 
@@ -372,25 +381,25 @@ def _two_rounds():
 
 
 def test_every_kept_round_has_a_router_after_truncation(processor, config):
-    full = processor.encode_conversation(_two_rounds(), has_image=True)
+    full = processor.encode(_two_rounds(), has_image=True)
     assert full["input_ids"].count(config.router_token_id) == 2
-    kept = processor.encode_conversation(_two_rounds(), has_image=True, max_length=len(full["input_ids"]) - 1)
+    kept = processor.encode(_two_rounds(), has_image=True, max_length=len(full["input_ids"]) - 1)
     assert kept["truncated"] and kept["input_ids"].count(config.router_token_id) == 1
     # the exact budget of two rounds (with both routers) still keeps both
-    exact = processor.encode_conversation(_two_rounds(), has_image=True, max_length=len(full["input_ids"]))
+    exact = processor.encode(_two_rounds(), has_image=True, max_length=len(full["input_ids"]))
     assert not exact["truncated"] and exact["input_ids"] == full["input_ids"]
 
 
-def test_encode_conversation_last_user_turn_option(config, tokenizer):
+def test_encode_last_user_turn_option(config, tokenizer):
     legacy = DPNProcessor.from_model_config(config, tokenizer, router_placement="last_user_turn")
-    encoded = legacy.encode_conversation(_two_rounds(), has_image=True)
+    encoded = legacy.encode(_two_rounds(), has_image=True)
     ids, labels = encoded["input_ids"], encoded["labels"]
     assert ids.count(config.router_token_id) == 1
     router = ids.index(config.router_token_id)
     assert labels[router] == IGNORE_INDEX
     assert tokenizer.decode(ids[router - 6 : router]).rstrip().endswith("small dot?")
     text_only = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
-    assert config.router_token_id in legacy.encode_conversation(text_only, has_image=False)["input_ids"]
+    assert config.router_token_id in legacy.encode(text_only, has_image=False)["input_ids"]
     with pytest.raises(ValueError, match="router_placement"):
         DPNProcessor.from_model_config(config, tokenizer, router_placement="every_turn")
     # a model config of the earlier semantics gets the earlier format
@@ -447,7 +456,7 @@ def test_data_pipeline_puts_a_router_after_every_user_turn(processor, config):
     evaluation = tokenize_batch(batch, processor, max_length=512, mode="eval")
     prompt_ids = evaluation["input_ids"][0].tolist()
     assert prompt_ids.count(config.router_token_id) == 2
-    assert prompt_ids == processor.encode(conversation[:3], [None], mode="generate")["input_ids"]
+    assert prompt_ids == processor.encode(conversation[:3], True, mode="generate")["input_ids"]
     assert prompt_ids == ids[: len(prompt_ids)]  # the training sequence starts with the same prompt
 
 
@@ -478,7 +487,7 @@ def test_save_load_round_trip_through_auto_processor(processor, tmp_path):
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
     torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
     conversation = _conversation()
-    assert loaded.encode_conversation(conversation, True) == processor.encode_conversation(conversation, True)
+    assert loaded.encode(conversation, True) == processor.encode(conversation, True)
 
 
 def _llava_like_tokenizer() -> PreTrainedTokenizerFast:
@@ -514,7 +523,7 @@ def test_real_llava_style_tokenizer_with_added_router(tmp_path):
     processor = DPNProcessor(
         DPNImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer, image_seq_length=9
     )
-    encoded = processor.encode_conversation(_conversation("What color is the circle?"), has_image=True)
+    encoded = processor.encode(_conversation("What color is the circle?"), has_image=True)
     assert (
         encoded["input_ids"].count(image_id) == 9 and encoded["input_ids"].count(ids["router_token_id"]) == 1
     )

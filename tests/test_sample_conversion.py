@@ -103,7 +103,7 @@ def test_training_eval_and_serving_give_the_same_prompt_ids(processor, tmp_path)
     assert train_ids[: len(eval_ids)] == eval_ids  # training's sequence starts with the same prompt
     turns = json.loads(_llava_row()["conversations"][0])
     assert (
-        labels == processor.encode(turns, images=[_png()], mode="train")["labels"]
+        labels == processor.encode(turns, has_image=True, mode="train")["labels"]
     )  # answers only: see below
     assert eval_ids.count(processor.image_token_id) == processor.image_seq_length
     assert eval_ids.count(processor.router_token_id) == 2  # after both user turns of a sample with an image
@@ -118,7 +118,7 @@ def test_training_eval_and_serving_give_the_same_prompt_ids(processor, tmp_path)
 def test_train_labels_cover_the_answers_only(processor):
     row = _llava_row()
     turns = json.loads(row["conversations"][0])
-    encoded = processor.encode(turns, images=[row["image"][0]], mode="train")
+    encoded = processor.encode(turns, has_image=True, mode="train")
     ids, labels = encoded["input_ids"], encoded["labels"]
     learned = [label for label in labels if label != IGNORE_INDEX]
     eos = processor.tokenizer.eos_token_id
@@ -135,7 +135,7 @@ def test_train_labels_cover_the_answers_only(processor):
 
 def test_encode_modes_and_errors(processor):
     turns = [{"from": "human", "value": QUESTIONS[0]}]
-    generate = processor.encode(turns, images=[b"png"], mode="generate")
+    generate = processor.encode(turns, has_image=True, mode="generate")
     assert set(generate) == {"input_ids"}
     assert generate["input_ids"].count(processor.image_token_id) == processor.image_seq_length  # image first
     plain = processor.encode(turns, mode="generate")
@@ -145,7 +145,7 @@ def test_encode_modes_and_errors(processor):
     from dpn_model.processing import PromptTooLongError
 
     with pytest.raises(PromptTooLongError):
-        processor.encode(turns, images=[b"png"], mode="generate", max_length=4)
+        processor.encode(turns, has_image=True, mode="generate", max_length=4)
 
 
 def test_a_forged_turn_is_refused_on_every_path(processor, tmp_path):

@@ -10,7 +10,7 @@ from small_config import IMAGE, PAD, ROUTER, VOCAB, make_config
 
 from dpn_model import DPNConfig, DPNForConditionalGeneration
 from dpn_model import flops as flops_lib
-from dpn_model.configuration import compression_label, compression_schedule, parse_compression
+from dpn_model.configuration import compression_label, forced_expert_indices, parse_compression
 
 
 def prompt(pre: int = 3, post: int = 4) -> list[int]:
@@ -74,7 +74,7 @@ def test_parse_compression_errors_are_clear(config, value, message):
 def test_allowed_factors_come_from_the_experts():
     config = make_config(expert_strides=[[1, 1], [2, 2], [4, 4]], routing_loss_scales=[0, 1, 2])
     assert parse_compression("1,4,16", config) == (1, 4, 16)
-    assert compression_schedule("1,4,16", config) == [0, 1, 2]
+    assert forced_expert_indices("1,4,16", config) == [0, 1, 2]
     with pytest.raises(ValueError, match=r"\[2\] match no pooling expert"):
         parse_compression([1, 2, 4], config)
     # any object with the two fields will do (the training config checks before a model exists)
@@ -86,10 +86,10 @@ def test_allowed_factors_come_from_the_experts():
     assert parse_compression("3,5") == (3, 5)
 
 
-def test_compression_schedule_and_label(config):
-    assert compression_schedule(2, config) == [1, 1, 1]
-    assert compression_schedule([1, 2, 4], config) == [0, 1, 2]
-    assert compression_schedule("auto", config) is None and compression_schedule("random", config) is None
+def test_forced_expert_indices_and_label(config):
+    assert forced_expert_indices(2, config) == [1, 1, 1]
+    assert forced_expert_indices([1, 2, 4], config) == [0, 1, 2]
+    assert forced_expert_indices("auto", config) is None and forced_expert_indices("random", config) is None
     assert [compression_label(v) for v in ("auto", 2, [1, 2, 4], "1,2,4")] == ["auto", "2", "1-2-4", "1-2-4"]
 
 

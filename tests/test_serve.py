@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from serve_cluster import free_port
 
 from serve_apps.api import Overloaded, Settings, create_api
-from serve_apps.compression import batch_rate
 from serve_apps.events import DeltaEvent, ErrorEvent, FinalEvent, StartEvent
 from serve_apps.limits import Limits
 from serve_apps.policy import RETIRED_KEYS, BatchingConfig
@@ -381,17 +380,7 @@ def test_openai_client_against_in_process_app(client):
     assert out.usage.model_extra["prefill_flops_saved"] == 0.4
 
 
-def test_mixed_queue_runs_at_densest_needed_rate():
-    assert batch_rate([4, 4]) == 4
-    assert batch_rate([2, 4, 4]) == 2
-    assert batch_rate(["auto", 4]) == 1
-    assert batch_rate(["auto", "auto"]) == "auto"
-    # schedules: per pooling layer, the smallest factor any member applies there
-    assert batch_rate(["1-2-4", [1, 2, 4]]) == "1-2-4"
-    assert batch_rate([2, "1-2-4"]) == "1-2-2"
-    assert batch_rate(["1-2-4", "4-2-1", 4]) == "1-2-1"
-    assert batch_rate(["2-2-2", 4]) == 2  # a uniform schedule is its factor
-    assert batch_rate(["auto", "1-2-4"]) == 1
+def test_unknown_limit_keys_are_named():
     with pytest.raises(ValueError, match=r"unknown config key limits\.max_image_byte .*valid keys"):
         Limits.from_dict({"max_image_byte": 1})
 
@@ -407,9 +396,8 @@ def test_serve_configs_are_valid(name):
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
     assert app["import_path"] == "serve_apps.app:build_app"
-    args = AppArgs.model_validate(app["args"])
-    Limits.from_dict(args.limits), BatchingConfig.from_dict(args.batching)
-    assert not set(args.batching) & set(RETIRED_KEYS)  # each key the shipped configs set does something
+    args = AppArgs.model_validate(app["args"])  # its sections too: batching and limits are typed
+    assert not set(app["args"].get("batching", {})) & set(RETIRED_KEYS)  # each key set does something
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"DPNServer", "OpenAIIngress"}
     for deployment in deployments.values():
@@ -562,14 +550,15 @@ def _schedule(tiny, mode: str, rates: list) -> list[dict[str, Any]]:
     (production's policy) or `mixed` (the one-queue baseline of benchmarks/serve_load.py)."""
     import asyncio
 
+    from serve_apps.compression import for_model
     from serve_apps.scheduler import Scheduler
 
     model, processor = tiny
     records: list[dict[str, Any]] = []
     config = BatchingConfig(batch_wait_timeout_s=0.05)
     policy = serve_load().MixedPolicy(config) if mode == "mixed" else None
-    items = [
-        prepared_request(processor, f"Question {i}?", compression=rate, max_tokens=2)
+    items = [  # each rate as the replica makes it on arrival (its one parse), then taken as it is
+        prepared_request(processor, f"Question {i}?", compression=for_model(rate, model.config), max_tokens=2)
         for i, rate in enumerate(rates)
     ]
 
@@ -598,7 +587,7 @@ def test_scheduler_batches_hold_one_rate(tiny):
     # the one-queue baseline does mix rates in a batch and runs it at the densest rate needed
     mixed = _schedule(tiny, "mixed", rates)
     assert any(len(set(r["requested"])) > 1 for r in mixed)
-    assert all(r["rate"] == batch_rate(r["requested"]) for r in mixed)
+    assert all(r["rate"] == serve_load().batch_rate(r["requested"]) for r in mixed)
 
 
 # ------------------------------------------------------------------------------------------- compression schedules
@@ -683,7 +672,7 @@ def local(checkpoints):
     from serve_apps.model import DPNServer
 
     server = DPNServer(
-        batching={"batch_wait_timeout_s": 0.02},
+        batching=BatchingConfig(batch_wait_timeout_s=0.02),
         device="cpu",
         dtype="float32",
         model=checkpoints[0],
@@ -781,7 +770,7 @@ def test_one_schedule_one_queue_whatever_its_form(tiny):
         sizes[record["rate"]] += record["size"]
     assert sizes == {"1-2-4": 3, 2: 2, "4-2-1": 1}  # [2, 2, 2] is factor 2: the same computation, its queue
     mixed = _schedule(tiny, "mixed", rates)
-    assert all(r["rate"] == batch_rate(r["requested"]) for r in mixed)
+    assert all(r["rate"] == serve_load().batch_rate(r["requested"]) for r in mixed)
     assert any(isinstance(r["rate"], str) and "-" in r["rate"] for r in mixed)
 
 

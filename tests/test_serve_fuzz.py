@@ -334,11 +334,12 @@ def test_fuzz_fake_backend_never_5xx(fake_client, body):
 def model_client(tmp_path_factory):
     from dpn_model.presets import create_checkpoint
     from serve_apps.model import DPNServer
+    from serve_apps.policy import BatchingConfig
 
     checkpoint = create_checkpoint("tiny", str(tmp_path_factory.mktemp("fuzz") / "ckpt"), seed=0)
     server = DPNServer(
-        batching={"batch_wait_timeout_s": 0.01},
-        limits=LIMITS.to_dict(),
+        batching=BatchingConfig(batch_wait_timeout_s=0.01),
+        limits=LIMITS,
         device="cpu",
         dtype="float32",
         model=checkpoint,

@@ -112,6 +112,35 @@ def test_retired_batching_keys_load_with_a_warning_or_say_where_the_engine_went(
         BatchingConfig.from_dict({"max_queue_delay_s": -1})
 
 
+def test_app_args_validate_their_sections_once_and_the_replica_takes_them_as_they_are():
+    from serve_apps.app import build_app
+    from serve_apps.limits import Limits
+    from serve_apps.model import DPNServer
+
+    # the messages the sections' own validation gives, naming the dotted key
+    with pytest.raises(ConfigError, match=r"^batching\.max_num_seqs: must be >= 1, got 0$"):
+        build_app({"model": "m", "batching": {"max_num_seqs": 0}})
+    with pytest.raises(ConfigError, match=r"^unknown config key limits\.max_image_byte in section 'limits'"):
+        build_app({"model": "m", "limits": {"max_image_byte": 1}})
+    with pytest.raises(ConfigError, match=r"^batching: mode: dense is no longer served"):
+        build_app({"model": "m", "batching": {"mode": "dense"}})
+    app = build_app(
+        {
+            "model": "m",
+            "batching": {"max_num_seqs": 4, "max_batch_size": 2},
+            "limits": {"max_tokens": 16, "default_max_tokens": 8},
+        }
+    )
+    # both deployments get the validated sections themselves: nothing for a replica to validate again
+    ingress = app._bound_deployment
+    model, settings = ingress.init_args[0]._bound_deployment, ingress.init_args[1]
+    assert model.init_kwargs["batching"] == BatchingConfig(max_num_seqs=4, max_batch_size=2)
+    limits = model.init_kwargs["limits"]
+    assert isinstance(limits, Limits) and limits.max_tokens == 16 and settings["limits"] is limits
+    with pytest.raises(TypeError, match=r"batching must be a BatchingConfig .*got dict"):
+        DPNServer(batching={"max_num_seqs": 4})
+
+
 def test_max_num_seqs_counts_running_and_resuming_requests():
     finished = (RunningRow(200, 0, finished=True),)  # leaves: takes no slot
     state = EngineState(NOW, waiting(2, 2, 4), running(2) + finished, resuming=1)
@@ -211,6 +240,26 @@ def test_one_queue_baselines_run_a_group_at_one_rate():
     assert baselines.MixedPolicy(config).plan(EngineState(NOW, waiting("auto", 4))).prefill[0].rate == 1
     dense = baselines.DensePolicy(config).plan(EngineState(NOW, waiting(2, "auto", 4)))
     assert dense.prefill == (PrefillGroup("dense", 1, (0, 1, 2)),)
+
+
+def test_mixed_baseline_runs_a_batch_at_the_densest_rate_any_member_needs():
+    batch_rate, densest = serve_load().batch_rate, serve_load().densest
+    assert batch_rate([4, 4]) == 4
+    assert batch_rate([2, 4, 4]) == 2
+    assert batch_rate(["auto", 4]) == 1
+    assert batch_rate(["auto", "auto"]) == "auto"
+    assert batch_rate(["auto:lambda=2", 4]) == 1  # a routed member, dial or not, may need every visual token
+    # schedules: per pooling layer, the smallest factor any member applies there
+    assert batch_rate(["1-2-4", [1, 2, 4]]) == "1-2-4"
+    assert batch_rate([2, "1-2-4"]) == "1-2-2"
+    assert batch_rate(["1-2-4", "4-2-1", 4]) == "1-2-1"
+    assert batch_rate(["2-2-2", 4]) == 2  # a uniform schedule is its factor
+    assert batch_rate([[4, 4, 4], 4]) == 4
+    assert batch_rate(["auto", "1-2-4"]) == 1
+    assert densest([2, "1-2-4", 4]) == "1-2-2" and densest([4, "4-2-4"]) == "4-2-4"
+    assert densest(["1-2", "1-2-4"]) == 1  # schedules of different lengths: the smallest factor everywhere
+    with pytest.raises(ValueError, match="routed"):
+        densest(["auto", 2])
 
 
 def test_serve_load_builds_each_variant_with_its_policy():

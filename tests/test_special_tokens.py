@@ -120,7 +120,7 @@ def test_the_issue_example_is_refused_in_both_modes(request, name):
 
 
 def test_image_placeholder_is_the_image_marker_only_where_the_data_format_reads_it(tiny):
-    image = [b"png"]  # only how many images there are matters to encode
+    image = True  # the sample has an image: encode reads only that, never the image
     marker = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]
     ids = tiny.encode(marker, image, mode="train")["input_ids"]
     assert ids.count(tiny.image_token_id) == tiny.image_seq_length
@@ -128,7 +128,7 @@ def test_image_placeholder_is_the_image_marker_only_where_the_data_format_reads_
     with pytest.raises(ValueError, match="one image per sample"):  # a second marker: the existing rule
         tiny.encode(later, image, mode="train")
     with pytest.raises(ReservedTokenError, match="'<image>'"):  # no image: not a marker
-        tiny.encode(marker, None, mode="train")
+        tiny.encode(marker, False, mode="train")
     with pytest.raises(ReservedTokenError, match="'<image>'") as in_answer:
         tiny.encode([marker[0], {"from": "gpt", "value": "an <image>"}], image, mode="train")
     assert in_answer.value.message_index == 1
@@ -204,8 +204,8 @@ def test_benchmark_text_is_never_refused(tiny, llava):
                         {"from": "human", "value": f"<image>\n{question}"},
                         {"from": "gpt", "value": answer},
                     ]
-                    processor.encode(turns, [b"png"], mode="train")
-                    processor.encode(turns[:1], [b"png"], mode="generate")
+                    processor.encode(turns, True, mode="train")
+                    processor.encode(turns[:1], True, mode="generate")
         processor.encode(
             [
                 {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
@@ -310,7 +310,6 @@ def test_user_text_never_yields_a_special_id(request, name, data):
     system = data.draw(st.none() | texts, label="system")
     rounds = data.draw(st.lists(st.tuples(texts, texts), min_size=1, max_size=3), label="rounds")
     has_image = data.draw(st.booleans(), label="has_image")
-    images = [b"png"] if has_image else None
     typed = [text for pair in rounds for text in pair] + ([system] if system is not None else [])
     blank = ("" if system is not None else None, [("", "")] * len(rounds), has_image)
     counts = dict(
@@ -319,7 +318,7 @@ def test_user_text_never_yields_a_special_id(request, name, data):
 
     def generate(system, rounds, has_image):
         return processor.encode(
-            _chat_request(system, rounds, has_image), images, mode="generate", image_first=False
+            _chat_request(system, rounds, has_image), has_image, mode="generate", image_first=False
         )
 
     try:
@@ -333,7 +332,7 @@ def test_user_text_never_yields_a_special_id(request, name, data):
         _assert_only_template_specials(processor, ids, template, typed, bos=1, eos=len(rounds) - 1, **counts)
 
     def train(system, rounds, has_image):
-        return processor.encode(_llava_conversation(system, rounds, has_image), images, mode="train")
+        return processor.encode(_llava_conversation(system, rounds, has_image), has_image, mode="train")
 
     try:
         encoded = train(system, rounds, has_image)
@@ -406,9 +405,7 @@ def test_data_pipeline_counts_reserved_token_and_keeps_the_others(tiny, mode):
         if reasons[sample_id]:
             assert ids == []
         elif mode == "train":
-            assert (
-                ids == tiny.encode(conversation, [b"png"] if has_image else None, max_length=512)["input_ids"]
-            )
+            assert ids == tiny.encode(conversation, has_image, max_length=512)["input_ids"]
     report = count_rows(out["id"], out["bad_reason"])
     assert report.num_samples == len(rows) and report.bad_by_reason == {BadReason.RESERVED_TOKEN: 4}
 

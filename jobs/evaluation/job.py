@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from dpn_base.cli_harness import run_module
+from dpn_base.ray_session import connect_ray
 from dpn_base.redact import redact
 from jobs.console import JobFailed, ProgressView, active_console, add_console_arguments, job_console
 from jobs.evaluation import oracle
@@ -69,7 +70,7 @@ from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compression
 )
 from jobs.evaluation.mlflow_log import log_run
 from jobs.evaluation.predictor import load_model_config, predict
-from jobs.evaluation.resources import init_ray, use_gpus
+from jobs.evaluation.resources import use_gpus
 from jobs.evaluation.tasks import task_names
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     uri = cfg.tracking_uri = tracking_uri(cfg.tracking_uri)  # also what models:/ and runs:/ resolve against
     out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    init_ray()
+    connect_ray()  # $RAY_ADDRESS (`ray job submit`) names a cluster; otherwise a new local one
     baseline_rows = [{**r, "baseline": True} for r in eval_report.load_rows(cfg.baselines)]
     rows: list[dict[str, Any]] = []
     infos = []

@@ -87,28 +87,23 @@ class Predictor:
         model_uri: str | None = None,
         task: str | EvalTask = DEFAULT_TASK,
     ):
-        import torch
-
-        from dpn_model.loading import pick_device
         from tracking.models import load_model_and_processor_from_ref
 
         self.task = get_task(task)
-        if not Path(model_dir).is_dir():  # another node: resolve the reference here
-            from tracking import resolve_model_dir
-
-            model_dir = resolve_model_dir(model_uri or model_dir, tracking)
-        self.device = torch.device(pick_device(device))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.processor = load_model_and_processor_from_ref(model_dir, str(self.device), dtype)
+        # The driver's folder where this node sees it, else the reference, resolved (downloaded) here; once
+        # either way. dtype "auto": dpn_model's rule (bf16 on a GPU, fp32 on the CPU).
+        ref = model_dir if Path(model_dir).is_dir() else (model_uri or model_dir)
+        self.model, self.processor = load_model_and_processor_from_ref(ref, device, "auto", tracking)
+        self.device = self.model.device
         self.config = self.model.config
-        from dpn_model.configuration import compression_schedule, parse_compression, routing_mode
+        from dpn_model.configuration import forced_expert_indices, parse_compression, routing_mode
 
         self.compressions = [str(c) for c in compressions]
         # Each mode label ("auto", "2", "1-2-4") parsed once; modes that force the same expert at every
         # pooling layer ("2" and "2-2-2": the oracle's paths and the requested modes) generate only once.
         self._parsed = {mode: parse_compression(mode, self.config) for mode in self.compressions}
         self._keys = {
-            mode: value if routing_mode(value) else tuple(compression_schedule(value, self.config))
+            mode: value if routing_mode(value) else tuple(forced_expert_indices(value, self.config))
             for mode, value in self._parsed.items()
         }
         self.max_new_tokens = max_new_tokens
@@ -126,7 +121,7 @@ class Predictor:
             flops.vision_tower_flops(self.config.vision_config)
             + flops.projector_flops(self.config, grid[0] * grid[1])
         )
-        logger.info("predictor loaded %s on %s (%s)", model_dir, self.device, dtype)
+        logger.info("predictor loaded %s on %s (%s)", ref, self.device, self.model.dtype)
 
     def _capture_prefill(self, module: Any, args: Any, output: Any) -> None:
         if self._prefill is None and getattr(output, "prefill_flops", None) is not None:

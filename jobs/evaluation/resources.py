@@ -5,14 +5,6 @@ from __future__ import annotations
 from jobs.evaluation.config import EvalConfig
 
 
-def init_ray() -> None:
-    """Connect to Ray (``RAY_ADDRESS`` / ``ray job submit`` name a cluster; otherwise a local one), once."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)  # RAY_ADDRESS / `ray job submit` connect to a cluster
-
-
 def use_gpus(device: str) -> bool:
     """Whether the inference actors take one GPU each: ``device`` ``auto`` when the cluster has GPUs, ``cuda``.
 

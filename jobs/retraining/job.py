@@ -90,6 +90,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
 from dpn_base.config_models import merge_dicts
+from dpn_base.model_ref import ModelRef, RefKind
 from jobs.config import ConfigError, dump_config, flatten, load_config
 from jobs.console import JobFailed, add_console_arguments, job_console
 from jobs.retraining import gate as gate_lib
@@ -170,6 +171,12 @@ def training_config(
     return load_config(TrainConfig, cfg.training.config, data=merge_dicts(data, extra or {}))
 
 
+def version_ref(model_name: str, version: str | int) -> str:
+    """``models:/<name>/<version>`` as :class:`~dpn_base.model_ref.ModelRef` spells it: the canonical text every
+    stage parses back to the same reference (and ``retrain_key`` hashes)."""
+    return str(ModelRef(RefKind.REGISTRY_VERSION, name=model_name, version=str(version)))
+
+
 def retrain_key(model_name: str, init: str, new: list[shard_lib.Shard]) -> str:
     """Deterministic key of one retraining: the model it starts from and the new shards it trains on."""
     payload = {
@@ -221,7 +228,7 @@ def discover(cfg: RetrainConfig, registry: Registry, train_cfg: TrainConfig) -> 
     champion = registry.champion()
     if champion is not None:
         registry.wait_ready(str(champion.version), cfg.mlflow.ready_timeout_s)
-        init = f"models:/{registry.name}/{champion.version}"
+        init = version_ref(registry.name, champion.version)
     else:
         init = cfg.training.initial_model or train_cfg.model.init
     new_samples = sum(s.num_samples for s in new)
@@ -356,10 +363,10 @@ def evaluate_pair(
     from jobs.evaluation.job import EvalConfig, ModelSpec, evaluate, parse_compressions
 
     modes = parse_compressions(cfg.eval.compression)  # one mode: checked when the config was loaded
-    models = [ModelSpec(label="challenger", uri=f"models:/{registry.name}/{challenger}", compressions=modes)]
+    models = [ModelSpec(label="challenger", uri=version_ref(registry.name, challenger), compressions=modes)]
     if champion is not None:
         models.insert(
-            0, ModelSpec(label="champion", uri=f"models:/{registry.name}/{champion}", compressions=modes)
+            0, ModelSpec(label="champion", uri=version_ref(registry.name, champion), compressions=modes)
         )
     train_cfg = training_config(cfg)
     out_dir = _work_dir(train_cfg) / plan["job_name"] / f"eval-{champion or NO_CHAMPION}-vs-{challenger}"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpn_base.ray_session import connect_ray
 from jobs.config import ConfigError
 from jobs.training.config import SyntheticConfig, TrainConfig
 
@@ -273,23 +273,9 @@ def build_trainer(cfg: TrainConfig, spec: WorkerSpec, dataset, storage_path: str
 
 
 def init_ray(cfg: TrainConfig) -> bool:
-    """Connect to ``run.ray_address`` / $RAY_ADDRESS, or start a local Ray. Returns True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {
-        "env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI") if k in os.environ}
-    }
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return True
-    num_cpus = cfg.run.local_num_cpus or os.cpu_count()
-    # The dashboard hosts the State API that Ray Train's PlacementGroupCleaner polls for the controller:
-    # without it the cleaner warns on every poll that the State API is unavailable.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env=runtime_env)
-    return True
+    """Join ``run.ray_address`` / $RAY_ADDRESS, or start a local Ray of ``run.local_num_cpus`` CPUs with the
+    dashboard Ray Train needs (:func:`dpn_base.ray_session.connect_ray`). Returns True if connected here."""
+    return connect_ray(cfg.run.ray_address, num_cpus=cfg.run.local_num_cpus, dashboard=True)
 
 
 def steps_summary(cfg: TrainConfig, num_samples: int, total_steps: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import tracking
 from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
-from dpn_base.model_ref import HF_MODEL_DIR
+from dpn_base.model_ref import HF_MODEL_DIR, ModelRef, RefKind
 from jobs.config import ConfigError, dump_config, flatten
 from jobs.console import JobFailed, TrainingProgress, active_console, add_console_arguments, job_console
 from jobs.training import driver as builders
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
         model_dir_out, checkpoint_uri = checkpoint_location(result.checkpoint, hf_dir)
         out = TrainResult(
             run_id=run_id,
-            model_uri=f"runs:/{run_id}/{tracking.MODEL_ARTIFACT_PATH}",
+            model_uri=str(ModelRef(RefKind.RUN, run_id=run_id, path=tracking.MODEL_ARTIFACT_PATH)),
             registered_version=version or "",
             model_dir=model_dir_out,
             checkpoint_path=checkpoint_uri,

@@ -82,9 +82,9 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(
+def load_train_model(
     model_dir: str, config_overrides: dict[str, Any] | None = None, torch_dtype: torch.dtype | None = None
-):
+) -> torch.nn.Module:
     """``DPNForConditionalGeneration.from_pretrained(model_dir)`` with DPNConfig fields overridden (validated
     like constructor arguments; an unknown key raises ValueError naming it), its parameters in ``torch_dtype``
     (None = fp32). A worker passes :func:`training_dtype`: loading in the dtype DeepSpeed trains in holds one
@@ -582,7 +582,7 @@ class DPNTrainRecipe:
         from dpn_model.configuration import parse_compression
 
         cfg = self.spec.model
-        model = load_model(self.model_dir, cfg.load_overrides, training_dtype(self.spec.ds_config))
+        model = load_train_model(self.model_dir, cfg.load_overrides, training_dtype(self.spec.ds_config))
         # "auto", "random", a factor or a schedule, checked against this model's experts and pooling layers
         self.routed_compression = parse_compression(cfg.compression, model.config)
         if cfg.paths_per_sample > 1 and model.config.router_estimator != "reinforce":
@@ -809,7 +809,7 @@ __all__ = [
     "deepspeed_config",
     "delayed_start",
     "full_state_dict",
-    "load_model",
+    "load_train_model",
     "make_optimizer",
     "precision_dtype",
     "save_hf_model",
