@@ -5,7 +5,8 @@ Ray workers, Ray Data, DeepSpeed, MLflow, torch and Ray itself print hundreds of
 C extensions and subprocesses are caught too, to one log file whose path they print, and keep the console for
 their own lines: their stages (their own log records, :data:`JOB_ECHO`), progress bars (training steps read back
 from MLflow, where rank 0 logs every step anyway; evaluated samples) and their results. ``--verbose`` runs a job
-as before, everything on the console.
+as before, everything on the console. The routing itself, the flags and the failure report are
+:mod:`dpn_base.console`'s (``dpn serve`` uses them too); this module holds what is the jobs' own.
 
 Off a terminal (CI, ``ray job submit``, a pipe) the console keeps this form, with a plain progress line every
 30 s instead of a bar: such logs are read after the fact, for the outcome and the errors, which a hundred lines
@@ -17,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
-import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from dpn_base.cli_harness import LOG_FORMAT
-from dpn_base.redact import install_log_redaction
+from dpn_base.console import announce_log, console_and_log, default_log_path, report_failure
 
 logger = logging.getLogger(__name__)
 
@@ -41,114 +39,11 @@ JOB_ECHO: dict[str, int] = {
     "dpn_base": logging.WARNING,
     "serve_apps": logging.WARNING,
 }
-LOG_TAIL_LINES = 40  # lines of the log a failure shows on the console
 INDENT = "      "  # the console's detail lines sit under its stage lines
-
-# the console stream of the console_and_log open now: one per process, as it owns file descriptors 1 and 2
-_active: TextIO | None = None
-
-
-def active_console() -> TextIO | None:
-    """The console stream of the :func:`console_and_log` open in this process, None when there is none (no
-    console, or ``--verbose``): where a job draws its progress bars, however deep the call that draws them
-    (the training and evaluation inside a retrain)."""
-    return _active
-
-
-def _writes_to_std_fd(stream: TextIO, fd: int) -> bool:
-    try:
-        return stream.fileno() == fd
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return False  # a captured stream (pytest, a notebook): writing to it never reaches the fd
 
 
 def _is_terminal(stream: TextIO) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
-
-
-class _EchoFilter(logging.Filter):
-    """The records of the packages in ``echo`` at their level or above, unless logged with
-    ``extra={"console": False}`` (what the console already says in its own words)."""
-
-    def __init__(self, echo: Mapping[str, int]):
-        super().__init__()
-        self.echo = dict(echo)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        level = self.echo.get(record.name.split(".", 1)[0])
-        return level is not None and record.levelno >= level and getattr(record, "console", True)
-
-
-class _EchoFormatter(logging.Formatter):
-    """One short line per record: the time and the message, warnings and errors saying so. Tracebacks stay in
-    the log."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        when = time.strftime("%H:%M:%S", time.localtime(record.created))
-        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
-        return f"{when} {level}{record.getMessage()}"
-
-
-@contextlib.contextmanager
-def console_and_log(
-    log_path: str | Path, *, console_fd: int = 1, echo: Mapping[str, int] | None = None
-) -> Iterator[TextIO]:
-    """Send stdout, stderr, logging and warnings to ``log_path``; yield a stream that still reaches the console.
-
-    Args:
-        log_path: the log file (appended to; its folder is created).
-        console_fd: what the yielded stream writes to: 1 (stdout, the quickstart's) or 2 (stderr, the jobs':
-            their stdout carries only the result lines scripts parse).
-        echo: ``{top-level package: level}`` of log records also shown on the console, one short line each
-            (:data:`JOB_ECHO`); None: none (every record goes to the log only).
-
-    Restores every file descriptor, stream, handler and the warnings capture on exit.
-    """
-    global _active
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
-    saved_fds = [os.dup(1), os.dup(2)]
-    saved_streams = sys.stdout, sys.stderr
-    own = saved_streams[console_fd - 1]
-    console = (
-        open(os.dup(saved_fds[console_fd - 1]), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        if _writes_to_std_fd(own, console_fd)
-        else own
-    )
-    root = logging.getLogger()
-    saved_handlers, saved_level, saved_active = root.handlers[:], root.level, _active
-    handler = logging.StreamHandler(log)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handlers: list[logging.Handler] = [handler]
-    if echo:
-        shown = logging.StreamHandler(console)
-        shown.addFilter(_EchoFilter(echo))
-        shown.setFormatter(_EchoFormatter())
-        handlers.append(shown)
-    install_log_redaction(handlers)  # the log file gets what every command's logging gets: no credentials
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    root.handlers = handlers
-    root.setLevel(min(saved_level or logging.INFO, logging.INFO))
-    logging.captureWarnings(True)
-    _active = console
-    try:
-        yield console
-    finally:
-        _active = saved_active
-        logging.captureWarnings(False)
-        root.handlers, root.level = saved_handlers, saved_level
-        sys.stdout, sys.stderr = saved_streams
-        for fd, saved in zip((1, 2), saved_fds):
-            os.dup2(saved, fd)
-            os.close(saved)
-        if console is not own:
-            console.close()
-        log.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,24 +60,6 @@ class JobFailed(Exception):
         self.log_path, self.exit_code = log_path, exit_code
 
 
-def add_console_arguments(parser: argparse.ArgumentParser, default_log: str) -> None:
-    """``-v/--verbose`` and ``--log-file PATH`` of a job's command; ``default_log`` names the default log path
-    in the help."""
-    parser.add_argument(
-        "-v", "--verbose", action="store_true",
-        help="print everything Ray, Ray Data, DeepSpeed and MLflow print on the console (no log file)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--log-file", metavar="PATH",
-        help=f"where everything but the job's stages, progress and results goes (default {default_log})",
-    )  # fmt: skip
-
-
-def default_log_path(folder: str | Path, job: str) -> Path:
-    """``<folder>/logs/<job>-<YYYYmmdd-HHMMSS>.log``: a new log per run, beside what the run writes."""
-    return Path(folder) / "logs" / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-
-
 @contextlib.contextmanager
 def job_console(
     job: str, args: argparse.Namespace, folder: str | Path, expected: tuple[type[BaseException], ...] = ()
@@ -190,12 +67,12 @@ def job_console(
     """Run the body (a job) with the clean console; yields its log's path (None with ``args.verbose``).
 
     The console (stderr) gets the log's path first, then the job's stages (:data:`JOB_ECHO`) and progress
-    (:func:`active_console`), then a closing line; everything else goes to ``args.log_file`` or
-    :func:`default_log_path` under ``folder``. With ``args.verbose`` the body runs as without a console.
+    (``dpn_base.console.active_console``), then a closing line; everything else goes to ``args.log_file`` or
+    ``dpn_base.console.default_log_path`` under ``folder``. With ``args.verbose`` the body runs as without a console.
 
     Args:
         job: the command's name (``train``, ``eval``, ``retrain``).
-        args: the parsed flags of :func:`add_console_arguments`.
+        args: the parsed flags of ``dpn_base.console.add_console_arguments``.
         folder: the job's work or storage folder, where the default log goes.
         expected: exceptions that are the caller's to report (a usage error): raised as they are.
 
@@ -206,8 +83,7 @@ def job_console(
         yield None
         return
     log_path = Path(getattr(args, "log_file", None) or default_log_path(folder, job)).resolve()
-    print(f"dpn {job}: stages, progress and results here; everything Ray, Ray Data, DeepSpeed, MLflow and torch "
-          f"print in {log_path} (-v: all on the console)", file=sys.stderr, flush=True)  # fmt: skip
+    announce_log(job, log_path)
     start, failure = time.perf_counter(), None
     with console_and_log(log_path, console_fd=2, echo=JOB_ECHO) as out:
         logger.info("dpn %s: %s", job, " ".join(sys.argv), extra={"console": False})
@@ -224,26 +100,6 @@ def job_console(
     if failure is not None:
         report_failure(sys.stderr, job, failure, log_path)
         raise JobFailed(job, log_path, 130 if isinstance(failure, KeyboardInterrupt) else 1) from failure
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` non-empty lines of a log, as a terminal would have shown them (a line rewritten with
-    carriage returns, as progress bars do, shows its last state)."""
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
-        text = f.read().decode("utf-8", errors="replace")
-    shown = (line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n"))
-    return [line for line in shown if line.strip()][-lines:]
-
-
-def report_failure(out: TextIO, job: str, err: BaseException, log_path: Path) -> None:
-    """The console's account of a failed job: the log's last lines, then the error and where the rest is."""
-    tail = log_tail(log_path)
-    print(f"\nthe last {len(tail)} lines of {log_path}:", file=out)
-    for line in tail:
-        print(f"  | {line}", file=out)
-    what = "was interrupted" if isinstance(err, KeyboardInterrupt) else f"failed: {type(err).__name__}: {err}"
-    print(f"\ndpn {job} {what}\nthe full log, traceback included: {log_path}", file=out, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,14 +214,7 @@ class TrainingProgress:
 __all__ = [
     "JOB_ECHO",
     "JobFailed",
-    "LOG_FORMAT",
     "ProgressView",
     "TrainingProgress",
-    "active_console",
-    "add_console_arguments",
-    "console_and_log",
-    "default_log_path",
     "job_console",
-    "log_tail",
-    "report_failure",
 ]

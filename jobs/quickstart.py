@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dpn_base.cli_harness import run_module
 from dpn_base.config_models import ConfigError
+from dpn_base.console import console_and_log
 from dpn_base.model_ref import ModelRef, RefKind
-from jobs.console import console_and_log
 
 if TYPE_CHECKING:
     from jobs.training.config import TrainConfig
@@ -342,6 +342,42 @@ def _write_key_file(path: Path) -> None:
         f.write(os.environ[API_KEY_ENV])
 
 
+def _print_families(out: TextIO, ev: dict[str, Any]) -> None:
+    """One line per question family: the router's accuracy (and dense's), tokens kept per layer, FLOPs.
+
+    This is the quickstart's point: fine questions keep more visual tokens than coarse ones.
+    """
+    dense = ev.get("per_family_dense", {})
+    routed = ev.get("per_family_auto", {})
+    for family, entry in routed.items():  # the router at work: fine questions keep more
+        tokens = ">".join(f"{v:.0f}" for v in entry["visual_tokens_per_layer"])
+        versus = f" (dense {dense[family]['accuracy']:.1%})" if family in dense else ""
+        print(f"      {family}: accuracy {entry['accuracy']:.1%}{versus}, visual tokens per layer {tokens}, "
+              f"prefill FLOPs {entry['flops_ratio']:.0%} of dense", file=out)  # fmt: skip
+
+
+def _keep_serving(out: TextIO, work: Path, base_url: str) -> None:
+    """Write the endpoint's key to a file, say how to try the endpoint, and wait until interrupted.
+
+    The key goes to an owner-only file, never to the console, so the printed commands read it from there.
+    """
+    key_file = work / "quickstart" / "api_key"
+    _write_key_file(key_file)
+    print(
+        f"\nThe endpoint stays up at {base_url} (Ctrl-C to stop). Its API key (new each run) is in "
+        f"{key_file}. Try:\n"
+        f'  curl -H "Authorization: Bearer $(cat {key_file})" {base_url}/models\n'
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base_url}', "
+        f"api_key=open('{key_file}').read()); "
+        "print(c.chat.completions.create(model='dpn', messages=[{'role': 'user', 'content': 'hi'}]))\"\n"
+        "MLflow UI (runs, metrics, plots, registry):  mlflow ui --backend-store-uri sqlite:///mlflow.db",
+        file=out,
+        flush=True,
+    )
+    while True:
+        time.sleep(3600)
+
+
 def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[str]:
     """The six stages in order; yields each stage's name as it starts (for the failure message)."""
     state_path = work / "quickstart" / "state.json"
@@ -366,13 +402,7 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
     state["evaluate"] = stage_evaluate(out, args, work, data, state["train"], state)
     _save_state(state_path, state)
     ev = state["evaluate"]
-    dense = ev.get("per_family_dense", {})
-    routed = ev.get("per_family_auto", {})
-    for family, entry in routed.items():  # the router at work: fine questions keep more
-        tokens = ">".join(f"{v:.0f}" for v in entry["visual_tokens_per_layer"])
-        versus = f" (dense {dense[family]['accuracy']:.1%})" if family in dense else ""
-        print(f"      {family}: accuracy {entry['accuracy']:.1%}{versus}, visual tokens per layer {tokens}, "
-              f"prefill FLOPs {entry['flops_ratio']:.0%} of dense", file=out)  # fmt: skip
+    _print_families(out, ev)
     _done(out, t, f"accuracy auto {ev['accuracy_auto']:.1%} vs dense {ev['accuracy_dense']:.1%}; "
                   f"auto prefill FLOPs {ev['flops_ratio_auto']:.0%} of dense")  # fmt: skip
 
@@ -397,21 +427,7 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
             f"\nquickstart finished in {time.perf_counter() - begin:.0f} s; state in {state_path}", file=out
         )
         if args.keep_serving:
-            key_file = work / "quickstart" / "api_key"
-            _write_key_file(key_file)
-            print(
-                f"\nThe endpoint stays up at {base_url} (Ctrl-C to stop). Its API key (new each run) is in "
-                f"{key_file}. Try:\n"
-                f'  curl -H "Authorization: Bearer $(cat {key_file})" {base_url}/models\n'
-                f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base_url}', "
-                f"api_key=open('{key_file}').read()); "
-                "print(c.chat.completions.create(model='dpn', messages=[{'role': 'user', 'content': 'hi'}]))\"\n"
-                "MLflow UI (runs, metrics, plots, registry):  mlflow ui --backend-store-uri sqlite:///mlflow.db",
-                file=out,
-                flush=True,
-            )
-            while True:
-                time.sleep(3600)
+            _keep_serving(out, work, base_url)
     finally:
         serve.shutdown()
         import ray

@@ -29,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``inspect`` and ``synth`` sub-subcommands on the ``data`` parser."""
     sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     sub.required = True
+    _add_inspect_parser(sub)
+    _add_synth_parser(sub)
 
+
+def _add_inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``dpn data inspect``: its flags mirror the training config's data options (image roots, tar
+    compression), so a dataset is inspected under the same policy it will be trained under."""
     inspect = sub.add_parser(
         "inspect",
         help="count samples and bad samples, show one decoded example",
@@ -70,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(_data_run=run_inspect)
 
+
+def _add_synth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``dpn data synth``: write the synthetic benchmark, or (``--new-shard``) add a train shard to one."""
     synth = sub.add_parser(
         "synth",
         help="write the synthetic benchmark dataset",

@@ -155,6 +155,43 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _tokenize_row(
+    processor: Any, row_id: Any, conversations: str, image: bool, mode: Mode, max_length: int
+) -> tuple[np.ndarray, np.ndarray, str, str, str]:
+    """``(input_ids, labels, answer, question, bad reason)`` of one good row (see :func:`tokenize_batch`).
+
+    A row the processor refuses gets a reason and empty ids and labels (its answer and question, if already
+    read, are kept), so one bad sample is counted and skipped instead of failing the whole batch.
+    """
+    from dpn_model.processing import PromptTooLongError, ReservedTokenError
+
+    empty = np.zeros(0, dtype=np.int32)
+    ids, labs, answer, question, reason = empty, empty, "", "", ""
+    turns = json.loads(conversations)
+    try:
+        if mode == "eval":
+            prompt, answer = split_prompt(turns)
+            processor.check_text(answer)  # never tokenized, but data text like every other turn
+            question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
+            encoded = processor.encode(prompt, image, mode="generate", max_length=max_length)
+            ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+        else:
+            encoded = processor.encode(turns, image, mode="train", max_length=max_length)
+            ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+            labs = np.asarray(encoded["labels"], dtype=np.int32)
+    except PromptTooLongError:
+        reason = BadReason.TOO_LONG
+    except ReservedTokenError as err:
+        logger.debug("reserved token in %s: %s", row_id, err)
+        reason = BadReason.RESERVED_TOKEN
+    except ValueError as err:
+        logger.debug("bad conversation in %s: %s", row_id, err)
+        reason = BadReason.BAD_CONVERSATION
+    if reason:
+        ids, labs = empty, empty
+    return ids, labs, answer, question, reason
+
+
 def tokenize_batch(
     batch: dict[str, np.ndarray], processor: Any, max_length: int, mode: Mode = "train"
 ) -> dict[str, np.ndarray]:
@@ -172,8 +209,6 @@ def tokenize_batch(
     reference ``answer`` and ``question`` strings; a prompt longer than ``max_length`` is ``too_long``.
     The ``conversations`` column is dropped.
     """
-    from dpn_model.processing import PromptTooLongError, ReservedTokenError
-
     n = len(batch["id"])
     reasons = np.asarray(batch["bad_reason"], dtype=object).copy()
     has_image = np.array([x is not None for x in batch.get("image", [None] * n)], dtype=bool)
@@ -185,29 +220,12 @@ def tokenize_batch(
     for i in range(n):
         ids, labs, answer, question = empty, empty, "", ""
         if not reasons[i]:
-            turns = json.loads(batch["conversations"][i])
             image = bool(has_image[i])  # encode reads only whether the sample has an image
-            try:
-                if mode == "eval":
-                    prompt, answer = split_prompt(turns)
-                    processor.check_text(answer)  # never tokenized, but data text like every other turn
-                    question = prompt[-1]["value"].replace(IMAGE_TOKEN, "").strip() if prompt else ""
-                    encoded = processor.encode(prompt, image, mode="generate", max_length=max_length)
-                    ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-                else:
-                    encoded = processor.encode(turns, image, mode="train", max_length=max_length)
-                    ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-                    labs = np.asarray(encoded["labels"], dtype=np.int32)
-            except PromptTooLongError:
-                reasons[i] = BadReason.TOO_LONG
-            except ReservedTokenError as err:
-                logger.debug("reserved token in %s: %s", batch["id"][i], err)
-                reasons[i] = BadReason.RESERVED_TOKEN
-            except ValueError as err:
-                logger.debug("bad conversation in %s: %s", batch["id"][i], err)
-                reasons[i] = BadReason.BAD_CONVERSATION
-            if reasons[i]:
-                ids, labs = empty, empty
+            ids, labs, answer, question, reason = _tokenize_row(
+                processor, batch["id"][i], batch["conversations"][i], image, mode, max_length
+            )
+            if reason:
+                reasons[i] = reason
         input_ids.append(ids)
         labels.append(labs)
         answers.append(answer)

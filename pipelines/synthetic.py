@@ -92,7 +92,7 @@ import io
 import json
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -664,6 +664,49 @@ def _check_shard_name(shard_name: str) -> None:
         )
 
 
+def _check_format_and_counts(format: str, num_train: int, num_dev: int, num_eval: int) -> None:
+    """Refuse an unknown format or a negative split size before any sample is generated."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if min(num_train, num_eval, num_dev) < 0:
+        raise ValueError(
+            f"num_train, num_dev and num_eval must be >= 0, got {num_train}, {num_dev}, {num_eval}"
+        )
+
+
+def _train_stem(shard_name: str | None) -> str:
+    """The train files' stem: ``train``, or ``train-<shard_name>`` so shards of one root do not collide."""
+    if shard_name is None:
+        return "train"
+    _check_shard_name(shard_name)
+    return f"train-{shard_name}"
+
+
+def _write_splits(
+    out: Path,
+    fmt: str,
+    splits: Mapping[str, Sequence[SyntheticSample]],
+    train_stem: str,
+    samples_per_shard: int,
+) -> dict[str, dict[str, Any]]:
+    """Write each split's files; returns the manifest's ``splits`` entry (sizes, files, family counts).
+
+    An empty dev split is skipped (no dev files, no entry): dev is optional; train and eval are always written.
+    """
+    written = {}
+    for name, samples in splits.items():
+        if name == "dev" and not samples:
+            continue
+        stem = train_stem if name == "train" else name
+        written[name] = {
+            **({"tag": train_stem} if name == "train" else {}),
+            "num_samples": len(samples),
+            "files": _write_split(out, fmt, stem, samples, samples_per_shard),
+            "families": _summary(samples),
+        }
+    return written
+
+
 def write_synthetic_dataset(
     out_dir: str | Path,
     format: str = "llava",
@@ -698,31 +741,13 @@ def write_synthetic_dataset(
     spec = get_benchmark(benchmark)
     families = tuple(spec.families) if families is None else tuple(families)
     _validate(image_size, families, spec)
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if min(num_train, num_eval, num_dev) < 0:
-        raise ValueError(
-            f"num_train, num_dev and num_eval must be >= 0, got {num_train}, {num_dev}, {num_eval}"
-        )
-    train_stem = "train"
-    if shard_name is not None:
-        _check_shard_name(shard_name)
-        train_stem = f"train-{shard_name}"
+    _check_format_and_counts(format, num_train, num_dev, num_eval)
+    train_stem = _train_stem(shard_name)
     out = Path(out_dir)
     splits = generate_all_splits(
         num_train, num_dev, num_eval, seed, image_size, families, train_stem, benchmark
     )
-    written = {}
-    for name, samples in splits.items():
-        if name == "dev" and not samples:
-            continue
-        stem = train_stem if name == "train" else name
-        written[name] = {
-            **({"tag": train_stem} if name == "train" else {}),
-            "num_samples": len(samples),
-            "files": _write_split(out, format, stem, samples, samples_per_shard),
-            "families": _summary(samples),
-        }
+    written = _write_splits(out, format, splits, train_stem, samples_per_shard)
     manifest = {
         "generator": "pipelines.synthetic",
         "benchmark": benchmark,

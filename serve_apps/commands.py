@@ -9,20 +9,47 @@ The endpoint needs an API key (clients send `Authorization: Bearer <key>`) in th
 authentication (a trusted network only).
 
 For a cluster, prefer `serve deploy configs/serve_llava7b.yaml`; this command builds the same app from flags.
+
+The console shows the command's stages (Ray started or joined, the app deployed, the URL it serves at) and errors;
+what Ray, Ray Serve and the replicas print goes to a log file whose path it prints first (`--log-file PATH`;
+default `~/.dpn/logs/serve-<time>.log`), as the jobs do (`dpn_base.console`). `-v` shows everything instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dpn_base.console import (
+    add_console_arguments,
+    announce_log,
+    console_and_log,
+    default_log_path,
+    report_failure,
+)
+from dpn_base.ray_session import connect_ray
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
 logger = logging.getLogger(__name__)
+
+LOG_FOLDER = Path("~/.dpn")  # the default log's folder (`<LOG_FOLDER>/logs/serve-<time>.log`)
+LIBRARIES = "Ray, Ray Serve and the replicas"  # what else prints, in the console's words
+# which of the project's log records the console shows: this command's stages, and the warnings of the rest
+SERVE_ECHO: dict[str, int] = {
+    "serve_apps": logging.INFO,
+    "tracking": logging.INFO,  # a models:/ URI resolved and downloaded
+    "dpn_model": logging.WARNING,
+    "dpn_base": logging.WARNING,
+}
 
 
 def _compression(value: str) -> str | int | list[int]:
@@ -90,16 +117,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="allowed_hosts",
         help="a Host name the endpoint answers to (repeatable; default: any), e.g. api.example.com",
     )
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address, `auto` for the `ray start` cluster on this machine (default: $RAY_ADDRESS, "
+        "else start a local one)",
+    )
+    add_console_arguments(parser, "~/.dpn/logs/serve-<time>.log", LIBRARIES)
 
 
 def run(args: argparse.Namespace) -> int:
     from serve_apps.app import build_app
 
     _check_args(args)
-    app = build_app(_app_args(args))
-    _serve_until_interrupted(app, args)
+    with _serve_console(args):
+        logger.info("building the app for %s", args.model)
+        app = build_app(_app_args(args))
+        _serve_until_interrupted(app, args)
     return 0
+
+
+@contextlib.contextmanager
+def _serve_console(args: argparse.Namespace) -> Iterator[None]:
+    """The clean console of `dpn serve` (`dpn_base.console`): its stages on stderr, the rest in the log.
+
+    Ctrl-C once the endpoint is up is how the command stops (`_serve_until_interrupted` takes it); an error, or
+    Ctrl-C during the start, prints the log's last lines and exits 1 (130). With `args.verbose` the body runs as
+    without a console.
+    """
+    if args.verbose:
+        yield
+        return
+    log_path = Path(args.log_file or default_log_path(LOG_FOLDER.expanduser(), "serve")).resolve()
+    announce_log("serve", log_path, LIBRARIES)
+    failure = None
+    with console_and_log(log_path, console_fd=2, echo=SERVE_ECHO) as out:
+        logger.info("dpn serve: %s", " ".join(sys.argv), extra={"console": False})
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as err:
+            logger.error("dpn serve failed", exc_info=True, extra={"console": False})
+            failure = err
+        else:
+            print(f"dpn serve stopped; its log: {log_path}", file=out, flush=True)
+    if failure is not None:
+        report_failure(sys.stderr, "serve", failure, log_path)
+        raise SystemExit(130 if isinstance(failure, KeyboardInterrupt) else 1) from failure
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -154,20 +217,30 @@ def _app_args(args: argparse.Namespace) -> dict[str, Any]:
 def _serve_until_interrupted(app: Application, args: argparse.Namespace) -> None:
     """Start Ray and Serve, run the app, and keep this process (the cluster's owner, when local) alive until Ctrl-C.
 
-    Serve is shut down on the way out, so a local start leaves no replicas behind.
+    Ray is joined as every command joins it (`connect_ray`: `--address`, else `$RAY_ADDRESS`, else a new local
+    Ray whose workers inherit this environment, the API key included: what `_check_args` relies on). Serve is
+    shut down on the way out, so a local start leaves no replicas behind.
     """
-    import ray
     from ray import serve
 
-    ray.init(address=args.address)
+    where = args.address or os.environ.get("RAY_ADDRESS")
+    if where:
+        logger.info("joining the Ray cluster at %s", where)
+    else:
+        logger.info("starting a local Ray")
+    # with the dashboard, as the plain `ray.init()` this replaced started it: `serve status` reads its REST API
+    connect_ray(args.address, dashboard=True)
+    logger.info("starting Ray Serve's HTTP proxy on %s:%d", args.host, args.port)
     serve.start(http_options={"host": args.host, "port": args.port})
+    logger.info("deploying the app dpn (model %s; replicas load it, which can take minutes) ...", args.model)
     serve.run(app, name="dpn", route_prefix=args.route_prefix)
     logger.info(
-        "serving %s at http://%s:%d%sv1 (Ctrl-C to stop)",
+        "serving %s at http://%s:%d%sv1 (API key: %s; Ctrl-C to stop)",
         args.model,
         args.host,
         args.port,
         args.route_prefix.rstrip("/") + "/",
+        f"required, from ${args.api_key_env}" if args.auth == "api_key" else "off",
     )
     try:
         while True:

@@ -1,14 +1,16 @@
-"""The jobs' clean console (jobs/console.py): stages, progress and results on the console, the rest in a log.
+"""Every command's clean console (dpn_base/console.py; the jobs' in jobs/console.py, `dpn serve`'s, `dpn stack`'s
+installer): stages, progress and results on the console, the rest in a log.
 
 A stand-in job (a script run in its own process, since the console works on file descriptors 1 and 2) writes
 what Ray, DeepSpeed and MLflow write: to the descriptors directly, with print, through library loggers and as
-warnings; then the job's own stage, warning and progress. No Ray.
+warnings; then the job's own stage, warning and progress. No Ray, no server.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.console import ProgressView, log_tail
+from dpn_base.console import log_tail
+from jobs.console import ProgressView
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TINY = str(REPO / "configs" / "train_tiny.yaml")
@@ -26,7 +29,8 @@ JOB = textwrap.dedent(
     """
     import argparse, logging, os, sys, warnings
 
-    from jobs.console import JobFailed, ProgressView, active_console, add_console_arguments, job_console
+    from dpn_base.console import active_console, add_console_arguments
+    from jobs.console import JobFailed, ProgressView, job_console
 
     parser = argparse.ArgumentParser()
     add_console_arguments(parser, "<folder>/logs/fake-<time>.log")
@@ -189,9 +193,99 @@ def test_dpn_train_that_fails_shows_the_error_and_exits_1(tmp_path, capsys):
 
 
 def test_console_arguments_have_one_help_line_each():
-    from jobs.console import add_console_arguments
+    from dpn_base.console import add_console_arguments
 
     parser = argparse.ArgumentParser()
     add_console_arguments(parser, "<dir>/logs/x-<time>.log")
     text = parser.format_help()
     assert "-v, --verbose" in text and "--log-file PATH" in text and "<dir>/logs/x-<time>.log" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# `dpn serve` and `dpn stack`
+# ----------------------------------------------------------------------------------------------
+
+
+def test_serve_takes_verbose_and_log_file(capsys):
+    from dpn_cli import _build_parser
+
+    parser = _build_parser("serve")
+    args = parser.parse_args(["serve", "--model", "m"])
+    assert (args.verbose, args.log_file) == (False, None)
+    args = parser.parse_args(["serve", "--model", "m", "-v", "--log-file", "x.log"])
+    assert (args.verbose, args.log_file) == (True, "x.log")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "-v, --verbose" in text and "--log-file PATH" in text and "serve-<time>.log" in text
+
+
+def test_serve_shows_its_stages_and_logs_what_ray_serve_says(tmp_path, capsys):
+    """`dpn serve`'s console in this process (no Ray): its own stage reaches the console, a library's record, a
+    detail of ours below the echo level and raw output on the descriptors go to the log only.
+
+    The library logger is one that propagates to the root (not Ray's: once imported, as earlier tests do, it has
+    its own handler on the sys.stderr of that time, which under pytest is a capture, not file descriptor 2)."""
+    from serve_apps.commands import _serve_console
+
+    log = tmp_path / "logs" / "serve.log"
+    with _serve_console(argparse.Namespace(verbose=False, log_file=str(log))):
+        logging.getLogger("urllib3.connectionpool").info("library noise: starting a new connection")
+        logging.getLogger("dpn_model.loading").info("model detail noise")
+        os.write(2, b"raw noise on fd 2\n")
+        logging.getLogger("serve_apps.commands").info("deploying the app dpn (model m) ...")
+    console = capsys.readouterr().err
+    assert str(log) in console.splitlines()[0]  # the log's path first
+    assert (
+        "deploying the app dpn (model m) ..." in console and f"dpn serve stopped; its log: {log}" in console
+    )
+    assert "noise" not in console
+    text = log.read_text()
+    assert "library noise: starting a new connection" in text and "model detail noise" in text
+    assert "raw noise on fd 2" in text and "deploying the app dpn" in text
+
+    with _serve_console(argparse.Namespace(verbose=True, log_file=str(tmp_path / "v.log"))):
+        logging.getLogger("serve_apps.commands").warning("verbose: as without a console")
+    assert not (tmp_path / "v.log").exists()
+
+
+def test_serve_that_fails_shows_the_log_tail_and_exits_1(tmp_path, capsys):
+    from serve_apps.commands import _serve_console
+
+    log = tmp_path / "serve.log"
+    args = argparse.Namespace(verbose=False, log_file=str(log))
+    with pytest.raises(SystemExit) as exited, _serve_console(args):
+        os.write(
+            2, b"(ServeReplica:dpn) replica dpn#1 died: out of memory\n"
+        )  # what Ray forwards to the driver
+        raise RuntimeError("the app did not become healthy")
+    assert exited.value.code == 1
+    console = capsys.readouterr().err
+    assert "  | " in console and "replica dpn#1 died: out of memory" in console  # the log's last lines
+    assert "dpn serve failed: RuntimeError: the app did not become healthy" in console
+    assert f"traceback included: {log}" in console and "dpn serve stopped" not in console
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_stack_install_output_goes_to_its_log(tmp_path, capsys, code):
+    """`dpn stack up`'s installer (a stand-in script here): apt-get and pip in STATE/logs/install.log, the
+    console a status line; a failure says why, from the log's end."""
+    from jobs.stack import _script
+
+    stack = _script()
+    script = tmp_path / "install.sh"
+    script.write_text(f"echo 'Reading package lists... noise'\necho 'pip resolver noise' >&2\n"
+                      f"echo 'install.sh: prometheus missing; run as root'\nexit {code}\n")  # fmt: skip
+    layout = stack.Layout(tmp_path / "state")
+    if code:
+        with pytest.raises(stack.StackError, match="prometheus missing; run as root") as failed:
+            stack.run_install(layout, script=script)
+        assert str(layout.log("install")) in str(failed.value)
+    else:
+        stack.run_install(layout, script=script)
+    out = capsys.readouterr().out
+    assert str(layout.log("install")) in out and "noise" not in out
+    assert ("install: done" in out) == (code == 0)
+    text = layout.log("install").read_text()
+    assert "Reading package lists... noise" in text and "pip resolver noise" in text

@@ -8,11 +8,11 @@ with a literal name count like top-level ones: they are dependencies all the sam
 (``python -m jobs.train|evaluate|retrain``) only launch their job: nothing imports them, so every import names
 the module's home (``jobs.training.job``, ...).
 
-No function of ``dpn_model`` or ``serve_apps`` is longer than ``MAX_FUNCTION_LINES`` (the project's code
-standard), and the vicuna-v1 chat text (``USER:``, ``ASSISTANT:``, the default system prompt) is spelled only in
-``dpn_model/processing.py``: every other module builds prompts through it. Likewise a model reference's schemes
-(``preset:``, ``runs:/``, ``models:/``, ``mlflow-artifacts:/``) are tested only in ``dpn_base/model_ref.py``: every
-other module parses references with its ``ModelRef``.
+No function of ``dpn_model``, ``serve_apps``, ``jobs`` or ``pipelines`` is longer than ``MAX_FUNCTION_LINES``
+(the project's code standard), and the vicuna-v1 chat text (``USER:``, ``ASSISTANT:``, the default system
+prompt) is spelled only in ``dpn_model/processing.py``: every other module builds prompts through it. Likewise
+a model reference's schemes (``preset:``, ``runs:/``, ``models:/``, ``mlflow-artifacts:/``) are tested only in
+``dpn_base/model_ref.py``: every other module parses references with its ``ModelRef``.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_the_entry_point_checker_flags_an_import_of_an_entry_point(path, source,
 
 # ------------------------------------------------------------------------------------------- function length
 MAX_FUNCTION_LINES = 60
-LENGTH_CHECKED = ("dpn_model", "serve_apps")
+LENGTH_CHECKED = ("dpn_model", "serve_apps", "jobs", "pipelines")
 
 
 def _functions(

@@ -32,6 +32,10 @@ Services (start order; `down` stops them in reverse), each with its log in ``STA
 ``stop SERVICE [--kill]`` / ``start SERVICE`` act on one service (``--kill``: SIGKILL at once, as a crash), for
 fault injection. State (ports, pids, credentials) lives in ``STATE`` (default ``~/.dpn/stack``); ``down --purge``
 also deletes it and the PostgreSQL cluster.
+
+The console gets one status line per service and step, and the variables to export (on stdout, what ``.ci/stack``
+and ``eval`` read); what the services, ``ray start``, apt-get and pip print goes to their logs in ``STATE/logs``
+(``install.log`` for ``deploy/local/install.sh``; ``up -v`` shows the installer's output instead).
 """
 
 from __future__ import annotations
@@ -713,11 +717,37 @@ def stop_service(ctx: Context, service, kill: bool = False) -> None:
     )
 
 
+INSTALL_TAIL_LINES = 20  # lines of install.log a failed install shows
+
+
+def run_install(layout: Layout, verbose: bool = False, script: Path = HERE / "install.sh") -> None:
+    """Run ``install.sh``, its apt-get and pip output in ``STATE/logs/install.log`` (on the console if ``verbose``).
+
+    Raises:
+        StackError: it failed; the message holds the log's last lines (why: a package missing and not root,
+            pip's error) and the log's path.
+    """
+    env = {**os.environ, "PYTHON": sys.executable}
+    if verbose:
+        subprocess.run(["bash", str(script)], check=True, env=env)
+        return
+    t0, log = time.monotonic(), layout.log("install")
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    print(f"  install: checking for what is missing ({script.name}; log {log})", flush=True)
+    with open(log, "ab") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {script}\n".encode())
+        out.flush()
+        code = subprocess.run(["bash", str(script)], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        shown = "".join(f"\n  | {line}" for line in lines[-INSTALL_TAIL_LINES:])
+        raise StackError(f"{script.name} failed with status {code}; the end of {log}:{shown}")
+    print(f"  install: done ({time.monotonic() - t0:.1f} s)", flush=True)
+
+
 def cmd_up(ctx: Context, args: argparse.Namespace) -> int:
     if not args.no_install:
-        subprocess.run(
-            ["bash", str(HERE / "install.sh")], check=True, env={**os.environ, "PYTHON": sys.executable}
-        )
+        run_install(ctx.layout, args.verbose)
     write_private(ctx.layout.env_file, format_env(ctx.env))
     for service in make_services(ctx).values():
         start_service(ctx, service)
@@ -775,6 +805,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     up = sub.add_parser("up", help="install what is missing and start every service")
     up.add_argument("--no-install", action="store_true", help="skip deploy/local/install.sh")
+    up.add_argument("-v", "--verbose", action="store_true",
+                    help="show install.sh's apt-get and pip output (default: in STATE/logs/install.log)")  # fmt: skip
     up.set_defaults(_stack_run=cmd_up)
     down = sub.add_parser("down", help="stop every service the stack started")
     down.add_argument("--purge", action="store_true", help="also delete the state dir and the database")

@@ -55,9 +55,10 @@ from typing import Any
 import numpy as np
 
 from dpn_base.cli_harness import run_module
+from dpn_base.console import active_console, add_console_arguments
 from dpn_base.ray_session import connect_ray
 from dpn_base.redact import redact
-from jobs.console import JobFailed, ProgressView, active_console, add_console_arguments, job_console
+from jobs.console import JobFailed, ProgressView, job_console
 from jobs.evaluation import oracle
 from jobs.evaluation import report as eval_report
 from jobs.evaluation.config import (  # EvalConfig, ModelSpec, parse_compressions: also imported from here
@@ -324,6 +325,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``dpn eval`` / ``python -m jobs.evaluate``: ``--config`` YAML and ``key=value`` overrides of
     :class:`EvalConfig`, and a flag per key. A flag left out keeps the file's value (or the default), so the
     flags default to None here and the defaults live in :class:`EvalConfig`."""
+    _add_what_arguments(parser)
+    _add_resource_arguments(parser)
+    _add_output_arguments(parser)
+    add_console_arguments(parser, "<output dir>/logs/eval-<time>.log")
+
+
+def _add_what_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config and what it evaluates: models, data, compression modes, scoring, reports to compare."""
     parser.add_argument(
         "--config", help="evaluation config YAML (configs/eval_*.yaml); the flags given override it"
     )
@@ -356,6 +365,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="write the JSON report here")
     parser.add_argument("--baseline", action="append", metavar="REPORT.json",
                         help="add the rows of an earlier report to the table and plots")  # fmt: skip
+
+
+def _add_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the evaluation runs: batch and generation sizes, sample limits, actors and their devices."""
     parser.add_argument("--batch-size", type=int, help="samples per generation batch (default 16)")
     parser.add_argument("--num-actors", type=int, help="inference actors (one GPU each on GPU clusters)")
     parser.add_argument("--max-new-tokens", type=int, help="generation budget per answer (default 8)")
@@ -374,6 +387,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=float,
                         help="CPUs reserved per inference actor (default: 1 on GPU; on CPU, a share that leaves "
                         "one CPU for reading)")  # fmt: skip
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the results go: the output folder, the MLflow run (or none) and the plot's title."""
     parser.add_argument(
         "--output-dir", help="where the report, plots and predictions go (default runs/eval/<time>)"
     )
@@ -384,7 +401,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--title", help="title of the accuracy-vs-FLOPs plot")
-    add_console_arguments(parser, "<output dir>/logs/eval-<time>.log")
 
 
 # flags whose dest is the EvalConfig key they set (the others: --model, --compression, --baseline, --no-mlflow)

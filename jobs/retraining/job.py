@@ -90,9 +90,10 @@ from mlflow.tracking import MlflowClient
 import tracking
 from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
 from dpn_base.config_models import merge_dicts
+from dpn_base.console import add_console_arguments
 from dpn_base.model_ref import ModelRef, RefKind
 from jobs.config import ConfigError, dump_config, flatten, load_config
-from jobs.console import JobFailed, add_console_arguments, job_console
+from jobs.console import JobFailed, job_console
 from jobs.retraining import gate as gate_lib
 from jobs.retraining import shards as shard_lib
 from jobs.retraining.config import RetrainConfig, load_retrain_config

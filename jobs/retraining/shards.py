@@ -41,6 +41,8 @@ from pipelines.formats import FORMAT_BY_EXTENSION, ReadPolicy, count_file_rows
 from pipelines.storage import atomic_write_text
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from pipelines.accounting import BadSampleReport
 
 logger = logging.getLogger(__name__)
@@ -230,6 +232,101 @@ def _count_bad(rows: Any) -> BadSampleReport:
     return report
 
 
+def _reuse_or_clear(out: Path) -> dict[str, Any] | None:
+    """The complete mix in ``out`` (its marker), or None after making ``out`` an empty folder.
+
+    A finished mix is reused so a re-run does not reshuffle (and re-read) the data; anything else in ``out``
+    is the remains of an interrupted build and is removed, so no stale Parquet file joins the new mix.
+    """
+    done = read_mix(out)
+    if done is not None:
+        logger.info("reusing the training mix in %s (%d samples)", done["path"], done["num_samples"])
+        return done
+    if out.exists():
+        logger.info("removing the incomplete training mix in %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return None
+
+
+def _good_rows(table: pa.Table, source: str) -> pa.Table:
+    """The rows of ``table`` that are usable, tagged with ``source`` ("new" or "replay").
+
+    The tag is what lets the mix's counts (new vs replayed samples) be read back from the written Parquet.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
+    return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
+
+
+def _mix_rows(
+    new_rows: Any,
+    earlier: Sequence[Shard],
+    replay_fraction: float,
+    replay_max_samples: int,
+    seed: int,
+    image_folder: str | None,
+    policy: ReadPolicy | None,
+) -> Any:
+    """The new shards' good rows plus a seeded, capped replay sample of the earlier shards' good rows.
+
+    Replay (a fraction of what earlier models saw) is what keeps a retrain from forgetting; no replay pool
+    or a zero fraction gives the new rows alone.
+    """
+    mix = new_rows.map_batches(_good_rows, batch_format="pyarrow", fn_kwargs={"source": "new"})
+    if earlier and replay_fraction > 0:
+        replay = _read(earlier, image_folder, policy).map_batches(
+            _good_rows, batch_format="pyarrow", fn_kwargs={"source": "replay"}
+        )
+        replay = replay.random_sample(replay_fraction, seed=seed)
+        if replay_max_samples > 0:
+            replay = replay.limit(replay_max_samples)
+        mix = mix.union(replay)
+    return mix
+
+
+def _write_marker(
+    out: Path,
+    data_dir: Path,
+    new: Sequence[Shard],
+    earlier: Sequence[Shard],
+    left_out: BadSampleReport,
+    replay_fraction: float,
+    replay_max_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Count the written mix's new and replayed rows, then write its marker (last: it marks the mix complete).
+
+    The counts are read back from the Parquet (not predicted from the sample) so the marker says what the
+    mix holds; the replay fraction, cap and seed are recorded as the mix was built with them.
+    """
+    sources = pq.read_table(str(data_dir), columns=["source"])["source"].to_pylist()
+    new_count, replay_count = sources.count("new"), sources.count("replay")
+    left_out.num_samples = new_count + left_out.num_bad
+    if left_out.num_bad:
+        logger.warning("left out of the training mix: %s", left_out.summary())
+    marker = {
+        "path": str(data_dir),
+        "num_samples": new_count + replay_count,
+        "new_samples": new_count,
+        "replay_samples": replay_count,
+        "replay_fraction": replay_fraction,
+        "replay_max_samples": replay_max_samples,
+        "seed": seed,
+        "new_shards": [s.name for s in new],
+        "replay_pool": [s.name for s in earlier],
+        "bad_by_reason": left_out.bad_by_reason,
+    }
+    atomic_write_text(out / MIX_MARKER, json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
+    logger.info(
+        "training mix: %d new + %d replayed samples (fraction %.3g of %d earlier shards) in %s",
+        new_count, replay_count, replay_fraction, len(earlier), data_dir,
+    )  # fmt: skip
+    return marker
+
+
 def build_mix(
     out_dir: str | Path,
     new: Sequence[Shard],
@@ -260,61 +357,18 @@ def build_mix(
         The marker: ``path`` (Parquet folder), ``num_samples``, ``new_samples``, ``replay_samples``,
         ``seed``, the shards used.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     out = Path(out_dir)
-    done = read_mix(out)
+    done = _reuse_or_clear(out)
     if done is not None:
-        logger.info("reusing the training mix in %s (%d samples)", done["path"], done["num_samples"])
         return done
-    if out.exists():
-        logger.info("removing the incomplete training mix in %s", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     if not new:
         raise ValueError("build_mix needs at least one new shard")
-
-    def good(table: pa.Table, source: str) -> pa.Table:
-        table = table.filter(pc.equal(table["bad_reason"], "")).drop_columns(["bad_reason"])
-        return table.append_column("source", pa.array([source] * table.num_rows, pa.string()))
-
     new_rows = _read(new, image_folder, policy)
     left_out = _count_bad(new_rows)
-    mix = new_rows.map_batches(good, batch_format="pyarrow", fn_kwargs={"source": "new"})
-    if earlier and replay_fraction > 0:
-        replay = _read(earlier, image_folder, policy).map_batches(
-            good, batch_format="pyarrow", fn_kwargs={"source": "replay"}
-        )
-        replay = replay.random_sample(replay_fraction, seed=seed)
-        if replay_max_samples > 0:
-            replay = replay.limit(replay_max_samples)
-        mix = mix.union(replay)
+    mix = _mix_rows(new_rows, earlier, replay_fraction, replay_max_samples, seed, image_folder, policy)
     data_dir = out / "data"
     mix.random_shuffle(seed=seed).write_parquet(str(data_dir))
-    sources = pq.read_table(str(data_dir), columns=["source"])["source"].to_pylist()
-    new_count, replay_count = sources.count("new"), sources.count("replay")
-    left_out.num_samples = new_count + left_out.num_bad
-    if left_out.num_bad:
-        logger.warning("left out of the training mix: %s", left_out.summary())
-    marker = {
-        "path": str(data_dir),
-        "num_samples": new_count + replay_count,
-        "new_samples": new_count,
-        "replay_samples": replay_count,
-        "replay_fraction": replay_fraction,
-        "replay_max_samples": replay_max_samples,
-        "seed": seed,
-        "new_shards": [s.name for s in new],
-        "replay_pool": [s.name for s in earlier],
-        "bad_by_reason": left_out.bad_by_reason,
-    }
-    atomic_write_text(out / MIX_MARKER, json.dumps(marker, indent=1) + "\n")  # last: marks the mix complete
-    logger.info(
-        "training mix: %d new + %d replayed samples (fraction %.3g of %d earlier shards) in %s",
-        new_count, replay_count, replay_fraction, len(earlier), data_dir,
-    )  # fmt: skip
-    return marker
+    return _write_marker(out, data_dir, new, earlier, left_out, replay_fraction, replay_max_samples, seed)
 
 
 __all__ = [

@@ -26,9 +26,10 @@ from typing import Any, TextIO
 
 import tracking
 from dpn_base.cli_harness import add_config_arguments, run_config_job, run_module
+from dpn_base.console import active_console, add_console_arguments
 from dpn_base.model_ref import HF_MODEL_DIR, ModelRef, RefKind
 from jobs.config import ConfigError, dump_config, flatten
-from jobs.console import JobFailed, TrainingProgress, active_console, add_console_arguments, job_console
+from jobs.console import JobFailed, TrainingProgress, job_console
 from jobs.training import driver as builders
 from jobs.training.config import TrainConfig, load_train_config
 from jobs.training.loop import TrainState
@@ -67,7 +68,7 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
     Args:
         cfg: the validated training config.
         progress: if given, a progress bar of the steps (read back from MLflow) is drawn on this stream;
-            default: the console of the job running now (:func:`jobs.console.active_console`), if any.
+            default: the console of the job running now (:func:`dpn_base.console.active_console`), if any.
     """
     start = time.time()
     progress = progress if progress is not None else active_console()
@@ -105,32 +106,7 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             result = trainer.fit()
 
         # ---- cleanup: the final model to MLflow ---------------------------------------------------
-        if result.checkpoint is None:
-            raise RuntimeError(f"training of {cfg.run.name} ended without a checkpoint")
-        with result.checkpoint.as_directory() as ckpt:
-            state = TrainState.load(ckpt)
-            hf_dir = str(Path(ckpt) / HF_MODEL_DIR)
-            version = tracking.log_hf_model(run_id, hf_dir, cfg.mlflow.registered_model, uri=uri)
-            if cfg.run.export_dir:
-                export_model(hf_dir, cfg.run.export_dir)
-        tracking.end_run(run_id, "FINISHED", uri=uri)
-        model_dir_out, checkpoint_uri = checkpoint_location(result.checkpoint, hf_dir)
-        out = TrainResult(
-            run_id=run_id,
-            model_uri=str(ModelRef(RefKind.RUN, run_id=run_id, path=tracking.MODEL_ARTIFACT_PATH)),
-            registered_version=version or "",
-            model_dir=model_dir_out,
-            checkpoint_path=checkpoint_uri,
-            steps=state.step,
-            metrics=dict(result.metrics or {}),
-            seconds=time.time() - start,
-        )
-        logger.info(
-            "finished %s: %d steps in %.0f s, final loss %s; model %s (registered %s version %s)",
-            cfg.run.name, out.steps, out.seconds, out.metrics.get("loss"), out.model_uri,
-            cfg.mlflow.registered_model or "-", out.registered_version or "-",
-        )  # fmt: skip
-        return out
+        return _finish_run(cfg, result, run_id, uri, start)
     except BaseException:
         if run_id:
             tracking.end_run(run_id, "FAILED", uri=uri)  # resubmitting the same run.name resumes it
@@ -140,6 +116,40 @@ def train(cfg: TrainConfig, progress: TextIO | None = None) -> TrainResult:
             import ray
 
             ray.shutdown()
+
+
+def _finish_run(cfg: TrainConfig, result: Any, run_id: str, uri: str, start: float) -> TrainResult:
+    """Log the fitted model of ``result`` (a Ray Train result) to MLflow, end the run, and say what was made.
+
+    The model is logged from inside ``as_directory`` because on remote storage that folder is a temporary
+    copy; the run is marked FINISHED only once the model is logged, so a failure here leaves it resumable.
+    """
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of {cfg.run.name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        state = TrainState.load(ckpt)
+        hf_dir = str(Path(ckpt) / HF_MODEL_DIR)
+        version = tracking.log_hf_model(run_id, hf_dir, cfg.mlflow.registered_model, uri=uri)
+        if cfg.run.export_dir:
+            export_model(hf_dir, cfg.run.export_dir)
+    tracking.end_run(run_id, "FINISHED", uri=uri)
+    model_dir_out, checkpoint_uri = checkpoint_location(result.checkpoint, hf_dir)
+    out = TrainResult(
+        run_id=run_id,
+        model_uri=str(ModelRef(RefKind.RUN, run_id=run_id, path=tracking.MODEL_ARTIFACT_PATH)),
+        registered_version=version or "",
+        model_dir=model_dir_out,
+        checkpoint_path=checkpoint_uri,
+        steps=state.step,
+        metrics=dict(result.metrics or {}),
+        seconds=time.time() - start,
+    )
+    logger.info(
+        "finished %s: %d steps in %.0f s, final loss %s; model %s (registered %s version %s)",
+        cfg.run.name, out.steps, out.seconds, out.metrics.get("loss"), out.model_uri,
+        cfg.mlflow.registered_model or "-", out.registered_version or "-",
+    )  # fmt: skip
+    return out
 
 
 def checkpoint_location(checkpoint: Any, hf_dir: str) -> tuple[str, str]:
