@@ -63,9 +63,6 @@ DIAL = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0, 8.0)
 # the outcome router's auto takes the likeliest path (lambda 0: the densest it trusts); its dial only pools harder
 # (0.01-0.03 fill the gap the seeds left between lambda 0, at 0.84 of dense FLOPs, and 0.05, at 0.63)
 OUTCOME_DIAL = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
-AUTO_TOLERANCE = (
-    0.005  # "at no loss of accuracy": a dev accuracy within half a point of the best dial point's
-)
 
 
 class Variant(NamedTuple):
