@@ -188,7 +188,7 @@ class DPNConfig(LlavaConfig):
           (`text_config={...}`) updates the saved one, as the library does.
 
         Other keyword arguments go to the library unchanged: it sets those that are attributes and drops (or,
-        with `return_unused_kwargs=True`, returns) the rest. [`dpn_model.loading.load_config`] raises on them.
+        with `return_unused_kwargs=True`, returns) the rest. [`dpn_model.loading.load_dpn_config`] raises on them.
         """
         if "dpn_config_version" not in config_dict:
             config_dict = {**LEGACY_DEFAULTS, **config_dict, "dpn_config_version": 1}

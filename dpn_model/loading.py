@@ -2,7 +2,7 @@
 
 Evaluation, serving and the MLflow pyfunc all load through it; references that are not local directories
 (`runs:/`, `models:/`) are resolved first by `tracking.models.load_model_and_processor_from_ref`. A checkpoint's
-config with fields overridden (training's `model.config_overrides`) comes from [`load_config`].
+config with fields overridden (training's `model.config_overrides`) comes from [`load_dpn_config`].
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DPNConfig:
+def load_dpn_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DPNConfig:
     """The `DPNConfig` of a checkpoint directory with `overrides` (DPNConfig fields) applied and validated.
 
     Each override is checked as a constructor argument is ([`DPNConfig.from_dict`]). A key that is no field or
@@ -108,4 +108,4 @@ def load_model_and_processor(
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
-__all__ = ["load_config", "load_model_and_processor", "pick_device", "pick_dtype"]
+__all__ = ["load_dpn_config", "load_model_and_processor", "pick_device", "pick_dtype"]

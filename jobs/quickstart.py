@@ -107,7 +107,7 @@ def _version_exists(name: str, version: str) -> bool:
         return False
 
 
-def training_config(args: argparse.Namespace, work: Path) -> TrainConfig:
+def quickstart_train_config(args: argparse.Namespace, work: Path) -> TrainConfig:
     """The training config of the quickstart: ``--config`` with its work dir, data, steps and names set."""
     from jobs.training.config import load_train_config
 
@@ -386,7 +386,7 @@ def _run_stages(out: TextIO, args: argparse.Namespace, work: Path) -> Iterator[s
 
     yield "data"
     t = _stage(out, 1, "data: the synthetic benchmark (coarse and fine question families)")
-    cfg = training_config(args, work)
+    cfg = quickstart_train_config(args, work)
     data = stage_data(out, cfg)
     _done(out, t, "data ready")
 

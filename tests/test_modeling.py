@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForCondi
 
 from dpn_model import DPNConfig, DPNForConditionalGeneration, routing_loss
 from dpn_model import flops as flops_lib
-from dpn_model.loading import load_config
+from dpn_model.loading import load_dpn_config
 
 
 def llava_twin(model: DPNForConditionalGeneration) -> LlavaForConditionalGeneration:
@@ -125,12 +125,14 @@ def test_from_pretrained_overrides_are_normalised_and_merged(tmp_path):
 
 def test_load_config_applies_overrides_and_names_unknown_keys(tmp_path):
     make_config().save_pretrained(tmp_path)
-    assert load_config(tmp_path, {"pooling_type": "avg", "routing_loss_weight": 0.1}).pooling_type == "avg"
-    assert load_config(tmp_path).pooling_type == "max"
+    assert (
+        load_dpn_config(tmp_path, {"pooling_type": "avg", "routing_loss_weight": 0.1}).pooling_type == "avg"
+    )
+    assert load_dpn_config(tmp_path).pooling_type == "max"
     with pytest.raises(ValueError, match=r"'routing_los_weight' \(did you mean routing_loss_weight"):
-        load_config(tmp_path, {"routing_los_weight": 1})
+        load_dpn_config(tmp_path, {"routing_los_weight": 1})
     with pytest.raises(ValueError, match="router_estimator"):
-        load_config(tmp_path, {"router_estimator": "bogus"})
+        load_dpn_config(tmp_path, {"router_estimator": "bogus"})
 
 
 # ---- pooling experts ------------------------------------------------------------------------------

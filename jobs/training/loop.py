@@ -90,9 +90,9 @@ def load_train_model(
     (None = fp32). A worker passes :func:`training_dtype`: loading in the dtype DeepSpeed trains in holds one
     copy of the weights in host memory at that size, not an fp32 copy for DeepSpeed to cast."""
     from dpn_model import DPNForConditionalGeneration
-    from dpn_model.loading import load_config
+    from dpn_model.loading import load_dpn_config
 
-    config = load_config(model_dir, config_overrides)
+    config = load_dpn_config(model_dir, config_overrides)
     return DPNForConditionalGeneration.from_pretrained(
         model_dir, config=config, dtype=torch_dtype or torch.float32
     )
