@@ -3,6 +3,10 @@ that matches `build_tokenizer()` for the processor-level tests."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from dpn_model import DPNConfig
 
 VOCAB, IMAGE, ROUTER, PAD = 120, 98, 99, 0
@@ -44,3 +48,17 @@ def make_processor_config(tokenizer) -> DPNConfig:
         router_token_id=tokenizer.convert_tokens_to_ids("<router>"),
         pooling_layers=[1],
     )  # fmt: skip
+
+
+def set_constant_router(model, expert_weights: Sequence[float]) -> None:
+    """Make every router of `model` (a `DPNForConditionalGeneration`) read the same input whatever the sample
+    (its norm outputs its bias, 1; `down` averages it), so expert `e`'s logit is `expert_weights[e]` times one
+    fixed positive sum: a router as sure, or as indifferent, as a test needs."""
+    with torch.no_grad():
+        for stage in model.model.pyramid:
+            router = stage.router
+            router.norm.weight.zero_()
+            router.norm.bias.fill_(1.0)
+            router.down.weight.fill_(1.0 / router.down.weight.shape[1])
+            for expert, weight in enumerate(expert_weights):
+                router.out.weight[expert] = weight

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from small_config import IMAGE, ROUTER, make_config
+from small_config import IMAGE, ROUTER, make_config, set_constant_router
 
 from dpn_model import DPNForConditionalGeneration
 from dpn_model.losses import outcome_loss
@@ -75,13 +75,7 @@ def test_training_routes_as_random_routing_does():
 
 def test_training_explores_every_feasible_expert_whatever_the_router_predicts():
     model = _model()
-    with torch.no_grad():  # constant router input -> expert 0 predicted certain, the others hopeless
-        for stage in model.model.pyramid:
-            stage.router.norm.weight.zero_()
-            stage.router.norm.bias.fill_(1.0)
-            stage.router.down.weight.fill_(1.0 / stage.router.down.weight.shape[1])
-            stage.router.out.weight.fill_(-1000.0)
-            stage.router.out.weight[0] = 1000.0
+    set_constant_router(model, (1000.0, -1000.0, -1000.0))  # expert 0 predicted certain, the others hopeless
     ids, labels, images = _batch()
     model.train()
     seen = set()
@@ -110,14 +104,9 @@ def test_the_fit_is_the_routers_own_term_and_replaces_the_routing_loss():
 
 def test_inference_takes_the_likeliest_expert_and_the_dial_trades_it_for_tokens():
     model = _model(inference_token_floor=None)
-    with torch.no_grad():  # every expert predicted to answer at ~0.8, the dense one a little more surely
-        for stage in model.model.pyramid:
-            stage.router.norm.weight.zero_()
-            stage.router.norm.bias.fill_(1.0)
-            stage.router.down.weight.fill_(1.0 / stage.router.down.weight.shape[1])
-            stage.router.out.weight.fill_(0.0)
-            stage.router.out.weight[0] = 1.0  # sigmoid(logit / temperature): 0.79 for expert 0 (dense)
-            stage.router.out.weight[1:] = 0.9  # 0.77 for the others
+    # every expert predicted to answer at ~0.8 (sigmoid(logit / temperature)), the dense one a little more surely:
+    # 0.79 for expert 0 (dense), 0.77 for the others
+    set_constant_router(model, (1.0, 0.9, 0.9))
     model.eval()
     ids, _, images = _batch()
     plain = model.model(input_ids=ids, pixel_values=images).expert_choices

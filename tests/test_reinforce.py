@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from small_config import IMAGE, ROUTER, make_config
+from small_config import IMAGE, ROUTER, make_config, set_constant_router
 
 from dpn_model import DPNForConditionalGeneration
 from dpn_model.losses import exploring, per_sample_lm_loss, reinforce_loss
@@ -271,21 +271,11 @@ def test_exploration_mixes_in_the_uniform_over_feasible_experts_and_is_scored():
     assert torch.isfinite(loss) and z.grad[0, 0, 2] < 0
 
 
-def _sure_of_expert_0(model: DPNForConditionalGeneration) -> None:
-    with torch.no_grad():  # constant router input -> a huge logit for expert 0, whatever the sample
-        for stage in model.model.pyramid:
-            stage.router.norm.weight.zero_()
-            stage.router.norm.bias.fill_(1.0)
-            stage.router.down.weight.fill_(1.0 / stage.router.down.weight.shape[1])
-            stage.router.out.weight.zero_()
-            stage.router.out.weight[0] = 100.0
-
-
 @pytest.mark.parametrize("explore", [0.0, 1.0])
 def test_model_explores_in_training_only(explore):
     torch.manual_seed(0)
     model = DPNForConditionalGeneration(make_config(router_estimator="reinforce", router_explore=explore))
-    _sure_of_expert_0(model)
+    set_constant_router(model, (100.0, 0.0, 0.0))  # a huge logit for expert 0, whatever the sample
     ids, labels, images = _batch()
     model.train()
     seen = set()
